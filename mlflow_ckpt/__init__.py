@@ -1,0 +1,46 @@
+"""mlflow_ckpt: training checkpoints that live in MLflow.
+
+One call in the training loop saves the whole training state as an MLflow LoggedModel
+linked to the run; the same checkpoint resumes the run bit-for-bit, serves through pyfunc,
+and is found again by MLflow queries. See the README for a tour.
+"""
+
+from mlflow_ckpt._version import __version__
+from mlflow_ckpt.catalog import (
+    Checkpoint,
+    best_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load,
+    load_model,
+    load_training_state,
+)
+from mlflow_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    NoActiveRunError,
+    StateMismatchError,
+    StateSerializationError,
+)
+from mlflow_ckpt.manager import CheckpointManager
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointCorruptedError",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "NoActiveRunError",
+    "StateMismatchError",
+    "StateSerializationError",
+    "__version__",
+    "best_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load",
+    "load_model",
+    "load_training_state",
+]

@@ -1,0 +1,66 @@
+"""The :class:`Checkpoint` record returned by every query."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from mlflow_ckpt.catalog import tags
+
+if TYPE_CHECKING:
+    from mlflow.entities import LoggedModel
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One committed checkpoint: an MLflow LoggedModel of a run at a training step.
+
+    ``uri`` (``models:/m-...``) is accepted by :func:`mlflow_ckpt.load`,
+    :func:`mlflow.pyfunc.load_model` and the ``mlflow-ckpt`` CLI. ``metrics`` are the values
+    logged at ``step``.
+    """
+
+    model_id: str
+    uri: str
+    run_id: str
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    size_bytes: int
+    format: str
+    created_at: datetime
+    triggers: tuple[str, ...] = ()
+    artifact_location: str = field(default="", repr=False, compare=False)
+
+    @classmethod
+    def from_logged_model(cls, model: LoggedModel) -> Checkpoint:
+        """Build the record from a LoggedModel written by mlflow_ckpt."""
+        t = model.tags
+        step = int(t.get(tags.STEP, "0"))
+        latest: dict[str, tuple[int, float]] = {}
+        for metric in model.metrics or []:
+            if metric.step == step:
+                seen = latest.get(metric.key)
+                if seen is None or metric.timestamp >= seen[0]:
+                    latest[metric.key] = (metric.timestamp, float(metric.value))
+        epoch = t.get(tags.EPOCH, "")
+        return cls(
+            model_id=model.model_id,
+            uri=f"models:/{model.model_id}",
+            run_id=model.source_run_id or "",
+            step=step,
+            epoch=int(epoch) if epoch not in ("", "None") else None,
+            metrics={k: v for k, (_, v) in sorted(latest.items())},
+            size_bytes=int(t.get(tags.SIZE_BYTES, "0") or 0),
+            format=t.get(tags.FORMAT, ""),
+            created_at=datetime.fromtimestamp(model.creation_timestamp / 1000, tz=timezone.utc),
+            triggers=tuple(x for x in t.get(tags.TRIGGER, "").split(",") if x),
+            artifact_location=model.artifact_location,
+        )
+
+    def metric(self, name: str) -> float | None:
+        """The value of ``name`` at this checkpoint's step, or ``None`` if absent or not finite."""
+        value = self.metrics.get(name)
+        return value if value is not None and math.isfinite(value) else None

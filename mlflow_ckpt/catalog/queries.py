@@ -1,0 +1,110 @@
+"""Which checkpoints exist, and which is newest or best: answered by MLflow queries.
+
+Nothing here keeps a local list. Every answer comes from ``search_logged_models`` against the
+configured tracking store, so any process (a resumed job, the CLI, a notebook) sees the same
+catalog. Only committed checkpoints are ever returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
+
+from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.runs import get_run
+
+_PAGE = 1000
+
+
+def search_models(
+    client: MlflowClient, experiment_ids: list[str], filter_string: str
+) -> list[LoggedModel]:
+    """All LoggedModels matching ``filter_string``, across result pages."""
+    found: list[LoggedModel] = []
+    token: str | None = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids, filter_string=filter_string, max_results=_PAGE, page_token=token
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _committed_filter(extra: str | None = None) -> str:
+    clause = f"tags.`{tags.STATUS}` = '{tags.COMMITTED}'"
+    return f"{clause} AND {extra}" if extra else clause
+
+
+def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
+    ckpts = [Checkpoint.from_logged_model(m) for m in models]
+    ckpts.sort(key=lambda c: (c.step, c.created_at), reverse=True)
+    return ckpts
+
+
+def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:
+    """The committed checkpoints of a run, newest step first."""
+    client = client or MlflowClient()
+    run = get_run(client, run_id)
+    models = search_models(
+        client,
+        [run.info.experiment_id],
+        _committed_filter(f"source_run_id = '{run.info.run_id}'"),
+    )
+    return _newest_first(models)
+
+
+def latest_checkpoint(run_id: str, *, client: MlflowClient | None = None) -> Checkpoint | None:
+    """The committed checkpoint of a run with the highest step, or ``None``."""
+    ckpts = list_checkpoints(run_id, client=client)
+    return ckpts[0] if ckpts else None
+
+
+def best_checkpoint(
+    *,
+    run_id: str | None = None,
+    experiment_ids: list[str] | None = None,
+    metric: str,
+    mode: str = "min",
+    filter_string: str | None = None,
+    client: MlflowClient | None = None,
+) -> Checkpoint | None:
+    """The committed checkpoint with the best value of ``metric`` at its own step.
+
+    ``mode`` is ``"min"`` or ``"max"``. NaN and infinite values never win; ties go to the
+    newer step. Give a ``run_id`` or ``experiment_ids`` (and optionally an MLflow
+    ``filter_string`` over LoggedModels, e.g. ``"tags.`mlflow_ckpt.trigger` LIKE '%best%'"``).
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    if (run_id is None) == (experiment_ids is None):
+        raise ValueError("give exactly one of run_id= or experiment_ids=")
+    client = client or MlflowClient()
+    if run_id is not None:
+        candidates = list_checkpoints(run_id, client=client)
+        if filter_string:
+            run = get_run(client, run_id)
+            allowed = {
+                m.model_id
+                for m in search_models(
+                    client,
+                    [run.info.experiment_id],
+                    _committed_filter(f"source_run_id = '{run_id}' AND {filter_string}"),
+                )
+            }
+            candidates = [c for c in candidates if c.model_id in allowed]
+    else:
+        candidates = _newest_first(
+            search_models(client, list(experiment_ids or []), _committed_filter(filter_string))
+        )
+    scored = [(c.metric(metric), c) for c in candidates]
+    valid = [(v, c) for v, c in scored if v is not None and math.isfinite(v)]
+    if not valid:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return min(valid, key=lambda vc: (sign * vc[0], -vc[1].step))[1]

@@ -1,0 +1,23 @@
+"""Names of the tags mlflow_ckpt puts on LoggedModels and runs.
+
+The tags are the catalog: listing, resuming and retention are MLflow queries over them, so
+they work against whatever tracking server is configured, from any process.
+"""
+
+PREFIX = "mlflow_ckpt."
+STEP = "mlflow_ckpt.step"
+EPOCH = "mlflow_ckpt.epoch"
+TRIGGER = "mlflow_ckpt.trigger"
+STATUS = "mlflow_ckpt.status"
+FORMAT = "mlflow_ckpt.format"
+SIZE_BYTES = "mlflow_ckpt.size_bytes"
+FORMAT_VERSION = "mlflow_ckpt.format_version"
+RUN_RESUMES = "mlflow_ckpt.resumes"
+RUN_RESUMED_FROM = "mlflow_ckpt.resumed_from"
+
+PENDING = "pending"
+COMMITTED = "committed"
+FAILED = "failed"
+CORRUPT = "corrupt"
+
+MODEL_TYPE = "mlflow_ckpt.checkpoint"

@@ -1,0 +1,219 @@
+"""How one checkpoint folder is laid out, written and read back.
+
+```
+MLmodel                                  (written by the flavor layer)
+state.json                               the state's structure; tensors are references
+tensors-00001-of-00002.safetensors       tensor shards, each <= max_shard_bytes
+tensors-00002-of-00002.safetensors
+manifest.json                            written last: the commit marker
+```
+Reading verifies every listed file's size and SHA-256 before decoding anything, and checks
+that the tensor files hold exactly the tensors the manifest's index announces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from mlflow_ckpt.codec import safetensors_io, torch_io
+from mlflow_ckpt.codec.hashing import HashingWriter, sha256_file
+from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
+from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.storage import Store
+
+logger = logging.getLogger(__name__)
+
+STRUCTURE_FILE = "state.json"
+DEFAULT_MAX_SHARD_BYTES = 512 * 1024 * 1024
+_FORMATS: dict[str, tuple[str, ModuleType]] = {
+    "safetensors": (".safetensors", safetensors_io),
+    "torch": (".pt", torch_io),
+}
+FORMATS = tuple(_FORMATS)
+
+
+def check_format(name: str) -> str:
+    """Validate a checkpoint format name."""
+    if name not in _FORMATS:
+        raise ValueError(f"format={name!r} is not supported; use one of {', '.join(FORMATS)}")
+    return name
+
+
+def plan_shards(
+    tensors: Mapping[str, torch.Tensor], max_shard_bytes: int
+) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` each.
+
+    A single tensor larger than the limit gets a shard of its own.
+    """
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    filled = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and filled + nbytes > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append((name, tensor))
+        filled += nbytes
+    return shards if shards[0] else []
+
+
+@dataclass(frozen=True)
+class EncodedFiles:
+    """What :func:`write_state` wrote: file entries and the tensor index."""
+
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+
+
+def write_state(
+    store: Store,
+    document: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    format: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> EncodedFiles:
+    """Write the structure file and the tensor shards of one checkpoint to ``store``."""
+    extension, module = _FORMATS[check_format(format)]
+    if format == "safetensors":
+        bad = sorted({str(t.dtype) for t in tensors.values() if not safetensors_io.supports(t.dtype)})
+        if bad:
+            raise StateSerializationError(
+                f"safetensors cannot store tensors of dtype {', '.join(bad)}; "
+                "use format='torch' for this state."
+            )
+    files: list[FileEntry] = []
+    index: list[TensorEntry] = []
+    shards = plan_shards(tensors, max_shard_bytes)
+    for number, items in enumerate(shards, start=1):
+        name = f"tensors-{number:05d}-of-{len(shards):05d}{extension}"
+        with store.open_writer(name) as raw:
+            writer = HashingWriter(raw)
+            offsets = module.write(writer, items)
+        files.append(FileEntry(name, writer.size, writer.sha256))
+        for (tname, tensor), offset in zip(items, offsets, strict=True):
+            index.append(
+                TensorEntry(
+                    name=tname,
+                    dtype=str(tensor.dtype).removeprefix("torch."),
+                    shape=tuple(tensor.shape),
+                    file=name,
+                    offset=offset,
+                    nbytes=tensor.numel() * tensor.element_size(),
+                )
+            )
+        if on_bytes is not None:
+            on_bytes(writer.size)
+    encoded = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    with store.open_writer(STRUCTURE_FILE) as raw:
+        writer = HashingWriter(raw)
+        writer.write(encoded)
+    files.append(FileEntry(STRUCTURE_FILE, writer.size, writer.sha256))
+    return EncodedFiles(tuple(files), tuple(index))
+
+
+def write_file(store: Store, rel_path: str, data: bytes) -> FileEntry:
+    """Write a small extra file (``MLmodel``...) and return its manifest entry."""
+    with store.open_writer(rel_path) as raw:
+        writer = HashingWriter(raw)
+        writer.write(data)
+    return FileEntry(rel_path, writer.size, writer.sha256)
+
+
+def write_manifest(store: Store, manifest: Manifest) -> None:
+    """Write ``manifest.json``: call this last, it is the commit marker."""
+    store.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
+
+
+def read_manifest(store: Store, scratch: Path, where: str) -> Manifest:
+    """Fetch and parse the manifest; ``FileNotFoundError`` if the save never committed."""
+    return Manifest.from_json(store.read_bytes(MANIFEST_NAME, scratch), where)
+
+
+def verify_files(
+    store: Store,
+    manifest: Manifest,
+    scratch: Path,
+    where: str,
+    paths: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Fetch the listed files (all by default) and check each one's size and SHA-256.
+
+    Returns local paths by relative name. Raises :class:`CheckpointCorruptedError` naming
+    the first file that is missing or differs.
+    """
+    wanted = [f for f in manifest.files if paths is None or f.path in paths]
+    local: dict[str, Path] = {}
+    for entry in wanted:
+        try:
+            path = store.fetch(entry.path, scratch)
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptedError(
+                f"{where}: file {entry.path} listed in the manifest is missing", path=entry.path
+            ) from exc
+        digest, size = sha256_file(path)
+        if size != entry.size or digest != entry.sha256:
+            raise CheckpointCorruptedError(
+                f"{where}: file {entry.path} is corrupt (size {size}, expected {entry.size}; "
+                f"sha256 {digest[:12]}..., expected {entry.sha256[:12]}...). "
+                "Load an older checkpoint of the run instead.",
+                path=entry.path,
+            )
+        local[entry.path] = path
+    return local
+
+
+def read_state(
+    manifest: Manifest, local: Mapping[str, Path], where: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Decode verified files into ``(structure document, tensors by name)``."""
+    if manifest.format not in _FORMATS:
+        raise CheckpointCorruptedError(
+            f"{where}: unknown tensor format {manifest.format!r} in the manifest"
+        )
+    try:
+        document = json.loads(local[manifest.structure_file].read_bytes())
+    except ValueError as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {manifest.structure_file} is not valid JSON ({exc})",
+            path=manifest.structure_file,
+        ) from exc
+    if not isinstance(document, dict):
+        raise CheckpointCorruptedError(
+            f"{where}: {manifest.structure_file} does not hold an object",
+            path=manifest.structure_file,
+        )
+    _, module = _FORMATS[manifest.format]
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[TensorEntry]] = {}
+    for entry in manifest.tensors:
+        by_file.setdefault(entry.file, []).append(entry)
+    for file, entries in by_file.items():
+        loaded = module.read(local[file], where)
+        expected = {e.name: e for e in entries}
+        if set(loaded) != set(expected):
+            raise CheckpointCorruptedError(
+                f"{where}: {file} holds tensors {sorted(set(loaded) ^ set(expected))[:5]} "
+                "that differ from the manifest's index",
+                path=file,
+            )
+        for name, tensor in loaded.items():
+            entry = expected[name]
+            if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":
+                raise CheckpointCorruptedError(
+                    f"{where}: tensor {name} in {file} is {tensor.dtype}{list(tensor.shape)}, "
+                    f"the manifest says {entry.dtype}{list(entry.shape)}",
+                    path=file,
+                )
+        tensors.update(loaded)
+    return document, tensors

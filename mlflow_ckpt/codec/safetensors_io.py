@@ -1,0 +1,94 @@
+"""Streaming safetensors writer and a validating reader.
+
+``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` object, i.e. a
+second full copy of the state in memory. Writing the (simple, documented) layout ourselves
+streams each tensor's buffer straight to the file instead: an 8-byte little-endian header
+length, a JSON header, then the raw bytes. Reading uses the ``safetensors`` library itself,
+whose parser rejects oversized headers and overlapping or out-of-range offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from mlflow_ckpt.errors import CheckpointCorruptedError
+
+_DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_ALIGN = 8
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether safetensors can store tensors of ``dtype``."""
+    return dtype in _DTYPE_CODES
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without copying."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
+    """Write ``items`` (contiguous CPU tensors) as one safetensors file.
+
+    Returns the absolute byte offset of each tensor's data in the file, in ``items`` order.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+        raise RuntimeError("safetensors checkpoints are written on little-endian hosts only")
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    start = 0
+    relative: list[int] = []
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [start, start + nbytes],
+        }
+        relative.append(start)
+        start += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
+    f.write(len(encoded).to_bytes(8, "little"))
+    f.write(encoded)
+    for _, tensor in items:
+        f.write(tensor_bytes(tensor))
+    base = 8 + len(encoded)
+    return [base + r for r in relative]
+
+
+def read(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file, reporting parser errors as corruption."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {path.name} is not a valid safetensors file ({exc})", path=path.name
+        ) from exc

@@ -1,0 +1,157 @@
+"""The one write path every save takes: snapshot -> encode -> store -> commit.
+
+Sync saves call :func:`write_checkpoint` on the training thread, async saves on the
+background worker; the steps and their failure handling are identical. Any failure leaves
+the LoggedModel uncommitted (so it is never listed or resumed from), removes what was
+written, and raises :class:`CheckpointWriteError` naming the run, step and location.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import safetensors
+import torch
+from mlflow import MlflowClient
+
+from mlflow_ckpt import flavor
+from mlflow_ckpt._version import __version__
+from mlflow_ckpt.catalog import models
+from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.codec import Manifest, write_file, write_manifest, write_state
+from mlflow_ckpt.errors import CheckpointWriteError
+from mlflow_ckpt.snapshot import Snapshot
+from mlflow_ckpt.storage import open_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """Where and how checkpoints of one manager are written."""
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    format: str
+    max_shard_bytes: int
+    model_factory: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SaveJob:
+    """One pending save: the snapshot and what to record with it."""
+
+    snapshot: Snapshot
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    triggers: tuple[str, ...]
+    timestamp_ms: int
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every manifest, for debugging format questions later."""
+    return {
+        "mlflow_ckpt": __version__,
+        "torch": str(torch.__version__),
+        "mlflow": mlflow.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
+    """Write one checkpoint and commit it; return its record."""
+    client = target.client
+    started = time.perf_counter()
+    try:
+        model = models.create_pending(
+            client,
+            experiment_id=target.experiment_id,
+            run_id=target.run_id,
+            step=job.step,
+            epoch=job.epoch,
+            triggers=job.triggers,
+            format=target.format,
+        )
+    except Exception as exc:
+        raise CheckpointWriteError(
+            f"Could not create the LoggedModel for step {job.step} of run {target.run_id} in "
+            f"{client.tracking_uri}: {exc}. Previous checkpoints are intact."
+        ) from exc
+    location = model.artifact_location
+    store = open_store(location)
+    try:
+        encoded = write_state(
+            store,
+            job.snapshot.document,
+            job.snapshot.tensors,
+            format=target.format,
+            max_shard_bytes=target.max_shard_bytes,
+        )
+        mlmodel = write_file(
+            store,
+            "MLmodel",
+            flavor.mlmodel_yaml(
+                model_id=model.model_id,
+                run_id=target.run_id,
+                format=target.format,
+                model_factory=target.model_factory,
+                model_kwargs=target.model_kwargs,
+            ),
+        )
+        manifest = Manifest(
+            format=target.format,
+            step=job.step,
+            epoch=job.epoch,
+            metrics=dict(job.metrics),
+            created_at=job.timestamp_ms / 1000,
+            files=(*encoded.files, mlmodel),
+            tensors=encoded.tensors,
+            structure_file="state.json",
+            triggers=job.triggers,
+            versions=library_versions(),
+        )
+        write_manifest(store, manifest)
+        committed = models.commit(
+            client,
+            model,
+            run_id=target.run_id,
+            step=job.step,
+            metrics=job.metrics,
+            timestamp_ms=job.timestamp_ms,
+            size_bytes=manifest.size_bytes,
+        )
+    except BaseException as exc:
+        models.mark_failed(client, model.model_id)
+        try:
+            store.delete_all()
+        except Exception:
+            logger.warning("Could not remove the partial checkpoint at %s", location)
+        reason = (
+            "no space left on device"
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise CheckpointWriteError(
+            f"Saving step {job.step} of run {target.run_id} to {location} failed ({reason}). "
+            "The new checkpoint is not committed and will never be listed or resumed from; "
+            "earlier checkpoints are intact. Fix the cause (space, permissions, network) and "
+            "save again."
+        ) from exc
+    logger.info(
+        "Committed checkpoint %s (run %s, step %d, %.1f MB) in %.2fs",
+        model.model_id,
+        target.run_id,
+        job.step,
+        manifest.size_bytes / 1e6,
+        time.perf_counter() - started,
+    )
+    return Checkpoint.from_logged_model(committed)

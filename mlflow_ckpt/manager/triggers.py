@@ -1,0 +1,123 @@
+"""When to save: small, composable trigger objects (as in Orbax's save policies).
+
+Each trigger answers one question for a finished step: "is a checkpoint due?". The manager
+asks all of them and, if any says yes, saves once with all their names (a step is saved at
+most once). Triggers that keep state (the best value so far, the time of the last save)
+expose it through ``state_dict``/``load_state_dict`` so it survives a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the manager knows about a finished step."""
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    end_of_epoch: bool
+    now: float
+    last_save_time: float
+
+
+class Trigger(Protocol):
+    """A save policy. ``name`` is recorded in the checkpoint's ``mlflow_ckpt.trigger`` tag."""
+
+    name: str
+
+    def fires(self, info: StepInfo) -> bool: ...
+
+    def observe(self, info: StepInfo) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Stateless:
+    def observe(self, info: StepInfo) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+@dataclass
+class EveryNSteps(_Stateless):
+    """Save after every ``n`` completed steps: steps ``n-1, 2n-1, ...`` (0-based)."""
+
+    n: int
+    name: str = "periodic"
+
+    def fires(self, info: StepInfo) -> bool:
+        return (info.step + 1) % self.n == 0
+
+
+@dataclass
+class EveryNEpochs(_Stateless):
+    """Save at the end of every ``n``-th epoch (0-based epochs ``n-1, 2n-1, ...``)."""
+
+    n: int
+    name: str = "epoch"
+
+    def fires(self, info: StepInfo) -> bool:
+        return info.end_of_epoch and info.epoch is not None and (info.epoch + 1) % self.n == 0
+
+
+@dataclass
+class EveryNSeconds(_Stateless):
+    """Save when ``seconds`` of wall-clock time have passed since the last save."""
+
+    seconds: float
+    name: str = "time"
+
+    def fires(self, info: StepInfo) -> bool:
+        return info.now - info.last_save_time >= self.seconds
+
+
+@dataclass
+class BestMetric:
+    """Save whenever ``monitor`` improves on its best value so far (``mode`` min or max).
+
+    Steps without the metric, or with a NaN/infinite value, never fire.
+    """
+
+    monitor: str
+    mode: str = "min"
+    name: str = "best"
+    best: float | None = field(default=None)
+    best_step: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {self.mode!r}")
+
+    def _improves(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def fires(self, info: StepInfo) -> bool:
+        return self._improves(info.metrics.get(self.monitor))
+
+    def observe(self, info: StepInfo) -> None:
+        value = info.metrics.get(self.monitor)
+        if self._improves(value):
+            self.best, self.best_step = value, info.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_step = state.get("best_step")

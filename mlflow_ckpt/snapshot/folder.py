@@ -1,0 +1,30 @@
+"""Read a whole checkpoint folder from a store: manifest, verification, decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow_ckpt.codec import Manifest, read_manifest, read_state, verify_files
+from mlflow_ckpt.snapshot.snapshot import DecodedState, decode_document
+from mlflow_ckpt.storage import Store
+
+
+@dataclass(frozen=True)
+class LoadedFolder:
+    """A verified, decoded checkpoint folder."""
+
+    manifest: Manifest
+    decoded: DecodedState
+
+
+def read_folder(store: Store, scratch: Path, where: str) -> LoadedFolder:
+    """Verify every file of the folder against its manifest, then decode the state.
+
+    Raises ``FileNotFoundError`` when there is no manifest (the save never committed) and
+    :class:`~mlflow_ckpt.CheckpointCorruptedError` naming the first bad file.
+    """
+    manifest = read_manifest(store, scratch, where)
+    local = verify_files(store, manifest, scratch, where)
+    document, tensors = read_state(manifest, local, where)
+    return LoadedFolder(manifest, decode_document(document, tensors, where))

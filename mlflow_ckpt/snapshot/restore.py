@@ -1,0 +1,202 @@
+"""Restore saved state into live objects: check everything first, then change anything.
+
+A checkpoint that does not fit the model (a renamed layer, a different width) must not leave
+the model half-overwritten. So restoring is two passes: the first walks the saved state
+against the targets and collects every missing, unexpected and mismatched name (raised
+together as one :class:`StateMismatchError`); only when that list is empty does the second
+pass apply. Objects whose ``load_state_dict`` we cannot pre-check (a user's sampler, a
+scheduler) are applied before the ones we validated, so if one of them refuses, the model
+and optimizer are still untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlflow_ckpt.errors import StateMismatchError
+from mlflow_ckpt.snapshot.tree import (
+    STATE_DICT,
+    TORCH_GENERATOR,
+    StatefulValue,
+    apply_stateful,
+    stateful_kind,
+)
+
+Action = Callable[[], None]
+
+
+@dataclass
+class _Plan:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    unchecked: list[tuple[str, Action]] = field(default_factory=list)
+    checked: list[Action] = field(default_factory=list)
+
+
+def restore_into(
+    targets: Mapping[str, Any], saved: Mapping[str, Any], *, strict: bool, where: str
+) -> None:
+    """Restore ``saved`` (decoded state by name) into ``targets`` (the user's objects).
+
+    ``strict`` also refuses checkpoint entries that have no target (a forgotten scheduler
+    would otherwise silently keep its fresh state).
+    """
+    plan = _Plan()
+    for name, target in targets.items():
+        if name not in saved:
+            plan.missing.append(name)
+            continue
+        assign = _assigner(targets, name) if isinstance(targets, MutableMapping) else None
+        _plan(target, saved[name], name, plan, assign)
+    if strict:
+        plan.unexpected.extend(sorted(set(saved) - set(targets)))
+    if plan.missing or plan.unexpected or plan.mismatched:
+        lines = [f"The state does not match checkpoint {where}; nothing was restored."]
+        for label, names in (
+            ("missing from the checkpoint", plan.missing),
+            ("unexpected (in the checkpoint, not in the state)", plan.unexpected),
+            ("mismatched", plan.mismatched),
+        ):
+            if names:
+                shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
+                lines.append(f"  {label}: {shown}")
+        lines.append(
+            "Restore into objects built like the ones that were saved, or pass only the "
+            "entries you want (strict=False ignores extra checkpoint entries)."
+        )
+        raise StateMismatchError(
+            "\n".join(lines),
+            missing=plan.missing,
+            unexpected=plan.unexpected,
+            mismatched=plan.mismatched,
+        )
+    for path, action in plan.unchecked:
+        try:
+            action()
+        except Exception as exc:
+            raise StateMismatchError(
+                f"Restoring {path!r} from checkpoint {where} failed in its load_state_dict: "
+                f"{type(exc).__name__}: {exc}. Model and optimizer were not touched; objects "
+                "listed before it in the state may already be restored.",
+                mismatched=[path],
+            ) from exc
+    with torch.no_grad():
+        for action in plan.checked:
+            action()
+
+
+def _assigner(container: Any, key: Any) -> Action | Callable[[Any], None]:
+    def assign(value: Any) -> None:
+        container[key] = value
+
+    return assign
+
+
+def _plan(
+    target: Any, value: Any, path: str, plan: _Plan, assign: Callable[[Any], None] | None
+) -> None:
+    if isinstance(value, StatefulValue):
+        _plan_stateful(target, value, path, plan)
+    elif isinstance(target, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__})")
+        elif value.shape != target.shape or value.dtype != target.dtype:
+            plan.mismatched.append(
+                f"{path} (checkpoint {value.dtype}{list(value.shape)}, "
+                f"state {target.dtype}{list(target.shape)})"
+            )
+        else:
+            plan.checked.append(lambda: target.copy_(value))
+    elif isinstance(target, Mapping) and not isinstance(value, Mapping):
+        plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__}, not a dict)")
+    elif isinstance(target, Mapping):
+        plan.missing.extend(f"{path}/{k}" for k in target if k not in value)
+        plan.unexpected.extend(f"{path}/{k}" for k in value if k not in target)
+        for key in target:
+            if key in value:
+                sub = _assigner(target, key) if isinstance(target, MutableMapping) else None
+                _plan(target[key], value[key], f"{path}/{key}", plan, sub)
+    elif isinstance(target, list | tuple):
+        if not isinstance(value, list | tuple) or len(value) != len(target):
+            plan.mismatched.append(f"{path} (length or type differs from the checkpoint)")
+            return
+        for i, (item, saved) in enumerate(zip(target, value, strict=True)):
+            sub = _assigner(target, i) if isinstance(target, MutableSequence) else None
+            _plan(item, saved, f"{path}/{i}", plan, sub)
+    elif assign is not None:
+        plan.checked.append(lambda: assign(value))
+    elif target != value:
+        plan.mismatched.append(f"{path} (an immutable value that differs from the checkpoint)")
+
+
+def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) -> None:
+    kind = stateful_kind(target)
+    if kind != value.kind:
+        plan.mismatched.append(
+            f"{path} (checkpoint holds a {value.kind} state, the state has a "
+            f"{type(target).__name__})"
+        )
+        return
+    saved = value.value
+    if isinstance(target, torch.nn.Module):
+        _check_module(target, saved, path, plan)
+    elif isinstance(target, torch.optim.Optimizer):
+        _check_optimizer(target, saved, path, plan)
+    elif kind == TORCH_GENERATOR:
+        current = target.get_state()
+        if not isinstance(saved, torch.Tensor) or saved.shape != current.shape:
+            plan.mismatched.append(f"{path} (generator state of another kind)")
+    elif kind == STATE_DICT:
+        plan.unchecked.append((path, lambda: apply_stateful(target, kind, saved)))
+        return
+    plan.checked.append(lambda: apply_stateful(target, kind, saved))
+
+
+def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -> None:
+    if not isinstance(saved, Mapping):
+        plan.mismatched.append(f"{path} (checkpoint entry is not a module state_dict)")
+        return
+    current = module.state_dict()
+    plan.missing.extend(f"{path}.{k}" for k in current if k not in saved)
+    plan.unexpected.extend(f"{path}.{k}" for k in saved if k not in current)
+    for key, tensor in current.items():
+        other = saved.get(key)
+        if isinstance(tensor, torch.Tensor) and isinstance(other, torch.Tensor):
+            if other.shape != tensor.shape:
+                plan.mismatched.append(
+                    f"{path}.{key} (checkpoint {list(other.shape)}, model {list(tensor.shape)})"
+                )
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _Plan) -> None:
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    state = saved.get("state") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(state, Mapping):
+        plan.mismatched.append(f"{path} (checkpoint entry is not an optimizer state_dict)")
+        return
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    saved_sizes = [len(g.get("params", [])) for g in groups if isinstance(g, Mapping)]
+    if sizes != saved_sizes:
+        plan.mismatched.append(
+            f"{path} (parameter groups of sizes {saved_sizes} in the checkpoint, {sizes} here)"
+        )
+        return
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    shape_of = dict(zip(ids, (p.shape for p in params), strict=True))
+    for index, entry in state.items():
+        if index not in shape_of or not isinstance(entry, Mapping):
+            plan.mismatched.append(f"{path}/state/{index} (no such parameter)")
+            continue
+        for key, tensor in entry.items():
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+                if tensor.shape != shape_of[index]:
+                    plan.mismatched.append(
+                        f"{path}/state/{index}/{key} (checkpoint {list(tensor.shape)}, "
+                        f"parameter {list(shape_of[index])})"
+                    )

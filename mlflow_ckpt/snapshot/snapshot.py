@@ -1,0 +1,124 @@
+"""Take an in-memory snapshot of the whole training state, and restore one.
+
+The snapshot is the only part of a save that runs on the training thread: every tensor is
+copied to host memory (pinned, asynchronously, for CUDA tensors) and the rest is encoded to
+JSON. After that the training loop may change its tensors freely while the background worker
+encodes, hashes and uploads the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.snapshot.restore import restore_into
+from mlflow_ckpt.snapshot.rng import capture_rng, restore_rng
+from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
+
+DOCUMENT_VERSION = 1
+RNG_PATH = "_rng"
+
+
+@dataclass
+class Snapshot:
+    """A host-memory copy of the training state: a JSON document plus its tensors."""
+
+    document: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class _HostCopier:
+    """Copies tensors to contiguous host memory; CUDA copies overlap and are synced once."""
+
+    def __init__(self) -> None:
+        self.pending_cuda = False
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.device.type == "cpu":
+            return tensor.clone(memory_format=torch.contiguous_format)
+        pinned = tensor.device.type == "cuda"
+        out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=pinned)
+        out.copy_(tensor, non_blocking=pinned)
+        self.pending_cuda |= pinned
+        return out
+
+    def finish(self) -> None:
+        if self.pending_cuda:
+            torch.cuda.synchronize()
+
+
+def take_snapshot(
+    state: Mapping[str, Any], progress: Mapping[str, Any], *, include_rng: bool = True
+) -> Snapshot:
+    """Copy ``state`` (plus the global RNG streams and ``progress``) into host memory."""
+    for name in state:
+        if not isinstance(name, str) or not name or name == RNG_PATH:
+            raise StateSerializationError(
+                f"state key {name!r} is not allowed: use non-empty strings other than {RNG_PATH!r}"
+            )
+    copier = _HostCopier()
+    sink = TensorSink(copier)
+    encoded = {name: encode(obj, name, sink) for name, obj in state.items()}
+    document: dict[str, Any] = {
+        "version": DOCUMENT_VERSION,
+        "state": encoded,
+        "progress": encode(dict(progress), "_progress", sink),
+    }
+    if include_rng:
+        document["rng"] = encode(capture_rng(), RNG_PATH, sink)
+    copier.finish()
+    return Snapshot(document, sink.tensors)
+
+
+@dataclass(frozen=True)
+class DecodedState:
+    """A checkpoint's state decoded back into Python objects."""
+
+    state: dict[str, Any]
+    rng: dict[str, Any] | None
+    progress: dict[str, Any]
+
+
+def decode_document(
+    document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str
+) -> DecodedState:
+    """Decode a snapshot document read back from a checkpoint."""
+    version = document.get("version")
+    if version != DOCUMENT_VERSION or not isinstance(document.get("state"), dict):
+        raise CheckpointCorruptedError(f"{where}: state structure of unknown version {version!r}")
+    state = {name: decode(node, tensors, name) for name, node in document["state"].items()}
+    rng = decode(document["rng"], tensors, RNG_PATH) if "rng" in document else None
+    progress = decode(document.get("progress", {}), tensors, "_progress")
+    return DecodedState(state, rng, progress if isinstance(progress, dict) else {})
+
+
+def restore(
+    decoded: DecodedState,
+    targets: Mapping[str, Any],
+    *,
+    strict: bool,
+    restore_rng_streams: bool,
+    where: str,
+) -> None:
+    """Restore ``decoded`` into the user's objects, and the RNG streams if asked."""
+    restore_into(targets, decoded.state, strict=strict, where=where)
+    if restore_rng_streams and decoded.rng is not None:
+        restore_rng(decoded.rng)
+
+
+def plain_state(decoded: DecodedState) -> dict[str, Any]:
+    """The whole training state as plain data (for :func:`mlflow_ckpt.load_training_state`)."""
+    out: dict[str, Any] = dict(plain(decoded.state))
+    if decoded.rng is not None:
+        out[RNG_PATH] = decoded.rng
+    out["_progress"] = decoded.progress
+    return out

@@ -1,0 +1,278 @@
+"""Turn nested training state into JSON plus a flat dict of tensors, and back.
+
+Pickle is what makes ``torch.save`` checkpoints dangerous to load, so the non-tensor part of
+the state (optimizer hyper-parameters, scheduler counters, RNG states...) is stored as JSON.
+JSON lacks tuples, non-string keys, NaN and bytes, so those are written as small tagged
+objects (``{"__tuple__": [...]}``...). Anything else is refused with the path to the object
+and how to make it storable, rather than silently pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+
+Json = Any
+
+STATE_DICT = "state_dict"
+TORCH_GENERATOR = "torch.Generator"
+PY_RANDOM = "random.Random"
+NP_GENERATOR = "numpy.Generator"
+NP_RANDOM_STATE = "numpy.RandomState"
+
+
+@dataclass(frozen=True)
+class StatefulValue:
+    """The saved state of a stateful object, and which protocol restores it."""
+
+    kind: str
+    value: Any
+
+
+def is_stateful(obj: Any) -> bool:
+    """Whether ``obj`` follows the ``state_dict()``/``load_state_dict()`` protocol."""
+    return (
+        not isinstance(obj, Mapping | torch.Tensor | type)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def stateful_kind(obj: Any) -> str | None:
+    """The restore protocol ``obj`` supports, or ``None`` if it is plain data."""
+    if isinstance(obj, torch.Generator):
+        return TORCH_GENERATOR
+    if isinstance(obj, random.Random):
+        return PY_RANDOM
+    if isinstance(obj, np.random.Generator):
+        return NP_GENERATOR
+    if isinstance(obj, np.random.RandomState):
+        return NP_RANDOM_STATE
+    if is_stateful(obj):
+        return STATE_DICT
+    return None
+
+
+def capture_stateful(obj: Any, kind: str) -> Any:
+    """Read the state of a stateful object (see :func:`stateful_kind`)."""
+    if kind == TORCH_GENERATOR:
+        return obj.get_state()
+    if kind == PY_RANDOM:
+        return obj.getstate()
+    if kind == NP_GENERATOR:
+        return obj.bit_generator.state
+    if kind == NP_RANDOM_STATE:
+        return obj.get_state()
+    return obj.state_dict()
+
+
+def apply_stateful(obj: Any, kind: str, value: Any) -> None:
+    """Write a saved state back into a stateful object."""
+    if kind == TORCH_GENERATOR:
+        obj.set_state(value)
+    elif kind == PY_RANDOM:
+        obj.setstate(value)
+    elif kind == NP_GENERATOR:
+        obj.bit_generator.state = value
+    elif kind == NP_RANDOM_STATE:
+        obj.set_state(value)
+    else:
+        obj.load_state_dict(value)
+
+
+class TensorSink:
+    """Collects the tensors met while encoding, under unique names.
+
+    Tensors that share storage (tied weights, the same tensor referenced twice) are stored
+    once and referenced twice. ``copy`` turns each tensor into what will be written (a host
+    copy for snapshots; identity when the caller already owns the data).
+    """
+
+    def __init__(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._copy = copy
+        self._seen: dict[tuple[Any, ...], str] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, path: str, tensor: torch.Tensor) -> str:
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
+            raise StateSerializationError(
+                f"state[{path!r}] is a {tensor.layout} / quantized / meta tensor, which cannot "
+                "be checkpointed; convert it to a dense tensor in state_dict()."
+            )
+        identity = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+            str(tensor.device),
+        )
+        if identity[0] != 0 and identity in self._seen:
+            return self._seen[identity]
+        name = path
+        counter = 1
+        while name in self.tensors:
+            counter += 1
+            name = f"{path}#{counter}"
+        self.tensors[name] = self._copy(tensor)
+        if identity[0] != 0:
+            self._seen[identity] = name
+        return name
+
+
+def encode(obj: Any, path: str, sink: TensorSink) -> Json:
+    """Encode ``obj`` as JSON, sending tensors to ``sink``; ``path`` names it in errors."""
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": str(obj)}
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": sink.add(path, obj)}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object or obj.dtype.byteorder == ">":
+            raise StateSerializationError(
+                f"state[{path!r}] is a NumPy array of dtype {obj.dtype}, which cannot be "
+                "stored without pickle; convert it to a numeric array or a list."
+            )
+        return {"__ndarray__": sink.add(path, torch.from_numpy(np.ascontiguousarray(obj)))}
+    if isinstance(obj, np.generic):
+        return {"__npscalar__": [obj.dtype.str, encode(obj.item(), path, sink)]}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.device):
+        return {"__device__": str(obj)}
+    if isinstance(obj, bytes):
+        return {"__bytes__": base64.b64encode(obj).decode()}
+    if isinstance(obj, Mapping):
+        return _encode_mapping(obj, path, sink)
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]
+    if isinstance(obj, set | frozenset):
+        items = sorted(obj, key=repr)
+        return {"__set__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(items)]}
+    kind = stateful_kind(obj)
+    if kind is not None:
+        return {"__stateful__": kind, "value": encode(capture_stateful(obj, kind), path, sink)}
+    raise StateSerializationError(
+        f"state[{path!r}] is a {type(obj).__module__}.{type(obj).__qualname__}, which cannot be "
+        "checkpointed without pickle (pickled code is never loaded). Make it Stateful: give "
+        "it state_dict() returning tensors/numbers/strings/lists/dicts and load_state_dict() "
+        "to restore them, or leave it out of the state."
+    )
+
+
+def _encode_mapping(obj: Mapping[Any, Any], path: str, sink: TensorSink) -> Json:
+    meta = getattr(obj, "_metadata", None)
+    plain = all(isinstance(k, str) and not k.startswith("__") for k in obj) and meta is None
+    if plain:
+        return {k: encode(v, f"{path}/{k}", sink) for k, v in obj.items()}
+    items = [[encode(k, path, sink), encode(v, f"{path}/{k}", sink)] for k, v in obj.items()]
+    node: dict[str, Json] = {"__items__": items}
+    if isinstance(obj, collections.OrderedDict):
+        node["__ordered__"] = True
+    if meta is not None:
+        node["__metadata__"] = encode(meta, f"{path}/_metadata", sink)
+    return node
+
+
+def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> Any:
+    """Rebuild what :func:`encode` wrote. Stateful objects come back as :class:`StatefulValue`."""
+    if node is None or isinstance(node, bool | str | int | float):
+        return node
+    if isinstance(node, list):
+        return [decode(v, tensors, f"{path}/{i}") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        raise _bad(path, f"unexpected JSON value {node!r}")
+    if len(node) == 1 or "__items__" in node or "__stateful__" in node:
+        tag = next(iter(node)) if len(node) == 1 else None
+        if tag == "__tensor__" or tag == "__ndarray__":
+            name = node[tag]
+            if not isinstance(name, str) or name not in tensors:
+                raise _bad(path, f"references tensor {name!r}, which is not in the tensor files")
+            return tensors[name].numpy() if tag == "__ndarray__" else tensors[name]
+        if tag == "__float__":
+            return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
+        if tag == "__tuple__":
+            return tuple(decode(_list(path, node[tag]), tensors, path))
+        if tag == "__set__":
+            return set(decode(_list(path, node[tag]), tensors, path))
+        if tag == "__bytes__":
+            return base64.b64decode(_checked(path, str, node[tag]), validate=True)
+        if tag == "__dtype__":
+            dtype = getattr(torch, _checked(path, str, node[tag]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise _bad(path, f"unknown dtype {node[tag]!r}")
+            return dtype
+        if tag == "__device__":
+            return torch.device(_checked(path, str, node[tag]))
+        if tag == "__npscalar__":
+            dtype, value = _list(path, node[tag])
+            return np.dtype(_checked(path, str, dtype)).type(decode(value, tensors, path))
+        if "__items__" in node:
+            return _decode_items(node, tensors, path)
+        if "__stateful__" in node:
+            kind = _checked(path, str, node["__stateful__"])
+            return StatefulValue(kind, decode(node.get("value"), tensors, path))
+    if any(k.startswith("__") for k in node):
+        raise _bad(path, f"unknown tagged object with keys {sorted(node)[:5]}")
+    return {k: decode(v, tensors, f"{path}/{k}") for k, v in node.items()}
+
+
+def _decode_items(node: dict[str, Json], tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    pairs = _list(path, node["__items__"])
+    out: dict[Any, Any] = collections.OrderedDict() if node.get("__ordered__") else {}
+    for pair in pairs:
+        key, value = _list(path, pair)
+        key = decode(key, tensors, path)
+        out[key] = decode(value, tensors, f"{path}/{key}")
+    if "__metadata__" in node:
+        out._metadata = decode(node["__metadata__"], tensors, f"{path}/_metadata")  # type: ignore[attr-defined]
+    return out
+
+
+def plain(value: Any) -> Any:
+    """Strip :class:`StatefulValue` wrappers: the raw state, with no objects to restore into."""
+    if isinstance(value, StatefulValue):
+        return plain(value.value)
+    if isinstance(value, dict):
+        out = type(value)((k, plain(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    return value
+
+
+def _bad(path: str, problem: str) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(f"state structure at {path or '/'}: {problem}")
+
+
+def _list(path: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(path, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _checked(
+    path: str, kind: type, value: Any, ok: Callable[[Any], bool] = lambda _: True
+) -> Any:
+    if not isinstance(value, kind) or not ok(value):
+        raise _bad(path, f"invalid value {value!r}")
+    return kind(value)

@@ -1,0 +1,57 @@
+"""The one interface every artifact store is reached through.
+
+A checkpoint is a folder of files; the layers above only ever need to write a file
+atomically, read one back, check whether one exists and drop the whole folder. Keeping the
+interface that small (like torchsnapshot's storage plugins) is what lets the same write path
+serve a local folder, S3, Azure, GCS or an ``mlflow server`` proxy.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+class Store(abc.ABC):
+    """A folder of files in some artifact store, addressed by relative POSIX paths."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    @abc.abstractmethod
+    @contextlib.contextmanager
+    def open_writer(self, rel_path: str) -> Iterator[BinaryIO]:
+        """Yield a binary file; its content becomes visible at ``rel_path`` only on a clean exit.
+
+        If the block raises, nothing is left at ``rel_path`` (and no temporary file either).
+        """
+
+    def write_bytes(self, rel_path: str, data: bytes) -> None:
+        """Write ``data`` atomically to ``rel_path``."""
+        with self.open_writer(rel_path) as f:
+            f.write(data)
+
+    @abc.abstractmethod
+    def fetch(self, rel_path: str, scratch_dir: Path) -> Path:
+        """Return a local path holding the file's bytes (downloaded into ``scratch_dir`` if remote).
+
+        Raises ``FileNotFoundError`` when the file does not exist.
+        """
+
+    def read_bytes(self, rel_path: str, scratch_dir: Path) -> bytes:
+        """Read a (small) file whole."""
+        return self.fetch(rel_path, scratch_dir).read_bytes()
+
+    @abc.abstractmethod
+    def exists(self, rel_path: str) -> bool:
+        """Whether ``rel_path`` exists in the store."""
+
+    @abc.abstractmethod
+    def delete_all(self) -> None:
+        """Delete every file of this folder (best effort on stores without folders)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
