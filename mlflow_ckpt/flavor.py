@@ -114,7 +114,9 @@ def build_model(config: Mapping[str, Any], loaded: LoadedFolder, where: str) -> 
     model = import_factory(path)(**dict(config.get("model_kwargs") or {}))
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"Model factory {path!r} returned {type(model).__name__}")
-    restore(loaded.decoded, {MODEL_KEY: model}, strict=False, restore_rng_streams=False, where=where)
+    restore(
+        loaded.decoded, {MODEL_KEY: model}, strict=False, restore_rng_streams=False, where=where
+    )
     return model.eval()
 
 

@@ -24,7 +24,6 @@ from mlflow_ckpt.storage import open_store
 _MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
 
 
-
 def resolve(ref: Checkpoint | str, client: MlflowClient) -> LoggedModel:
     """Find the LoggedModel behind a Checkpoint, ``models:/m-...``, ``m-...`` or registry URI."""
     if isinstance(ref, Checkpoint):

@@ -86,7 +86,9 @@ def write_state(
     """Write the structure file and the tensor shards of one checkpoint to ``store``."""
     extension, module = _FORMATS[check_format(format)]
     if format == "safetensors":
-        bad = sorted({str(t.dtype) for t in tensors.values() if not safetensors_io.supports(t.dtype)})
+        bad = sorted(
+            {str(t.dtype) for t in tensors.values() if not safetensors_io.supports(t.dtype)}
+        )
         if bad:
             raise StateSerializationError(
                 f"safetensors cannot store tensors of dtype {', '.join(bad)}; "

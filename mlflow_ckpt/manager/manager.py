@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import numbers
 import time
 import warnings
@@ -99,7 +98,9 @@ def _check_state(state: Mapping[str, Any]) -> None:
     sink = TensorSink(lambda t: t)
     for name, obj in state.items():
         if not isinstance(name, str) or not name or name.startswith("_"):
-            raise ValueError(f"state names must be non-empty strings not starting with '_': {name!r}")
+            raise ValueError(
+                f"state names must be non-empty strings not starting with '_': {name!r}"
+            )
         encode(obj, name, sink)
 
 
@@ -327,7 +328,9 @@ class CheckpointManager:
     def _check_step(self, step: int, epoch: int | None) -> None:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be a non-negative int (0-based), got {step!r}")
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral)):
+        if epoch is not None and (
+            isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral)
+        ):
             raise ValueError(f"epoch must be an int or None, got {epoch!r}")
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(
@@ -388,7 +391,9 @@ class CheckpointManager:
         if pending is None:
             return
         metrics = {
-            k: v for k, v in pending.metrics.items() if (k, pending.step) not in self._already_logged
+            k: v
+            for k, v in pending.metrics.items()
+            if (k, pending.step) not in self._already_logged
         }
         if not metrics:
             return

@@ -63,7 +63,9 @@ def restore_into(
             ("mismatched", plan.mismatched),
         ):
             if names:
-                shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
+                shown = ", ".join(names[:20]) + (
+                    f" ... ({len(names)} in all)" if len(names) > 20 else ""
+                )
                 lines.append(f"  {label}: {shown}")
         lines.append(
             "Restore into objects built like the ones that were saved, or pass only the "
@@ -125,6 +127,9 @@ def _plan(
         if not isinstance(value, list | tuple) or len(value) != len(target):
             plan.mismatched.append(f"{path} (length or type differs from the checkpoint)")
             return
+        if isinstance(target, tuple) and assign is not None:
+            plan.checked.append(lambda: assign(value))  # immutable: replaced as a whole
+            return
         for i, (item, saved) in enumerate(zip(target, value, strict=True)):
             sub = _assigner(target, i) if isinstance(target, MutableSequence) else None
             _plan(item, saved, f"{path}/{i}", plan, sub)
@@ -166,11 +171,14 @@ def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -
     plan.unexpected.extend(f"{path}.{k}" for k in saved if k not in current)
     for key, tensor in current.items():
         other = saved.get(key)
-        if isinstance(tensor, torch.Tensor) and isinstance(other, torch.Tensor):
-            if other.shape != tensor.shape:
-                plan.mismatched.append(
-                    f"{path}.{key} (checkpoint {list(other.shape)}, model {list(tensor.shape)})"
-                )
+        if (
+            isinstance(tensor, torch.Tensor)
+            and isinstance(other, torch.Tensor)
+            and other.shape != tensor.shape
+        ):
+            plan.mismatched.append(
+                f"{path}.{key} (checkpoint {list(other.shape)}, model {list(tensor.shape)})"
+            )
 
 
 def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _Plan) -> None:
@@ -194,9 +202,9 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _P
             plan.mismatched.append(f"{path}/state/{index} (no such parameter)")
             continue
         for key, tensor in entry.items():
-            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
-                if tensor.shape != shape_of[index]:
-                    plan.mismatched.append(
-                        f"{path}/state/{index}/{key} (checkpoint {list(tensor.shape)}, "
-                        f"parameter {list(shape_of[index])})"
-                    )
+            shape = shape_of[index]
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != shape:
+                plan.mismatched.append(
+                    f"{path}/state/{index}/{key} (checkpoint {list(tensor.shape)}, "
+                    f"parameter {list(shape)})"
+                )

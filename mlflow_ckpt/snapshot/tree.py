@@ -270,9 +270,7 @@ def _list(path: str, value: Any) -> list[Any]:
     return value
 
 
-def _checked(
-    path: str, kind: type, value: Any, ok: Callable[[Any], bool] = lambda _: True
-) -> Any:
+def _checked(path: str, kind: type, value: Any, ok: Callable[[Any], bool] = lambda _: True) -> Any:
     if not isinstance(value, kind) or not ok(value):
         raise _bad(path, f"invalid value {value!r}")
     return kind(value)
