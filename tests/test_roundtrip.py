@@ -209,3 +209,21 @@ def test_loaded_torch_files_hold_only_tensors(tracking: str) -> None:
     (shard,) = folder.glob("*.pt")
     data = torch.load(shard, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def test_temporary_tensors_are_never_mistaken_for_shared_ones(tracking: str) -> None:
+    """get_state() returns a fresh tensor each call; freed ones must not alias the next."""
+    gens = {f"g{i}": torch.Generator().manual_seed(i) for i in range(6)}
+    torch.manual_seed(99)
+    with mlflow.start_run(run_name="gens"):
+        with mlflow_ckpt.CheckpointManager(gens, async_save=False) as mgr:
+            mgr.save(0)
+    expected_torch = torch.get_rng_state()
+    fresh = {f"g{i}": torch.Generator() for i in range(6)}
+    torch.manual_seed(0)
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(mgr.run_id), fresh)
+    for name, gen in gens.items():
+        assert torch.equal(fresh[name].get_state(), gen.get_state()), name
+    assert torch.equal(torch.get_rng_state(), expected_torch)
+    raw = mlflow_ckpt.load_training_state(mlflow_ckpt.latest_checkpoint(mgr.run_id))
+    assert torch.equal(raw["_rng"]["torch"], expected_torch)

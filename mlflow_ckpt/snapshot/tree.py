@@ -101,6 +101,10 @@ class TensorSink:
     def __init__(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._copy = copy
         self._seen: dict[tuple[Any, ...], str] = {}
+        # Originals stay referenced until encoding ends: a temporary (a generator's
+        # get_state()) freed early could hand its address to the next tensor, which would
+        # then be mistaken for a shared view of it.
+        self._originals: list[torch.Tensor] = []
         self.tensors: dict[str, torch.Tensor] = {}
 
     def add(self, path: str, tensor: torch.Tensor) -> str:
@@ -127,6 +131,7 @@ class TensorSink:
         self.tensors[name] = self._copy(tensor)
         if identity[0] != 0:
             self._seen[identity] = name
+            self._originals.append(tensor)
         return name
 
 
