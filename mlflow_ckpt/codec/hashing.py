@@ -7,10 +7,12 @@ and lets the manifest record hashes of exactly what was written, not of a later 
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_BYTES = 16 * 1024 * 1024
+PARALLEL_MIN_BYTES = 1024 * 1024
 
 
 class HashingWriter:
@@ -25,8 +27,17 @@ class HashingWriter:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), CHUNK_BYTES):
             chunk = view[start : start + CHUNK_BYTES]
-            self._hash.update(chunk)
-            self._raw.write(chunk)
+            if len(chunk) < PARALLEL_MIN_BYTES:
+                self._hash.update(chunk)
+                self._raw.write(chunk)
+                continue
+            # hashlib and file writes both release the GIL: hash while the bytes go out.
+            hasher = threading.Thread(target=self._hash.update, args=(chunk,))
+            hasher.start()
+            try:
+                self._raw.write(chunk)
+            finally:
+                hasher.join()
         self.size += len(view)
         return len(view)
 

@@ -30,6 +30,7 @@ from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.queries import list_checkpoints
 from mlflow_ckpt.catalog.reader import describe, read_checkpoint, resolve
+from mlflow_ckpt.catalog.recovery import logged_pairs, recover_pending
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES, check_format
 from mlflow_ckpt.errors import (
@@ -366,7 +367,7 @@ class CheckpointManager:
             "metrics": metrics,
             "manager": self._manager_state(),
         }
-        snapshot = take_snapshot(self.state, progress)
+        snapshot = take_snapshot(self.state, progress, copy=self._worker is not None)
         job = SaveJob(
             snapshot=snapshot,
             step=step,
@@ -463,7 +464,8 @@ class CheckpointManager:
         client: MlflowClient = kwargs.get("client") or MlflowClient()
         kwargs["client"] = client
         _check_state(state)
-        get_run(client, run_id)
+        with preserved_python_rng():
+            recover_pending(client, get_run(client, run_id))
         chosen: Checkpoint | None = None
         loaded: LoadedFolder | None = None
         for ckpt in list_checkpoints(run_id, client=client):
@@ -505,7 +507,11 @@ class CheckpointManager:
                 manager._restore_progress(chosen, loaded.decoded.progress)
             else:
                 manager._resumes = 1
-            manager._already_logged = _logged_after(client, run_id, manager.start_step - 1)
+            manager._already_logged = {
+                (key, step)
+                for key, step in logged_pairs(client, run_id)
+                if step >= manager.start_step
+            }
             client.set_tag(run_id, tags.RUN_RESUMES, str(manager._resumes))
             client.set_tag(run_id, tags.RUN_RESUMED_FROM, chosen.uri if chosen else "")
         logger.info(
@@ -515,14 +521,3 @@ class CheckpointManager:
             manager.start_step,
         )
         return manager
-
-
-def _logged_after(client: MlflowClient, run_id: str, step: int) -> set[tuple[str, int]]:
-    """(metric, step) pairs already in the run's history after ``step`` (from a killed attempt)."""
-    run = client.get_run(run_id)
-    seen: set[tuple[str, int]] = set()
-    for key in run.data.metrics:
-        for metric in client.get_metric_history(run_id, key):
-            if metric.step > step:
-                seen.add((key, metric.step))
-    return seen

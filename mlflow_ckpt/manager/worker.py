@@ -56,6 +56,7 @@ class BackgroundWorker:
                     if self._error is None:
                         self._error = exc
             finally:
+                del job  # drop the snapshot now, not when the next job arrives
                 with self._cond:
                     self._busy = False
                     self._saves_in_flight -= is_save
