@@ -9,11 +9,13 @@ from mlflow_ckpt._version import __version__
 from mlflow_ckpt.catalog import (
     Checkpoint,
     best_checkpoint,
+    export_onnx,
     latest_checkpoint,
     list_checkpoints,
     load,
     load_model,
     load_training_state,
+    promote,
 )
 from mlflow_ckpt.errors import (
     CheckpointCorruptedError,
@@ -38,9 +40,11 @@ __all__ = [
     "StateSerializationError",
     "__version__",
     "best_checkpoint",
+    "export_onnx",
     "latest_checkpoint",
     "list_checkpoints",
     "load",
     "load_model",
     "load_training_state",
+    "promote",
 ]

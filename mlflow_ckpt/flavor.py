@@ -142,7 +142,7 @@ class _CheckpointPyfunc:
 def _to_tensor(value: Any, device: torch.device) -> torch.Tensor:
     if hasattr(value, "to_numpy"):
         value = value.to_numpy()
-    array = np.asarray(value)
+    array = np.ascontiguousarray(value)  # DataFrames are column-major; results must not differ
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     return torch.as_tensor(array, device=device)

@@ -48,20 +48,39 @@ def test_killed_after_manifest_before_metrics_is_adopted_with_its_metrics(tracki
         client.log_metric(run_id, "loss", float(s), step=s)
     # a save of step 3 whose process died right after writing its manifest
     pending = models.create_pending(
-        client, experiment_id=run.info.experiment_id, run_id=run_id, step=3, epoch=None,
-        triggers=("periodic",), format="safetensors",
+        client,
+        experiment_id=run.info.experiment_id,
+        run_id=run_id,
+        step=3,
+        epoch=None,
+        triggers=("periodic",),
+        format="safetensors",
     )
     store = open_store(pending.artifact_location)
     snap = take_snapshot({"model": model}, {"step": 3, "metrics": {"loss": 3.0}})
     files = write_state(store, snap.document, snap.tensors, format="safetensors")
-    write_manifest(store, Manifest(
-        format="safetensors", step=3, epoch=None, metrics={"loss": 3.0}, created_at=time.time(),
-        files=files.files, tensors=files.tensors, structure_file="state.json",
-    ))
+    write_manifest(
+        store,
+        Manifest(
+            format="safetensors",
+            step=3,
+            epoch=None,
+            metrics={"loss": 3.0},
+            created_at=time.time(),
+            files=files.files,
+            tensors=files.tensors,
+            structure_file="state.json",
+        ),
+    )
     # and one that died before its manifest: discarded, files removed
     broken = models.create_pending(
-        client, experiment_id=run.info.experiment_id, run_id=run_id, step=4, epoch=None,
-        triggers=("periodic",), format="safetensors",
+        client,
+        experiment_id=run.info.experiment_id,
+        run_id=run_id,
+        step=4,
+        epoch=None,
+        triggers=("periodic",),
+        format="safetensors",
     )
     open_store(broken.artifact_location).write_bytes("state.json", b"{}")
 

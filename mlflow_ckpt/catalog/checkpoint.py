@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -63,4 +64,6 @@ class Checkpoint:
     def metric(self, name: str) -> float | None:
         """The value of ``name`` at this checkpoint's step, or ``None`` if absent or not finite."""
         value = self.metrics.get(name)
-        return value if value is not None and math.isfinite(value) else None
+        if value is None or not math.isfinite(value) or abs(value) >= sys.float_info.max:
+            return None  # MLflow's SQL stores keep inf as the largest float
+        return value

@@ -12,6 +12,7 @@ Python's global ``random`` and shift the user's random stream.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -54,9 +55,19 @@ def create_pending(
 def metric_entities(
     metrics: Mapping[str, float], *, step: int, timestamp_ms: int, model_id: str | None = None
 ) -> list[Metric]:
-    """MLflow ``Metric`` objects for one step, linked to a model when ``model_id`` is given."""
+    """MLflow ``Metric`` objects for one step, linked to a model when ``model_id`` is given.
+
+    Non-finite values are logged to the run only: MLflow stores a model's NaN metric as 0.0
+    (and inf as the largest float), which would make a diverged checkpoint look best.
+    """
     return [
-        Metric(key, float(value), timestamp_ms, step, model_id=model_id)
+        Metric(
+            key,
+            float(value),
+            timestamp_ms,
+            step,
+            model_id=model_id if math.isfinite(value) else None,
+        )
         for key, value in metrics.items()
     ]
 

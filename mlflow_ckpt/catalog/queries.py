@@ -47,16 +47,20 @@ def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
     return ckpts
 
 
+def committed_models(
+    client: MlflowClient, run_id: str, filter_string: str | None = None
+) -> list[LoggedModel]:
+    """The LoggedModels of a run's committed checkpoints (optionally filtered further)."""
+    run = get_run(client, run_id)
+    clause = f"source_run_id = '{run.info.run_id}'"
+    if filter_string:
+        clause = f"{clause} AND {filter_string}"
+    return search_models(client, [run.info.experiment_id], _committed_filter(clause))
+
+
 def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:
     """The committed checkpoints of a run, newest step first."""
-    client = client or MlflowClient()
-    run = get_run(client, run_id)
-    models = search_models(
-        client,
-        [run.info.experiment_id],
-        _committed_filter(f"source_run_id = '{run.info.run_id}'"),
-    )
-    return _newest_first(models)
+    return _newest_first(committed_models(client or MlflowClient(), run_id))
 
 
 def latest_checkpoint(run_id: str, *, client: MlflowClient | None = None) -> Checkpoint | None:
@@ -86,18 +90,7 @@ def best_checkpoint(
         raise ValueError("give exactly one of run_id= or experiment_ids=")
     client = client or MlflowClient()
     if run_id is not None:
-        candidates = list_checkpoints(run_id, client=client)
-        if filter_string:
-            run = get_run(client, run_id)
-            allowed = {
-                m.model_id
-                for m in search_models(
-                    client,
-                    [run.info.experiment_id],
-                    _committed_filter(f"source_run_id = '{run_id}' AND {filter_string}"),
-                )
-            }
-            candidates = [c for c in candidates if c.model_id in allowed]
+        candidates = _newest_first(committed_models(client, run_id, filter_string))
     else:
         candidates = _newest_first(
             search_models(client, list(experiment_ids or []), _committed_filter(filter_string))

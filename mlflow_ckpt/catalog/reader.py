@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ from mlflow_ckpt import flavor
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.runs import get_logged_model, is_not_found
-from mlflow_ckpt.errors import CheckpointNotFoundError
+from mlflow_ckpt.codec import FileEntry, check_file, read_manifest
+from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
 from mlflow_ckpt.snapshot import LoadedFolder, plain_state, read_folder, restore
 from mlflow_ckpt.storage import open_store
 
 _MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
+_MODEL_ID_IN = re.compile(r"m-[0-9a-f]{32}")
 
 
 def resolve(ref: Checkpoint | str, client: MlflowClient) -> LoggedModel:
@@ -68,9 +70,13 @@ def _registry_model_id(rest: str, uri: str, client: MlflowClient) -> str:
         if not is_not_found(exc):
             raise
         raise CheckpointNotFoundError(f"No registered model version for {uri!r}") from exc
-    if not version.model_id:
+    if version.model_id:
+        return version.model_id
+    # The SQL registry does not store model_id; the source still names the LoggedModel.
+    found = _MODEL_ID_IN.search(version.source or "")
+    if not found:
         raise CheckpointNotFoundError(f"{uri!r} is a model version without a LoggedModel")
-    return version.model_id
+    return found.group(0)
 
 
 def describe(model: LoggedModel) -> str:
@@ -90,6 +96,43 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
                 "never committed or its files were deleted."
             ) from exc
+
+
+def verify_checkpoint(
+    model: LoggedModel, on_file: Callable[[FileEntry], None] | None = None
+) -> list[CheckpointCorruptedError]:
+    """Re-hash every file of a checkpoint; return one error per bad file (empty when sound).
+
+    Unlike loading, this does not stop at the first bad file, so a report can name them all.
+    """
+    where = describe(model)
+    store = open_store(model.artifact_location)
+    problems: list[CheckpointCorruptedError] = []
+    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
+        try:
+            manifest = read_manifest(store, Path(scratch), where)
+        except FileNotFoundError:
+            return [
+                CheckpointCorruptedError(f"{where}: manifest.json is missing", path="manifest.json")
+            ]
+        except CheckpointCorruptedError as exc:
+            return [exc]
+        for entry in manifest.files:
+            try:
+                local = check_file(store, entry, Path(scratch), where)
+            except CheckpointCorruptedError as exc:
+                problems.append(exc)
+            else:
+                if local.is_relative_to(scratch):
+                    local.unlink()  # keep at most one downloaded file around
+            if on_file is not None:
+                on_file(entry)
+        if not problems:
+            try:
+                read_checkpoint(model)  # parse headers and structure too
+            except CheckpointCorruptedError as exc:
+                problems.append(exc)
+    return problems
 
 
 def load(

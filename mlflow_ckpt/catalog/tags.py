@@ -21,3 +21,7 @@ FAILED = "failed"
 CORRUPT = "corrupt"
 
 MODEL_TYPE = "mlflow_ckpt.checkpoint"
+DELETING = "deleting"
+
+# Set by MLflow on a LoggedModel that a registered model version points to.
+MODEL_VERSIONS = "mlflow.modelVersions"

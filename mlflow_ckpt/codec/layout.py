@@ -154,25 +154,30 @@ def verify_files(
     Returns local paths by relative name. Raises :class:`CheckpointCorruptedError` naming
     the first file that is missing or differs.
     """
-    wanted = [f for f in manifest.files if paths is None or f.path in paths]
     local: dict[str, Path] = {}
-    for entry in wanted:
-        try:
-            path = store.fetch(entry.path, scratch)
-        except FileNotFoundError as exc:
-            raise CheckpointCorruptedError(
-                f"{where}: file {entry.path} listed in the manifest is missing", path=entry.path
-            ) from exc
-        digest, size = sha256_file(path)
-        if size != entry.size or digest != entry.sha256:
-            raise CheckpointCorruptedError(
-                f"{where}: file {entry.path} is corrupt (size {size}, expected {entry.size}; "
-                f"sha256 {digest[:12]}..., expected {entry.sha256[:12]}...). "
-                "Load an older checkpoint of the run instead.",
-                path=entry.path,
-            )
-        local[entry.path] = path
+    for entry in manifest.files:
+        if paths is None or entry.path in paths:
+            local[entry.path] = check_file(store, entry, scratch, where)
     return local
+
+
+def check_file(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:
+    """Fetch one listed file and check its size and SHA-256; return its local path."""
+    try:
+        path = store.fetch(entry.path, scratch)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: file {entry.path} listed in the manifest is missing", path=entry.path
+        ) from exc
+    digest, size = sha256_file(path)
+    if size != entry.size or digest != entry.sha256:
+        raise CheckpointCorruptedError(
+            f"{where}: file {entry.path} is corrupt (size {size}, expected {entry.size}; "
+            f"sha256 {digest[:12]}..., expected {entry.sha256[:12]}...). "
+            "Load an older checkpoint of the run instead.",
+            path=entry.path,
+        )
+    return path
 
 
 def read_state(

@@ -40,6 +40,7 @@ from mlflow_ckpt.errors import (
     NoActiveRunError,
 )
 from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, write_checkpoint
+from mlflow_ckpt.manager.retention import RetentionPolicy, apply_retention, build_policy
 from mlflow_ckpt.manager.triggers import (
     BestMetric,
     EveryNEpochs,
@@ -142,17 +143,9 @@ class CheckpointManager:
         _positive("save_every_n_epochs", save_every_n_epochs)
         _positive("save_every_n_seconds", save_every_n_seconds, float)
         _positive("max_shard_bytes", max_shard_bytes)
-        for name, value in (
-            ("keep_last_n", keep_last_n),
-            ("keep_best_n", keep_best_n),
-            ("keep_every_n_steps", keep_every_n_steps),
-        ):
-            _positive(name, value)
-            if value is not None:
-                raise NotImplementedError(
-                    f"{name}: retention is not implemented in this version of mlflow_ckpt; "
-                    "every checkpoint is kept. Remove the argument for now."
-                )
+        _positive("keep_last_n", keep_last_n)
+        _positive("keep_best_n", keep_best_n)
+        _positive("keep_every_n_steps", keep_every_n_steps)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         check_format(format)
@@ -161,6 +154,13 @@ class CheckpointManager:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"model_kwargs must be JSON-serialisable: {exc}") from exc
         _check_state(state)
+        self.retention: RetentionPolicy | None = build_policy(
+            keep_last_n=keep_last_n,
+            keep_best_n=keep_best_n,
+            keep_every_n_steps=keep_every_n_steps,
+            metric=monitor,
+            mode=mode,
+        )
 
         self.state = state
         self.client = client or MlflowClient()
@@ -289,6 +289,8 @@ class CheckpointManager:
             ):
                 self._save(self._last_step, self._last_epoch, ("last",), end_of_epoch=False)
             self.wait()
+            if self.retention is not None:
+                apply_retention(self.client, self.run_id, self.retention)
         finally:
             self._shutdown()
 
@@ -384,7 +386,11 @@ class CheckpointManager:
             self._worker.submit(lambda: self._run_save(job), is_save=True)
 
     def _run_save(self, job: SaveJob) -> None:
+        """Write and commit one checkpoint, then apply retention (on the worker if async)."""
         self.last_checkpoint = write_checkpoint(self._target, job)
+        del job
+        if self.retention is not None:
+            apply_retention(self.client, self.run_id, self.retention)
 
     def _flush_metrics(self) -> None:
         """Log the pending step's metrics (not linked to a checkpoint)."""

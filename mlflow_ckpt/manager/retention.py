@@ -1,0 +1,154 @@
+"""Which checkpoints to keep: small composable policies, applied by MLflow queries.
+
+A policy looks at the committed checkpoints of a run (as MLflow reports them, not a local
+list) and names the ones it wants to keep; a checkpoint survives if any policy keeps it.
+On top of every policy: the newest checkpoint is always kept, so is any checkpoint a
+registered model version points to, and if MLflow cannot be asked, nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mlflow import MlflowClient
+
+from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_registered
+from mlflow_ckpt.catalog.queries import committed_models
+from mlflow_ckpt.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+class RetentionPolicy(Protocol):
+    """Names the checkpoints (by model ID) a policy wants to keep."""
+
+    def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class KeepLastN:
+    """Keep the ``n`` checkpoints with the highest steps."""
+
+    n: int
+
+    def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]:
+        newest = sorted(checkpoints, key=lambda c: (c.step, c.created_at), reverse=True)
+        return {c.model_id for c in newest[: self.n]}
+
+
+@dataclass(frozen=True)
+class KeepBestN:
+    """Keep the ``n`` checkpoints with the best ``metric`` *at their own step*.
+
+    NaN and infinite values never count as good; ties go to the newer step.
+    """
+
+    n: int
+    metric: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {self.mode!r}")
+
+    def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]:
+        sign = 1.0 if self.mode == "min" else -1.0
+        scored = [(c.metric(self.metric), c) for c in checkpoints]
+        ranked = sorted(
+            ((v, c) for v, c in scored if v is not None),
+            key=lambda vc: (sign * vc[0], -vc[1].step),
+        )
+        return {c.model_id for _, c in ranked[: self.n]}
+
+
+@dataclass(frozen=True)
+class KeepEveryNSteps:
+    """Keep forever the checkpoints of steps ``n-1, 2n-1, ...`` (milestones)."""
+
+    n: int
+
+    def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]:
+        return {c.model_id for c in checkpoints if (c.step + 1) % self.n == 0}
+
+
+@dataclass(frozen=True)
+class KeepAny:
+    """The union of several policies: keep what any of them keeps."""
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]:
+        kept: set[str] = set()
+        for policy in self.policies:
+            kept |= policy.keep(checkpoints)
+        return kept
+
+
+def build_policy(
+    *,
+    keep_last_n: int | None = None,
+    keep_best_n: int | None = None,
+    keep_every_n_steps: int | None = None,
+    metric: str | None = None,
+    mode: str = "min",
+) -> RetentionPolicy | None:
+    """The policy for the manager's ``keep_*`` arguments; ``None`` keeps everything."""
+    policies: list[RetentionPolicy] = []
+    if keep_last_n is not None:
+        policies.append(KeepLastN(keep_last_n))
+    if keep_best_n is not None:
+        if not metric:
+            raise ValueError("keep_best_n needs a metric: pass monitor='val_loss' (or metric=)")
+        policies.append(KeepBestN(keep_best_n, metric, mode))
+    if keep_every_n_steps is not None:
+        policies.append(KeepEveryNSteps(keep_every_n_steps))
+    if not policies:
+        return None
+    return policies[0] if len(policies) == 1 else KeepAny(tuple(policies))
+
+
+@dataclass
+class RetentionResult:
+    """What a retention pass decided (and did, unless it was a dry run)."""
+
+    kept: list[Checkpoint] = field(default_factory=list)
+    deleted: list[Checkpoint] = field(default_factory=list)
+    protected: list[Checkpoint] = field(default_factory=list)
+
+
+def apply_retention(
+    client: MlflowClient, run_id: str, policy: RetentionPolicy, *, dry_run: bool = False
+) -> RetentionResult:
+    """Delete the committed checkpoints of ``run_id`` that ``policy`` does not keep."""
+    result = RetentionResult()
+    try:
+        models = committed_models(client, run_id)
+    except Exception as exc:  # fail safe: never delete on a partial view
+        logger.warning("Retention skipped for run %s: could not list checkpoints (%s)", run_id, exc)
+        return result
+    checkpoints = [Checkpoint.from_logged_model(m) for m in models]
+    if not checkpoints:
+        return result
+    registered = {m.model_id for m in models if is_registered(m)}
+    keep = policy.keep(checkpoints)
+    keep.add(max(checkpoints, key=lambda c: (c.step, c.created_at)).model_id)
+    for ckpt in sorted(checkpoints, key=lambda c: c.step):
+        if ckpt.model_id in keep:
+            result.kept.append(ckpt)
+        elif ckpt.model_id in registered:
+            result.protected.append(ckpt)
+        elif dry_run:
+            result.deleted.append(ckpt)
+        else:
+            try:
+                deleted = delete_checkpoint(client, ckpt.model_id)
+            except (CheckpointError, OSError, Exception) as exc:
+                logger.warning("Could not delete checkpoint %s: %s", ckpt.uri, exc)
+                result.kept.append(ckpt)
+                continue
+            (result.deleted if deleted else result.protected).append(ckpt)
+    return result
