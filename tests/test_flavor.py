@@ -39,3 +39,77 @@ def test_load_model_without_factory_explains_the_fix(tracking: str) -> None:
     ckpt = mlflow_ckpt.latest_checkpoint(run.info.run_id)
     with pytest.raises(mlflow_ckpt.CheckpointError, match="model_factory="):
         mlflow_ckpt.load_model(ckpt)
+
+
+def test_save_model_and_load_model_follow_mlflow_conventions(tmp_path, tracking: str) -> None:
+    from mlflow_ckpt import flavor
+
+    torch.manual_seed(1)
+    model = Net()
+    path = tmp_path / "saved"
+    flavor.save_model(model, path, model_factory="tests.train_script:Net")
+    assert (path / "MLmodel").exists() and (path / "manifest.json").exists()
+    with pytest.raises(mlflow_ckpt.CheckpointError, match="already exists"):
+        flavor.save_model(model, path)
+    batch = np.ones((2, DIM), dtype=np.float32)
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(path)).predict(batch), expected)
+    rebuilt = flavor.load_model(path)
+    with torch.no_grad():
+        np.testing.assert_array_equal(rebuilt(torch.from_numpy(batch)).numpy(), expected)
+
+    with mlflow.start_run(run_name="log"):
+        ckpt = flavor.log_model(model, step=3, metrics={"acc": 0.5}, model_factory=Net)
+    assert ckpt.step == 3 and ckpt.metrics == {"acc": 0.5} and ckpt.triggers == ("manual",)
+    assert mlflow_ckpt.list_checkpoints(ckpt.run_id) == [ckpt]
+    with torch.no_grad():
+        np.testing.assert_array_equal(
+            flavor.load_model(ckpt.uri)(torch.from_numpy(batch)).numpy(), expected
+        )
+
+
+def test_code_paths_make_the_factory_importable_elsewhere(
+    tmp_path, tracking: str, run_child
+) -> None:
+    pkg = tmp_path / "src" / "mynets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "def build(width):\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 1))\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(pkg.parent))
+    try:
+        import mynets
+
+        model = mynets.build(5)
+        with mlflow.start_run(run_name="code") as run:
+            with mlflow_ckpt.CheckpointManager(
+                {"model": model},
+                model_factory="mynets:build",
+                model_kwargs={"width": 5},
+                code_paths=[str(pkg)],
+                async_save=False,
+            ) as mgr:
+                mgr.save(0)
+    finally:
+        sys.path.remove(str(pkg.parent))
+        sys.modules.pop("mynets", None)
+    uri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
+    script = tmp_path / "serve_elsewhere.py"
+    script.write_text(
+        "import sys, mlflow, numpy as np\n"
+        f"m = mlflow.pyfunc.load_model({uri!r})\n"
+        "print(m.predict(np.ones((2, 3), dtype=np.float32)).shape)\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        out = run_child("serve_elsewhere")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert out.stdout.strip().endswith("(2, 1)")

@@ -17,8 +17,9 @@ import logging
 import numbers
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -137,6 +138,7 @@ class CheckpointManager:
         model_factory: Callable[..., Any] | str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        code_paths: Sequence[str | Path] = (),
         client: MlflowClient | None = None,
     ) -> None:
         _positive("save_every_n_steps", save_every_n_steps)
@@ -181,10 +183,13 @@ class CheckpointManager:
             client=self.client,
             run_id=self.run_id,
             experiment_id=self.experiment_id,
-            format=format,
-            max_shard_bytes=max_shard_bytes,
-            model_factory=flavor.factory_path(model_factory),
-            model_kwargs=kwargs,
+            spec=flavor.FolderSpec(
+                format=format,
+                max_shard_bytes=max_shard_bytes,
+                model_factory=flavor.factory_path(model_factory),
+                model_kwargs=kwargs,
+                code_paths=tuple(str(p) for p in code_paths),
+            ),
         )
         self.format = format
         self.async_save = async_save

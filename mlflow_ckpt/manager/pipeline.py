@@ -11,20 +11,13 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import mlflow
-import safetensors
-import torch
 from mlflow import MlflowClient
 
 from mlflow_ckpt import flavor
-from mlflow_ckpt._version import __version__
 from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.codec import Manifest, write_file, write_manifest, write_state
 from mlflow_ckpt.errors import CheckpointWriteError
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.storage import open_store
@@ -39,10 +32,7 @@ class WriteTarget:
     client: MlflowClient
     run_id: str
     experiment_id: str
-    format: str
-    max_shard_bytes: int
-    model_factory: str | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    spec: flavor.FolderSpec
 
 
 @dataclass
@@ -57,16 +47,6 @@ class SaveJob:
     timestamp_ms: int
 
 
-def library_versions() -> dict[str, str]:
-    """Versions recorded in every manifest, for debugging format questions later."""
-    return {
-        "mlflow_ckpt": __version__,
-        "torch": str(torch.__version__),
-        "mlflow": mlflow.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
 def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     """Write one checkpoint and commit it; return its record."""
     client = target.client
@@ -79,7 +59,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             step=job.step,
             epoch=job.epoch,
             triggers=job.triggers,
-            format=target.format,
+            format=target.spec.format,
         )
     except Exception as exc:
         raise CheckpointWriteError(
@@ -89,37 +69,18 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     location = model.artifact_location
     store = open_store(location)
     try:
-        encoded = write_state(
+        manifest = flavor.write_folder(
             store,
-            job.snapshot.document,
-            job.snapshot.tensors,
-            format=target.format,
-            max_shard_bytes=target.max_shard_bytes,
-        )
-        mlmodel = write_file(
-            store,
-            "MLmodel",
-            flavor.mlmodel_yaml(
-                model_id=model.model_id,
-                run_id=target.run_id,
-                format=target.format,
-                model_factory=target.model_factory,
-                model_kwargs=target.model_kwargs,
-            ),
-        )
-        manifest = Manifest(
-            format=target.format,
+            job.snapshot,
+            target.spec,
+            model_id=model.model_id,
+            run_id=target.run_id,
             step=job.step,
             epoch=job.epoch,
-            metrics=dict(job.metrics),
-            created_at=job.timestamp_ms / 1000,
-            files=(*encoded.files, mlmodel),
-            tensors=encoded.tensors,
-            structure_file="state.json",
+            metrics=job.metrics,
             triggers=job.triggers,
-            versions=library_versions(),
+            created_at=job.timestamp_ms / 1000,
         )
-        write_manifest(store, manifest)
         committed = models.commit(
             client,
             model,
