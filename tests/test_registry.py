@@ -87,5 +87,9 @@ def test_best_across_runs_and_filter_by_run_tags(tracking: str) -> None:
         experiment_ids=[exp], metric="val_loss", filter_string=f"source_run_id = '{high}'"
     )
     assert only_high.run_id == high
+    by_run_tag = mlflow_ckpt.best_checkpoint(
+        experiment_ids=[exp], metric="val_loss", run_filter="tags.team = 'nlp'"
+    )
+    assert by_run_tag.run_id == low
     worst = mlflow_ckpt.best_checkpoint(experiment_ids=[exp], metric="val_loss", mode="max")
     assert worst.metrics["val_loss"] == max(c.metrics["val_loss"] for c in every)

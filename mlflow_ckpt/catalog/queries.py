@@ -76,13 +76,15 @@ def best_checkpoint(
     metric: str,
     mode: str = "min",
     filter_string: str | None = None,
+    run_filter: str | None = None,
     client: MlflowClient | None = None,
 ) -> Checkpoint | None:
     """The committed checkpoint with the best value of ``metric`` at its own step.
 
     ``mode`` is ``"min"`` or ``"max"``. NaN and infinite values never win; ties go to the
     newer step. Give a ``run_id`` or ``experiment_ids`` (and optionally an MLflow
-    ``filter_string`` over LoggedModels, e.g. ``"tags.`mlflow_ckpt.trigger` LIKE '%best%'"``).
+    ``filter_string`` over LoggedModels, e.g. ``"tags.`mlflow_ckpt.trigger` LIKE '%best%'"``,
+    and ``run_filter``, an MLflow run filter such as ``"params.lr = '0.01'"``).
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -95,6 +97,11 @@ def best_checkpoint(
         candidates = _newest_first(
             search_models(client, list(experiment_ids or []), _committed_filter(filter_string))
         )
+    if run_filter:
+        experiments = list(experiment_ids or [get_run(client, run_id or "").info.experiment_id])
+        runs = client.search_runs(experiments, filter_string=run_filter, max_results=50_000)
+        allowed = {r.info.run_id for r in runs}
+        candidates = [c for c in candidates if c.run_id in allowed]
     scored = [(c.metric(metric), c) for c in candidates]
     valid = [(v, c) for v, c in scored if v is not None and math.isfinite(v)]
     if not valid:
