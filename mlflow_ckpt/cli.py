@@ -246,9 +246,15 @@ def gc(
 @click.option("--metric", required=True)
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
 @click.option("--filter", "filter_string", help="Extra MLflow filter over LoggedModels.")
+@click.option("--run-filter", help="MLflow run filter, e.g. \"params.lr = '0.01'\".")
 @click.option("--json", "as_json", is_flag=True)
 def best(
-    experiments: tuple[str, ...], metric: str, mode: str, filter_string: str | None, as_json: bool
+    experiments: tuple[str, ...],
+    metric: str,
+    mode: str,
+    filter_string: str | None,
+    run_filter: str | None,
+    as_json: bool,
 ) -> None:
     """The best committed checkpoint across the runs of the given experiments."""
     ids = []
@@ -259,7 +265,11 @@ def best(
         ids.append(exp.experiment_id)
     with _errors():
         ckpt = best_checkpoint(
-            experiment_ids=ids, metric=metric, mode=mode, filter_string=filter_string
+            experiment_ids=ids,
+            metric=metric,
+            mode=mode,
+            filter_string=filter_string,
+            run_filter=run_filter,
         )
     if ckpt is None:
         raise click.ClickException(f"no committed checkpoint has a finite {metric!r}")
