@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install tools demo test lint format bench clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
 # multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.6` adds nothing.
@@ -17,10 +17,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Azurite (the Azure Blob emulator) for the storage tests; pinned: newer ones want Node >= 21.
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0
+
+tools: $(AZURITE)
+
 demo: install
 	$(BIN)/python examples/train_and_resume.py
 
-test: install lint
+test: install tools lint
 	$(BIN)/pytest
 
 lint: install
@@ -35,4 +42,4 @@ bench: install
 	$(BIN)/python benchmarks/stall.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache mlruns mlflow.db
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache mlruns mlflow.db

@@ -178,6 +178,7 @@ def write_folder(
             with_code=bool(code),
         ),
     )
+    store.flush()  # every file is in the store before the manifest commits them
     manifest = Manifest(
         format=spec.format,
         step=step,
@@ -191,6 +192,7 @@ def write_folder(
         versions=library_versions(),
     )
     write_manifest(store, manifest)
+    store.flush()
     return manifest
 
 

@@ -1,24 +1,31 @@
-"""Helpers for tests that run training in child processes."""
+"""Helpers for tests that run children and talk to real storage servers."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pytest
 
+from tests import servers
+
 ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "ckpt"
 
 
 @pytest.fixture
 def run_child(tracking: str) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run ``python -m MODULE ARGS...`` against the test's tracking store; fail loudly."""
+    """Run ``python -m MODULE ARGS...`` against the current tracking store; fail loudly."""
 
     def run(module: str, *args: str, check: bool = True, timeout: float = 300):
-        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, MLFLOW_EXPERIMENT_NAME="tests")
+        env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+        env.setdefault("MLFLOW_EXPERIMENT_NAME", "tests")
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         proc = subprocess.run(
             [sys.executable, "-m", module, *args],
@@ -34,3 +41,177 @@ def run_child(tracking: str) -> Callable[..., subprocess.CompletedProcess[str]]:
         return proc
 
     return run
+
+
+# ---------------------------------------------------------------- servers (session-scoped)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[servers.Server]:
+    import boto3
+
+    with servers.running(servers.start_s3()) as server:
+        boto3.client("s3", endpoint_url=server.url, **_aws_kwargs()).create_bucket(Bucket=BUCKET)
+        yield server
+
+
+def _aws_kwargs() -> dict[str, str]:
+    return {
+        "aws_access_key_id": servers.AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": servers.AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": servers.AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+def s3_env(url: str) -> dict[str, str]:
+    return dict(servers.AWS_ENV, MLFLOW_S3_ENDPOINT_URL=url, AWS_ENDPOINT_URL_S3=url)
+
+
+@pytest.fixture(scope="session")
+def azurite_server() -> Iterator[servers.Server]:
+    from azure.storage.blob import BlobServiceClient
+
+    with servers.running(servers.start_azurite()) as server:
+        conn = servers.azurite_connection_string(server.port)
+        BlobServiceClient.from_connection_string(conn).create_container(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[servers.Server]:
+    with servers.running(servers.start_gcs()) as server:
+        _gcs_client(server.url).create_bucket(BUCKET)
+        yield server
+
+
+def _gcs_client(url: str):  # noqa: ANN202 - google's client type
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": url}
+    )
+
+
+@pytest.fixture(scope="session")
+def proxy_server(
+    s3_server: servers.Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    workdir = tmp_path_factory.mktemp("proxy")
+    env = s3_env(s3_server.url)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    with servers.running(
+        servers.start_mlflow_proxy(workdir, f"s3://{BUCKET}/proxied", env)
+    ) as server:
+        yield server
+
+
+# ---------------------------------------------------------------- one store per test
+
+
+@dataclass
+class StoreUnderTest:
+    """A configured artifact store: where experiments put artifacts and how to list them."""
+
+    name: str
+    experiment_id: str
+    list_keys: Callable[[], list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def model_ids_with_files(self) -> set[str]:
+        ids = set()
+        for key in self.list_keys():
+            parts = key.split("/")
+            if "models" in parts:
+                ids.add(parts[parts.index("models") + 1])
+        return ids
+
+
+STORES = ["local", "s3", "azure", "gcs", "proxy"]
+
+
+@pytest.fixture(params=STORES)
+def store(
+    request: pytest.FixtureRequest,
+    tracking: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> StoreUnderTest:
+    """An experiment whose artifacts live in one kind of store; it is the current experiment."""
+    return make_store(request.param, request, monkeypatch, tmp_path)
+
+
+def make_store(
+    name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> StoreUnderTest:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    env: dict[str, str] = {}
+    if name == "local":
+        root: str | None = str(tmp_path / "artifacts")
+
+        def list_keys() -> list[str]:
+            base = Path(root)
+            return [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+
+    elif name == "s3":
+        import boto3
+
+        server = request.getfixturevalue("s3_server")
+        env = s3_env(server.url)
+        root = f"s3://{BUCKET}/{prefix}"
+        client = boto3.client("s3", endpoint_url=server.url, **_aws_kwargs())
+
+        def list_keys() -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    elif name == "azure":
+        from azure.storage.blob import BlobServiceClient
+
+        server = request.getfixturevalue("azurite_server")
+        conn = servers.azurite_connection_string(server.port)
+        env = {"AZURE_STORAGE_CONNECTION_STRING": conn}
+        root = f"wasbs://{BUCKET}@devstoreaccount1.blob.core.windows.net/{prefix}"
+        container = BlobServiceClient.from_connection_string(conn).get_container_client(BUCKET)
+
+        def list_keys() -> list[str]:
+            return [b.name for b in container.list_blobs(name_starts_with=prefix)]
+
+    elif name == "gcs":
+        server = request.getfixturevalue("gcs_server")
+        env = {"STORAGE_EMULATOR_HOST": server.url, "GOOGLE_CLOUD_PROJECT": "test"}
+        root = f"gs://{BUCKET}/{prefix}"
+        gcs = _gcs_client(server.url)
+
+        def list_keys() -> list[str]:
+            return [b.name for b in gcs.list_blobs(BUCKET, prefix=prefix)]
+
+    elif name == "proxy":
+        import boto3
+
+        server = request.getfixturevalue("proxy_server")
+        s3 = request.getfixturevalue("s3_server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        mlflow.set_tracking_uri(server.url)
+        root = None  # the server decides: mlflow-artifacts:/<experiment id>
+        client = boto3.client("s3", endpoint_url=s3.url, **_aws_kwargs())
+        holder: dict[str, str] = {}
+
+        def list_keys() -> list[str]:
+            key_prefix = f"proxied/{holder['exp']}/"
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=BUCKET, Prefix=key_prefix
+            )
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    else:  # pragma: no cover
+        raise ValueError(name)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    exp_name = f"store-{name}-{prefix}"
+    exp_id = mlflow.create_experiment(exp_name, artifact_location=root)
+    mlflow.set_experiment(experiment_id=exp_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", exp_name)
+    if name == "proxy":
+        holder["exp"] = exp_id
+    return StoreUnderTest(name, exp_id, list_keys, env)

@@ -66,7 +66,8 @@ def export_onnx(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(local.read_bytes())
             return str(target)
-        open_store(logged.artifact_location).write_bytes(ONNX_NAME, local.read_bytes())
+        with open_store(logged.artifact_location) as store:
+            store.write_bytes(ONNX_NAME, local.read_bytes())
         return f"{logged.artifact_location.rstrip('/')}/{ONNX_NAME}"
 
 

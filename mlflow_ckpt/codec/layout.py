@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -154,11 +155,12 @@ def verify_files(
     Returns local paths by relative name. Raises :class:`CheckpointCorruptedError` naming
     the first file that is missing or differs.
     """
-    local: dict[str, Path] = {}
-    for entry in manifest.files:
-        if paths is None or entry.path in paths:
-            local[entry.path] = check_file(store, entry, scratch, where)
-    return local
+    wanted = [e for e in manifest.files if paths is None or e.path in paths]
+    if store.parallelism <= 1 or len(wanted) <= 1:
+        return {e.path: check_file(store, e, scratch, where) for e in wanted}
+    with ThreadPoolExecutor(min(store.parallelism, len(wanted))) as pool:
+        futures = [pool.submit(check_file, store, e, scratch, where) for e in wanted]
+        return {e.path: f.result() for e, f in zip(wanted, futures, strict=True)}
 
 
 def check_file(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:

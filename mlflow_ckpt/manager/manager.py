@@ -58,6 +58,7 @@ from mlflow_ckpt.snapshot import (
     take_snapshot,
 )
 from mlflow_ckpt.snapshot.tree import TensorSink, encode
+from mlflow_ckpt.storage import TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class CheckpointManager:
         model_kwargs: Mapping[str, Any] | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         code_paths: Sequence[str | Path] = (),
+        transfer: TransferConfig | None = None,
         client: MlflowClient | None = None,
     ) -> None:
         _positive("save_every_n_steps", save_every_n_steps)
@@ -190,6 +192,7 @@ class CheckpointManager:
                 model_kwargs=kwargs,
                 code_paths=tuple(str(p) for p in code_paths),
             ),
+            transfer=transfer,
         )
         self.format = format
         self.async_save = async_save

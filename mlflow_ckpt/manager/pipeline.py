@@ -8,6 +8,7 @@ written, and raises :class:`CheckpointWriteError` naming the run, step and locat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -20,7 +21,7 @@ from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.errors import CheckpointWriteError
 from mlflow_ckpt.snapshot import Snapshot
-from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage import TransferConfig, open_store, redact
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class WriteTarget:
     run_id: str
     experiment_id: str
     spec: flavor.FolderSpec
+    transfer: TransferConfig | None = None
 
 
 @dataclass
@@ -67,7 +69,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             f"{client.tracking_uri}: {exc}. Previous checkpoints are intact."
         ) from exc
     location = model.artifact_location
-    store = open_store(location)
+    store = open_store(location, target.transfer)
     try:
         manifest = flavor.write_folder(
             store,
@@ -92,21 +94,25 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         )
     except BaseException as exc:
         models.mark_failed(client, model.model_id)
+        with contextlib.suppress(Exception):
+            store.close()  # let in-flight uploads finish so nothing lands after the cleanup
         try:
             store.delete_all()
         except Exception:
-            logger.warning("Could not remove the partial checkpoint at %s", location)
+            logger.warning("Could not remove the partial checkpoint at %s", redact(location))
         reason = (
             "no space left on device"
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC
             else f"{type(exc).__name__}: {exc}"
         )
         raise CheckpointWriteError(
-            f"Saving step {job.step} of run {target.run_id} to {location} failed ({reason}). "
+            f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
+            f"({reason}). "
             "The new checkpoint is not committed and will never be listed or resumed from; "
             "earlier checkpoints are intact. Fix the cause (space, permissions, network) and "
             "save again."
         ) from exc
+    store.close()
     logger.info(
         "Committed checkpoint %s (run %s, step %d, %.1f MB) in %.2fs",
         model.model_id,

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from mlflow_ckpt.storage.base import Store
 from mlflow_ckpt.storage.local import TEMP_MARKER, LocalStore, local_path_of
+from mlflow_ckpt.storage.retry import RetryPolicy, is_transient
+from mlflow_ckpt.storage.transfer import TransferConfig, redact
 
 
-def open_store(uri: str) -> Store:
+def open_store(uri: str, config: TransferConfig | None = None) -> Store:
     """Return the :class:`Store` for an artifact location URI (local path or remote URI)."""
     path = local_path_of(uri)
     if path is not None:
         return LocalStore(uri, path)
+    if uri.startswith("gs://"):
+        from mlflow_ckpt.storage.gcs import GCSStore
+
+        return GCSStore(uri, config)
     from mlflow_ckpt.storage.repository import RepositoryStore
 
-    return RepositoryStore(uri)
+    return RepositoryStore(uri, config)
 
 
-__all__ = ["TEMP_MARKER", "LocalStore", "Store", "local_path_of", "open_store"]
+__all__ = [
+    "TEMP_MARKER",
+    "LocalStore",
+    "RetryPolicy",
+    "Store",
+    "TransferConfig",
+    "is_transient",
+    "local_path_of",
+    "open_store",
+    "redact",
+]

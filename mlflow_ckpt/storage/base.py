@@ -53,5 +53,23 @@ class Store(abc.ABC):
     def delete_all(self) -> None:
         """Delete every file of this folder (best effort on stores without folders)."""
 
+    @property
+    def parallelism(self) -> int:
+        """How many files may usefully be transferred or hashed at once."""
+        return 2
+
+    def flush(self) -> None:  # noqa: B027 - stores that write synchronously have nothing to do
+        """Wait until every file written so far is durable in the store (raise its error)."""
+
+    def close(self) -> None:
+        """Flush and release threads and temporary files."""
+        self.flush()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

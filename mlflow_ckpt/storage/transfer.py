@@ -1,0 +1,62 @@
+"""Transfer settings and failure messages shared by every remote store."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow_ckpt.storage.retry import RetryPolicy, is_transient, status_of
+
+_FIXES = {
+    401: "the credentials were rejected: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "AZURE_STORAGE_CONNECTION_STRING or GOOGLE_APPLICATION_CREDENTIALS",
+    403: "access denied: check the credentials and that they may write to this bucket/container",
+    404: "the bucket/container (or path) does not exist: create it or fix the artifact location",
+}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How checkpoint files move to and from remote stores.
+
+    ``max_workers`` files transfer in parallel (and at most ``max_workers + 1`` staged files
+    wait on local disk during a remote save). ``progress`` shows a tqdm bar for transfers
+    of at least ``progress_min_bytes``: ``None`` means "when stderr is a terminal".
+    """
+
+    max_workers: int = 4
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    progress: bool | None = None
+    progress_min_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+
+    def show_progress(self, nbytes: int) -> bool:
+        wanted = sys.stderr.isatty() if self.progress is None else self.progress
+        return wanted and nbytes >= self.progress_min_bytes
+
+
+def redact(uri: str) -> str:
+    """The URI without a password, query (SAS tokens) or fragment: safe for messages and logs.
+
+    A user part without a password is kept: in ``wasbs://container@account...`` it is the
+    container name.
+    """
+    parts = urlsplit(uri)
+    if not parts.scheme or parts.scheme == "file":
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    netloc = host if ":" in userinfo else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def explain(exc: BaseException, action: str, uri: str) -> str:
+    """A one-line description of a store failure, with the likely fix; no secrets."""
+    status = status_of(exc)
+    kind = "transient (retries exhausted)" if is_transient(exc) else "permanent"
+    fix = _FIXES.get(status or 0, "check the store is reachable and the URI is right")
+    detail = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return f"{action} {redact(uri)} failed, {kind}: {detail[:300]}. Likely fix: {fix}."

