@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -84,7 +85,7 @@ def gcs_server() -> Iterator[servers.Server]:
         yield server
 
 
-def _gcs_client(url: str):  # noqa: ANN202 - google's client type
+def _gcs_client(url: str) -> Any:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
