@@ -85,21 +85,49 @@ def status_of(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_PERMANENT_CODES = {
+    "AccessDenied": 403,
+    "InvalidAccessKeyId": 403,
+    "SignatureDoesNotMatch": 403,
+    "AuthenticationFailed": 403,
+    "AuthorizationFailure": 403,
+    "NoSuchBucket": 404,
+    "ContainerNotFound": 404,
+}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def chain_status(exc: BaseException) -> int | None:
+    """The first HTTP status found along ``exc``'s cause/context chain (or in error codes)."""
+    for current in _chain(exc):
+        status = status_of(current)
+        if status is not None:
+            return status
+        for code, mapped in _PERMANENT_CODES.items():
+            if code in str(current):
+                return mapped
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) is worth retrying."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        status = status_of(current)
-        if status in _PERMANENT_STATUS:
-            return False
-        if status in _TRANSIENT_STATUS:
-            return True
+    status = chain_status(exc)
+    if status in _PERMANENT_STATUS:
+        return False
+    if status in _TRANSIENT_STATUS:
+        return True
+    for current in _chain(exc):
         names = {cls.__name__ for cls in type(current).__mro__}
         if names & set(_TRANSIENT_NAMES) or isinstance(current, ConnectionError | TimeoutError):
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow_ckpt.storage.retry import RetryPolicy, is_transient, status_of
+from mlflow_ckpt.storage.retry import RetryPolicy, chain_status, is_transient
 
 _FIXES = {
     401: "the credentials were rejected: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -53,10 +54,24 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/\s@:]+:[^/\s@]+@")
+_SECRET_FIELD = re.compile(
+    r"(?P<key>AccountKey|SharedAccessSignature|sig|Signature|X-Amz-Signature|X-Amz-Credential"
+    r"|X-Amz-Security-Token|password|secret|token)=[^;&\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def scrub(text: str) -> str:
+    """Remove passwords in URLs and key=value secrets (SAS signatures, account keys)."""
+    return _SECRET_FIELD.sub(r"\g<key>=***", _USERINFO.sub(r"\g<scheme>", text))
+
+
 def explain(exc: BaseException, action: str, uri: str) -> str:
     """A one-line description of a store failure, with the likely fix; no secrets."""
-    status = status_of(exc)
+    status = chain_status(exc)
     kind = "transient (retries exhausted)" if is_transient(exc) else "permanent"
     fix = _FIXES.get(status or 0, "check the store is reachable and the URI is right")
-    detail = redact(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    detail = scrub(f"{type(exc).__name__}: {first_line}")
     return f"{action} {redact(uri)} failed, {kind}: {detail[:300]}. Likely fix: {fix}."

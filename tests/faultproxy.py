@@ -1,0 +1,116 @@
+"""A small fault-injecting TCP proxy: real sockets between a client and a server.
+
+Modes, applied to the first ``count`` connections (later ones pass through):
+
+* ``drop``  - accept, then close the connection at once (connection reset / aborted);
+* ``503``   - answer ``HTTP/1.1 503 Service Unavailable`` without contacting the server;
+* ``403``   - answer ``HTTP/1.1 403 Forbidden`` (a permanent error, never retried);
+* ``stall`` - accept and never answer (the client's timeout must fire).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+_RESPONSES = {
+    "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    "403": b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: 96\r\n"
+    b'Connection: close\r\n\r\n<?xml version="1.0"?><Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message></Error>\n",
+}
+
+
+class FaultProxy:
+    """Listens on 127.0.0.1 and forwards to ``target_port``, faulting the first connections."""
+
+    def __init__(self, target_port: int, mode: str = "pass", count: int = 0) -> None:
+        self.target_port = target_port
+        self.mode = mode
+        self.remaining = count
+        self.faulted = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stalled: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def set(self, mode: str, count: int) -> None:
+        with self._lock:
+            self.mode, self.remaining = mode, count
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                fault = self.mode if self.remaining > 0 else "pass"
+                if fault != "pass":
+                    self.remaining -= 1
+                    self.faulted += 1
+            threading.Thread(target=self._handle, args=(client, fault), daemon=True).start()
+
+    def _handle(self, client: socket.socket, fault: str) -> None:
+        if fault == "drop":
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            client.close()  # RST
+            return
+        if fault in _RESPONSES:
+            with contextlib.suppress(OSError):
+                client.settimeout(5)
+                client.recv(65536)
+                client.sendall(_RESPONSES[fault])
+            client.close()
+            return
+        if fault == "stall":
+            self._stalled.append(client)
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for s in self._stalled:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def fault_proxy(target_port: int) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(target_port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -1,0 +1,205 @@
+"""Retries, permanent failures, bounded local spool, progress and secrets, against real S3."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import mlflow_ckpt
+from mlflow_ckpt.storage import RetryPolicy, TransferConfig
+from tests import servers
+from tests.conftest import BUCKET, s3_env
+from tests.faultproxy import fault_proxy
+
+FAST_RETRY = RetryPolicy(attempts=6, base=0.05, cap=0.2)
+
+
+@pytest.fixture
+def s3_via_proxy(tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch):
+    """An experiment on S3 whose every request goes through a fault-injecting proxy."""
+    with fault_proxy(s3_server.port) as proxy:
+        for key, value in s3_env(proxy.url).items():
+            monkeypatch.setenv(key, value)
+        # no SDK-level retries: what is retried below is retried by mlflow_ckpt
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+        exp = mlflow.create_experiment(
+            f"faults-{time.time_ns()}", artifact_location=f"s3://{BUCKET}/faults-{time.time_ns()}"
+        )
+        mlflow.set_experiment(experiment_id=exp)
+        yield proxy
+
+
+def save_once(transfer: TransferConfig, *, size: int = 1000) -> mlflow_ckpt.Checkpoint | None:
+    with mlflow.start_run(run_name="faults") as run:
+        with mlflow_ckpt.CheckpointManager(
+            {"w": torch.arange(size, dtype=torch.float32)}, async_save=False, transfer=transfer
+        ) as mgr:
+            mgr.save(0)
+    return mlflow_ckpt.latest_checkpoint(run.info.run_id)
+
+
+@pytest.mark.parametrize("mode", ["drop", "503"])
+def test_transient_failures_are_retried(s3_via_proxy, mode: str) -> None:
+    s3_via_proxy.set(mode, 3)
+    ckpt = save_once(TransferConfig(retry=FAST_RETRY))
+    assert s3_via_proxy.faulted == 3
+    restored = {"w": torch.zeros(1000)}
+    mlflow_ckpt.load(ckpt, restored)
+    assert torch.equal(restored["w"], torch.arange(1000, dtype=torch.float32))
+
+
+def test_stalled_connection_times_out_and_is_retried(s3_via_proxy, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_S3_UPLOAD_EXTRA_ARGS", "{}")
+    monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "1")
+    import botocore.config  # the S3 client's read timeout bounds a stalled request
+
+    s3_via_proxy.set("stall", 1)
+    original = botocore.config.Config.__init__
+
+    def short_timeouts(self, *args, **kwargs):  # real client, shorter socket timeouts
+        kwargs.setdefault("read_timeout", 2)
+        kwargs.setdefault("connect_timeout", 2)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(botocore.config.Config, "__init__", short_timeouts)
+    ckpt = save_once(TransferConfig(retry=FAST_RETRY))
+    assert ckpt is not None and s3_via_proxy.faulted == 1
+
+
+def test_retries_exhausted_fail_clearly_and_nothing_is_listed(s3_via_proxy) -> None:
+    s3_via_proxy.set("503", 1000)
+    policy = RetryPolicy(attempts=3, base=0.01, cap=0.02)
+    with mlflow.start_run(run_name="exhausted") as run:
+        mgr = mlflow_ckpt.CheckpointManager(
+            {"w": torch.ones(10)}, async_save=False, transfer=TransferConfig(retry=policy)
+        )
+        with pytest.raises(mlflow_ckpt.CheckpointWriteError) as info:
+            mgr.save(0)
+        message = str(info.value)
+        assert "s3://ckpt/faults-" in message and "retries exhausted" in message
+        assert "step 0" in message and run.info.run_id in message
+        s3_via_proxy.set("pass", 0)  # the network is back: the next save works
+        mgr.save(1)
+        mgr.close()
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [1]
+
+
+def test_permanent_failure_is_not_retried(s3_via_proxy) -> None:
+    s3_via_proxy.set("403", 1000)
+    started = time.monotonic()
+    with pytest.raises(mlflow_ckpt.CheckpointWriteError) as info:
+        save_once(TransferConfig(retry=RetryPolicy(attempts=6, base=1.0, cap=5.0)))
+    assert time.monotonic() - started < 5  # no backoff happened
+    message = str(info.value)
+    assert "permanent" in message and "access denied" in message
+    assert "s3://ckpt/faults-" in message
+
+
+def test_remote_save_spools_at_most_a_few_shards_locally(
+    tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spool))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    for key, value in s3_env(s3_server.url).items():
+        monkeypatch.setenv(key, value)
+    exp = mlflow.create_experiment("spool", artifact_location=f"s3://{BUCKET}/spool")
+    mlflow.set_experiment(experiment_id=exp)
+    shard = 8 * 1024 * 1024
+    state = {f"t{i}": torch.randn(shard // 4) for i in range(12)}  # 12 shards of 8 MiB
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            used = 0
+            with contextlib.suppress(FileNotFoundError):  # uploaded and removed meanwhile
+                for p in spool.rglob("*"):
+                    used += p.stat().st_size if p.is_file() else 0
+            peak = max(peak, used)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with mlflow.start_run(run_name="spool"):
+            with mlflow_ckpt.CheckpointManager(
+                state,
+                async_save=False,
+                max_shard_bytes=shard,
+                transfer=TransferConfig(max_workers=2),
+            ) as mgr:
+                mgr.save(0)
+    finally:
+        done.set()
+        sampler.join()
+    total = sum(t.numel() * 4 for t in state.values())
+    assert 0 < peak <= 3 * shard + 1024 * 1024, (peak, total)  # max_workers + 1 shards
+    assert peak < total / 3
+
+
+def test_progress_bar_on_large_uploads(s3_via_proxy, capsys) -> None:
+    save_once(TransferConfig(progress=True, progress_min_bytes=1000), size=100_000)
+    assert "upload" in capsys.readouterr().err
+
+
+def test_credentials_never_recorded(
+    tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    secret = servers.AWS_ENV["AWS_SECRET_ACCESS_KEY"]
+    for key, value in s3_env(s3_server.url).items():
+        monkeypatch.setenv(key, value)
+    exp = mlflow.create_experiment("secrets", artifact_location=f"s3://{BUCKET}/secrets")
+    mlflow.set_experiment(experiment_id=exp)
+    caplog.set_level(logging.DEBUG, logger="mlflow_ckpt")
+    with mlflow.start_run(run_name="secrets") as run:
+        with mlflow_ckpt.CheckpointManager({"w": torch.ones(3)}, monitor="loss") as mgr:
+            mgr.step(0, {"loss": 1.0})
+    client = MlflowClient()
+    recorded = [str(client.get_run(run.info.run_id).data)]
+    for ckpt in mlflow_ckpt.list_checkpoints(run.info.run_id):
+        model = client.get_logged_model(ckpt.model_id)
+        recorded += [str(model.tags), str(model.params), str(model)]
+        state = mlflow_ckpt.load_training_state(ckpt)
+        recorded.append(str(state["_progress"]))
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_server.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key=secret,
+        )
+        prefix = ckpt.artifact_location.removeprefix(f"s3://{BUCKET}/")
+        for name in ("manifest.json", "MLmodel", "state.json"):
+            body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read()
+            recorded.append(body.decode())
+    # a failing store must not leak them either
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    with mlflow.start_run(run_name="fails"):
+        with pytest.raises(mlflow_ckpt.CheckpointWriteError) as info:
+            with mlflow_ckpt.CheckpointManager(
+                {"w": torch.ones(3)},
+                async_save=False,
+                transfer=TransferConfig(retry=RetryPolicy(attempts=2, base=0.01, cap=0.01)),
+            ) as mgr:
+                mgr.save(0)
+    recorded += [str(info.value), repr(info.value), caplog.text]
+    for text in recorded:
+        assert secret not in text
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the test really had it set
