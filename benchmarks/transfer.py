@@ -23,15 +23,15 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3  # noqa: E402
-import mlflow  # noqa: E402
-import torch  # noqa: E402
+import boto3
+import mlflow
+import torch
 
-from mlflow_ckpt.codec import read_manifest, verify_files  # noqa: E402
-from mlflow_ckpt.flavor import FolderSpec, write_folder  # noqa: E402
-from mlflow_ckpt.snapshot import take_snapshot  # noqa: E402
-from mlflow_ckpt.storage import LocalStore, TransferConfig, open_store  # noqa: E402
-from tests import servers  # noqa: E402
+from mlflow_ckpt.codec import read_manifest, verify_files
+from mlflow_ckpt.flavor import FolderSpec, write_folder
+from mlflow_ckpt.snapshot import take_snapshot
+from mlflow_ckpt.storage import LocalStore, TransferConfig, open_store
+from tests import servers
 
 
 def main(argv: list[str]) -> None:
@@ -65,8 +65,10 @@ def run(args: argparse.Namespace, server: servers.Server) -> None:
         step=0,
     )
     size = sum(p.stat().st_size for p in local.iterdir())
-    print(f"checkpoint: {size / 1e6:.0f} MB in {len(list(local.iterdir()))} files; "
-          f"{os.cpu_count()} CPUs; S3 server: moto on 127.0.0.1")
+    print(
+        f"checkpoint: {size / 1e6:.0f} MB in {len(list(local.iterdir()))} files; "
+        f"{os.cpu_count()} CPUs; S3 server: moto on 127.0.0.1"
+    )
     config = TransferConfig(max_workers=args.workers, progress=False)
 
     def ours_upload(dest: str) -> None:

@@ -203,3 +203,25 @@ def test_credentials_never_recorded(
     for text in recorded:
         assert secret not in text
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the test really had it set
+
+
+@pytest.mark.slow
+def test_azure_upload_of_more_than_ten_blocks(
+    tracking: str, azurite_server: servers.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 72 MiB shard goes up as 18 blocks of 4 MiB (MLflow's own multipart breaks at 10)."""
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", servers.azurite_connection_string(azurite_server.port)
+    )
+    exp = mlflow.create_experiment(
+        "azure-blocks",
+        artifact_location=f"wasbs://{BUCKET}@devstoreaccount1.blob.core.windows.net/blocks",
+    )
+    mlflow.set_experiment(experiment_id=exp)
+    big = torch.randn(18 * 1024 * 1024)  # 72 MiB: above the SDK's 64 MiB single-put limit
+    with mlflow.start_run(run_name="blocks") as run:
+        with mlflow_ckpt.CheckpointManager({"big": big}, async_save=False) as mgr:
+            mgr.save(0)
+    restored = {"big": torch.empty_like(big)}
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
+    assert torch.equal(restored["big"], big)
