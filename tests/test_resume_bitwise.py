@@ -34,14 +34,12 @@ def _assert_same(a: Path, b: Path) -> None:
     assert torch.equal(x["torch"], y["torch"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("fmt", "sync"), [("safetensors", False), ("torch", False), ("safetensors", True)]
-)
-def test_resume_is_bitwise_identical(tmp_path: Path, run_child, fmt: str, sync: bool) -> None:
-    extra = ["--format", fmt] + (["--sync"] if sync else [])
-    straight, resumed, run_file = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "run"
-    run_child("tests.train_script", "straight", "--steps", str(STEPS), "--out", str(straight))
+def die_then_resume(run_child, tmp_path: Path, *extra: str) -> tuple[str, Path, str]:
+    """Train half the steps and die right after a commit; resume by run ID in a new process.
+
+    Returns the run ID, the resumed run's final state file and the resume's stdout.
+    """
+    run_file, resumed = tmp_path / "run", tmp_path / "b.pt"
     first = run_child(
         "tests.train_script",
         "first",
@@ -69,7 +67,19 @@ def test_resume_is_bitwise_identical(tmp_path: Path, run_child, fmt: str, sync: 
         str(run_file),
         *extra,
     )
-    assert f"resumed at {STEPS // 2}" in out.stdout
+    return run_id, resumed, out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fmt", "sync"), [("safetensors", False), ("torch", False), ("safetensors", True)]
+)
+def test_resume_is_bitwise_identical(tmp_path: Path, run_child, fmt: str, sync: bool) -> None:
+    extra = ["--format", fmt] + (["--sync"] if sync else [])
+    straight = tmp_path / "a.pt"
+    run_child("tests.train_script", "straight", "--steps", str(STEPS), "--out", str(straight))
+    run_id, resumed, stdout = die_then_resume(run_child, tmp_path, *extra)
+    assert f"resumed at {STEPS // 2}" in stdout
     _assert_same(straight, resumed)
 
     client = mlflow.MlflowClient()

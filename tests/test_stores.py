@@ -15,7 +15,7 @@ import torch
 
 import mlflow_ckpt
 from tests.conftest import StoreUnderTest
-from tests.test_resume_bitwise import STEPS, _assert_same
+from tests.test_resume_bitwise import STEPS, _assert_same, die_then_resume
 from tests.train_script import DIM, Net
 
 VALUES = [5.0, 1.0, 4.0, 3.0, 6.0, 2.0, 7.0, 8.0]
@@ -92,34 +92,11 @@ def test_full_cycle(store: StoreUnderTest, run_child, tmp_path: Path, straight: 
     served = mlflow.pyfunc.load_model(f"models:/clf-{store.name}@champion").predict(batch)
     direct = mlflow.pyfunc.load_model(best.uri).predict(batch)
     np.testing.assert_array_equal(served, direct)
-    assert mlflow_ckpt.export_onnx is not None
 
     # --- kill mid-run, resume by run ID in a new process: bit-for-bit
-    run_file, resumed = tmp_path / "run", tmp_path / "b.pt"
-    run_child(
-        "tests.train_script",
-        "first",
-        "--steps",
-        str(STEPS),
-        "--out",
-        str(tmp_path / "x"),
-        "--run-file",
-        str(run_file),
-        "--stop-after",
-        str(STEPS // 2 - 1),
-    )
-    run_child(
-        "tests.train_script",
-        "resume",
-        "--steps",
-        str(STEPS),
-        "--out",
-        str(resumed),
-        "--run-file",
-        str(run_file),
-    )
+    run_id, resumed, _ = die_then_resume(run_child, tmp_path)
     _assert_same(straight, resumed)
-    assert mlflow_ckpt.latest_checkpoint(run_file.read_text()).step == STEPS - 1
+    assert mlflow_ckpt.latest_checkpoint(run_id).step == STEPS - 1
 
 
 def test_saves_leave_the_global_random_stream_alone(store: StoreUnderTest) -> None:
