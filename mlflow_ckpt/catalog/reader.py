@@ -87,8 +87,10 @@ def describe(model: LoggedModel) -> str:
 def read_checkpoint(model: LoggedModel) -> LoadedFolder:
     """Fetch and verify every file of a checkpoint, then decode it."""
     where = describe(model)
-    store = open_store(model.artifact_location)
-    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch:
+    with (
+        open_store(model.artifact_location) as store,
+        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch,
+    ):
         try:
             return read_folder(store, Path(scratch), where)
         except FileNotFoundError as exc:

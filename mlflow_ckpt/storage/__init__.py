@@ -13,6 +13,10 @@ def open_store(uri: str, config: TransferConfig | None = None) -> Store:
     path = local_path_of(uri)
     if path is not None:
         return LocalStore(uri, path)
+    if uri.startswith("s3://"):
+        from mlflow_ckpt.storage.s3 import S3Store
+
+        return S3Store(uri, config)
     if uri.startswith("gs://"):
         from mlflow_ckpt.storage.gcs import GCSStore
 

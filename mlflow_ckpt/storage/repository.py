@@ -87,11 +87,15 @@ class RepositoryStore(Store):
 
     def _upload(self, local: Path, directory: str, rel_path: str, size: int) -> None:
         self._run(lambda: self._put(local, directory), f"upload {rel_path} to")
+        self._progress("upload", size)
+
+    def _progress(self, label: str, size: int) -> None:
+        """Count transferred bytes on a tqdm bar, opened by the first large enough file."""
         with self._lock:
             if self._bar is None and self.config.show_progress(size):
                 from tqdm import tqdm
 
-                self._bar = tqdm(desc="upload", unit="B", unit_scale=True, leave=False)
+                self._bar = tqdm(desc=label, unit="B", unit_scale=True, leave=False)
             if self._bar is not None:
                 self._bar.update(size)
 
@@ -132,7 +136,9 @@ class RepositoryStore(Store):
             return Path(self._repo.download_artifacts(rel_path, dst_path=str(target)))
 
         try:
-            return self._run(download, f"download {rel_path} from")
+            path: Path = self._run(download, f"download {rel_path} from")
+            self._progress("download", path.stat().st_size)
+            return path
         except StoreError as exc:
             if not self.exists(rel_path):
                 raise FileNotFoundError(f"{redact(self.uri)}/{rel_path}") from exc
