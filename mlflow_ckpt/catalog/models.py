@@ -81,11 +81,13 @@ def commit(
     metrics: Mapping[str, float],
     timestamp_ms: int,
     size_bytes: int,
+    link_run: bool = True,
 ) -> LoggedModel:
     """Make a fully written checkpoint visible: link metrics and run, then tag it committed.
 
     Logging the metrics with ``model_id`` writes the run's history and the model's metrics in
-    one call (logging them separately would duplicate the run's entries).
+    one call (logging them separately would duplicate the run's entries). ``link_run=False``
+    skips the run output link when it already exists (recovery of an interrupted commit).
     """
     if metrics:
         client.log_batch(
@@ -94,7 +96,8 @@ def commit(
                 metrics, step=step, timestamp_ms=timestamp_ms, model_id=model.model_id
             ),
         )
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    if link_run:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     client.set_logged_model_tags(
         model.model_id, {tags.SIZE_BYTES: str(size_bytes), tags.STATUS: tags.COMMITTED}
     )

@@ -12,10 +12,9 @@ never complete: they are finalized as FAILED and their files removed.
 from __future__ import annotations
 
 import logging
-import time
 
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Run
+from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.queries import search_models
@@ -65,23 +64,16 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
                 logger.warning("Could not delete files of %s", describe(model), exc_info=True)
             continue
         missing = {k: v for k, v in manifest.metrics.items() if (k, manifest.step) not in history}
-        if missing:
-            client.log_batch(
-                run_id,
-                metrics=models.metric_entities(
-                    missing,
-                    step=manifest.step,
-                    timestamp_ms=int(manifest.created_at * 1000) or int(time.time() * 1000),
-                    model_id=model.model_id,
-                ),
-            )
-        if model.model_id not in linked:
-            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, manifest.step)])
-        client.set_logged_model_tags(
-            model.model_id,
-            {tags.SIZE_BYTES: str(manifest.size_bytes), tags.STATUS: tags.COMMITTED},
+        models.commit(
+            client,
+            model,
+            run_id=run_id,
+            step=manifest.step,
+            metrics=missing,
+            timestamp_ms=int(manifest.created_at * 1000),
+            size_bytes=manifest.size_bytes,
+            link_run=model.model_id not in linked,
         )
-        client.finalize_logged_model(model.model_id, "READY")
         logger.info("Recovered interrupted save %s", describe(model))
         adopted.append(model.model_id)
     return adopted

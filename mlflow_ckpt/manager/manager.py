@@ -504,7 +504,7 @@ class CheckpointManager:
                 state,
                 strict=strict,
                 restore_rng_streams=True,
-                where=describe(resolve(chosen, client)),
+                where=describe(model),  # the model the loop verified
             )
         # From here on the user's random streams are restored: MLflow calls must not move them.
         with preserved_python_rng():

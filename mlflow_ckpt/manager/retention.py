@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_registered
 from mlflow_ckpt.catalog.queries import committed_models
-from mlflow_ckpt.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def apply_retention(
         else:
             try:
                 deleted = delete_checkpoint(client, ckpt.model_id)
-            except (CheckpointError, OSError, Exception) as exc:
+            except Exception as exc:  # one failed deletion must not stop the others
                 logger.warning("Could not delete checkpoint %s: %s", ckpt.uri, exc)
                 result.kept.append(ckpt)
                 continue
