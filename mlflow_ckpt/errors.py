@@ -59,3 +59,11 @@ class CheckpointWriteError(CheckpointError):
 
 class NoActiveRunError(CheckpointError):
     """No MLflow run to attach checkpoints to: none is active and no ``run_id`` was given."""
+
+
+class WriterConflictError(CheckpointError):
+    """Another live process holds the run's writer lease (or took it over from this one).
+
+    Two writers on one run would interleave checkpoints from diverging trainings. Resume
+    with ``force=True`` once the other process is known to be gone.
+    """

@@ -156,8 +156,13 @@ def write_folder(
     metrics: Mapping[str, float] | None = None,
     triggers: Sequence[str] = (),
     created_at: float | None = None,
+    before_manifest: Callable[[], None] | None = None,
 ) -> Manifest:
-    """Write one complete checkpoint folder into ``store``; the manifest goes last."""
+    """Write one complete checkpoint folder into ``store``; the manifest goes last.
+
+    ``before_manifest`` runs once every other file is stored, right before the commit
+    marker: the manager checks there that it still owns the run.
+    """
     encoded = write_state(
         store,
         snapshot.document,
@@ -191,6 +196,8 @@ def write_folder(
         triggers=tuple(triggers),
         versions=library_versions(),
     )
+    if before_manifest is not None:
+        before_manifest()
     write_manifest(store, manifest)
     store.flush()
     return manifest

@@ -18,7 +18,7 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.runs import get_logged_model
-from mlflow_ckpt.storage import LocalStore, open_store
+from mlflow_ckpt.storage import LocalStore, open_store, redact
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,31 @@ def delete_checkpoint(client: MlflowClient, model_id: str) -> bool:
         logger.info("Keeping checkpoint %s: a registered model version uses it", model_id)
         return False
     client.set_logged_model_tags(model_id, {tags.STATUS: tags.DELETING})
+    _delete_files(model)
+    client.delete_logged_model(model_id)
+    logger.info("Deleted checkpoint %s (step %s)", model_id, model.tags.get(tags.STEP))
+    return True
+
+
+def _delete_files(model: LoggedModel) -> None:
     store = open_store(model.artifact_location)
     store.delete_all()
     if isinstance(store, LocalStore):
         _remove_empty(Path(store.root).parent)  # MLflow leaves models/<id>/ behind
-    client.delete_logged_model(model_id)
-    logger.info("Deleted checkpoint %s (step %s)", model_id, model.tags.get(tags.STEP))
+
+
+def remove_files(model: LoggedModel) -> bool:
+    """Best-effort removal of an uncommitted checkpoint's files; whether it succeeded."""
+    try:
+        _delete_files(model)
+    except Exception:
+        logger.warning(
+            "Could not delete the files of checkpoint %s at %s; `mlflow-ckpt gc` retries",
+            model.model_id,
+            redact(model.artifact_location),
+            exc_info=True,
+        )
+        return False
     return True
 
 

@@ -6,7 +6,11 @@ checkpoint whose data is complete and verifiable but which is invisible. Resumin
 older checkpoint would then redo that step and log its metrics a second time. Instead,
 recovery adopts such checkpoints: it verifies them, logs whatever of their metrics the run
 does not have yet, and commits them. Pending checkpoints without a valid manifest were
-never complete: they are finalized as FAILED and their files removed.
+never complete: they are finalized as FAILED and their files removed (temporary files of a
+write cut short included). Deletions cut short (status ``deleting``) are finished.
+
+Only the holder of the run's writer lease may call these: a live writer's in-flight save
+looks exactly like a killed one.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ from __future__ import annotations
 import logging
 
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import LoggedModel, Run
 
 from mlflow_ckpt.catalog import models, tags
+from mlflow_ckpt.catalog.deletion import delete_checkpoint, remove_files
 from mlflow_ckpt.catalog.queries import search_models
 from mlflow_ckpt.catalog.reader import describe, read_checkpoint
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.storage import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,41 @@ def logged_pairs(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
     }
 
 
+def _with_status(client: MlflowClient, run: Run, status: str) -> list[LoggedModel]:
+    return search_models(
+        client,
+        [run.info.experiment_id],
+        f"source_run_id = '{run.info.run_id}' AND tags.`{tags.STATUS}` = '{status}'",
+    )
+
+
+def recover_run(client: MlflowClient, run: Run) -> list[str]:
+    """Everything a restart must clean up: adopt or fail pending saves, finish deletions.
+
+    Returns the IDs of the adopted checkpoints.
+    """
+    adopted = recover_pending(client, run)
+    for model in _with_status(client, run, tags.DELETING):
+        try:
+            delete_checkpoint(client, model.model_id)
+            logger.info("Finished the interrupted deletion of %s", describe(model))
+        except Exception as exc:
+            logger.warning("Could not finish deleting %s: %s", describe(model), exc)
+    return adopted
+
+
+def sweep_failed(client: MlflowClient, run: Run) -> list[str]:
+    """Remove the files failed saves left behind (e.g. when the network was down).
+
+    The FAILED LoggedModels stay as a record of what happened. Returns their IDs.
+    """
+    swept = []
+    for model in _with_status(client, run, tags.FAILED):
+        if remove_files(model):
+            swept.append(model.model_id)
+    return swept
+
+
 def recover_pending(client: MlflowClient, run: Run) -> list[str]:
     """Adopt complete-but-uncommitted checkpoints of ``run``; fail the incomplete ones.
 
@@ -42,11 +81,7 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
     Returns the IDs of the adopted checkpoints.
     """
     run_id = run.info.run_id
-    pending = search_models(
-        client,
-        [run.info.experiment_id],
-        f"source_run_id = '{run_id}' AND tags.`{tags.STATUS}` = '{tags.PENDING}'",
-    )
+    pending = _with_status(client, run, tags.PENDING)
     if not pending:
         return []
     history = logged_pairs(client, run_id)
@@ -58,10 +93,7 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
         except (CheckpointError, OSError) as exc:
             logger.warning("Discarding interrupted save %s: %s", describe(model), exc)
             models.mark_failed(client, model.model_id)
-            try:
-                open_store(model.artifact_location).delete_all()
-            except Exception:
-                logger.warning("Could not delete files of %s", describe(model), exc_info=True)
+            remove_files(model)
             continue
         missing = {k: v for k, v in manifest.metrics.items() if (k, manifest.step) not in history}
         models.commit(

@@ -14,6 +14,8 @@ SIZE_BYTES = "mlflow_ckpt.size_bytes"
 FORMAT_VERSION = "mlflow_ckpt.format_version"
 RUN_RESUMES = "mlflow_ckpt.resumes"
 RUN_RESUMED_FROM = "mlflow_ckpt.resumed_from"
+# The writer lease on a run: JSON naming the process that may write its checkpoints.
+RUN_WRITER = "mlflow_ckpt.writer"
 
 PENDING = "pending"
 COMMITTED = "committed"

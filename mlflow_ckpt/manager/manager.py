@@ -31,15 +31,17 @@ from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.queries import list_checkpoints
 from mlflow_ckpt.catalog.reader import describe, read_checkpoint, resolve
-from mlflow_ckpt.catalog.recovery import logged_pairs, recover_pending
+from mlflow_ckpt.catalog.recovery import logged_pairs, recover_run
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES, check_format
 from mlflow_ckpt.errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     NoActiveRunError,
 )
+from mlflow_ckpt.manager.lease import DEFAULT_TTL_S, WriterLease
 from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, write_checkpoint
 from mlflow_ckpt.manager.retention import RetentionPolicy, apply_retention, build_policy
 from mlflow_ckpt.manager.triggers import (
@@ -142,6 +144,11 @@ class CheckpointManager:
         code_paths: Sequence[str | Path] = (),
         transfer: TransferConfig | None = None,
         client: MlflowClient | None = None,
+        log_metrics: bool = True,
+        on_error: str = "raise",
+        force: bool = False,
+        lease_ttl: float = DEFAULT_TTL_S,
+        _lease: WriterLease | None = None,
     ) -> None:
         _positive("save_every_n_steps", save_every_n_steps)
         _positive("save_every_n_epochs", save_every_n_epochs)
@@ -152,6 +159,9 @@ class CheckpointManager:
         _positive("keep_every_n_steps", keep_every_n_steps)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', not {on_error!r}")
+        _positive("lease_ttl", lease_ttl, float)
         check_format(format)
         try:
             kwargs = json.loads(json.dumps(dict(model_kwargs or {}), allow_nan=False))
@@ -179,8 +189,18 @@ class CheckpointManager:
                     )
                 run_id = active.info.run_id
             run = get_run(self.client, run_id)
+            if _lease is None:
+                _lease = WriterLease.acquire(self.client, run_id, force=force, ttl=lease_ttl)
+                if not _lease.inherited:
+                    try:  # the lease holder alone may clean up: no one is mid-save
+                        recover_run(self.client, run)
+                    except BaseException:
+                        _lease.release()
+                        raise
+        self._lease = _lease
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
+        self.on_error = on_error
         self._target = WriteTarget(
             client=self.client,
             run_id=self.run_id,
@@ -193,11 +213,15 @@ class CheckpointManager:
                 code_paths=tuple(str(p) for p in code_paths),
             ),
             transfer=transfer,
+            check_writer=_lease.check,
         )
         self.format = format
         self.async_save = async_save
         self.save_last = save_last
         self.monitor = monitor
+        # False when something else (the user, mlflow autolog) already logs these metrics:
+        # they then only drive triggers/retention and are linked to the saved checkpoints.
+        self.log_metrics = log_metrics
         self.triggers: list[Trigger] = []
         if save_every_n_steps:
             self.triggers.append(EveryNSteps(save_every_n_steps))
@@ -334,6 +358,8 @@ class CheckpointManager:
     def _check_usable(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for run {self.run_id} is closed")
+        if self._lease.lost_to is not None:
+            self._lease.check()  # another process owns the run now: stop before logging
         self._raise_background_error()
 
     def _check_step(self, step: int, epoch: int | None) -> None:
@@ -353,7 +379,18 @@ class CheckpointManager:
     def _raise_background_error(self) -> None:
         error = self._worker.take_error() if self._worker is not None else None
         if error is not None:
-            raise error
+            self._failed(error)
+
+    def _failed(self, error: BaseException) -> None:
+        """Raise a failed save's error, or only warn about it with ``on_error="warn"``.
+
+        A lost writer lease always raises: going on would write a run another process owns.
+        """
+        if self.on_error == "warn" and isinstance(error, CheckpointWriteError):
+            logger.warning("%s", error)
+            warnings.warn(f"{error} Training goes on (on_error='warn').", stacklevel=4)
+            return
+        raise error
 
     def _manager_state(self) -> dict[str, Any]:
         return {
@@ -385,17 +422,26 @@ class CheckpointManager:
             metrics=metrics,
             triggers=tuple(triggers),
             timestamp_ms=pending.timestamp_ms if pending else int(time.time() * 1000),
+            previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
         )
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         if self._worker is None:
-            self._run_save(job)
+            try:
+                self._run_save(job)
+            except CheckpointError as exc:
+                self._failed(exc)
         else:
             self._worker.submit(lambda: self._run_save(job), is_save=True)
 
     def _run_save(self, job: SaveJob) -> None:
         """Write and commit one checkpoint, then apply retention (on the worker if async)."""
-        self.last_checkpoint = write_checkpoint(self._target, job)
+        try:
+            self.last_checkpoint = write_checkpoint(self._target, job)
+        except CheckpointError:
+            if self._last_saved_step == job.step:  # let save_last retry this step at close
+                self._last_saved_step = self.last_checkpoint.step if self.last_checkpoint else None
+            raise
         del job
         if self.retention is not None:
             apply_retention(self.client, self.run_id, self.retention)
@@ -403,7 +449,7 @@ class CheckpointManager:
     def _flush_metrics(self) -> None:
         """Log the pending step's metrics (not linked to a checkpoint)."""
         pending, self._pending = self._pending, None
-        if pending is None:
+        if pending is None or not self.log_metrics:
             return
         metrics = {
             k: v
@@ -429,6 +475,7 @@ class CheckpointManager:
         atexit.unregister(self._flush_at_exit)
         if self._worker is not None:
             self._worker.stop()
+        self._lease.release()
 
     def _flush_at_exit(self) -> None:
         """At interpreter exit, commit pending saves and metrics (no new snapshot is taken)."""
@@ -449,6 +496,7 @@ class CheckpointManager:
                 trigger.load_state_dict(dict(saved_triggers[trigger.name]))
         self._resumes = int(manager_state.get("resumes", 0)) + 1
         self.resumed_from = ckpt
+        self.last_checkpoint = ckpt
         self.start_step = ckpt.step + 1
         epoch = progress.get("epoch")
         if epoch is not None:
@@ -479,7 +527,35 @@ class CheckpointManager:
         kwargs["client"] = client
         _check_state(state)
         with preserved_python_rng():
-            recover_pending(client, get_run(client, run_id))
+            run = get_run(client, run_id)
+            lease = WriterLease.acquire(
+                client,
+                run_id,
+                force=kwargs.pop("force", False),
+                ttl=kwargs.pop("lease_ttl", DEFAULT_TTL_S),
+            )
+        try:
+            return cls._resume_holding(run, state, lease, strict=strict, **kwargs)
+        except BaseException:
+            lease.release()
+            raise
+
+    @classmethod
+    def _resume_holding(
+        cls,
+        run: Any,
+        state: Mapping[str, Any],
+        lease: WriterLease,
+        *,
+        strict: bool,
+        **kwargs: Any,
+    ) -> CheckpointManager:
+        """:meth:`resume` once this process holds the run's writer lease."""
+        run_id = run.info.run_id
+        client: MlflowClient = kwargs["client"]
+        if not lease.inherited:
+            with preserved_python_rng():
+                recover_run(client, run)  # the lease holder alone: no one is mid-save
         chosen: Checkpoint | None = None
         loaded: LoadedFolder | None = None
         for ckpt in list_checkpoints(run_id, client=client):
@@ -516,7 +592,7 @@ class CheckpointManager:
                     f"Cannot resume run {run_id}: run {active.info.run_id} is active in this "
                     "process. End it first (mlflow.end_run())."
                 )
-            manager = cls(state, run_id=run_id, **kwargs)
+            manager = cls(state, run_id=run_id, _lease=lease, **kwargs)
             if chosen is not None and loaded is not None:
                 manager._restore_progress(chosen, loaded.decoded.progress)
             else:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -19,9 +20,9 @@ from mlflow import MlflowClient
 from mlflow_ckpt import flavor
 from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.errors import CheckpointWriteError
+from mlflow_ckpt.errors import CheckpointWriteError, WriterConflictError
 from mlflow_ckpt.snapshot import Snapshot
-from mlflow_ckpt.storage import TransferConfig, open_store, redact
+from mlflow_ckpt.storage import Store, TransferConfig, open_store, redact
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class WriteTarget:
     experiment_id: str
     spec: flavor.FolderSpec
     transfer: TransferConfig | None = None
+    # Raises WriterConflictError when another process has taken the run over.
+    check_writer: Callable[[], None] | None = None
 
 
 @dataclass
@@ -47,6 +50,24 @@ class SaveJob:
     metrics: dict[str, float]
     triggers: tuple[str, ...]
     timestamp_ms: int
+    previous_step: int | None = None  # the newest committed step, named in failure messages
+
+
+def _intact(job: SaveJob) -> str:
+    if job.previous_step is None:
+        return "no earlier checkpoint was affected"
+    return f"the checkpoint of step {job.previous_step} is still intact"
+
+
+def _reason(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    for _ in range(8):  # ENOSPC may arrive wrapped by a writer thread or the store
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return f"no space left on device: {cause.filename or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
@@ -66,11 +87,13 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     except Exception as exc:
         raise CheckpointWriteError(
             f"Could not create the LoggedModel for step {job.step} of run {target.run_id} in "
-            f"{client.tracking_uri}: {exc}. Previous checkpoints are intact."
+            f"{client.tracking_uri}: {exc}. {_intact(job).capitalize()}."
         ) from exc
     location = model.artifact_location
     store = open_store(location, target.transfer)
     try:
+        if target.check_writer is not None:
+            target.check_writer()
         manifest = flavor.write_folder(
             store,
             job.snapshot,
@@ -82,7 +105,23 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             metrics=job.metrics,
             triggers=job.triggers,
             created_at=job.timestamp_ms / 1000,
+            before_manifest=target.check_writer,
         )
+    except BaseException as exc:
+        _discard(target, model.model_id, store)
+        if isinstance(exc, WriterConflictError):
+            raise
+        raise CheckpointWriteError(
+            f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
+            f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
+            f"or resumed from; {_intact(job)}. Fix the cause (space, permissions, network) "
+            "and save again."
+        ) from exc
+    # The manifest is in the store: the checkpoint is complete. If this process lost the run
+    # meanwhile, leave it alone: the new owner's recovery adopted it or finalized it.
+    if target.check_writer is not None:
+        target.check_writer()
+    try:
         committed = models.commit(
             client,
             model,
@@ -92,25 +131,11 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             timestamp_ms=job.timestamp_ms,
             size_bytes=manifest.size_bytes,
         )
-    except BaseException as exc:
-        models.mark_failed(client, model.model_id)
-        with contextlib.suppress(Exception):
-            store.close()  # let in-flight uploads finish so nothing lands after the cleanup
-        try:
-            store.delete_all()
-        except Exception:
-            logger.warning("Could not remove the partial checkpoint at %s", redact(location))
-        reason = (
-            "no space left on device"
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-            else f"{type(exc).__name__}: {exc}"
-        )
+    except Exception as exc:
         raise CheckpointWriteError(
-            f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
-            f"({reason}). "
-            "The new checkpoint is not committed and will never be listed or resumed from; "
-            "earlier checkpoints are intact. Fix the cause (space, permissions, network) and "
-            "save again."
+            f"Step {job.step} of run {target.run_id} is stored at {redact(location)} but "
+            f"could not be committed in {client.tracking_uri} ({_reason(exc)}). The next "
+            "resume or `mlflow-ckpt gc` adopts it once the tracking server is reachable."
         ) from exc
     store.close()
     logger.info(
@@ -122,3 +147,20 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         time.perf_counter() - started,
     )
     return Checkpoint.from_logged_model(committed)
+
+
+def _discard(target: WriteTarget, model_id: str, store: Store) -> None:
+    """Finalize a failed save: FAILED tag, its partial files removed (best effort)."""
+    try:
+        models.mark_failed(target.client, model_id)
+    except Exception:
+        logger.warning("Could not mark checkpoint %s as failed", model_id)
+    with contextlib.suppress(Exception):
+        store.close()  # let in-flight uploads finish so nothing lands after the cleanup
+    try:
+        store.delete_all()
+    except Exception:
+        logger.warning(
+            "Could not remove the partial checkpoint at %s; `mlflow-ckpt gc` retries",
+            redact(store.uri),
+        )

@@ -1,0 +1,220 @@
+"""The writer lease: at most one process writes a run's checkpoints at a time.
+
+A preempted job that is restarted twice (or a restart racing a job that was only presumed
+dead) would otherwise have two processes appending checkpoints from diverging trainings to
+the same run. The lease is a run tag (:data:`~mlflow_ckpt.catalog.tags.RUN_WRITER`) holding
+the owner's identity and a heartbeat that a daemon thread refreshes. Another writer is
+refused while the lease is live; it may take over when the lease expired, when its owner is a
+process on the same host that no longer exists (the usual ``kill -9`` and restart), or when
+the user says ``force=True``. The owner checks the tag before each commit, so a process that
+was taken over stops committing instead of interleaving.
+
+MLflow has no compare-and-set on tags, so this is advisory: two processes that start in the
+very same instant can both believe they own a fresh run until the next heartbeat tells the
+loser. After a forced takeover the new owner waits out one commit window before it reads the
+run, so a save the old owner was committing is either complete (and adopted) or rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.errors import WriterConflictError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 60.0
+SETTLE_S = 1.0
+
+
+@cache
+def _host() -> str:
+    """This machine: the host name plus the boot ID where there is one (PIDs restart at boot)."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    try:
+        return f"{socket.gethostname()}/{boot.read_text().strip()[:8]}"
+    except OSError:
+        return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """What the run's lease tag says."""
+
+    owner: str
+    host: str
+    pid: int
+    heartbeat: float
+    ttl: float
+
+    @classmethod
+    def parse(cls, text: str | None) -> LeaseInfo | None:
+        if not text:
+            return None
+        try:
+            data: Any = json.loads(text)
+            return cls(
+                owner=str(data["owner"]),
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                heartbeat=float(data["heartbeat"]),
+                ttl=float(data["ttl"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            logger.warning("Ignoring an unreadable writer lease tag: %r", text[:200])
+            return None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    def is_this_process(self) -> bool:
+        return self.host == _host() and self.pid == os.getpid()
+
+    def why_stale(self, now: float) -> str | None:
+        """Why this lease no longer protects anything, or ``None`` while its owner may live."""
+        age = now - self.heartbeat
+        if age > self.ttl:
+            return f"its last heartbeat was {age:.0f}s ago (expiry {self.ttl:.0f}s)"
+        if self.host == _host() and self.pid != os.getpid() and not _pid_alive(self.pid):
+            return f"process {self.pid} on this host no longer exists"
+        return None
+
+    def describe(self, now: float) -> str:
+        return (
+            f"process {self.pid} on {self.host.split('/')[0]} "
+            f"(heartbeat {max(0.0, now - self.heartbeat):.0f}s ago, expires after {self.ttl:.0f}s)"
+        )
+
+
+def read_lease(client: MlflowClient, run_id: str) -> LeaseInfo | None:
+    """The run's current lease, if any."""
+    return LeaseInfo.parse(client.get_run(run_id).data.tags.get(tags.RUN_WRITER))
+
+
+def live_lease(client: MlflowClient, run_id: str) -> LeaseInfo | None:
+    """The lease of another process that may still be writing ``run_id``, if any."""
+    lease = read_lease(client, run_id)
+    if lease is None or lease.is_this_process():
+        return None
+    return None if lease.why_stale(time.time()) else lease
+
+
+class WriterLease:
+    """This process's claim on a run; keeps itself alive until :meth:`release`."""
+
+    def __init__(self, client: MlflowClient, run_id: str, ttl: float = DEFAULT_TTL_S) -> None:
+        if ttl <= 0:
+            raise ValueError(f"lease_ttl must be positive, got {ttl}")
+        self.client = client
+        self.run_id = run_id
+        self.ttl = float(ttl)
+        self.owner = uuid.uuid4().hex  # os.urandom: never touches the user's random streams
+        self.lost_to: LeaseInfo | None = None
+        # True when this process already held the run (an earlier manager in it): its saves
+        # may still be in flight, so the new manager must not "recover" them.
+        self.inherited = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def acquire(
+        cls, client: MlflowClient, run_id: str, *, force: bool = False, ttl: float = DEFAULT_TTL_S
+    ) -> WriterLease:
+        """Claim ``run_id`` for this process, or raise :class:`WriterConflictError`."""
+        lease = cls(client, run_id, ttl)
+        current = read_lease(client, run_id)
+        now = time.time()
+        same_process = current is not None and current.is_this_process()
+        stale = current.why_stale(now) if current is not None else None
+        if current is not None and not same_process and stale is None:
+            if not force:
+                raise WriterConflictError(
+                    f"Run {run_id} is being written by {current.describe(now)}. Two writers "
+                    "would interleave checkpoints from different trainings. Stop the other "
+                    "job, wait for its lease to expire, or pass force=True (CLI: --force) if "
+                    "you know it is gone."
+                )
+            logger.warning("Taking over run %s from %s (force=True)", run_id, current.describe(now))
+        elif stale is not None:
+            logger.info("Taking over run %s: the previous writer's %s", run_id, stale)
+        lease.inherited = same_process
+        lease._write()
+        if current is not None and force and stale is None and not same_process:
+            # Let a commit the old owner had already checked its lease for finish (or fail),
+            # then make sure no one overwrote us meanwhile.
+            time.sleep(SETTLE_S)
+            lease.check()
+        lease._thread = threading.Thread(
+            target=lease._beat, name=f"mlflow-ckpt-lease-{run_id[:8]}", daemon=True
+        )
+        lease._thread.start()
+        return lease
+
+    def _info(self) -> LeaseInfo:
+        return LeaseInfo(self.owner, _host(), os.getpid(), time.time(), self.ttl)
+
+    def _write(self) -> None:
+        self.client.set_tag(self.run_id, tags.RUN_WRITER, self._info().to_json())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                current = read_lease(self.client, self.run_id)
+                if current is not None and current.owner != self.owner:
+                    self.lost_to = current
+                    logger.error(
+                        "Run %s was taken over by %s; this process no longer commits "
+                        "checkpoints for it",
+                        self.run_id,
+                        current.describe(time.time()),
+                    )
+                    return
+                self._write()
+            except Exception:  # a missed heartbeat is retried; expiry is ttl, not ttl/4
+                logger.warning("Writer lease heartbeat for run %s failed", self.run_id)
+
+    def check(self) -> None:
+        """Raise :class:`WriterConflictError` if another process holds the lease now."""
+        current = self.lost_to or read_lease(self.client, self.run_id)
+        if current is not None and current.owner != self.owner:
+            self.lost_to = current
+            raise WriterConflictError(
+                f"Run {self.run_id} was taken over by {current.describe(time.time())}; this "
+                "process no longer writes its checkpoints. Stop this job (the other one "
+                "continues the run) or resume again with force=True."
+            )
+
+    def release(self) -> None:
+        """Stop the heartbeat and drop the tag if it is still ours."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            current = read_lease(self.client, self.run_id)
+            if current is not None and current.owner == self.owner:
+                self.client.delete_tag(self.run_id, tags.RUN_WRITER)
+        except Exception:
+            logger.warning("Could not release the writer lease of run %s", self.run_id)
