@@ -1,0 +1,218 @@
+"""PyTorch Lightning integration: :class:`MlflowCheckpoint`, a Callback checkpointing to MLflow.
+
+Each checkpoint holds Lightning's own full checkpoint dict (``dump_checkpoint``: weights,
+loops, callbacks, optimizers, LR schedulers, precision plugin, hyper-parameters) plus the
+global random streams, so ``trainer.fit(model, ckpt_path=mlflow_ckpt.resume_path(run_id))``
+continues exactly where the run stopped, in the same MLflow run.
+
+Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
+``pip install 'mlflow-ckpt[lightning]'`` installs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import mlflow
+
+from mlflow_ckpt._integration_common import (
+    LIGHTNING_KEY,
+    HeldState,
+    end_run_if_started,
+    numeric_metrics,
+    require,
+    start_run_if_needed,
+)
+from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.manager import CheckpointManager
+from mlflow_ckpt.snapshot import capture_rng, restore_rng
+
+logger = logging.getLogger(__name__)
+
+
+def _lightning_package() -> ModuleType:
+    try:
+        return require("lightning.pytorch", "lightning")
+    except ImportError:
+        return require("pytorch_lightning", "lightning")
+
+
+def _mlflow_logs_metrics(trainer: Any) -> bool:
+    """Whether MLflow already receives Lightning's metrics (autolog or an MLFlowLogger)."""
+    from mlflow.utils.autologging_utils import autologging_is_disabled
+
+    if not autologging_is_disabled("pytorch"):
+        return True
+    return any(type(lg).__name__ == "MLFlowLogger" for lg in getattr(trainer, "loggers", []))
+
+
+def _make_callback_class(pl: ModuleType) -> type:
+    """Build the callback for one package (``lightning.pytorch`` or ``pytorch_lightning``).
+
+    Lightning only accepts callbacks derived from its own ``Callback``, and both packages can
+    be installed side by side, so the class is made once per package.
+    """
+
+    class MlflowCheckpoint(pl.Callback):  # type: ignore[misc, name-defined]
+        """Save Lightning's full training state as MLflow checkpoints (rank 0 only).
+
+        Keyword arguments are those of :class:`mlflow_ckpt.CheckpointManager`
+        (``save_every_n_steps``, ``save_every_n_epochs``, ``monitor``, ``mode``,
+        ``keep_last_n``, ``keep_best_n``, ``model_factory``...). Without any trigger it saves
+        at the end of every epoch. ``monitor`` names a metric in ``trainer.callback_metrics``
+        (what ``self.log`` records, e.g. ``"val_loss"``). ``log_metrics`` says whether the
+        callback logs those metrics to the run itself; by default it does unless
+        ``mlflow.pytorch.autolog()`` or an ``MLFlowLogger`` already does, so nothing is logged
+        twice (saved checkpoints still get the values linked).
+
+        Steps are 0-based finished optimizer steps (``trainer.global_step - 1``). The run is
+        the active MLflow run, or one the callback starts (and ends after ``fit``); when
+        resuming from :func:`mlflow_ckpt.resume_path` it is the checkpoint's own run.
+        """
+
+        def __init__(self, *, log_metrics: bool | None = None, **manager_kwargs: Any) -> None:
+            super().__init__()
+            if not any(k.startswith("save_every_n_") or k == "monitor" for k in manager_kwargs):
+                manager_kwargs["save_every_n_epochs"] = 1
+            if "state" in manager_kwargs or "run_id" in manager_kwargs:
+                raise TypeError("MlflowCheckpoint builds the state and finds the run itself")
+            self.manager_kwargs = manager_kwargs
+            self.log_metrics = log_metrics
+            self.manager: CheckpointManager | None = None
+            self.run_id: str | None = None
+            self._resume_run_id: str | None = None
+            self._started_run = False
+            self._last_step = -1
+            self._failed = False
+            self._rng_before_sanity: dict[str, Any] | None = None
+
+        # ---------------------------------------------------------- Lightning's own state
+
+        def state_dict(self) -> dict[str, Any]:
+            """Stored in Lightning's checkpoint: which MLflow run a resume must continue."""
+            return {"run_id": self.run_id}
+
+        def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+            self._resume_run_id = state_dict.get("run_id") or self._resume_run_id
+
+        # ---------------------------------------------------------- hooks
+
+        def on_load_checkpoint(
+            self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]
+        ) -> None:
+            """Resuming: reopen the checkpoint's run before Lightning builds its data iterators.
+
+            The manager restores the random streams here, early enough that the first
+            dataloader iterator of the resumed fit draws from them, as the straight run did.
+            """
+            saved = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+            self._resume_run_id = saved.get("run_id") or None
+            if self._resume_run_id and trainer.is_global_zero and self.manager is None:
+                self._open(trainer, pl_module)
+
+        def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+            # A resumed fit runs a sanity check the straight run had at its very start, before
+            # the state we restored was captured: keep it from moving the random streams.
+            self._rng_before_sanity = capture_rng() if self._resume_run_id else None
+
+        def on_sanity_check_end(self, trainer: Any, pl_module: Any) -> None:
+            if self._rng_before_sanity is not None:
+                restore_rng(self._rng_before_sanity)
+                self._rng_before_sanity = None
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.is_global_zero and self.manager is None:  # only global rank 0 writes
+                self._open(trainer, pl_module)
+
+        def _open(self, trainer: Any, pl_module: Any) -> None:
+            connector = trainer._checkpoint_connector
+            state = {
+                "model": pl_module,
+                LIGHTNING_KEY: HeldState(lambda: connector.dump_checkpoint(weights_only=False)),
+            }
+            log_metrics = (
+                not _mlflow_logs_metrics(trainer) if self.log_metrics is None else self.log_metrics
+            )
+            kwargs = dict(self.manager_kwargs, log_metrics=log_metrics)
+            if self._resume_run_id:
+                self.run_id = self._resume_run_id
+                self._started_run = mlflow.active_run() is None
+                try:
+                    self.manager = CheckpointManager.resume(self.run_id, state, **kwargs)
+                except CheckpointError as exc:
+                    raise CheckpointError(
+                        f"Could not continue MLflow run {self.run_id} from the checkpoint given "
+                        f"as ckpt_path: {exc} If another run is active (mlflow autolog starts "
+                        f"one), wrap fit in `with mlflow.start_run(run_id={self.run_id!r}):`."
+                    ) from exc
+            else:
+                self.run_id, self._started_run = start_run_if_needed()
+                self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)
+            self._last_step = self.manager.start_step - 1
+
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            if self.manager is None or "save_every_n_steps" not in self.manager_kwargs:
+                return
+            if batch_idx + 1 >= trainer.num_training_batches:
+                return  # the epoch's last step is recorded at epoch end, with its val metrics
+            self._record(trainer, end_of_epoch=False)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.manager is not None:
+                self._record(trainer, end_of_epoch=True)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.manager is not None:
+                self.manager.close()  # waits for uploads, saves the last step if not saved
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self._failed = True
+
+        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            manager, self.manager = self.manager, None
+            if manager is not None:
+                if self._failed:  # keep what was saved; never snapshot a failed state
+                    manager.__exit__(RuntimeError, RuntimeError("fit failed"), None)
+                else:
+                    manager.close()
+            end_run_if_started(self.run_id, self._started_run)
+            self._started_run = False
+            self._resume_run_id = None
+
+        def _record(self, trainer: Any, *, end_of_epoch: bool) -> None:
+            assert self.manager is not None
+            step = trainer.global_step - 1
+            if step <= self._last_step:
+                return  # no optimizer step since the last call (gradient accumulation)
+            self._last_step = step
+            self.manager.step(
+                step,
+                metrics=numeric_metrics(trainer.callback_metrics),
+                epoch=trainer.current_epoch,
+                end_of_epoch=end_of_epoch,
+            )
+
+    MlflowCheckpoint.__module__ = __name__
+    MlflowCheckpoint.__qualname__ = "MlflowCheckpoint"  # Lightning's state_key
+    return MlflowCheckpoint
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def callback_class(package: ModuleType) -> type:
+    """The :class:`MlflowCheckpoint` class deriving from ``package.Callback``."""
+    name = package.__name__
+    if name not in _CLASSES:
+        _CLASSES[name] = _make_callback_class(package)
+    return _CLASSES[name]
+
+
+MlflowCheckpoint = callback_class(_lightning_package())
+
+__all__ = ["MlflowCheckpoint", "callback_class"]
