@@ -140,7 +140,31 @@ def write_manifest(store: Store, manifest: Manifest) -> None:
 
 def read_manifest(store: Store, scratch: Path, where: str) -> Manifest:
     """Fetch and parse the manifest; ``FileNotFoundError`` if the save never committed."""
-    return Manifest.from_json(store.read_bytes(MANIFEST_NAME, scratch), where)
+    path = fetch_inside(store, MANIFEST_NAME, scratch, where)
+    return Manifest.from_json(path.read_bytes(), where)
+
+
+def fetch_inside(store: Store, rel_path: str, scratch: Path, where: str) -> Path:
+    """Fetch one file and make sure the local path really lies inside the checkpoint.
+
+    A manifest can only name plain relative paths, but on a local store a file of the
+    folder may itself be a symlink (or sit under a symlinked folder) pointing elsewhere:
+    with a forged manifest its hash would match, so it is refused before it is opened.
+    """
+    path = store.fetch(rel_path, scratch)
+    bases = [scratch]
+    root = getattr(store, "root", None)
+    if isinstance(root, Path):
+        bases.append(root)
+    resolved = path.resolve()
+    inside = any(resolved.is_relative_to(base.resolve()) for base in bases)
+    if path.is_symlink() or not inside or not resolved.is_file():
+        raise CheckpointCorruptedError(
+            f"{where}: file {rel_path} is a link or resolves outside the checkpoint folder; "
+            "refusing to read it (the folder was tampered with).",
+            path=rel_path,
+        )
+    return path
 
 
 def verify_files(
@@ -166,7 +190,7 @@ def verify_files(
 def check_file(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:
     """Fetch one listed file and check its size and SHA-256; return its local path."""
     try:
-        path = store.fetch(entry.path, scratch)
+        path = fetch_inside(store, entry.path, scratch, where)
     except FileNotFoundError as exc:
         raise CheckpointCorruptedError(
             f"{where}: file {entry.path} listed in the manifest is missing", path=entry.path
@@ -192,7 +216,7 @@ def read_state(
         )
     try:
         document = json.loads(local[manifest.structure_file].read_bytes())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointCorruptedError(
             f"{where}: {manifest.structure_file} is not valid JSON ({exc})",
             path=manifest.structure_file,
@@ -216,12 +240,20 @@ def read_state(
                 "that differ from the manifest's index",
                 path=file,
             )
+        offsets = module.data_offsets(local[file])
         for name, tensor in loaded.items():
             entry = expected[name]
             if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":
                 raise CheckpointCorruptedError(
                     f"{where}: tensor {name} in {file} is {tensor.dtype}{list(tensor.shape)}, "
                     f"the manifest says {entry.dtype}{list(entry.shape)}",
+                    path=file,
+                )
+            offset, nbytes = offsets.get(name, (None, tensor.numel() * tensor.element_size()))
+            if (entry.offset, entry.nbytes) != (offset, nbytes):
+                raise CheckpointCorruptedError(
+                    f"{where}: tensor {name} in {file} lies at offset {offset} ({nbytes} bytes), "
+                    f"the manifest says offset {entry.offset} ({entry.nbytes} bytes)",
                     path=file,
                 )
         tensors.update(loaded)

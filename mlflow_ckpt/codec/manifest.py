@@ -20,6 +20,8 @@ from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_INT = 2**63 - 1  # sizes, steps, offsets, dimensions: what an int64 holds
 
 
 def check_relpath(path: str, where: str) -> str:
@@ -30,6 +32,7 @@ def check_relpath(path: str, where: str) -> str:
         or path.startswith(("/", "\\"))
         or "\\" in path
         or ":" in path
+        or _CONTROL.search(path)
         or any(part in ("", ".", "..") for part in path.split("/"))
         or posixpath.normpath(path) != path
     ):
@@ -100,7 +103,7 @@ class Manifest:
         """Parse and validate a manifest; ``where`` names it in error messages."""
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointCorruptedError(
                 f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})", path=MANIFEST_NAME
             ) from exc
@@ -108,7 +111,7 @@ class Manifest:
             return cls._from_dict(data, where)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointCorruptedError(
                 f"{where}: {MANIFEST_NAME} is malformed ({type(exc).__name__}: {exc})",
                 path=MANIFEST_NAME,
@@ -119,8 +122,8 @@ class Manifest:
         if not isinstance(data, dict):
             raise TypeError("top level is not an object")
         version = data["format_version"]
-        if not isinstance(version, int):
-            raise TypeError("format_version is not an integer")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise TypeError(f"format_version {version!r} is not a positive integer")
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{where} was written in checkpoint format {version}, newer than this "
@@ -128,7 +131,7 @@ class Manifest:
             )
         files = tuple(
             FileEntry(check_relpath(f["path"], where), _int(f["size"]), _sha(f["sha256"]))
-            for f in data["files"]
+            for f in _list(data["files"], "files")
         )
         listed = {f.path for f in files}
         if len(listed) != len(files):
@@ -137,13 +140,16 @@ class Manifest:
             TensorEntry(
                 name=_str(t["name"]),
                 dtype=_str(t["dtype"]),
-                shape=tuple(_int(d) for d in t["shape"]),
+                shape=tuple(_int(d) for d in _list(t["shape"], "shape")),
                 file=check_relpath(t["file"], where),
                 offset=None if t["offset"] is None else _int(t["offset"]),
                 nbytes=_int(t["nbytes"]),
             )
-            for t in data["tensors"]
+            for t in _list(data["tensors"], "tensors")
         )
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor is listed twice in the tensor index")
         structure_file = check_relpath(data["structure_file"], where)
         for needed in [structure_file, *(t.file for t in tensors)]:
             if needed not in listed:
@@ -153,21 +159,42 @@ class Manifest:
             format=_str(data["format"]),
             step=_int(data["step"]),
             epoch=None if epoch is None else _int(epoch),
-            metrics={_str(k): _float_in(v) for k, v in dict(data["metrics"]).items()},
-            created_at=float(data["created_at"]),
+            metrics={_str(k): _float_in(v) for k, v in _dict(data["metrics"], "metrics").items()},
+            created_at=_number(data["created_at"], "created_at"),
             files=files,
             tensors=tensors,
             structure_file=structure_file,
-            triggers=tuple(_str(t) for t in data.get("triggers", [])),
-            versions={_str(k): _str(v) for k, v in dict(data.get("versions", {})).items()},
+            triggers=tuple(_str(t) for t in _list(data.get("triggers", []), "triggers")),
+            versions={
+                _str(k): _str(v) for k, v in _dict(data.get("versions", {}), "versions").items()
+            },
             format_version=version,
         )
 
 
 def _int(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        shown = repr(value) if len(repr(value)) < 40 else f"{repr(value)[:40]}..."
+        raise TypeError(f"expected an integer from 0 to 2**63-1, got {shown}")
     return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what} is a {type(value).__name__}, not a list")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} {value!r} is not a number")
+    return float(value)
 
 
 def _str(value: Any) -> str:
@@ -189,4 +216,6 @@ def _float_out(value: float) -> float | str:
 def _float_in(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise TypeError(f"metric value {value!r} is not a number")
+    if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
+        raise ValueError(f"metric value {value!r} is not a number")
     return float(value)

@@ -92,3 +92,19 @@ def read(path: Path, where: str) -> dict[str, torch.Tensor]:
         raise CheckpointCorruptedError(
             f"{where}: {path.name} is not a valid safetensors file ({exc})", path=path.name
         ) from exc
+
+
+def data_offsets(path: Path) -> dict[str, tuple[int | None, int]]:
+    """``{name: (absolute offset of its data, byte count)}`` from a file's header.
+
+    Call after :func:`read` succeeded: the header is then known to be valid.
+    """
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {
+        name: (base + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }

@@ -38,3 +38,8 @@ def read(path: Path, where: str) -> dict[str, torch.Tensor]:
             f"{where}: {path.name} does not hold a flat dict of tensors", path=path.name
         )
     return data
+
+
+def data_offsets(path: Path) -> dict[str, tuple[int | None, int]]:
+    """Offsets are not meaningful in a zip archive: the manifest records none."""
+    return {}
