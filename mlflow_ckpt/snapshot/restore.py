@@ -11,14 +11,19 @@ and optimizer are still untouched.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError
 from mlflow_ckpt.snapshot.tree import (
+    NP_GENERATOR,
+    NP_RANDOM_STATE,
+    PY_RANDOM,
     STATE_DICT,
     TORCH_GENERATOR,
     StatefulValue,
@@ -156,10 +161,30 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         current = target.get_state()
         if not isinstance(saved, torch.Tensor) or saved.shape != current.shape:
             plan.mismatched.append(f"{path} (generator state of another kind)")
+            return
+    elif kind in (PY_RANDOM, NP_GENERATOR, NP_RANDOM_STATE):
+        problem = _try_on_scratch(kind, saved)
+        if problem:
+            plan.mismatched.append(f"{path} ({kind} state cannot be applied: {problem})")
+            return
     elif kind == STATE_DICT:
         plan.unchecked.append((path, lambda: apply_stateful(target, kind, saved)))
         return
     plan.checked.append(lambda: apply_stateful(target, kind, saved))
+
+
+def _try_on_scratch(kind: str, saved: Any) -> str | None:
+    """Apply a saved random state to a private generator; return the error, if any."""
+    scratch: Any = {
+        PY_RANDOM: random.Random,
+        NP_GENERATOR: np.random.default_rng,
+        NP_RANDOM_STATE: np.random.RandomState,
+    }[kind]()
+    try:
+        apply_stateful(scratch, kind, saved)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -> None:
@@ -172,6 +197,14 @@ def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -
     for key, tensor in current.items():
         other = saved.get(key)
         if (
+            isinstance(tensor, torch.Tensor)
+            and key in saved
+            and not isinstance(other, torch.Tensor)
+        ):
+            plan.mismatched.append(
+                f"{path}.{key} (checkpoint holds {type(other).__name__}, not a tensor)"
+            )
+        elif (
             isinstance(tensor, torch.Tensor)
             and isinstance(other, torch.Tensor)
             and other.shape != tensor.shape
@@ -187,15 +220,32 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _P
     if not isinstance(groups, list) or not isinstance(state, Mapping):
         plan.mismatched.append(f"{path} (checkpoint entry is not an optimizer state_dict)")
         return
+    if not all(
+        isinstance(g, Mapping)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+        for g in groups
+    ):
+        plan.mismatched.append(f"{path} (parameter groups without a list of parameter indices)")
+        return
     sizes = [len(g["params"]) for g in opt.param_groups]
-    saved_sizes = [len(g.get("params", [])) for g in groups if isinstance(g, Mapping)]
+    saved_sizes = [len(g["params"]) for g in groups]
     if sizes != saved_sizes:
         plan.mismatched.append(
             f"{path} (parameter groups of sizes {saved_sizes} in the checkpoint, {sizes} here)"
         )
         return
+    for number, (group, saved_group) in enumerate(zip(opt.param_groups, groups, strict=True)):
+        for key, value in group.items():
+            if key != "params" and key in saved_group:
+                problem = _hyper_mismatch(value, saved_group[key])
+                if problem:
+                    plan.mismatched.append(f"{path}/param_groups/{number}/{key} ({problem})")
     params = [p for g in opt.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
+    if len(set(ids)) != len(ids):
+        plan.mismatched.append(f"{path} (a parameter index appears twice in the checkpoint)")
+        return
     shape_of = dict(zip(ids, (p.shape for p in params), strict=True))
     for index, entry in state.items():
         if index not in shape_of or not isinstance(entry, Mapping):
@@ -203,8 +253,49 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _P
             continue
         for key, tensor in entry.items():
             shape = shape_of[index]
-            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != shape:
+            if not _is_number(tensor) and not isinstance(tensor, torch.Tensor):
+                plan.mismatched.append(
+                    f"{path}/state/{index}/{key} (checkpoint holds {type(tensor).__name__}, "
+                    "not a tensor or number)"
+                )
+            elif key == "step" and isinstance(tensor, torch.Tensor) and tensor.numel() != 1:
+                plan.mismatched.append(
+                    f"{path}/state/{index}/step (a tensor of shape {list(tensor.shape)}, "
+                    "not a scalar)"
+                )
+            elif isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != shape:
                 plan.mismatched.append(
                     f"{path}/state/{index}/{key} (checkpoint {list(tensor.shape)}, "
                     f"parameter {list(shape)})"
                 )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _hyper_mismatch(current: Any, saved: Any) -> str | None:
+    """Why a saved hyper-parameter cannot replace the optimizer's current one (or None).
+
+    Types must agree: a number for a number (a one-element tensor will do), a flag for a
+    flag, a pair of numbers for ``betas``. ``None`` (``foreach=None``...) accepts anything.
+    """
+    if current is None:
+        return None
+    if isinstance(current, bool):
+        ok = isinstance(saved, bool)
+    elif _is_number(current) or isinstance(current, torch.Tensor):
+        ok = _is_number(saved) or (isinstance(saved, torch.Tensor) and saved.numel() == 1)
+    elif isinstance(current, list | tuple):
+        ok = (
+            isinstance(saved, list | tuple)
+            and len(saved) == len(current)
+            and all(_hyper_mismatch(c, v) is None for c, v in zip(current, saved, strict=True))
+        )
+    elif isinstance(current, str):
+        ok = isinstance(saved, str)
+    else:
+        return None
+    if ok:
+        return None
+    return f"checkpoint holds {saved!r:.40}, the optimizer has {current!r:.40}"

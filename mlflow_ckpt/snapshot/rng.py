@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlflow_ckpt.errors import CheckpointCorruptedError
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +31,36 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def check_rng(states: Any, where: str) -> None:
+    """Refuse saved RNG states that cannot be applied, before anything is restored.
+
+    Each state is tried on a private generator of the same kind, so the global streams
+    stay untouched and a bad checkpoint fails before the model is written to.
+    """
+    if not isinstance(states, dict):
+        raise CheckpointCorruptedError(f"{where}: the saved RNG states are not an object")
+    checks: dict[str, Any] = {
+        "python": lambda v: random.Random().setstate(v),
+        "numpy": lambda v: np.random.RandomState().set_state(v),
+        "torch": lambda v: torch.Generator().set_state(v),
+    }
+    for key, check in checks.items():
+        try:
+            check(states[key])
+        except Exception as exc:
+            raise CheckpointCorruptedError(
+                f"{where}: the saved {key} random state (_rng/{key}) cannot be restored "
+                f"({type(exc).__name__}: {exc})",
+                path=f"_rng/{key}",
+            ) from exc
+    cuda = states.get("cuda")
+    if cuda is not None and (
+        not isinstance(cuda, list)
+        or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
+        raise CheckpointCorruptedError(f"{where}: the saved CUDA random states are malformed")
 
 
 def restore_rng(states: dict[str, Any]) -> None:

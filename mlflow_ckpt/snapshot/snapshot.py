@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from mlflow_ckpt.codec import STRUCTURE_FILE
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.snapshot.restore import restore_into
-from mlflow_ckpt.snapshot.rng import capture_rng, restore_rng
+from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
 
 DOCUMENT_VERSION = 1
@@ -109,10 +110,25 @@ def decode_document(
     """Decode a snapshot document read back from a checkpoint."""
     version = document.get("version")
     if version != DOCUMENT_VERSION or not isinstance(document.get("state"), dict):
-        raise CheckpointCorruptedError(f"{where}: state structure of unknown version {version!r}")
-    state = {name: decode(node, tensors, name) for name, node in document["state"].items()}
-    rng = decode(document["rng"], tensors, RNG_PATH) if "rng" in document else None
-    progress = decode(document.get("progress", {}), tensors, "_progress")
+        raise CheckpointCorruptedError(
+            f"{where}: state structure of unknown version {version!r} (or without a state object)",
+            path=STRUCTURE_FILE,
+        )
+    try:
+        state = {name: decode(node, tensors, name) for name, node in document["state"].items()}
+        rng = decode(document["rng"], tensors, RNG_PATH) if "rng" in document else None
+        progress = decode(document.get("progress", {}), tensors, "_progress")
+    except CheckpointCorruptedError as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {STRUCTURE_FILE}: {exc}", path=STRUCTURE_FILE
+        ) from exc
+    except RecursionError as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {STRUCTURE_FILE} is nested too deeply to be a saved state",
+            path=STRUCTURE_FILE,
+        ) from exc
+    if rng is not None:
+        check_rng(rng, where)
     return DecodedState(state, rng, progress if isinstance(progress, dict) else {})
 
 

@@ -194,8 +194,17 @@ def _encode_mapping(obj: Mapping[Any, Any], path: str, sink: TensorSink) -> Json
     return node
 
 
+KINDS = (STATE_DICT, TORCH_GENERATOR, PY_RANDOM, NP_GENERATOR, NP_RANDOM_STATE)
+_NPSCALAR_KINDS = "biufc"  # bool, integers, floats, complex: scalars without pickle
+
+
 def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> Any:
-    """Rebuild what :func:`encode` wrote. Stateful objects come back as :class:`StatefulValue`."""
+    """Rebuild what :func:`encode` wrote. Stateful objects come back as :class:`StatefulValue`.
+
+    Anything :func:`encode` cannot have written (unknown tags, payloads of the wrong type,
+    references to tensors that are not there) raises :class:`CheckpointCorruptedError`
+    naming the path in the state.
+    """
     if node is None or isinstance(node, bool | str | int | float):
         return node
     if isinstance(node, list):
@@ -204,44 +213,76 @@ def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> A
         raise _bad(path, f"unexpected JSON value {node!r}")
     if len(node) == 1 or "__items__" in node or "__stateful__" in node:
         tag = next(iter(node)) if len(node) == 1 else None
-        if tag == "__tensor__" or tag == "__ndarray__":
-            name = node[tag]
-            if not isinstance(name, str) or name not in tensors:
-                raise _bad(path, f"references tensor {name!r}, which is not in the tensor files")
-            return tensors[name].numpy() if tag == "__ndarray__" else tensors[name]
-        if tag == "__float__":
-            return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
-        if tag == "__tuple__":
-            return tuple(decode(_list(path, node[tag]), tensors, path))
-        if tag == "__set__":
-            return set(decode(_list(path, node[tag]), tensors, path))
-        if tag == "__bytes__":
-            return base64.b64decode(_checked(path, str, node[tag]), validate=True)
-        if tag == "__dtype__":
-            dtype = getattr(torch, _checked(path, str, node[tag]), None)
-            if not isinstance(dtype, torch.dtype):
-                raise _bad(path, f"unknown dtype {node[tag]!r}")
-            return dtype
-        if tag == "__device__":
-            return torch.device(_checked(path, str, node[tag]))
-        if tag == "__npscalar__":
-            dtype, value = _list(path, node[tag])
-            return np.dtype(_checked(path, str, dtype)).type(decode(value, tensors, path))
-        if "__items__" in node:
-            return _decode_items(node, tensors, path)
-        if "__stateful__" in node:
-            kind = _checked(path, str, node["__stateful__"])
-            return StatefulValue(kind, decode(node.get("value"), tensors, path))
+        try:
+            return _decode_tagged(node, tag, tensors, path)
+        except CheckpointCorruptedError:
+            raise
+        except (ValueError, TypeError, RuntimeError, LookupError) as exc:
+            raise _bad(
+                path, f"invalid {tag or 'tagged'} value ({type(exc).__name__}: {exc})"
+            ) from exc
+        except _Untagged:
+            pass
     if any(k.startswith("__") for k in node):
         raise _bad(path, f"unknown tagged object with keys {sorted(node)[:5]}")
     return {k: decode(v, tensors, f"{path}/{k}") for k, v in node.items()}
+
+
+class _Untagged(Exception):
+    """A one-key object whose key is not a tag: decoded as a plain dict."""
+
+
+def _decode_tagged(
+    node: dict[str, Json], tag: str | None, tensors: Mapping[str, torch.Tensor], path: str
+) -> Any:
+    if tag == "__tensor__" or tag == "__ndarray__":
+        name = node[tag]
+        if not isinstance(name, str) or name not in tensors:
+            raise _bad(path, f"references tensor {name!r}, which is not in the tensor files")
+        return tensors[name].numpy() if tag == "__ndarray__" else tensors[name]
+    if tag == "__float__":
+        return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
+    if tag == "__tuple__":
+        return tuple(decode(_list(path, node[tag]), tensors, path))
+    if tag == "__set__":
+        return set(decode(_list(path, node[tag]), tensors, path))
+    if tag == "__bytes__":
+        return base64.b64decode(_checked(path, str, node[tag]), validate=True)
+    if tag == "__dtype__":
+        dtype = getattr(torch, _checked(path, str, node[tag]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise _bad(path, f"unknown dtype {node[tag]!r}")
+        return dtype
+    if tag == "__device__":
+        return torch.device(_checked(path, str, node[tag]))
+    if tag == "__npscalar__":
+        pair = _list(path, node[tag])
+        if len(pair) != 2:
+            raise _bad(path, "__npscalar__ holds a [dtype, value] pair")
+        dtype = np.dtype(_checked(path, str, pair[0]))
+        if dtype.kind not in _NPSCALAR_KINDS:
+            raise _bad(path, f"NumPy scalar of dtype {dtype} is not allowed")
+        value = decode(pair[1], tensors, path)
+        if isinstance(value, str):  # NumPy would parse strings; encode never writes one
+            raise _bad(path, f"NumPy scalar value {value!r} is not a number")
+        return dtype.type(value)
+    if "__items__" in node:
+        return _decode_items(node, tensors, path)
+    if "__stateful__" in node:
+        kind = node["__stateful__"]
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise _bad(path, f"unknown stateful kind {kind!r}; known: {', '.join(KINDS)}")
+        return StatefulValue(kind, decode(node.get("value"), tensors, path))
+    raise _Untagged
 
 
 def _decode_items(node: dict[str, Json], tensors: Mapping[str, torch.Tensor], path: str) -> Any:
     pairs = _list(path, node["__items__"])
     out: dict[Any, Any] = collections.OrderedDict() if node.get("__ordered__") else {}
     for pair in pairs:
-        key, value = _list(path, pair)
+        if len(_list(path, pair)) != 2:
+            raise _bad(path, "__items__ holds [key, value] pairs")
+        key, value = pair
         key = decode(key, tensors, path)
         out[key] = decode(value, tensors, f"{path}/{key}")
     if "__metadata__" in node:
