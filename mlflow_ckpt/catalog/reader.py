@@ -17,8 +17,8 @@ from mlflow_ckpt import flavor
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.runs import get_logged_model, is_not_found
-from mlflow_ckpt.codec import FileEntry, check_file, read_manifest
-from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
+from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
+from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.snapshot import LoadedFolder, plain_state, read_folder, restore
 from mlflow_ckpt.storage import open_store
 
@@ -119,6 +119,8 @@ def verify_checkpoint(
             ]
         except CheckpointCorruptedError as exc:
             return [exc]
+        except CheckpointError as exc:  # a newer format: it cannot be checked, so it fails
+            return [_as_problem(exc, MANIFEST_NAME)]
         for entry in manifest.files:
             try:
                 local = check_file(store, entry, Path(scratch), where)
@@ -134,7 +136,16 @@ def verify_checkpoint(
                 read_checkpoint(model)  # parse headers and structure too
             except CheckpointCorruptedError as exc:
                 problems.append(exc)
+            except CheckpointError as exc:
+                problems.append(_as_problem(exc, MANIFEST_NAME))
     return problems
+
+
+def _as_problem(exc: CheckpointError, path: str) -> CheckpointCorruptedError:
+    """Report an error that is not corruption (a newer format...) in the verify list."""
+    problem = CheckpointCorruptedError(str(exc), path=path)
+    problem.__cause__ = exc
+    return problem
 
 
 def load(
