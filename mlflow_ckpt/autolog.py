@@ -169,6 +169,9 @@ class PlainLoopCheckpointer:
         self._pending: int | None = None  # finished step not yet given to the manager
         self._metrics: dict[str, float] = {}
         self._hooks: list[Any] = []
+        # Metrics the loop logs after a step get this timestamp, and so do their links to
+        # the step's checkpoint: MLflow then keeps one history entry for both.
+        self.timestamp_ms: int | None = None
         if resume is not None:
             self._started_run = mlflow.active_run() is None
             self.manager = CheckpointManager.resume(resume, self.state, **self.manager_kwargs)
@@ -189,6 +192,7 @@ class PlainLoopCheckpointer:
         self._pending = self._steps_done
         self._steps_done += 1
         self._metrics = {}
+        self.timestamp_ms = int(time.time() * 1000)
 
     def observe(self, metrics: Mapping[str, Any]) -> None:
         """Called with what the loop logs through ``mlflow.log_metric(s)``."""
@@ -205,7 +209,7 @@ class PlainLoopCheckpointer:
         if self.manager is None:
             self.run_id, self._started_run = start_run_if_needed()
             self.manager = CheckpointManager(self.state, run_id=self.run_id, **self.manager_kwargs)
-        self.manager.step(pending, metrics=self._metrics)
+        self.manager.step(pending, metrics=self._metrics, timestamp_ms=self.timestamp_ms)
         self._metrics = {}
 
     def close(self) -> None:
@@ -222,12 +226,24 @@ class PlainLoopCheckpointer:
             self._started_run = False
 
 
+def _stamp(kwargs: dict[str, Any]) -> None:
+    """Give a metric logged to the active run after a step that step's timestamp."""
+    if kwargs.get("timestamp") is not None or kwargs.get("run_id") is not None:
+        return
+    for session in _SESSIONS:
+        if session._pending is not None and session.timestamp_ms is not None:
+            kwargs["timestamp"] = session.timestamp_ms
+            return
+
+
 def _patch_mlflow_metrics() -> None:
     """Observe ``mlflow.log_metric``/``log_metrics`` (the loop's own logging stays as it is)."""
 
     def make_one(original: Any, record: _Patch) -> Any:
         @functools.wraps(original)
         def log_metric(key: str, value: float, *args: Any, **kwargs: Any) -> Any:
+            if record.active and len(args) < 3:
+                _stamp(kwargs)
             result = original(key, value, *args, **kwargs)
             if record.active:
                 for session in list(_SESSIONS):
@@ -239,6 +255,8 @@ def _patch_mlflow_metrics() -> None:
     def make_many(original: Any, record: _Patch) -> Any:
         @functools.wraps(original)
         def log_metrics(metrics: dict[str, float], *args: Any, **kwargs: Any) -> Any:
+            if record.active and len(args) < 4:
+                _stamp(kwargs)
             result = original(metrics, *args, **kwargs)
             if record.active:
                 for session in list(_SESSIONS):
