@@ -6,6 +6,7 @@ and is found again by MLflow queries. See the README for a tour.
 """
 
 from mlflow_ckpt._version import __version__
+from mlflow_ckpt.autolog import autolog, resume_path
 from mlflow_ckpt.catalog import (
     Checkpoint,
     best_checkpoint,
@@ -39,6 +40,7 @@ __all__ = [
     "StateMismatchError",
     "StateSerializationError",
     "__version__",
+    "autolog",
     "best_checkpoint",
     "export_onnx",
     "latest_checkpoint",
@@ -47,4 +49,5 @@ __all__ = [
     "load_model",
     "load_training_state",
     "promote",
+    "resume_path",
 ]
