@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from typing import Any
 import click
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import (
     Checkpoint,
@@ -30,7 +32,10 @@ from mlflow_ckpt.catalog import (
     resolve,
 )
 from mlflow_ckpt.catalog.reader import describe, read_checkpoint, verify_checkpoint
+from mlflow_ckpt.catalog.recovery import recover_run, sweep_failed
+from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.manager.lease import live_lease
 from mlflow_ckpt.manager.retention import apply_retention, build_policy
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -198,6 +203,11 @@ def verify(target: str, progress: bool) -> None:
 @click.option("--metric", help="Metric for --keep-best (value at each checkpoint's step).")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Clean up interrupted saves even while another process holds the run's writer lease.",
+)
 def gc(
     run_id: str,
     keep_last: int | None,
@@ -206,10 +216,13 @@ def gc(
     metric: str | None,
     mode: str,
     dry_run: bool,
+    force: bool,
 ) -> None:
-    """Delete checkpoints of RUN_ID that no --keep-* rule keeps.
+    """Clean up RUN_ID: interrupted saves, then checkpoints no --keep-* rule keeps.
 
-    The newest checkpoint and checkpoints used by registered model versions are always kept.
+    Saves cut short by a crash are adopted when complete and marked FAILED otherwise, and
+    their leftover files removed, unless a live writer holds the run. The newest checkpoint
+    and checkpoints used by registered model versions are always kept.
     """
     try:
         policy = build_policy(
@@ -221,11 +234,12 @@ def gc(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc).replace("monitor=", "--metric")) from exc
-    if policy is None:
-        raise click.UsageError("give at least one of --keep-last, --keep-best, --keep-every")
     client = MlflowClient()
     with _errors():
-        list_checkpoints(run_id, client=client)  # clear error for an unknown run
+        run = get_run(client, run_id)
+        _clean_interrupted(client, run, force=force, dry_run=dry_run)
+        if policy is None:
+            return
         result = apply_retention(client, run_id, policy, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for ckpt in result.deleted:
@@ -233,6 +247,23 @@ def gc(
     for ckpt in result.protected:
         click.echo(f"{'registered':>12} step {ckpt.step:<8} {ckpt.uri} (kept)")
     click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
+
+
+def _clean_interrupted(client: MlflowClient, run: Run, *, force: bool, dry_run: bool) -> None:
+    writer = live_lease(client, run.info.run_id)
+    if writer is not None and not force:
+        click.echo(
+            f"run {run.info.run_id} is being written by {writer.describe(time.time())}: "
+            "its in-flight saves are left alone (--force cleans them up anyway)"
+        )
+        return
+    if dry_run:
+        return
+    adopted = recover_run(client, run)
+    swept = sweep_failed(client, run)
+    click.echo(
+        f"interrupted saves: {len(adopted)} adopted, files of {len(swept)} failed save(s) removed"
+    )
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import mlflow
 import pytest
 
 from tests import servers
+from tests.faultproxy import FaultProxy, fault_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "ckpt"
@@ -105,6 +107,24 @@ def proxy_server(
         servers.start_mlflow_proxy(workdir, f"s3://{BUCKET}/proxied", env)
     ) as server:
         yield server
+
+
+@pytest.fixture
+def s3_via_proxy(
+    tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """An experiment on S3 whose every request goes through a fault-injecting proxy."""
+    with fault_proxy(s3_server.port) as proxy:
+        for key, value in s3_env(proxy.url).items():
+            monkeypatch.setenv(key, value)
+        # no SDK-level retries: what is retried below is retried by mlflow_ckpt
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+        exp = mlflow.create_experiment(
+            f"faults-{time.time_ns()}", artifact_location=f"s3://{BUCKET}/faults-{time.time_ns()}"
+        )
+        mlflow.set_experiment(experiment_id=exp)
+        yield proxy
 
 
 # ---------------------------------------------------------------- one store per test

@@ -6,6 +6,11 @@ Modes, applied to the first ``count`` connections (later ones pass through):
 * ``503``   - answer ``HTTP/1.1 503 Service Unavailable`` without contacting the server;
 * ``403``   - answer ``HTTP/1.1 403 Forbidden`` (a permanent error, never retried);
 * ``stall`` - accept and never answer (the client's timeout must fire).
+
+``down()`` takes the endpoint off the network: the listening socket closes (new connections
+are refused) and every open connection is cut, as when a server dies. ``down_after(n)`` does
+that once ``n`` bytes went upstream, i.e. in the middle of an upload; ``up()`` listens again on
+the same port.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _RESPONSES = {
     "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -33,24 +38,61 @@ class FaultProxy:
         self.faulted = 0
         self.connections = 0
         self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0
+        self._open: list[socket.socket] = []
+        self.upstream_bytes = 0
+        self._down_after: int | None = None
         self._stalled: list[socket.socket] = []
         self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True).start()
+        self.up()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        """Listen (again, on the same port after :meth:`down`)."""
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.is_down = False
+        threading.Thread(target=self._accept_loop, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and cut every open one."""
+        with self._lock:
+            self.is_down = True
+            self._down_after = None
+            listener, opened, self._open = self._listener, self._open, []
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        with contextlib.suppress(OSError):
+            listener.close()
+        for s in opened:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def down_after(self, nbytes: int) -> None:
+        """Go :meth:`down` once ``nbytes`` more bytes were sent upstream."""
+        with self._lock:
+            self._down_after = self.upstream_bytes + nbytes
+
+    def _sent_upstream(self, n: int) -> None:
+        with self._lock:
+            self.upstream_bytes += n
+            trip = self._down_after is not None and self.upstream_bytes >= self._down_after
+        if trip:
+            self.down()
 
     def set(self, mode: str, count: int) -> None:
         with self._lock:
             self.mode, self.remaining = mode, count
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             with self._lock:
@@ -83,8 +125,12 @@ class FaultProxy:
         except OSError:
             client.close()
             return
-        for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
+        with self._lock:
+            self._open += [client, upstream]
+        threading.Thread(
+            target=_pipe, args=(client, upstream, self._sent_upstream), daemon=True
+        ).start()
+        threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
 
     def close(self) -> None:
         self._closed = True
@@ -95,10 +141,14 @@ class FaultProxy:
                 s.close()
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def _pipe(
+    src: socket.socket, dst: socket.socket, count: Callable[[int], None] | None = None
+) -> None:
     try:
         while data := src.recv(1 << 16):
             dst.sendall(data)
+            if count is not None:
+                count(len(data))
     except OSError:
         pass
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -192,7 +193,15 @@ def test_newer_format_version_and_unsafe_paths_are_refused(tracking: str) -> Non
     ckpt = mlflow_ckpt.latest_checkpoint(run_id)
     path = Path(ckpt.artifact_location) / "manifest.json"
     original = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(original, format_version=99)))
+
+    def write(manifest: dict) -> None:  # as its writer would: the catalog records the digest
+        data = json.dumps(manifest).encode()
+        path.write_bytes(data)
+        MlflowClient().set_logged_model_tags(
+            ckpt.model_id, {"mlflow_ckpt.manifest_sha256": hashlib.sha256(data).hexdigest()}
+        )
+
+    write(dict(original, format_version=99))
     with pytest.raises(mlflow_ckpt.CheckpointError, match="upgrade mlflow_ckpt"):
         mlflow_ckpt.load(ckpt, {"model": net()})
     evil = dict(original)
@@ -200,7 +209,7 @@ def test_newer_format_version_and_unsafe_paths_are_refused(tracking: str) -> Non
         dict(f, path="../../../etc/passwd") if f["path"] == "MLmodel" else f
         for f in original["files"]
     ]
-    path.write_text(json.dumps(evil))
+    write(evil)
     with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match="not a plain relative path"):
         mlflow_ckpt.load(ckpt, {"model": net()})
 

@@ -99,8 +99,8 @@ def resign(
     edit: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> None:
     """Write tampered ``files``, then forge the manifest: every listed file's size and
-    SHA-256 recomputed so that hash verification passes. ``edit`` changes the manifest
-    further (after re-hashing)."""
+    SHA-256 recomputed so that hash verification passes, and the manifest digest tag on
+    the LoggedModel updated. ``edit`` changes the manifest further (after re-hashing)."""
     for name, data in (files or {}).items():
         (ckpt_folder / name).write_bytes(data)
     manifest = read_manifest(ckpt_folder)
@@ -112,7 +112,16 @@ def resign(
             entry["sha256"] = hashlib.sha256(data).hexdigest()
     if edit is not None:
         manifest = edit(manifest) or manifest
-    (ckpt_folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    put_manifest(ckpt_folder, json.dumps(manifest, indent=1).encode())
+
+
+def put_manifest(ckpt_folder: Path, data: bytes) -> None:
+    """Write ``manifest.json`` and forge the digest the catalog recorded for it at commit:
+    the attacker can write to the tracking store too, so only the parsers stand in the way."""
+    (ckpt_folder / "manifest.json").write_bytes(data)
+    MlflowClient().set_logged_model_tags(
+        ckpt_folder.parent.name, {"mlflow_ckpt.manifest_sha256": hashlib.sha256(data).hexdigest()}
+    )
 
 
 def shard_of(ckpt_folder: Path) -> Path:
@@ -449,7 +458,7 @@ def test_manifest_tensor_index_must_agree_with_the_file(tracking: str) -> None:
         assert ckpt.model_id in message, attack
         assert shard_of(ckpt_folder).name in message or "manifest.json" in message, attack
         assert_untouched(model, before)
-        (ckpt_folder / "manifest.json").write_bytes(pristine)
+        put_manifest(ckpt_folder, pristine)
     mlflow_ckpt.load(ckpt, {"model": model})  # the pristine manifest still loads
 
 
@@ -535,7 +544,7 @@ def test_manifest_paths_outside_the_folder_are_refused_before_any_access(
             if p.startswith(str(ckpt_folder.resolve())) and not p.endswith("manifest.json")
         ], attack
         assert_untouched(model, before)
-        (ckpt_folder / "manifest.json").write_bytes(pristine)
+        put_manifest(ckpt_folder, pristine)
 
 
 @pytest.mark.parametrize("target", ["state.json", "shard", "dir"])
@@ -646,7 +655,7 @@ def test_manifest_with_wrong_types_is_refused(tracking: str) -> None:
             mlflow_ckpt.load(ckpt, {"model": model})
         assert ckpt.model_id in str(info.value), attack
         assert_untouched(model, before)
-        (ckpt_folder / "manifest.json").write_bytes(pristine)
+        put_manifest(ckpt_folder, pristine)
 
 
 NOT_JSON = {
@@ -662,7 +671,7 @@ NOT_JSON = {
 def test_manifest_that_is_not_sane_json_is_refused(tracking: str) -> None:
     _, (ckpt,) = save_run()
     for attack, raw in NOT_JSON.items():
-        (folder(ckpt) / "manifest.json").write_bytes(raw)
+        put_manifest(folder(ckpt), raw)
         with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match=r"manifest\.json"):
             mlflow_ckpt.load(ckpt, {"model": fresh_model()})
         code, out = cli("show", ckpt.uri)

@@ -18,25 +18,8 @@ import mlflow_ckpt
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig, open_store
 from tests import servers
 from tests.conftest import BUCKET, make_store, s3_env
-from tests.faultproxy import fault_proxy
 
 FAST_RETRY = RetryPolicy(attempts=6, base=0.05, cap=0.2)
-
-
-@pytest.fixture
-def s3_via_proxy(tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch):
-    """An experiment on S3 whose every request goes through a fault-injecting proxy."""
-    with fault_proxy(s3_server.port) as proxy:
-        for key, value in s3_env(proxy.url).items():
-            monkeypatch.setenv(key, value)
-        # no SDK-level retries: what is retried below is retried by mlflow_ckpt
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
-        exp = mlflow.create_experiment(
-            f"faults-{time.time_ns()}", artifact_location=f"s3://{BUCKET}/faults-{time.time_ns()}"
-        )
-        mlflow.set_experiment(experiment_id=exp)
-        yield proxy
 
 
 def save_once(transfer: TransferConfig, *, size: int = 1000) -> mlflow_ckpt.Checkpoint | None:

@@ -34,8 +34,12 @@ def create_pending(
     epoch: int | None,
     triggers: Sequence[str],
     format: str,
+    writer: str = "",
 ) -> LoggedModel:
-    """Create the (still invisible) LoggedModel a save will write into."""
+    """Create the (still invisible) LoggedModel a save will write into.
+
+    ``writer`` (the writer lease's ID) tells, after the fact, which process wrote it.
+    """
     return client.create_logged_model(
         experiment_id=experiment_id,
         name=f"checkpoint-step-{step}",
@@ -48,6 +52,7 @@ def create_pending(
             tags.FORMAT: format,
             tags.FORMAT_VERSION: str(FORMAT_VERSION),
             tags.STATUS: tags.PENDING,
+            tags.WRITER: writer,
         },
     )
 
@@ -81,6 +86,7 @@ def commit(
     metrics: Mapping[str, float],
     timestamp_ms: int,
     size_bytes: int,
+    manifest_sha256: str,
     link_run: bool = True,
 ) -> LoggedModel:
     """Make a fully written checkpoint visible: link metrics and run, then tag it committed.
@@ -99,7 +105,12 @@ def commit(
     if link_run:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     client.set_logged_model_tags(
-        model.model_id, {tags.SIZE_BYTES: str(size_bytes), tags.STATUS: tags.COMMITTED}
+        model.model_id,
+        {
+            tags.SIZE_BYTES: str(size_bytes),
+            tags.MANIFEST_SHA256: manifest_sha256,
+            tags.STATUS: tags.COMMITTED,
+        },
     )
     return client.finalize_logged_model(model.model_id, "READY")
 

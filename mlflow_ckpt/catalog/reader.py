@@ -18,6 +18,7 @@ from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.runs import get_logged_model, is_not_found
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
+from mlflow_ckpt.codec.hashing import sha256_file
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.snapshot import LoadedFolder, plain_state, read_folder, restore
 from mlflow_ckpt.storage import open_store
@@ -92,12 +93,21 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
         tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch,
     ):
         try:
-            return read_folder(store, Path(scratch), where)
+            return read_folder(store, Path(scratch), where, model.tags.get(tags.MANIFEST_SHA256))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
                 "never committed or its files were deleted."
             ) from exc
+
+
+def manifest_digest(model: LoggedModel) -> str:
+    """SHA-256 of a checkpoint's stored ``manifest.json`` bytes (recorded when committing)."""
+    with (
+        open_store(model.artifact_location) as store,
+        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-manifest-") as scratch,
+    ):
+        return sha256_file(store.fetch(MANIFEST_NAME, Path(scratch)))[0]
 
 
 def verify_checkpoint(
@@ -112,7 +122,9 @@ def verify_checkpoint(
     problems: list[CheckpointCorruptedError] = []
     with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
         try:
-            manifest = read_manifest(store, Path(scratch), where)
+            manifest = read_manifest(
+                store, Path(scratch), where, model.tags.get(tags.MANIFEST_SHA256)
+            )
         except FileNotFoundError:
             return [
                 CheckpointCorruptedError(f"{where}: manifest.json is missing", path="manifest.json")

@@ -23,7 +23,7 @@ from mlflow.entities import LoggedModel, Run
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.deletion import delete_checkpoint, remove_files
 from mlflow_ckpt.catalog.queries import search_models
-from mlflow_ckpt.catalog.reader import describe, read_checkpoint
+from mlflow_ckpt.catalog.reader import describe, manifest_digest, read_checkpoint
 from mlflow_ckpt.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
             metrics=missing,
             timestamp_ms=int(manifest.created_at * 1000),
             size_bytes=manifest.size_bytes,
+            manifest_sha256=manifest_digest(model),
             link_run=model.model_id not in linked,
         )
         logger.info("Recovered interrupted save %s", describe(model))

@@ -12,10 +12,13 @@ STATUS = "mlflow_ckpt.status"
 FORMAT = "mlflow_ckpt.format"
 SIZE_BYTES = "mlflow_ckpt.size_bytes"
 FORMAT_VERSION = "mlflow_ckpt.format_version"
+MANIFEST_SHA256 = "mlflow_ckpt.manifest_sha256"
 RUN_RESUMES = "mlflow_ckpt.resumes"
 RUN_RESUMED_FROM = "mlflow_ckpt.resumed_from"
 # The writer lease on a run: JSON naming the process that may write its checkpoints.
 RUN_WRITER = "mlflow_ckpt.writer"
+# On a checkpoint: the lease owner (writer ID) of the process that wrote it.
+WRITER = "mlflow_ckpt.writer"
 
 PENDING = "pending"
 COMMITTED = "committed"

@@ -13,6 +13,7 @@ that the tensor files hold exactly the tensors the manifest's index announces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -138,10 +139,26 @@ def write_manifest(store: Store, manifest: Manifest) -> None:
     store.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
 
 
-def read_manifest(store: Store, scratch: Path, where: str) -> Manifest:
-    """Fetch and parse the manifest; ``FileNotFoundError`` if the save never committed."""
+def read_manifest(
+    store: Store, scratch: Path, where: str, expected_sha256: str | None = None
+) -> Manifest:
+    """Fetch and parse the manifest; ``FileNotFoundError`` if the save never committed.
+
+    ``expected_sha256`` is the digest the catalog recorded at commit (when there is one):
+    the manifest vouches for every other file, so nothing vouches for it but the catalog.
+    """
     path = fetch_inside(store, MANIFEST_NAME, scratch, where)
-    return Manifest.from_json(path.read_bytes(), where)
+    data = path.read_bytes()
+    if expected_sha256:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise CheckpointCorruptedError(
+                f"{where}: {MANIFEST_NAME} was modified after the checkpoint was committed "
+                f"(sha256 {actual[:12]}..., recorded {expected_sha256[:12]}...). Its file list "
+                "can no longer be trusted; restore the original or delete the checkpoint.",
+                path=MANIFEST_NAME,
+            )
+    return Manifest.from_json(data, where)
 
 
 def fetch_inside(store: Store, rel_path: str, scratch: Path, where: str) -> Path:

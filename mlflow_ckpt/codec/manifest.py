@@ -8,6 +8,7 @@ unknown format versions, absolute paths and ``..`` are refused before any file i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import posixpath
@@ -92,6 +93,11 @@ class Manifest:
         raise CheckpointCorruptedError(
             f"manifest does not list {path!r}, which the checkpoint needs", path=path
         )
+
+    def digest(self) -> str:
+        """SHA-256 of the manifest's bytes as written: recorded in the catalog at commit, so
+        an edit to the manifest itself (which lists every other file's hash) is caught too."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def to_json(self) -> str:
         data = asdict(self)

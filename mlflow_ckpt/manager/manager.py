@@ -214,6 +214,7 @@ class CheckpointManager:
             ),
             transfer=transfer,
             check_writer=_lease.check,
+            writer_id=_lease.owner,
         )
         self.format = format
         self.async_save = async_save
@@ -256,10 +257,13 @@ class CheckpointManager:
         epoch: int | None = None,
         *,
         end_of_epoch: bool = False,
+        timestamp_ms: int | None = None,
     ) -> bool:
         """Record finished step ``step`` (0-based): log ``metrics``, save if a trigger is due.
 
         Pass ``end_of_epoch=True`` on the last step of an epoch for ``save_every_n_epochs``.
+        ``timestamp_ms`` stamps the metrics (default: now); autolog passes the timestamp of
+        the loop's own ``mlflow.log_metric`` so MLflow keeps one history entry, not two.
         Returns whether a save was started. In async mode it returns once the state is
         copied to host memory.
         """
@@ -273,7 +277,8 @@ class CheckpointManager:
             trigger.observe(info)
         self._flush_metrics()
         self._last_step, self._last_epoch = step, epoch
-        self._pending = _PendingMetrics(step, clean, int(time.time() * 1000))
+        now_ms = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        self._pending = _PendingMetrics(step, clean, now_ms)
         if fired:
             self._save(step, epoch, fired, end_of_epoch=end_of_epoch)
         return bool(fired)
@@ -344,6 +349,11 @@ class CheckpointManager:
             logger.exception("Pending checkpoint work failed while handling another error")
         finally:
             self._shutdown()
+
+    @property
+    def writer_id(self) -> str:
+        """This process's writer-lease ID, also tagged on every checkpoint it writes."""
+        return self._lease.owner
 
     @property
     def best_value(self) -> float | None:

@@ -38,6 +38,7 @@ class WriteTarget:
     transfer: TransferConfig | None = None
     # Raises WriterConflictError when another process has taken the run over.
     check_writer: Callable[[], None] | None = None
+    writer_id: str = ""
 
 
 @dataclass
@@ -83,6 +84,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             epoch=job.epoch,
             triggers=job.triggers,
             format=target.spec.format,
+            writer=target.writer_id,
         )
     except Exception as exc:
         raise CheckpointWriteError(
@@ -130,6 +132,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             metrics=job.metrics,
             timestamp_ms=job.timestamp_ms,
             size_bytes=manifest.size_bytes,
+            manifest_sha256=manifest.digest(),
         )
     except Exception as exc:
         raise CheckpointWriteError(

@@ -18,13 +18,15 @@ class LoadedFolder:
     decoded: DecodedState
 
 
-def read_folder(store: Store, scratch: Path, where: str) -> LoadedFolder:
+def read_folder(
+    store: Store, scratch: Path, where: str, manifest_sha256: str | None = None
+) -> LoadedFolder:
     """Verify every file of the folder against its manifest, then decode the state.
 
     Raises ``FileNotFoundError`` when there is no manifest (the save never committed) and
     :class:`~mlflow_ckpt.CheckpointCorruptedError` naming the first bad file.
     """
-    manifest = read_manifest(store, scratch, where)
+    manifest = read_manifest(store, scratch, where, manifest_sha256)
     local = verify_files(store, manifest, scratch, where)
     document, tensors = read_state(manifest, local, where)
     return LoadedFolder(manifest, decode_document(document, tensors, where))

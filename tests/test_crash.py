@@ -1,0 +1,40 @@
+"""kill -9 at random moments, async and sync: every restart resumes from the newest commit.
+
+``MLFLOW_CKPT_CRASH_TRIALS`` (default 12 per variant, 24 in all) sets the number of kills.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests import crashlib
+
+TRIALS = int(os.environ.get("MLFLOW_CKPT_CRASH_TRIALS", "12"))
+
+
+@pytest.mark.slow
+def test_random_sigkills_lose_nothing(tmp_path: Path, _template_db: Path) -> None:
+    variants = {"async": False, "sync": True}
+    uris = {name: crashlib.prepare(tmp_path / name, _template_db) for name in variants}
+    # Both chains at once: a kill lands while another process also writes (2 cores).
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            name: pool.submit(
+                crashlib.run_chain,
+                tmp_path / name,
+                uris[name],
+                trials=TRIALS,
+                seed=1000 + index,
+                sync=sync,
+            )
+            for index, (name, sync) in enumerate(variants.items())
+        }
+        results = {name: future.result() for name, future in futures.items()}
+    for name, result in results.items():
+        assert result.problems == [], (name, result.problems)
+        assert result.trials == TRIALS and result.survived == TRIALS and result.lost == 0
+        assert result.final_checkpoints >= 1, name
