@@ -18,7 +18,9 @@ are written once and never re-uploaded as pyfunc artifacts.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -97,8 +99,21 @@ def factory_path(factory: Callable[..., Any] | str | None) -> str | None:
 
 
 def import_factory(path: str) -> Callable[..., Any]:
-    """Import ``"pkg.mod:qualname"``."""
+    """Import ``"pkg.mod:qualname"``: a class or Python function of the user's own code.
+
+    The factory is named in ``MLmodel``, i.e. in data: like MLflow's own ``loader_module``, it
+    is trusted code once called. What a forged name can reach is narrowed to what a model
+    factory can be: never the standard library (``os:system``, ``subprocess:run``), never a
+    built-in, always a class or a plain function.
+    """
     module_name, _, qualname = path.partition(":")
+    top = module_name.split(".")[0]
+    if not qualname or top in sys.stdlib_module_names or top == "builtins":
+        raise CheckpointError(
+            f"Refusing model factory {path!r}: a factory is 'package.module:callable' from "
+            "your own code, never from the standard library. The MLmodel file may have been "
+            "tampered with."
+        )
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
@@ -108,8 +123,11 @@ def import_factory(path: str) -> Callable[..., Any]:
             f"Cannot import model factory {path!r} ({exc}); install the package that defines "
             "it or add its folder to sys.path."
         ) from exc
-    if not callable(obj):
-        raise CheckpointError(f"Model factory {path!r} is not callable")
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        raise CheckpointError(
+            f"Refusing model factory {path!r}: it is a {type(obj).__name__}, not a class or a "
+            "Python function."
+        )
     return obj
 
 

@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--sync", action="store_true")
     p.add_argument("--steps", type=int, default=1_000_000)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--extra-steps", type=int, help="stop this many steps after the start")
     args = p.parse_args(argv)
     fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     state = build()
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> None:
     _log(fd, f"writer {manager.writer_id}")
     model, opt, data = state["model"], state["optimizer"], state["data"]
     reported = manager.start_step - 1
-    for step in range(manager.start_step, args.steps):
+    stop = args.steps if args.extra_steps is None else manager.start_step + args.extra_steps
+    for step in range(manager.start_step, stop):
         x = torch.randn(32, 128, generator=data)
         loss = model(x).pow(2).mean()
         opt.zero_grad()

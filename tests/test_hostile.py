@@ -276,24 +276,25 @@ def test_pickle_where_json_or_yaml_is_expected_is_never_unpickled(
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (flavor.import_factory, not owned here): a forged MLmodel names any "
-    "importable callable as model_factory and load_model calls it with forged kwargs",
-)
 def test_forged_model_factory_in_mlmodel_never_runs(tracking: str, tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     _, (ckpt,) = save_run(model_factory=FACTORY)
     ckpt_folder = folder(ckpt)
     mlmodel = (ckpt_folder / "MLmodel").read_text()
-    forged = mlmodel.replace(f"model_factory: {FACTORY}", "model_factory: os:system").replace(
-        "model_kwargs: {}", f"model_kwargs: {{command: 'touch {marker}'}}"
-    )
-    assert forged != mlmodel
-    resign(ckpt_folder, {"MLmodel": forged.encode()})
-    with pytest.raises(mlflow_ckpt.CheckpointError):
-        mlflow_ckpt.load_model(ckpt.uri)
-    assert not marker.exists()
+    attacks = {
+        "os:system": f"{{command: 'touch {marker}'}}",
+        "subprocess:run": f"{{args: [touch, '{marker}']}}",
+        "builtins:exec": f'{{source: \'open("{marker}", "w")\'}}',
+        "pathlib:Path.touch": f"{{self: '{marker}'}}",
+    }
+    for factory, kwargs in attacks.items():
+        forged = mlmodel.replace(f"model_factory: {FACTORY}", f"model_factory: {factory}")
+        forged = forged.replace("model_kwargs: {}", f"model_kwargs: {kwargs}")
+        assert forged != mlmodel
+        resign(ckpt_folder, {"MLmodel": forged.encode()})
+        with pytest.raises(mlflow_ckpt.CheckpointError, match="Refusing model factory"):
+            mlflow_ckpt.load_model(ckpt.uri)
+        assert not marker.exists(), factory
 
 
 # ---------------------------------------------------------------- 2. safetensors parser
