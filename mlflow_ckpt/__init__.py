@@ -3,6 +3,10 @@
 One call in the training loop saves the whole training state as an MLflow LoggedModel
 linked to the run; the same checkpoint resumes the run bit-for-bit, serves through pyfunc,
 and is found again by MLflow queries. See the README for a tour.
+
+The names below are the whole public API (kept under 20 on purpose). Rarer errors
+(``NoActiveRunError``, ``StateSerializationError``, ``WriterConflictError``) live in
+:mod:`mlflow_ckpt.errors`; all derive from :class:`CheckpointError`.
 """
 
 from mlflow_ckpt._version import __version__
@@ -23,9 +27,7 @@ from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
-    NoActiveRunError,
     StateMismatchError,
-    StateSerializationError,
 )
 from mlflow_ckpt.manager import CheckpointManager
 
@@ -36,9 +38,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
-    "NoActiveRunError",
     "StateMismatchError",
-    "StateSerializationError",
     "__version__",
     "autolog",
     "best_checkpoint",

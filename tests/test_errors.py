@@ -32,7 +32,7 @@ def saved_run(
 
 
 def test_no_active_run_and_no_run_id(tracking: str) -> None:
-    with pytest.raises(mlflow_ckpt.NoActiveRunError, match=r"mlflow\.start_run"):
+    with pytest.raises(mlflow_ckpt.errors.NoActiveRunError, match=r"mlflow\.start_run"):
         mlflow_ckpt.CheckpointManager({"model": net()})
 
 
@@ -107,7 +107,7 @@ def test_optimizer_group_mismatch_leaves_model_untouched(tracking: str) -> None:
 
 def test_non_serialisable_object_is_named_and_nothing_is_written(tracking: str) -> None:
     with mlflow.start_run(run_name="bad") as run:
-        with pytest.raises(mlflow_ckpt.StateSerializationError) as info:
+        with pytest.raises(mlflow_ckpt.errors.StateSerializationError) as info:
             mlflow_ckpt.CheckpointManager({"model": net(), "extra": {"callback": print}})
     assert "extra/callback" in str(info.value) and "Stateful" in str(info.value)
     assert "state_dict()" in str(info.value)
