@@ -8,6 +8,13 @@ gives it (reset connections, then refused ones) while the bucket's contents surv
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
 import boto3
 import mlflow
 import pytest
@@ -18,6 +25,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
+from mlflow_ckpt.storage.staging import PREFIX
 from tests import servers
 from tests.conftest import BUCKET, _aws_kwargs
 from tests.faultproxy import FaultProxy
@@ -76,3 +84,26 @@ def test_server_dies_mid_upload_then_comes_back(
     gc = CliRunner().invoke(cli, ["gc", run_id], catch_exceptions=False)
     assert gc.exit_code == 0, gc.output
     assert _keys(s3_server, failed[0].model_id) == []
+
+
+def test_gc_removes_upload_staging_left_by_killed_processes(tracking: str) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        root = Path(tempfile.gettempdir())
+        stale = root / f"{PREFIX}{dead.pid}-test{uuid.uuid4().hex[:6]}"
+        busy = root / f"{PREFIX}{alive.pid}-test{uuid.uuid4().hex[:6]}"
+        for folder in (stale, busy):
+            folder.mkdir()
+            (folder / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+        with mlflow.start_run() as run:
+            pass
+        result = CliRunner().invoke(cli, ["gc", run.info.run_id])
+        assert result.exit_code == 0, result.output
+        assert not stale.exists()  # its process is gone
+        assert busy.exists()  # a save may be staging there right now
+    finally:
+        alive.kill()
+        alive.wait()
+        shutil.rmtree(busy, ignore_errors=True)

@@ -25,6 +25,7 @@ from mlflow_ckpt.catalog.deletion import delete_checkpoint, remove_files
 from mlflow_ckpt.catalog.queries import search_models
 from mlflow_ckpt.catalog.reader import describe, manifest_digest, read_checkpoint
 from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.storage.staging import sweep_stale_staging
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ def _with_status(client: MlflowClient, run: Run, status: str) -> list[LoggedMode
 
 
 def recover_run(client: MlflowClient, run: Run) -> list[str]:
-    """Everything a restart must clean up: adopt or fail pending saves, finish deletions.
+    """Everything a restart must clean up: adopt or fail pending saves, finish deletions,
+    remove the upload staging folders of killed processes.
 
     Returns the IDs of the adopted checkpoints.
     """
     adopted = recover_pending(client, run)
+    sweep_stale_staging()  # upload staging folders of killed processes on this host
     for model in _with_status(client, run, tags.DELETING):
         try:
             delete_checkpoint(client, model.model_id)

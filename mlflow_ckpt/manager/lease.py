@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.errors import WriterConflictError
+from mlflow_ckpt.storage.staging import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ def _host() -> str:
         return f"{socket.gethostname()}/{boot.read_text().strip()[:8]}"
     except OSError:
         return socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,7 @@ class LeaseInfo:
         age = now - self.heartbeat
         if age > self.ttl:
             return f"its last heartbeat was {age:.0f}s ago (expiry {self.ttl:.0f}s)"
-        if self.host == _host() and self.pid != os.getpid() and not _pid_alive(self.pid):
+        if self.host == _host() and self.pid != os.getpid() and not pid_alive(self.pid):
             return f"process {self.pid} on this host no longer exists"
         return None
 

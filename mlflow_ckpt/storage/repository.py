@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.storage.base import Store
 from mlflow_ckpt.storage.retry import with_retries
+from mlflow_ckpt.storage.staging import new_staging_dir
 from mlflow_ckpt.storage.transfer import TransferConfig, explain, redact
 
 
@@ -61,7 +61,7 @@ class RepositoryStore(Store):
     def open_writer(self, rel_path: str) -> Iterator[BinaryIO]:
         directory, name = posixpath.split(rel_path)
         self._slots.acquire()  # bounds the local spool
-        staging = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-upload-"))
+        staging = new_staging_dir()
         handed_over = False
         try:
             local = staging / name
