@@ -1,0 +1,721 @@
+"""Fault-injection benchmark: N trials of each fault the reliability guarantees cover.
+
+Every trial uses a fresh MLflow tracking store (sqlite, copied from one template database)
+and real storage; nothing is mocked. The faults, and what *survived* means for each:
+
+* ``kill9-async`` / ``kill9-sync``: a chain of training processes (``tests.crashlib``), each
+  SIGKILLed at a seeded random moment (during resume, a snapshot, a file write, a commit or
+  a retention deletion) while saving every step, asynchronously or synchronously. Survived:
+  the restart resumes from the newest committed checkpoint. At the end ``mlflow-ckpt gc`` and
+  a last uninterrupted run must leave every listed checkpoint verifying and loading, nothing
+  PENDING and no temporary file (a failure there is reported under the row).
+* ``corrupt-flip-byte``, ``corrupt-truncate``, ``corrupt-delete``: one byte of a tensor
+  shard flipped, a shard truncated, a shard deleted, in the newest of two committed
+  checkpoints. ``corrupt-manifest-edit``: a metric value or the step in ``manifest.json``
+  changed (the digest tag ``mlflow_ckpt.manifest_sha256`` recorded at commit must catch it).
+  ``corrupt-swap-files``: the contents of two files listed in the manifest swapped.
+  Survived: ``mlflow_ckpt.load`` raises ``CheckpointCorruptedError`` and leaves the target
+  untouched, ``verify_checkpoint`` reports it, ``CheckpointManager.resume`` falls back to the
+  older checkpoint (and restores its exact weights), the bad one is tagged
+  ``mlflow_ckpt.status=corrupt`` and is no longer listed.
+* ``full-disk``: the artifact store is an 8 MiB tmpfs (needs root; the row says
+  "skipped: <reason>" when it cannot be mounted). After one save the disk is filled; the next
+  save (sync and async alternate) must raise ``CheckpointWriteError`` saying "no space left",
+  nothing but the first checkpoint's files may remain, that checkpoint must still load, and
+  once space is freed the next save commits.
+* ``dead-network``: S3 (a moto server) behind ``tests.faultproxy.FaultProxy``; the endpoint
+  dies 1 MiB into an upload. The save (sync and async alternate) must fail with
+  ``CheckpointWriteError`` after its retries, ``list_checkpoints`` must not list it, the
+  previous checkpoint stays listed, and once the endpoint is back the next save commits
+  and loads.
+* ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
+  pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
+  bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
+  matches. Survived: ``load`` and ``load_training_state`` raise ``CheckpointError``, resume
+  falls back to the older checkpoint, and the marker never appears.
+
+Columns: ``trials`` run; ``survived``: the guarantee above held; ``lost``: a committed
+checkpoint became unusable or disappeared, a partial or corrupt checkpoint was silently
+accepted (loaded, verified or listed), or a payload executed. A trial can be neither (for
+example an unclear error type): it then did not survive and is described under the table.
+The exit code is 1 if any trial did not survive.
+
+    python benchmarks/faults.py [--trials N] [--seed S] [--only NAME ...]
+
+Without ``--trials``: 5 trials per fault, 10 kills per kill -9 chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # MLflow's download bars
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import boto3
+import mlflow
+import torch
+from mlflow import MlflowClient
+
+import mlflow_ckpt
+from mlflow_ckpt.catalog.reader import resolve, verify_checkpoint
+from mlflow_ckpt.storage import RetryPolicy, TransferConfig
+from mlflow_ckpt.storage.local import TEMP_MARKER
+from tests import crashlib, servers
+from tests.conftest import BUCKET, _aws_kwargs, s3_env
+from tests.faultproxy import FaultProxy, fault_proxy
+from tests.test_hostile import evil_torch_file, resign, shard_of
+
+MB = 1 << 20
+SURVIVED, LOST, FAILED = "survived", "lost", "failed"
+
+
+class Lost(Exception):
+    """A guarantee broke in a way that loses data or accepts bad data."""
+
+
+class Failed(Exception):
+    """A guarantee broke without losing data (unclear error, leftovers...)."""
+
+
+@dataclass
+class Row:
+    fault: str
+    meaning: str
+    trials: int = 0
+    survived: int = 0
+    lost: int = 0
+    skipped: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, trial: int, outcome: str, problem: str = "") -> None:
+        self.trials += 1
+        self.survived += outcome == SURVIVED
+        self.lost += outcome == LOST
+        if problem:
+            self.problems.append(f"trial {trial}: {outcome}: {problem}")
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.skipped) or (self.survived == self.trials and not self.problems)
+
+
+# ---------------------------------------------------------------- per-trial environment
+
+
+class Bench:
+    """The scratch directory, the template tracking database and the options."""
+
+    def __init__(self, scratch: Path, seed: int) -> None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        self.scratch = scratch
+        self.seed = seed
+        template = scratch / "template"
+        template.mkdir()
+        self.template_db = template / "mlflow.db"
+        SqlAlchemyStore(f"sqlite:///{self.template_db}", str(template / "mlruns"))
+        self._count = 0
+
+    def workdir(self, name: str) -> Path:
+        self._count += 1
+        path = self.scratch / f"{self._count:03d}-{name}"
+        path.mkdir()
+        return path
+
+    def tracking(self, workdir: Path, artifact_location: str | None = None) -> str:
+        """A fresh tracking store in ``workdir``; returns the ID of an experiment in it."""
+        db = workdir / "mlflow.db"
+        shutil.copy(self.template_db, db)
+        mlflow.set_tracking_uri(f"sqlite:///{db}")
+        return mlflow.create_experiment(
+            "faults", artifact_location=artifact_location or str(workdir / "artifacts")
+        )
+
+
+def _end_runs() -> None:
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def run_trials(
+    row: Row, trials: int, trial: Callable[[int], None], after: Callable[[], None] | None = None
+) -> None:
+    for i in range(trials):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trial(i)
+        except Lost as exc:
+            row.add(i, LOST, str(exc))
+        except Failed as exc:
+            row.add(i, FAILED, str(exc))
+        except Exception as exc:  # an unexpected error: the guarantee did not hold
+            tb = traceback.format_exc(limit=6)
+            row.add(i, FAILED, f"unexpected {type(exc).__name__}: {exc}\n{tb}")
+        else:
+            row.add(i, SURVIVED)
+        finally:
+            _end_runs()
+            if after is not None:
+                after()
+    mlflow.set_tracking_uri(None)
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def kill9(bench: Bench, row: Row, trials: int, sync: bool) -> None:
+    workdir = bench.workdir(row.fault)
+    uri = crashlib.prepare(workdir, bench.template_db)
+    result = crashlib.run_chain(
+        workdir, uri, trials=trials, seed=bench.seed + (1 if sync else 0), sync=sync
+    )
+    mlflow.set_tracking_uri(None)
+    row.trials, row.survived, row.lost = result.trials, result.survived, result.lost
+    row.problems += result.problems
+    if result.final_checkpoints < 1:
+        row.problems.append("the final run listed no checkpoint")
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def _net(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return {"model": model, "opt": opt}
+
+
+def _train_step(state: dict[str, Any]) -> None:
+    model, opt = state["model"], state["opt"]
+    opt.zero_grad()
+    model(torch.randn(16, 32)).pow(2).mean().backward()
+    opt.step()
+
+
+def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state["model"].state_dict().items()}
+
+
+def _same(state: dict[str, Any], weights: dict[str, torch.Tensor]) -> bool:
+    now = state["model"].state_dict()
+    return now.keys() == weights.keys() and all(torch.equal(now[k], weights[k]) for k in now)
+
+
+def _two_checkpoints(
+    bench: Bench, name: str, seed: int, **kwargs: Any
+) -> tuple[Path, str, dict[str, torch.Tensor], list[mlflow_ckpt.Checkpoint]]:
+    """A run with checkpoints at steps 0 and 1; returns workdir, run ID, step-0 weights, list."""
+    workdir = bench.workdir(name)
+    exp = bench.tracking(workdir)
+    state = _net(seed)
+    with mlflow.start_run(experiment_id=exp) as run:
+        with mlflow_ckpt.CheckpointManager(
+            state, async_save=False, save_last=False, **kwargs
+        ) as mgr:
+            _train_step(state)
+            mgr.save(0, {"loss": 1.0})
+            first = _weights(state)
+            _train_step(state)
+            mgr.save(1, {"loss": 0.5})
+    ckpts = mlflow_ckpt.list_checkpoints(run.info.run_id)
+    if [c.step for c in ckpts] != [1, 0]:
+        raise Failed(f"setup: expected checkpoints [1, 0], got {[c.step for c in ckpts]}")
+    return workdir, run.info.run_id, first, ckpts
+
+
+def _flip_byte(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
+    shard = rng.choice(sorted(folder.glob("tensors-*")))
+    data = bytearray(shard.read_bytes())
+    pos = rng.randrange(len(data))
+    data[pos] ^= 1 << rng.randrange(8)
+    shard.write_bytes(bytes(data))
+    return f"flipped a bit of byte {pos} of {shard.name}"
+
+
+def _truncate(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
+    shard = rng.choice(sorted(folder.glob("tensors-*")))
+    size = shard.stat().st_size
+    keep = rng.randrange(size)
+    with open(shard, "r+b") as f:
+        f.truncate(keep)
+    return f"truncated {shard.name} from {size} to {keep} bytes"
+
+
+def _delete(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
+    shard = rng.choice(sorted(folder.glob("tensors-*")))
+    shard.unlink()
+    return f"deleted {shard.name}"
+
+
+def _edit_manifest(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
+    path = folder / "manifest.json"
+    if rng.random() < 0.5:
+        manifest["metrics"]["loss"] = round(rng.uniform(0.0, 0.4), 3)
+        what = f"metrics.loss -> {manifest['metrics']['loss']}"
+    else:
+        manifest["step"] = rng.choice([0, 2, 7, 1000])
+        what = f"step -> {manifest['step']}"
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return f"edited manifest.json ({what}), digest tag left as committed"
+
+
+def _swap(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
+    a, b = rng.sample(sorted(f["path"] for f in manifest["files"]), 2)
+    da, db = (folder / a).read_bytes(), (folder / b).read_bytes()
+    (folder / a).write_bytes(db)
+    (folder / b).write_bytes(da)
+    return f"swapped the contents of {a} and {b}"
+
+
+CORRUPTIONS: dict[str, Callable[[Path, dict[str, Any], random.Random], str]] = {
+    "corrupt-flip-byte": _flip_byte,
+    "corrupt-truncate": _truncate,
+    "corrupt-delete": _delete,
+    "corrupt-manifest-edit": _edit_manifest,
+    "corrupt-swap-files": _swap,
+}
+
+
+def corruption(bench: Bench, row: Row, trials: int) -> None:
+    corrupt = CORRUPTIONS[row.fault]
+
+    def trial(i: int) -> None:
+        seed = bench.seed * 1000 + i
+        rng = random.Random(f"{row.fault}-{seed}")
+        # several shards, so the corruption lands in a seeded one
+        _, run_id, first, (newest, older) = _two_checkpoints(
+            bench, row.fault, seed, max_shard_bytes=8 * 1024
+        )
+        folder = Path(newest.artifact_location)
+        what = corrupt(folder, json.loads((folder / "manifest.json").read_text()), rng)
+        client = MlflowClient()
+
+        target = _net(seed + 1)
+        before = _weights(target)
+        try:
+            mlflow_ckpt.load(newest, target)
+        except mlflow_ckpt.CheckpointCorruptedError:
+            pass
+        except Exception as exc:
+            raise Failed(f"{what}: load raised {type(exc).__name__}: {exc}") from exc
+        else:
+            raise Lost(f"{what}: load accepted the corrupt checkpoint")
+        if not _same(target, before):
+            raise Lost(f"{what}: a failed load changed the target's weights")
+
+        if not verify_checkpoint(resolve(newest, client)):
+            raise Lost(f"{what}: verify_checkpoint reported no problem")
+
+        fresh = _net(seed + 2)
+        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
+        try:
+            got = mgr.resumed_from.step if mgr.resumed_from else None
+            listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
+        finally:
+            mgr.close()
+            mlflow.end_run()
+        if got != 0:
+            raise Lost(f"{what}: resume picked step {got}, expected the fallback to step 0")
+        if not _same(fresh, first):
+            raise Lost(f"{what}: resume restored other weights than step 0's")
+        status = client.get_logged_model(newest.model_id).tags.get("mlflow_ckpt.status")
+        if status != "corrupt":
+            raise Failed(f"{what}: the corrupt checkpoint is tagged status={status!r}")
+        if listed != [0]:
+            raise Lost(f"{what}: after resume list_checkpoints gives {listed}, expected [0]")
+        mlflow_ckpt.load(older, _net(seed + 3))  # the older one still loads
+
+    run_trials(row, trials, trial)
+
+
+# ---------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` (as in tests/test_fulldisk.py); RuntimeError if impossible."""
+    mount.mkdir(parents=True)
+    if os.geteuid() != 0:
+        raise RuntimeError("mounting a tmpfs needs root")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def _big_state(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(512, 512)  # 1 MiB of weights, 2 MiB of AdamW moments
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    return {"model": model, "opt": opt}
+
+
+def _fill(mount: Path, leave: int) -> Path:
+    stat = os.statvfs(mount)
+    filler = mount / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return filler
+
+
+def _files(mount: Path) -> list[Path]:
+    return sorted(p for p in mount.rglob("*") if p.is_file() and p.name != "filler")
+
+
+def full_disk(bench: Bench, row: Row, trials: int) -> None:
+    try:  # can a tmpfs be mounted at all?
+        with tmpfs(bench.workdir("full-disk-probe") / "tiny"):
+            pass
+    except RuntimeError as exc:
+        row.skipped = f"skipped: {exc}"
+        return
+
+    def trial(i: int) -> None:
+        workdir = bench.workdir(row.fault)
+        async_save = i % 2 == 1
+        mode = "async" if async_save else "sync"
+        with tmpfs(workdir / "tiny") as disk:
+            exp = bench.tracking(workdir, str(disk / "artifacts"))
+            state = _big_state(bench.seed * 1000 + i)
+            with mlflow.start_run(experiment_id=exp) as run:
+                mgr = mlflow_ckpt.CheckpointManager(
+                    state, save_every_n_steps=1, keep_last_n=1, async_save=async_save
+                )
+                try:
+                    _full_disk_steps(mgr, state, disk, run.info.run_id, mode)
+                finally:
+                    with contextlib.suppress(Exception):
+                        mgr.close()
+            listed = [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
+            if listed != [2]:
+                raise Failed(f"{mode}: after space came back the run lists {listed}, not [2]")
+            restored = _big_state(0)
+            mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
+            if not torch.equal(restored["model"].weight, state["model"].weight):
+                raise Lost(f"{mode}: the step-2 checkpoint restored other weights")
+
+    run_trials(row, trials, trial)
+
+
+def _full_disk_steps(
+    mgr: mlflow_ckpt.CheckpointManager, state: dict[str, Any], disk: Path, run_id: str, mode: str
+) -> None:
+    mgr.step(0, {"loss": 1.0})
+    mgr.wait()
+    first = mlflow_ckpt.latest_checkpoint(run_id)
+    if first is None or first.step != 0:
+        raise Failed(f"{mode}: setup: the first save did not commit")
+    before = _files(disk)
+    weights = state["model"].weight.detach().clone()
+    filler = _fill(disk, leave=1 * MB)  # a checkpoint needs ~3 MiB
+    try:
+        with torch.no_grad():
+            state["model"].weight.add_(1.0)
+        mgr.step(1, {"loss": 0.9})
+        mgr.wait()
+    except mlflow_ckpt.CheckpointWriteError as exc:
+        if "no space left" not in str(exc).lower():
+            raise Failed(f"{mode}: CheckpointWriteError without 'no space left': {exc}") from exc
+    except Exception as exc:
+        raise Failed(f"{mode}: the full disk gave {type(exc).__name__}: {exc}") from exc
+    else:
+        raise Failed(f"{mode}: the save on a full disk raised nothing")
+    listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
+    if 1 in listed:
+        raise Lost(f"{mode}: the failed save of step 1 is listed: {listed}")
+    if listed != [0]:
+        raise Lost(f"{mode}: after the failed save the run lists {listed}, not [0]")
+    restored = _big_state(99)
+    try:
+        mlflow_ckpt.load(first, restored)
+    except Exception as exc:
+        raise Lost(f"{mode}: step 0 no longer loads: {type(exc).__name__}: {exc}") from exc
+    if not torch.equal(restored["model"].weight, weights):
+        raise Lost(f"{mode}: step 0 restored other weights")
+    after = _files(disk)
+    if after != before or any(TEMP_MARKER in p.name for p in disk.rglob("*")):
+        extra = sorted(str(p.relative_to(disk)) for p in set(after) - set(before))
+        raise Failed(f"{mode}: files besides step 0's remain: {extra[:5]}")
+    filler.unlink()
+    mgr.step(2, {"loss": 0.8})
+    mgr.wait()
+
+
+# ---------------------------------------------------------------- dead network
+
+
+@contextlib.contextmanager
+def s3_behind_proxy() -> Iterator[FaultProxy]:
+    """A moto S3 server with bucket "ckpt", reached through a FaultProxy (env vars set)."""
+    saved = dict(os.environ)
+    with servers.running(servers.start_s3()) as server:
+        boto3.client("s3", endpoint_url=server.url, **_aws_kwargs()).create_bucket(Bucket=BUCKET)
+        with fault_proxy(server.port) as proxy:
+            os.environ.update(s3_env(proxy.url))
+            # no SDK-level retries: what is retried is retried by mlflow_ckpt
+            os.environ.update(AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
+            try:
+                yield proxy
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+
+
+def dead_network(bench: Bench, row: Row, trials: int) -> None:
+    transfer = TransferConfig(retry=RetryPolicy(attempts=4, base=0.05, cap=0.2), progress=False)
+    with s3_behind_proxy() as proxy:
+
+        def trial(i: int) -> None:
+            async_save = i % 2 == 1
+            mode = "async" if async_save else "sync"
+            workdir = bench.workdir(row.fault)
+            exp = bench.tracking(workdir, f"s3://{BUCKET}/faults-{time.time_ns()}")
+            torch.manual_seed(bench.seed * 1000 + i)
+            state = {"w": torch.randn(6 * MB // 4)}  # 6 MB in 2 MB shards
+            with mlflow.start_run(experiment_id=exp) as run:
+                mgr = mlflow_ckpt.CheckpointManager(
+                    state, async_save=async_save, transfer=transfer, max_shard_bytes=2 * MB
+                )
+                try:
+                    _dead_network_steps(mgr, proxy, run.info.run_id, mode)
+                    mgr.save(2)  # the endpoint is back
+                    mgr.close()
+                finally:
+                    with contextlib.suppress(Exception):
+                        mgr.close()  # idempotent; after a failure only stops the worker
+            run_id = run.info.run_id
+            listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
+            if listed != [2, 0]:
+                raise Failed(f"{mode}: after the endpoint came back the run lists {listed}")
+            for ckpt in mlflow_ckpt.list_checkpoints(run_id):
+                restored = {"w": torch.zeros_like(state["w"])}
+                try:
+                    mlflow_ckpt.load(ckpt, restored)
+                except Exception as exc:
+                    raise Lost(f"{mode}: step {ckpt.step} does not load: {exc}") from exc
+                if not torch.equal(restored["w"], state["w"]):
+                    raise Lost(f"{mode}: step {ckpt.step} restored other values")
+
+        run_trials(row, trials, trial, after=lambda: None if not proxy.is_down else proxy.up())
+
+
+def _dead_network_steps(
+    mgr: mlflow_ckpt.CheckpointManager, proxy: FaultProxy, run_id: str, mode: str
+) -> None:
+    mgr.save(0)
+    mgr.wait()
+    proxy.down_after(1 * MB)
+    try:
+        mgr.save(1)
+        mgr.wait()  # async: the failure surfaces here
+    except mlflow_ckpt.CheckpointWriteError as exc:
+        if "step 1" not in str(exc) or run_id not in str(exc):
+            raise Failed(f"{mode}: the error does not name the run and step: {exc}") from exc
+    except Exception as exc:
+        raise Failed(f"{mode}: the dead endpoint gave {type(exc).__name__}: {exc}") from exc
+    else:
+        raise Failed(f"{mode}: the save through a dead endpoint raised nothing")
+    finally:
+        was_down = proxy.is_down
+        if was_down:
+            proxy.up()
+    if not was_down:
+        raise Failed(f"{mode}: the endpoint never went down (upload smaller than 1 MiB?)")
+    listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
+    if 1 in listed:
+        raise Lost(f"{mode}: the failed save of step 1 is listed: {listed}")
+    if listed != [0]:
+        raise Lost(f"{mode}: after the failed save the run lists {listed}, not [0]")
+
+
+# ---------------------------------------------------------------- hostile pickle
+
+
+def hostile_pickle(bench: Bench, row: Row, trials: int) -> None:
+    kinds = ("system", "exec", "legacy")
+    control = bench.workdir("hostile-control")
+    for kind in kinds:  # control: the payloads do run when unpickled the unsafe way
+        data = evil_torch_file(control / kind, kind)
+        if kind == "legacy":
+            pickle.loads(data)  # the point of the control
+        else:
+            torch.load(io.BytesIO(data), weights_only=False)
+        if not (control / kind).exists():
+            row.problems.append(f"control: the {kind} payload did not run when unpickled")
+
+    def trial(i: int) -> None:
+        seed = bench.seed * 1000 + i
+        kind = kinds[i % len(kinds)]
+        workdir, run_id, first, (newest, _) = _two_checkpoints(
+            bench, row.fault, seed, format="torch"
+        )
+        marker = workdir / "PWNED"
+        folder = Path(newest.artifact_location)
+        shard = shard_of(folder)
+        resign(folder, {shard.name: evil_torch_file(marker, kind)})
+        what = f"{kind} payload in {shard.name}"
+        errors = []
+        for name, call in (
+            ("load", lambda: mlflow_ckpt.load(newest, _net(seed + 1))),
+            ("load_training_state", lambda: mlflow_ckpt.load_training_state(newest.uri)),
+        ):
+            try:
+                call()
+            except mlflow_ckpt.CheckpointError:
+                pass
+            except Exception as exc:
+                errors.append(f"{name} raised {type(exc).__name__}: {exc}")
+            else:
+                errors.append(f"{name} accepted it")
+            if marker.exists():
+                raise Lost(f"{what}: the payload executed during {name}")
+        fresh = _net(seed + 2)
+        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
+        try:
+            got = mgr.resumed_from.step if mgr.resumed_from else None
+        finally:
+            mgr.close()
+            mlflow.end_run()
+        if marker.exists():
+            raise Lost(f"{what}: the payload executed during resume")
+        if got != 0 or not _same(fresh, first):
+            raise Lost(f"{what}: resume picked step {got}, expected the fallback to step 0")
+        if errors:
+            raise Failed(f"{what}: " + "; ".join(errors))
+
+    run_trials(row, trials, trial)
+
+
+# ---------------------------------------------------------------- table
+
+
+FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
+    "kill9-async": (
+        "restart resumed from newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=False),
+    ),
+    "kill9-sync": (
+        "restart resumed from newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=True),
+    ),
+    **{
+        name: ("detected, fallback to older", corruption)
+        for name in (
+            "corrupt-flip-byte",
+            "corrupt-truncate",
+            "corrupt-delete",
+            "corrupt-manifest-edit",
+            "corrupt-swap-files",
+        )
+    },
+    "full-disk": ("clear error, nothing partial", full_disk),
+    "dead-network": ("clear error, nothing partial", dead_network),
+    "hostile-pickle": ("refused, payload never ran", hostile_pickle),
+}
+
+
+def print_table(rows: list[Row]) -> None:
+    header = f"{'fault':<22} {'trials':>6} {'survived':>8} {'lost':>5}  survived means"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if row.skipped:
+            print(f"{row.fault:<22} {'-':>6} {'-':>8} {'-':>5}  {row.skipped}")
+        else:
+            print(f"{row.fault:<22} {row.trials:>6} {row.survived:>8} {row.lost:>5}  {row.meaning}")
+    print(
+        "\nlost = a committed checkpoint became unusable or disappeared, a partial or corrupt "
+        "checkpoint was silently accepted, or a payload executed."
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--trials", type=int, default=None, help="per fault (default 5; 10 per kill -9 chain)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"faults or prefixes of: {', '.join(FAULTS)}"
+    )
+    args = parser.parse_args(argv)
+    names = list(FAULTS)
+    if args.only:
+        unknown = [o for o in args.only if not any(n.startswith(o) for n in FAULTS)]
+        if unknown:
+            parser.error(f"unknown fault {unknown}; choose from {', '.join(FAULTS)}")
+        names = [n for n in FAULTS if any(n.startswith(o) for o in args.only)]
+
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("mlflow", "mlflow_ckpt", "alembic", "botocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # The background worker logs each failed save at ERROR before re-raising it to the caller;
+    # here the failures are injected on purpose, and the trials check what the caller sees.
+    logging.getLogger("mlflow_ckpt.manager.worker").setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-faults-") as scratch:
+        bench = Bench(Path(scratch), args.seed)
+        for name in names:
+            meaning, run = FAULTS[name]
+            trials = args.trials or (10 if name.startswith("kill9") else 5)
+            row = Row(name, meaning)
+            t0 = time.perf_counter()
+            print(f"{name}: {trials} trials ...", end=" ", flush=True, file=sys.stderr)
+            try:
+                run(bench, row, trials)
+            except Exception as exc:  # the harness itself broke: count the fault as failed
+                row.problems.append(f"harness error {type(exc).__name__}: {exc}")
+                row.problems.append(traceback.format_exc(limit=8))
+            finally:
+                _end_runs()
+                mlflow.set_tracking_uri(None)
+            print(f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            rows.append(row)
+    print()
+    print_table(rows)
+    failed = [row for row in rows if not row.ok]
+    for row in failed:
+        print(f"\n{row.fault}: {row.trials - row.survived} of {row.trials} did not survive")
+        for problem in row.problems:
+            print("  " + problem.rstrip().replace("\n", "\n    "))
+    print(f"\nwall time: {time.perf_counter() - started:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
