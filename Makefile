@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools demo test lint format bench clean
+.PHONY: install tools demo test lint format bench faults clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
 # multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.6` adds nothing.
@@ -40,6 +40,10 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/stall.py
+
+# N trials of every fault in the README's Guarantees section (needs root for the tmpfs one).
+faults: install
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache mlruns mlflow.db
