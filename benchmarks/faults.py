@@ -56,7 +56,6 @@ import os
 import pickle
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,7 +80,7 @@ import mlflow_ckpt
 from mlflow_ckpt.catalog.reader import resolve, verify_checkpoint
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
 from mlflow_ckpt.storage.local import TEMP_MARKER
-from tests import crashlib, servers
+from tests import crashlib, servers, tinydisk
 from tests.conftest import BUCKET, _aws_kwargs, s3_env
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.test_hostile import evil_torch_file, resign, shard_of
@@ -354,49 +353,9 @@ def corruption(bench: Bench, row: Row, trials: int) -> None:
 # ---------------------------------------------------------------- full disk
 
 
-@contextlib.contextmanager
-def tmpfs(mount: Path, size: str = "8m") -> Iterator[Path]:
-    """A tmpfs mounted at ``mount`` (as in tests/test_fulldisk.py); RuntimeError if impossible."""
-    mount.mkdir(parents=True)
-    if os.geteuid() != 0:
-        raise RuntimeError("mounting a tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
-
-
-def _big_state(seed: int) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(512, 512)  # 1 MiB of weights, 2 MiB of AdamW moments
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 512)).sum().backward()
-    opt.step()
-    return {"model": model, "opt": opt}
-
-
-def _fill(mount: Path, leave: int) -> Path:
-    stat = os.statvfs(mount)
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
-    return filler
-
-
-def _files(mount: Path) -> list[Path]:
-    return sorted(p for p in mount.rglob("*") if p.is_file() and p.name != "filler")
-
-
 def full_disk(bench: Bench, row: Row, trials: int) -> None:
     try:  # can a tmpfs be mounted at all?
-        with tmpfs(bench.workdir("full-disk-probe") / "tiny"):
+        with tinydisk.tmpfs(bench.workdir("full-disk-probe") / "tiny"):
             pass
     except RuntimeError as exc:
         row.skipped = f"skipped: {exc}"
@@ -406,9 +365,9 @@ def full_disk(bench: Bench, row: Row, trials: int) -> None:
         workdir = bench.workdir(row.fault)
         async_save = i % 2 == 1
         mode = "async" if async_save else "sync"
-        with tmpfs(workdir / "tiny") as disk:
+        with tinydisk.tmpfs(workdir / "tiny") as disk:
             exp = bench.tracking(workdir, str(disk / "artifacts"))
-            state = _big_state(bench.seed * 1000 + i)
+            state = tinydisk.training_state(bench.seed * 1000 + i)
             with mlflow.start_run(experiment_id=exp) as run:
                 mgr = mlflow_ckpt.CheckpointManager(
                     state, save_every_n_steps=1, keep_last_n=1, async_save=async_save
@@ -421,7 +380,7 @@ def full_disk(bench: Bench, row: Row, trials: int) -> None:
             listed = [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
             if listed != [2]:
                 raise Failed(f"{mode}: after space came back the run lists {listed}, not [2]")
-            restored = _big_state(0)
+            restored = tinydisk.training_state(0)
             mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
             if not torch.equal(restored["model"].weight, state["model"].weight):
                 raise Lost(f"{mode}: the step-2 checkpoint restored other weights")
@@ -437,9 +396,9 @@ def _full_disk_steps(
     first = mlflow_ckpt.latest_checkpoint(run_id)
     if first is None or first.step != 0:
         raise Failed(f"{mode}: setup: the first save did not commit")
-    before = _files(disk)
+    before = tinydisk.files(disk)
     weights = state["model"].weight.detach().clone()
-    filler = _fill(disk, leave=1 * MB)  # a checkpoint needs ~3 MiB
+    filler = tinydisk.fill(disk, leave=1 * MB)  # a checkpoint needs ~3 MiB
     try:
         with torch.no_grad():
             state["model"].weight.add_(1.0)
@@ -457,14 +416,14 @@ def _full_disk_steps(
         raise Lost(f"{mode}: the failed save of step 1 is listed: {listed}")
     if listed != [0]:
         raise Lost(f"{mode}: after the failed save the run lists {listed}, not [0]")
-    restored = _big_state(99)
+    restored = tinydisk.training_state(99)
     try:
         mlflow_ckpt.load(first, restored)
     except Exception as exc:
         raise Lost(f"{mode}: step 0 no longer loads: {type(exc).__name__}: {exc}") from exc
     if not torch.equal(restored["model"].weight, weights):
         raise Lost(f"{mode}: step 0 restored other weights")
-    after = _files(disk)
+    after = tinydisk.files(disk)
     if after != before or any(TEMP_MARKER in p.name for p in disk.rglob("*")):
         extra = sorted(str(p.relative_to(disk)) for p in set(after) - set(before))
         raise Failed(f"{mode}: files besides step 0's remain: {extra[:5]}")

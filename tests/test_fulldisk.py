@@ -7,8 +7,6 @@ the middle of writing its files.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from mlflow import MlflowClient
 
 import mlflow_ckpt
 from mlflow_ckpt.storage.local import TEMP_MARKER
+from tests import tinydisk
 
 MB = 1 << 20
 
@@ -27,43 +26,11 @@ MB = 1 << 20
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs mounted under ``tmp_path``."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; CI runs as root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _state() -> dict[str, object]:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(512, 512)  # 1 MiB of weights, 2 MiB of AdamW moments
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 512)).sum().backward()
-    opt.step()
-    return {"model": model, "optimizer": opt}
-
-
-def _fill(mount: Path, leave: int) -> Path:
-    """Leave about ``leave`` bytes free on ``mount``."""
-    stat = os.statvfs(mount)
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
-    return filler
-
-
-def _files(mount: Path) -> list[Path]:
-    return [p for p in mount.rglob("*") if p.is_file() and p.name != "filler"]
+        with tinydisk.tmpfs(tmp_path / "tiny") as mount:
+            yield mount
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
@@ -72,7 +39,7 @@ def test_full_disk_fails_cleanly_and_training_goes_on(
     tracking: str, tiny_disk: Path, on_error: str, async_save: bool
 ) -> None:
     exp = mlflow.create_experiment("tiny-disk", artifact_location=str(tiny_disk / "artifacts"))
-    state = _state()
+    state = tinydisk.training_state()
     with mlflow.start_run(experiment_id=exp) as run:
         mgr = mlflow_ckpt.CheckpointManager(
             state, save_every_n_steps=1, keep_last_n=1, on_error=on_error, async_save=async_save
@@ -81,8 +48,8 @@ def test_full_disk_fails_cleanly_and_training_goes_on(
         mgr.wait()
         first = mlflow_ckpt.latest_checkpoint(run.info.run_id)
         assert first is not None and first.step == 0
-        before = sorted(_files(tiny_disk))
-        filler = _fill(tiny_disk, leave=1 * MB)  # a checkpoint needs ~3 MiB
+        before = tinydisk.files(tiny_disk)
+        filler = tinydisk.fill(tiny_disk, leave=1 * MB)  # a checkpoint needs ~3 MiB
 
         # Step 1 cannot be stored. With "raise" the error surfaces at once (sync) or at the
         # manager's next call (async); with "warn" it is a warning and the loop goes on.
@@ -105,10 +72,10 @@ def test_full_disk_fails_cleanly_and_training_goes_on(
         assert "the checkpoint of step 0 is still intact" in message
 
         # Nothing partial remains; the previous checkpoint still verifies and loads.
-        assert sorted(_files(tiny_disk)) == before
+        assert tinydisk.files(tiny_disk) == before
         assert not any(TEMP_MARKER in p.name for p in tiny_disk.rglob("*"))
         assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [0]
-        fresh = _state()
+        fresh = tinydisk.training_state()
         with torch.no_grad():
             fresh["model"].weight.zero_()
         mlflow_ckpt.load(first, fresh)
