@@ -39,13 +39,19 @@ TrainerCallback = _transformers.TrainerCallback
 STATE_ENTRY = "MlflowCheckpointCallback"
 
 
-def _mlflow_logs_metrics(trainer: Any, callbacks: list[Any]) -> bool:
-    """Whether the Trainer's metrics already reach MLflow (its MLflowCallback or autolog)."""
+def _mlflow_logs_metrics(args: Any, callbacks: list[Any]) -> bool:
+    """Whether the Trainer's metrics already reach MLflow (its MLflowCallback or autolog).
+
+    ``args.report_to`` tells even when we were not given the Trainer (so cannot see its
+    callbacks); ``DagsHubCallback`` is an MLflowCallback too.
+    """
     from mlflow.utils.autologging_utils import autologging_is_disabled
 
     if not autologging_is_disabled("transformers"):
         return True
-    return any(type(cb).__name__ == "MLflowCallback" for cb in callbacks)
+    if {"mlflow", "dagshub"} & set(getattr(args, "report_to", None) or []):
+        return True
+    return any(c.__name__ == "MLflowCallback" for cb in callbacks for c in type(cb).__mro__)
 
 
 class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-type]
@@ -118,7 +124,7 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
         objects = {k: v for k, v in objects.items() if v is not None}
         callbacks = list(getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []))
         log_metrics = (
-            not _mlflow_logs_metrics(self.trainer, callbacks)
+            not _mlflow_logs_metrics(args, callbacks)
             if self.log_metrics is None
             else self.log_metrics
         )

@@ -46,9 +46,9 @@ def tiny_model() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
-def make_trainer(out: Path, epochs: int, *callbacks) -> transformers.Trainer:
+def make_trainer(out: Path, epochs: int, *callbacks, **overrides) -> transformers.Trainer:
     transformers.set_seed(11)
-    args = transformers.TrainingArguments(
+    options: dict = dict(
         output_dir=str(out),
         num_train_epochs=epochs,
         per_device_train_batch_size=8,
@@ -66,6 +66,8 @@ def make_trainer(out: Path, epochs: int, *callbacks) -> transformers.Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    options.update(overrides)
+    args = transformers.TrainingArguments(**options)
     return transformers.Trainer(
         model=tiny_model(),
         args=args,
@@ -145,3 +147,132 @@ def test_non_main_process_does_not_save(tracking: str, tmp_path: Path) -> None:
         trainer.train()
     assert callback.manager is None
     assert mlflow_ckpt.list_checkpoints(run.info.run_id) == []
+
+
+# ------------------------------------------------- alongside report_to="mlflow" / mlflow autolog
+#
+# The Trainer's MLflowCallback logs each ``on_log`` at ``state.global_step`` (1-based: the loss
+# of the 4th optimizer step at step 4); our steps are 0-based, so a checkpoint of that step is
+# step 3. With MLflow already logging, our callback logs nothing itself (``log_metrics=False``)
+# and only links the values of its saved steps to their checkpoints, which MLflow records as
+# one run-history entry per metric at the checkpoint's step. "Double-logged" here means a
+# (key, step) pair written by both MLflow's callback and ours: with logging every 2 steps,
+# MLflow writes the even steps and our checkpoints the odd ones, so every (key, step) must come
+# from exactly one of the two, and ours only at checkpoint steps, once, with the value MLflow
+# logged one step later.
+
+REPORTED = {"logging_strategy": "steps", "logging_steps": 2}  # 4 optimizer steps per epoch
+
+
+def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient()
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+    }
+
+
+def assert_no_double_logging(run_id: str, epochs: int) -> dict[str, list[tuple[int, float]]]:
+    """Check the rule above for every metric key; return the histories."""
+    saved = {c.step: c for c in mlflow_ckpt.list_checkpoints(run_id)}
+    reported = set(range(2, 4 * epochs + 1, 2))  # where MLflowCallback logs (evaluations too)
+    assert saved and saved.keys().isdisjoint(reported)
+    histories = metric_histories(run_id)
+    assert {"loss", "eval_loss", "learning_rate", "epoch"} <= histories.keys()
+    for key, entries in histories.items():
+        assert {step for step, _ in entries} <= reported | saved.keys(), key  # nothing else
+        ours = [(step, value) for step, value in entries if step in saved]
+        linked = [(step, c.metrics[key]) for step, c in sorted(saved.items()) if key in c.metrics]
+        assert ours == linked, key  # one entry per checkpoint that has the metric, no more
+        # total_flos: PrinterCallback drops it from the logs before a later MLflowCallback sees it
+        if len(ours) < len(entries):  # MLflowCallback logged the key
+            for step, value in ours:
+                assert (step + 1, value) in entries, key  # the value MLflowCallback logged
+    for ckpt in saved.values():
+        assert {"loss", "learning_rate", "epoch"} <= ckpt.metrics.keys()
+    return histories
+
+
+def assert_best_by_eval_loss(run_id: str, histories: dict[str, list[tuple[int, float]]]) -> None:
+    evaluated = [c for c in mlflow_ckpt.list_checkpoints(run_id) if "eval_loss" in c.metrics]
+    assert evaluated
+    best = mlflow_ckpt.best_checkpoint(run_id=run_id, metric="eval_loss")
+    assert best is not None
+    assert best.metrics["eval_loss"] == min(c.metrics["eval_loss"] for c in evaluated)
+    logged_step, logged = min(histories["eval_loss"], key=lambda e: (e[1], -e[0]))
+    assert best.metrics["eval_loss"] == logged and best.step in (logged_step, logged_step - 1)
+
+
+def test_works_with_report_to_mlflow_without_double_logging(tracking: str, tmp_path: Path) -> None:
+    callback = MlflowCheckpointCallback(monitor="eval_loss", async_save=False)
+    with mlflow.start_run() as run:
+        trainer = make_trainer(tmp_path, 3, callback, report_to=["mlflow"], **REPORTED)
+        trainer.train()
+        assert mlflow.active_run().info.run_id == run.info.run_id
+    run_id = run.info.run_id
+    assert callback.run_id == run_id
+    assert MlflowClient().get_run(run_id).data.params["logging_steps"] == "2"  # HF logged here
+    # eval_loss improves at each epoch end: saved at steps 3, 7, 11 (global steps 4, 8, 12)
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [11, 7, 3]
+    histories = assert_no_double_logging(run_id, 3)
+    steps = {key: [step for step, _ in entries] for key, entries in histories.items()}
+    # MLflowCallback: loss every 2 steps, eval_loss per epoch; ours: one each per checkpoint.
+    # Not logging per step ourselves: nothing at steps 1, 5, 9 (logged steps, not saved).
+    assert steps["loss"] == [2, 3, 4, 6, 7, 8, 10, 11, 12]
+    assert steps["eval_loss"] == [3, 4, 7, 8, 11, 12]
+    # "epoch" is in every Trainer log (train, eval and the final summary): those repeats at
+    # steps 4, 8, 12 are MLflowCallback's own; ours add one entry at 3, 7 and 11
+    assert steps["epoch"] == [2, 3, 4, 4, 6, 7, 8, 8, 10, 11, 12, 12, 12]
+    assert steps["train_runtime"] == [11, 12]  # the final summary log lands on the last step
+    assert_best_by_eval_loss(run_id, histories)
+
+
+def test_report_to_mlflow_starts_the_run_and_ours_joins_it(tracking: str, tmp_path: Path) -> None:
+    # No active run: MLflowCallback (before ours in the callback list) starts one in
+    # on_train_begin, our callback checkpoints into it, and MLflowCallback ends it in
+    # on_train_end, before ours saves the last step and closes.
+    mlflow_ckpt.autolog(monitor="eval_loss", save_every_n_steps=2, async_save=False)
+    try:
+        trainer = make_trainer(tmp_path, 2, report_to=["mlflow"], **REPORTED)
+        trainer.train()
+    finally:
+        mlflow_ckpt.autolog(disable=True)
+    assert mlflow.active_run() is None
+    (callback,) = [
+        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MlflowCheckpointCallback)
+    ]
+    runs = mlflow.search_runs(output_format="list")
+    assert [r.info.run_id for r in runs] == [callback.run_id]  # one run, shared
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert not run.info.run_name.startswith("mlflow-ckpt-")  # MLflowCallback's, not ours
+    assert run.data.params["logging_steps"] == "2"
+    # step 7 is saved in our on_train_end, after MLflowCallback ended the run
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [7, 5, 3, 1]
+    histories = assert_no_double_logging(run.info.run_id, 2)
+    assert [step for step, _ in histories["eval_loss"]] == [3, 4, 7, 8]
+    assert_best_by_eval_loss(run.info.run_id, histories)
+
+
+def test_works_with_mlflow_transformers_autolog(tracking: str, tmp_path: Path) -> None:
+    # mlflow.transformers.autolog() patches Trainer.train to add MLflowCallback (transformers
+    # 5 no longer reports to installed integrations by default), after ours in the list: here
+    # our callback starts the run, MLflowCallback logs into it and we end it.
+    mlflow.transformers.autolog()
+    try:
+        callback = MlflowCheckpointCallback(monitor="eval_loss", async_save=False)
+        trainer = make_trainer(tmp_path, 2, callback, **REPORTED)
+        trainer.train()
+    finally:
+        mlflow.transformers.autolog(disable=True)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("MlflowCheckpointCallback") < names.index("MLflowCallback")
+    assert mlflow.active_run() is None
+    runs = mlflow.search_runs(output_format="list")
+    assert [r.info.run_id for r in runs] == [callback.run_id]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["logging_steps"] == "2"
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(callback.run_id)] == [7, 3]
+    histories = assert_no_double_logging(callback.run_id, 2)
+    assert [step for step, _ in histories["loss"]] == [2, 3, 4, 6, 7, 8]
+    assert_best_by_eval_loss(callback.run_id, histories)
