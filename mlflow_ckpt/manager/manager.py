@@ -120,6 +120,13 @@ class CheckpointManager:
 
     Call :meth:`step` after each finished step (0-based): it saves when a trigger is due and
     logs the step's metrics to the run. See the README for the full tour.
+
+    Beyond triggers, retention and format: ``on_error="warn"`` keeps training through failed
+    saves (default ``"raise"``); ``force=True`` takes the run's writer lease from another live
+    process, ``lease_ttl`` sets its expiry; ``log_metrics=False`` uses metrics for triggers
+    and checkpoint links only, for when something else (MLflow's autolog) logs them;
+    ``transfer`` tunes remote uploads; ``max_shard_bytes`` bounds tensor files;
+    ``code_paths`` are copied into each checkpoint for the pyfunc flavor.
     """
 
     def __init__(
