@@ -149,6 +149,22 @@ def bench_stall(params_millions: int, repeats: int, workdir: Path) -> dict[str, 
         results["mlflow_ckpt_sync_s"] = _timed(lambda: mgr.save(next(step)), repeats)
         mgr.close()
 
+    # The same sync save with shards written one at a time (what parallel_writes buys).
+    from mlflow_ckpt.storage.local import LocalStore
+
+    parallel = LocalStore.parallel_writes
+    LocalStore.parallel_writes = property(lambda self: 1)  # type: ignore[method-assign]
+    try:
+        with mlflow.start_run(run_name="cuda-stall-sync-serial"):
+            mgr = mlflow_ckpt.CheckpointManager(
+                state, async_save=False, save_last=False, keep_last_n=1
+            )
+            step = iter(range(10**6))
+            results["mlflow_ckpt_sync_serial_s"] = _timed(lambda: mgr.save(next(step)), repeats)
+            mgr.close()
+    finally:
+        LocalStore.parallel_writes = parallel  # type: ignore[method-assign]
+
     def torch_save() -> None:
         path = workdir / "ckpt.pt"
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
@@ -165,7 +181,12 @@ def bench_stall(params_millions: int, repeats: int, workdir: Path) -> dict[str, 
 
     results["dcp_save_s"] = _timed(dcp_save, repeats)
     base = results["torch_save_log_artifact_s"]
-    for key in ("mlflow_ckpt_async_blocks_s", "mlflow_ckpt_sync_s", "dcp_save_s"):
+    for key in (
+        "mlflow_ckpt_async_blocks_s",
+        "mlflow_ckpt_sync_s",
+        "mlflow_ckpt_sync_serial_s",
+        "dcp_save_s",
+    ):
         results[key.removesuffix("_s") + "_vs_torch_save"] = results[key] / base
     results["mlflow_ckpt_sync_vs_dcp"] = results["mlflow_ckpt_sync_s"] / results["dcp_save_s"]
     return results

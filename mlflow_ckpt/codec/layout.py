@@ -99,25 +99,38 @@ def write_state(
     files: list[FileEntry] = []
     index: list[TensorEntry] = []
     shards = plan_shards(tensors, max_shard_bytes)
-    for number, items in enumerate(shards, start=1):
+
+    def write_shard(number: int) -> tuple[FileEntry, list[TensorEntry]]:
+        items = shards[number - 1]
         name = f"tensors-{number:05d}-of-{len(shards):05d}{extension}"
         with store.open_writer(name) as raw:
             writer = HashingWriter(raw)
             offsets = module.write(writer, items)
-        files.append(FileEntry(name, writer.size, writer.sha256))
-        for (tname, tensor), offset in zip(items, offsets, strict=True):
-            index.append(
-                TensorEntry(
-                    name=tname,
-                    dtype=str(tensor.dtype).removeprefix("torch."),
-                    shape=tuple(tensor.shape),
-                    file=name,
-                    offset=offset,
-                    nbytes=tensor.numel() * tensor.element_size(),
-                )
+        entries = [
+            TensorEntry(
+                name=tname,
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                shape=tuple(tensor.shape),
+                file=name,
+                offset=offset,
+                nbytes=tensor.numel() * tensor.element_size(),
             )
+            for (tname, tensor), offset in zip(items, offsets, strict=True)
+        ]
         if on_bytes is not None:
             on_bytes(writer.size)
+        return FileEntry(name, writer.size, writer.sha256), entries
+
+    numbers = range(1, len(shards) + 1)
+    workers = min(store.parallel_writes, len(shards))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-shard") as pool:
+            written = list(pool.map(write_shard, numbers))  # in shard order; first error raised
+    else:
+        written = [write_shard(n) for n in numbers]
+    for entry, entries in written:
+        files.append(entry)
+        index.extend(entries)
     encoded = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     with store.open_writer(STRUCTURE_FILE) as raw:
         writer = HashingWriter(raw)

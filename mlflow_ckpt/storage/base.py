@@ -58,6 +58,15 @@ class Store(abc.ABC):
         """How many files may usefully be transferred or hashed at once."""
         return 2
 
+    @property
+    def parallel_writes(self) -> int:
+        """How many files may be written at once (each :meth:`open_writer` in its own thread).
+
+        1 unless the store says otherwise: remote stores already overlap uploads with the
+        encoding of the next file.
+        """
+        return 1
+
     def flush(self) -> None:  # noqa: B027 - stores that write synchronously have nothing to do
         """Wait until every file written so far is durable in the store (raise its error)."""
 

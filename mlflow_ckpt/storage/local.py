@@ -55,6 +55,12 @@ class LocalStore(Store):
     def _path(self, rel_path: str) -> Path:
         return self.root / rel_path
 
+    @property
+    def parallel_writes(self) -> int:
+        # Shards go to separate files: writing (and fsyncing) several at once keeps a fast
+        # disk busy while another shard is being hashed or flushed.
+        return max(1, min(4, os.cpu_count() or 1))
+
     @contextlib.contextmanager
     def open_writer(self, rel_path: str) -> Iterator[BinaryIO]:
         final = self._path(rel_path)
