@@ -86,6 +86,9 @@ def test_full_disk_fails_cleanly_and_training_goes_on(
         mgr.step(2, {"loss": 0.8})
         mgr.close()
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [2]
+    # the failed step's metrics still reached the run's history, once
+    history = MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
     statuses = {
         m.tags["mlflow_ckpt.step"]: m.tags["mlflow_ckpt.status"]
         for m in MlflowClient().search_logged_models([exp])

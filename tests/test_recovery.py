@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -93,3 +94,29 @@ def test_killed_after_manifest_before_metrics_is_adopted_with_its_metrics(tracki
     failed = client.get_logged_model(broken.model_id)
     assert failed.tags["mlflow_ckpt.status"] == "failed"
     assert not (Path(broken.artifact_location) / "state.json").exists()
+
+
+def test_a_pending_save_that_cannot_be_read_now_is_never_deleted(tracking: str) -> None:
+    model = torch.nn.Linear(2, 2)
+    with mlflow.start_run(run_name="r") as run:
+        with mlflow_ckpt.CheckpointManager({"model": model}, async_save=False) as mgr:
+            mgr.save(0)
+            mgr.save(1)
+    run_id = run.info.run_id
+    newest = mlflow_ckpt.latest_checkpoint(run_id)
+    folder = Path(newest.artifact_location)
+    files = sorted(p.name for p in folder.iterdir())
+    # A kill before the commit tag, and a manifest this version cannot read (written by a
+    # newer mlflow_ckpt): complete as far as anyone knows, so recovery must keep it.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, format_version=99)))
+    MlflowClient().set_logged_model_tags(
+        newest.model_id, {"mlflow_ckpt.status": "pending", "mlflow_ckpt.manifest_sha256": ""}
+    )
+    mgr = mlflow_ckpt.CheckpointManager.resume(run_id, {"model": torch.nn.Linear(2, 2)})
+    assert mgr.resumed_from.step == 0
+    mgr.close()
+    mlflow.end_run()
+    tags = MlflowClient().get_logged_model(newest.model_id).tags
+    assert tags["mlflow_ckpt.status"] == "pending"  # left for a later resume or gc
+    assert sorted(p.name for p in folder.iterdir()) == files

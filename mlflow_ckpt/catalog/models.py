@@ -104,6 +104,8 @@ def commit(
         )
     if link_run:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    client.finalize_logged_model(model.model_id, "READY")
+    # Last: the status tag is what makes queries list it, so nothing may fail after it.
     client.set_logged_model_tags(
         model.model_id,
         {
@@ -112,7 +114,7 @@ def commit(
             tags.STATUS: tags.COMMITTED,
         },
     )
-    return client.finalize_logged_model(model.model_id, "READY")
+    return client.get_logged_model(model.model_id)
 
 
 def mark_failed(client: MlflowClient, model_id: str) -> None:

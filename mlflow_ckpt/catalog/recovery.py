@@ -24,7 +24,7 @@ from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.deletion import delete_checkpoint, remove_files
 from mlflow_ckpt.catalog.queries import search_models
 from mlflow_ckpt.catalog.reader import describe, manifest_digest, read_checkpoint
-from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.storage.staging import sweep_stale_staging
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,16 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
     for model in pending:
         try:
             manifest = read_checkpoint(model).manifest
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
+            # No manifest, or files that don't match it: this save never completed.
             logger.warning("Discarding interrupted save %s: %s", describe(model), exc)
             models.mark_failed(client, model.model_id)
             remove_files(model)
+            continue
+        except (CheckpointError, OSError) as exc:
+            # Unreachable store, a newer format...: it may well be complete. Never delete
+            # on a passing error; the next resume or `mlflow-ckpt gc` looks again.
+            logger.warning("Leaving interrupted save %s pending: %s", describe(model), exc)
             continue
         missing = {k: v for k, v in manifest.metrics.items() if (k, manifest.step) not in history}
         models.commit(

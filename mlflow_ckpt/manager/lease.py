@@ -43,12 +43,31 @@ SETTLE_S = 1.0
 
 @cache
 def _host() -> str:
-    """This machine: the host name plus the boot ID where there is one (PIDs restart at boot)."""
-    boot = Path("/proc/sys/kernel/random/boot_id")
+    """Where PIDs mean something: host name, boot ID and PID namespace.
+
+    Containers on one node can share the host name and boot ID but number their processes
+    separately; only within one PID namespace can a lease's PID be checked for liveness.
+    """
+    parts = [socket.gethostname()]
     try:
-        return f"{socket.gethostname()}/{boot.read_text().strip()[:8]}"
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
     except OSError:
-        return socket.gethostname()
+        pass
+    return "/".join(parts)
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), "" where unknown.
+
+    With the PID it names one process for the life of the machine: a restarted container
+    whose new process got the old PID is told apart from its dead predecessor.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name may hold spaces
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class LeaseInfo:
     pid: int
     heartbeat: float
     ttl: float
+    started: str = ""
 
     @classmethod
     def parse(cls, text: str | None) -> LeaseInfo | None:
@@ -73,6 +93,7 @@ class LeaseInfo:
                 pid=int(data["pid"]),
                 heartbeat=float(data["heartbeat"]),
                 ttl=float(data["ttl"]),
+                started=str(data.get("started", "")),
             )
         except (ValueError, KeyError, TypeError):
             logger.warning("Ignoring an unreadable writer lease tag: %r", text[:200])
@@ -82,14 +103,17 @@ class LeaseInfo:
         return json.dumps(self.__dict__, sort_keys=True)
 
     def is_this_process(self) -> bool:
-        return self.host == _host() and self.pid == os.getpid()
+        pid = os.getpid()
+        return self.host == _host() and self.pid == pid and self.started == _started(pid)
 
     def why_stale(self, now: float) -> str | None:
         """Why this lease no longer protects anything, or ``None`` while its owner may live."""
         age = now - self.heartbeat
         if age > self.ttl:
             return f"its last heartbeat was {age:.0f}s ago (expiry {self.ttl:.0f}s)"
-        if self.host == _host() and self.pid != os.getpid() and not pid_alive(self.pid):
+        local = self.host == _host() and not self.is_this_process()
+        reused = bool(self.started) and _started(self.pid) != self.started  # PID given again
+        if local and (not pid_alive(self.pid) or reused):
             return f"process {self.pid} on this host no longer exists"
         return None
 
@@ -165,7 +189,8 @@ class WriterLease:
         return lease
 
     def _info(self) -> LeaseInfo:
-        return LeaseInfo(self.owner, _host(), os.getpid(), time.time(), self.ttl)
+        pid = os.getpid()
+        return LeaseInfo(self.owner, _host(), pid, time.time(), self.ttl, _started(pid))
 
     def _write(self) -> None:
         self.client.set_tag(self.run_id, tags.RUN_WRITER, self._info().to_json())

@@ -183,6 +183,13 @@ class CheckpointManager:
             mode=mode,
         )
 
+        spec = flavor.FolderSpec(  # validated before the lease is taken: nothing to undo
+            format=format,
+            max_shard_bytes=max_shard_bytes,
+            model_factory=flavor.factory_path(model_factory),
+            model_kwargs=kwargs,
+            code_paths=tuple(str(p) for p in code_paths),
+        )
         self.state = state
         self.client = client or MlflowClient()
         with preserved_python_rng():
@@ -212,16 +219,11 @@ class CheckpointManager:
             client=self.client,
             run_id=self.run_id,
             experiment_id=self.experiment_id,
-            spec=flavor.FolderSpec(
-                format=format,
-                max_shard_bytes=max_shard_bytes,
-                model_factory=flavor.factory_path(model_factory),
-                model_kwargs=kwargs,
-                code_paths=tuple(str(p) for p in code_paths),
-            ),
+            spec=spec,
             transfer=transfer,
             check_writer=_lease.check,
             writer_id=_lease.owner,
+            log_metrics=log_metrics,
         )
         self.format = format
         self.async_save = async_save
@@ -325,8 +327,10 @@ class CheckpointManager:
         if self._closed:
             return
         try:
+            if self._worker is not None:
+                self._worker.wait_for_saves()  # a failing last save must be seen before...
             self._raise_background_error()
-            if (
+            if (  # ...deciding whether the last step still needs saving
                 self.save_last
                 and self._last_step is not None
                 and self._last_step != self._last_saved_step
@@ -480,10 +484,20 @@ class CheckpointManager:
         )
 
         def log() -> None:
-            self.client.log_batch(self.run_id, metrics=entities)
+            try:
+                self.client.log_batch(self.run_id, metrics=entities)
+            except Exception as exc:  # a tracking outage: on_error decides, like failed saves
+                raise CheckpointWriteError(
+                    f"Logging the metrics of step {pending.step} to run {self.run_id} in "
+                    f"{self.client.tracking_uri} failed ({type(exc).__name__}: {exc}). "
+                    "Checkpoints are not affected."
+                ) from exc
 
         if self._worker is None:
-            log()
+            try:
+                log()
+            except CheckpointWriteError as exc:
+                self._failed(exc)
         else:
             self._worker.submit(log, is_save=False)
 

@@ -39,6 +39,7 @@ class WriteTarget:
     # Raises WriterConflictError when another process has taken the run over.
     check_writer: Callable[[], None] | None = None
     writer_id: str = ""
+    log_metrics: bool = True  # False: something else (MLflow's autolog) logs the run's metrics
 
 
 @dataclass
@@ -87,6 +88,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             writer=target.writer_id,
         )
     except Exception as exc:
+        _log_run_metrics(target, job)
         raise CheckpointWriteError(
             f"Could not create the LoggedModel for step {job.step} of run {target.run_id} in "
             f"{client.tracking_uri}: {exc}. {_intact(job).capitalize()}."
@@ -113,6 +115,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         _discard(target, model.model_id, store)
         if isinstance(exc, WriterConflictError):
             raise
+        _log_run_metrics(target, job)
         raise CheckpointWriteError(
             f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
             f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
@@ -120,10 +123,11 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             "and save again."
         ) from exc
     # The manifest is in the store: the checkpoint is complete. If this process lost the run
-    # meanwhile, leave it alone: the new owner's recovery adopted it or finalized it.
-    if target.check_writer is not None:
-        target.check_writer()
+    # meanwhile, leave it alone: the new owner's recovery adopted it or finalized it. If the
+    # commit fails, recovery adopts it later (its metrics included).
     try:
+        if target.check_writer is not None:
+            target.check_writer()
         committed = models.commit(
             client,
             model,
@@ -134,13 +138,17 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             size_bytes=manifest.size_bytes,
             manifest_sha256=manifest.digest(),
         )
+    except WriterConflictError:
+        raise
     except Exception as exc:
         raise CheckpointWriteError(
             f"Step {job.step} of run {target.run_id} is stored at {redact(location)} but "
             f"could not be committed in {client.tracking_uri} ({_reason(exc)}). The next "
             "resume or `mlflow-ckpt gc` adopts it once the tracking server is reachable."
         ) from exc
-    store.close()
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()
     logger.info(
         "Committed checkpoint %s (run %s, step %d, %.1f MB) in %.2fs",
         model.model_id,
@@ -150,6 +158,23 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         time.perf_counter() - started,
     )
     return Checkpoint.from_logged_model(committed)
+
+
+def _log_run_metrics(target: WriteTarget, job: SaveJob) -> None:
+    """A failed save's step still belongs in the run's history: log its metrics (best effort)."""
+    if not (target.log_metrics and job.metrics):
+        return
+    try:
+        target.client.log_batch(
+            target.run_id,
+            metrics=models.metric_entities(
+                job.metrics, step=job.step, timestamp_ms=job.timestamp_ms
+            ),
+        )
+    except Exception:
+        logger.warning(
+            "Could not log the metrics of step %d to run %s either", job.step, target.run_id
+        )
 
 
 def _discard(target: WriteTarget, model_id: str, store: Store) -> None:
