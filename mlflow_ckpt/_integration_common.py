@@ -20,7 +20,8 @@ from typing import Any
 import mlflow
 
 from mlflow_ckpt.catalog import Checkpoint, list_checkpoints, load_training_state
-from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError
+from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
+from mlflow_ckpt.manager import CheckpointManager
 from mlflow_ckpt.snapshot import preserved_python_rng
 
 logger = logging.getLogger(__name__)
@@ -89,19 +90,35 @@ class HeldState:
     """A ``Stateful`` whose state is produced by a framework at save time.
 
     ``state_dict()`` calls ``provider`` (e.g. Lightning's ``dump_checkpoint``);
-    ``load_state_dict()`` only keeps what it is given: the framework restores itself from the
-    file :func:`mlflow_ckpt.resume_path` writes, before the manager reopens the run.
+    ``load_state_dict()`` ignores what it is given: the framework restores itself from the
+    file :func:`mlflow_ckpt.resume_path` writes, before the manager reopens the run (keeping
+    it would hold a second copy of the weights and optimizer for the rest of training).
     """
 
     def __init__(self, provider: Callable[[], Mapping[str, Any]]) -> None:
         self._provider = provider
-        self.loaded: Mapping[str, Any] | None = None
 
     def state_dict(self) -> Mapping[str, Any]:
         return self._provider()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loaded = state
+        del state
+
+
+def check_resumed_step(manager: CheckpointManager, framework_step: int, run_id: str) -> None:
+    """Refuse a resume whose framework checkpoint is not the run's newest good checkpoint.
+
+    The manager restores the newest checkpoint that verifies; a framework checkpoint from
+    elsewhere (Lightning's own ``last.ckpt``, an older ``checkpoint-N``) would mix two states.
+    """
+    if manager.start_step == framework_step:
+        return
+    manager.close()
+    raise CheckpointError(
+        f"The checkpoint given to the trainer is at global step {framework_step}, but the newest "
+        f"good checkpoint of MLflow run {run_id} continues at step {manager.start_step}. "
+        f"Resume from `mlflow_ckpt.resume_path({run_id!r})` so that both are the same."
+    )
 
 
 def newest_training_state(run_id: str) -> tuple[Checkpoint, dict[str, Any]]:

@@ -21,6 +21,7 @@ import mlflow
 from mlflow_ckpt._integration_common import (
     LIGHTNING_KEY,
     HeldState,
+    check_resumed_step,
     end_run_if_started,
     numeric_metrics,
     require,
@@ -84,6 +85,7 @@ def _make_callback_class(pl: ModuleType) -> type:
             self.manager: CheckpointManager | None = None
             self.run_id: str | None = None
             self._resume_run_id: str | None = None
+            self._resume_global_step = 0
             self._started_run = False
             self._last_step = -1
             self._failed = False
@@ -110,6 +112,7 @@ def _make_callback_class(pl: ModuleType) -> type:
             """
             saved = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
             self._resume_run_id = saved.get("run_id") or None
+            self._resume_global_step = int(checkpoint.get("global_step", 0))
             if self._resume_run_id and trainer.is_global_zero and self.manager is None:
                 self._open(trainer, pl_module)
 
@@ -148,6 +151,12 @@ def _make_callback_class(pl: ModuleType) -> type:
                         f"as ckpt_path: {exc} If another run is active (mlflow autolog starts "
                         f"one), wrap fit in `with mlflow.start_run(run_id={self.run_id!r}):`."
                     ) from exc
+                try:
+                    check_resumed_step(self.manager, self._resume_global_step, self.run_id)
+                except CheckpointError:
+                    self.manager = None
+                    end_run_if_started(self.run_id, self._started_run)
+                    raise
             else:
                 self.run_id, self._started_run = start_run_if_needed()
                 self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)

@@ -22,6 +22,7 @@ import mlflow
 from mlflow_ckpt._integration_common import (
     HF_TRAINER_STATE_KEY,
     HeldState,
+    check_resumed_step,
     end_run_if_started,
     numeric_metrics,
     require,
@@ -140,6 +141,12 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
                     f"{exc} If another run is active (report_to='mlflow' starts one), wrap "
                     f"train in `with mlflow.start_run(run_id={resume_run!r}):`."
                 ) from exc
+            try:
+                check_resumed_step(self.manager, state.global_step, resume_run)
+            except CheckpointError:
+                self.manager = None
+                end_run_if_started(resume_run, self._started_run)
+                raise
         else:
             self.run_id, self._started_run = start_run_if_needed()
             self.manager = CheckpointManager(objects, run_id=self.run_id, **manager_kwargs)

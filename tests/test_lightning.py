@@ -112,6 +112,21 @@ def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_p
     assert sorted(m.step for m in history) == [3, 7, 11, 15]
 
 
+def test_resume_from_a_foreign_ckpt_is_refused(tracking: str, tmp_path: Path) -> None:
+    _, t = fit(2, MlflowCheckpoint(async_save=False))
+    run_id = next(cb.run_id for cb in t.callbacks if isinstance(cb, MlflowCheckpoint))
+    path = Path(mlflow_ckpt.resume_path(run_id, dst=tmp_path / "resume"))
+    # Lightning's own checkpoint of another step (it carries our callback's run ID too)
+    foreign = torch.load(path, weights_only=False)
+    foreign["global_step"] = 4
+    stale = tmp_path / "last.ckpt"
+    torch.save(foreign, stale)
+    with pytest.raises(mlflow_ckpt.CheckpointError, match=r"global step 4, .* at step 8"):
+        fit(4, MlflowCheckpoint(async_save=False), ckpt_path=str(stale))
+    assert mlflow.active_run() is None
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 3]  # nothing written
+
+
 def test_checkpoint_holds_lightning_state_and_best(tracking: str) -> None:
     with mlflow.start_run() as run:
         fit(3, MlflowCheckpoint(monitor="val_loss", keep_best_n=1, keep_last_n=1, async_save=False))
