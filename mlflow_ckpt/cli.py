@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -34,8 +33,8 @@ from mlflow_ckpt.catalog import (
 from mlflow_ckpt.catalog.reader import describe, read_checkpoint, verify_checkpoint
 from mlflow_ckpt.catalog.recovery import recover_run, sweep_failed
 from mlflow_ckpt.catalog.runs import get_run
-from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.manager.lease import live_lease
+from mlflow_ckpt.errors import CheckpointError, WriterConflictError
+from mlflow_ckpt.manager.lease import WriterLease
 from mlflow_ckpt.manager.retention import apply_retention, build_policy
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -250,17 +249,19 @@ def gc(
 
 
 def _clean_interrupted(client: MlflowClient, run: Run, *, force: bool, dry_run: bool) -> None:
-    writer = live_lease(client, run.info.run_id)
-    if writer is not None and not force:
-        click.echo(
-            f"run {run.info.run_id} is being written by {writer.describe(time.time())}: "
-            "its in-flight saves are left alone (--force cleans them up anyway)"
-        )
-        return
     if dry_run:
         return
-    adopted = recover_run(client, run)
-    swept = sweep_failed(client, run)
+    # Clean up as the run's writer: no save can start (or be adopted twice) meanwhile.
+    try:
+        lease = WriterLease.acquire(client, run.info.run_id, force=force)
+    except WriterConflictError as exc:
+        click.echo(f"{exc} Its in-flight saves are left alone.")
+        return
+    try:
+        adopted = recover_run(client, run)
+        swept = sweep_failed(client, run)
+    finally:
+        lease.release()
     click.echo(
         f"interrupted saves: {len(adopted)} adopted, files of {len(swept)} failed save(s) removed"
     )

@@ -11,6 +11,7 @@ installs it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -109,6 +110,10 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
     ) -> None:
         if not state.is_world_process_zero:
             return  # only the main process writes
+        if self.manager is not None:  # a train() that failed before: don't orphan its manager
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            self.manager = None
         self._trainer_state, self._control = state, control
         self._pending, self._metrics = None, {}
         saved = (state.stateful_callbacks or {}).get(STATE_ENTRY) or {}

@@ -129,14 +129,6 @@ def read_lease(client: MlflowClient, run_id: str) -> LeaseInfo | None:
     return LeaseInfo.parse(client.get_run(run_id).data.tags.get(tags.RUN_WRITER))
 
 
-def live_lease(client: MlflowClient, run_id: str) -> LeaseInfo | None:
-    """The lease of another process that may still be writing ``run_id``, if any."""
-    lease = read_lease(client, run_id)
-    if lease is None or lease.is_this_process():
-        return None
-    return None if lease.why_stale(time.time()) else lease
-
-
 class WriterLease:
     """This process's claim on a run; keeps itself alive until :meth:`release`."""
 
