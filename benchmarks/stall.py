@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> None:
     print(f"torch {torch.__version__}, mlflow {mlflow.__version__}, {os.cpu_count()} CPUs")
 
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-"))
+    cwd = os.getcwd()
     os.chdir(work)
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("stall-benchmark")
@@ -142,7 +144,8 @@ def main(argv: list[str]) -> None:
     ratio = results["async"] / base
     verdict = "meets" if ratio <= 0.1 else "MISSES"
     print(f"\nasync stall / usual recipe = {ratio:.3f} ({verdict} the <= 0.1x target)")
-    print(f"(scratch store: {work})")
+    os.chdir(cwd)
+    shutil.rmtree(work, ignore_errors=True)  # several GB of checkpoints
     # Memory in a fresh process: freed snapshot buffers that the allocator keeps would
     # otherwise hide in this process's baseline.
     subprocess.run([sys.executable, __file__, "--memory", "--params", str(args.params)], check=True)
@@ -154,7 +157,18 @@ def measure_memory(params_millions: int) -> None:
     model, opt = build(params_millions)
     size = state_bytes(model, opt)
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-mem-"))
+    cwd = os.getcwd()
     os.chdir(work)
+    try:
+        _measure_memory(model, opt, size, work)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure_memory(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, size: int, work: Path
+) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("memory-benchmark")
     with mlflow.start_run(run_name="async-memory"):
