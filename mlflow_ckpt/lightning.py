@@ -86,6 +86,7 @@ def _make_callback_class(pl: ModuleType) -> type:
             self.run_id: str | None = None
             self._resume_run_id: str | None = None
             self._resume_global_step = 0
+            self._seen: dict[str, float] = {}  # metric values already given to the manager
             self._started_run = False
             self._last_step = -1
             self._failed = False
@@ -165,8 +166,9 @@ def _make_callback_class(pl: ModuleType) -> type:
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            if self.manager is None or "save_every_n_steps" not in self.manager_kwargs:
-                return
+            per_step = ("save_every_n_steps", "save_every_n_seconds")
+            if self.manager is None or not any(self.manager_kwargs.get(k) for k in per_step):
+                return  # epoch-level triggers only: epoch ends are enough
             if batch_idx + 1 >= trainer.num_training_batches:
                 return  # the epoch's last step is recorded at epoch end, with its val metrics
             self._record(trainer, end_of_epoch=False)
@@ -199,11 +201,12 @@ def _make_callback_class(pl: ModuleType) -> type:
             if step <= self._last_step:
                 return  # no optimizer step since the last call (gradient accumulation)
             self._last_step = step
+            metrics = numeric_metrics(trainer.callback_metrics)
+            if not end_of_epoch:  # within an epoch, callback_metrics repeat the last values
+                metrics = {k: v for k, v in metrics.items() if self._seen.get(k) != v}
+            self._seen.update(metrics)
             self.manager.step(
-                step,
-                metrics=numeric_metrics(trainer.callback_metrics),
-                epoch=trainer.current_epoch,
-                end_of_epoch=end_of_epoch,
+                step, metrics=metrics, epoch=trainer.current_epoch, end_of_epoch=end_of_epoch
             )
 
     MlflowCheckpoint.__module__ = __name__

@@ -141,6 +141,18 @@ def test_checkpoint_holds_lightning_state_and_best(tracking: str) -> None:
     assert len(mlflow_ckpt.list_checkpoints(run.info.run_id)) <= 2
 
 
+def test_steps_within_epochs_are_saved_and_metrics_logged_once(tracking: str) -> None:
+    with mlflow.start_run() as run:
+        fit(2, MlflowCheckpoint(save_every_n_steps=2, async_save=False))
+    run_id = run.info.run_id
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 5, 3, 1]
+    client = MlflowClient()
+    # epoch-level metrics reach the run once per epoch, not again at every step
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [3, 7]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [3, 7]
+    assert "val_loss" in mlflow_ckpt.latest_checkpoint(run_id).metrics
+
+
 def test_non_zero_rank_does_not_save(tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
     callback = MlflowCheckpoint(async_save=False)
