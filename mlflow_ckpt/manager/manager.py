@@ -204,13 +204,7 @@ class CheckpointManager:
                 run_id = active.info.run_id
             run = get_run(self.client, run_id)
             if _lease is None:
-                _lease = WriterLease.acquire(self.client, run_id, force=force, ttl=lease_ttl)
-                if not _lease.inherited:
-                    try:  # the lease holder alone may clean up: no one is mid-save
-                        recover_run(self.client, run)
-                    except BaseException:
-                        _lease.release()
-                        raise
+                _lease = _take_run(self.client, run, force=force, ttl=lease_ttl)
         self._lease = _lease
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
@@ -559,9 +553,9 @@ class CheckpointManager:
         _check_state(state)
         with preserved_python_rng():
             run = get_run(client, run_id)
-            lease = WriterLease.acquire(
+            lease = _take_run(
                 client,
-                run_id,
+                run,
                 force=kwargs.pop("force", False),
                 ttl=kwargs.pop("lease_ttl", DEFAULT_TTL_S),
             )
@@ -584,9 +578,6 @@ class CheckpointManager:
         """:meth:`resume` once this process holds the run's writer lease."""
         run_id = run.info.run_id
         client: MlflowClient = kwargs["client"]
-        if not lease.inherited:
-            with preserved_python_rng():
-                recover_run(client, run)  # the lease holder alone: no one is mid-save
         chosen: Checkpoint | None = None
         loaded: LoadedFolder | None = None
         for ckpt in list_checkpoints(run_id, client=client):
@@ -642,3 +633,19 @@ class CheckpointManager:
             manager.start_step,
         )
         return manager
+
+
+def _take_run(client: MlflowClient, run: Any, *, force: bool, ttl: float) -> WriterLease:
+    """Acquire the run's writer lease, then clean up after killed writers.
+
+    Only the lease holder may recover: with the lease, no other process is mid-save. A lease
+    this process already held (an earlier manager in it) may have saves in flight: no recovery.
+    """
+    lease = WriterLease.acquire(client, run.info.run_id, force=force, ttl=ttl)
+    if not lease.inherited:
+        try:
+            recover_run(client, run)
+        except BaseException:
+            lease.release()
+            raise
+    return lease
