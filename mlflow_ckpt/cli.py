@@ -205,7 +205,7 @@ def verify(target: str, progress: bool) -> None:
 @click.option(
     "--force",
     is_flag=True,
-    help="Clean up interrupted saves even while another process holds the run's writer lease.",
+    help="Take the run's writer lease from a live process to clean up (that writer stops).",
 )
 def gc(
     run_id: str,
@@ -220,7 +220,8 @@ def gc(
     """Clean up RUN_ID: interrupted saves, then checkpoints no --keep-* rule keeps.
 
     Saves cut short by a crash are adopted when complete and marked FAILED otherwise, and
-    their leftover files removed, unless a live writer holds the run. The newest checkpoint
+    their leftover files removed, as the run's writer (a live one is left alone unless
+    --force takes the run over). The newest checkpoint
     and checkpoints used by registered model versions are always kept.
     """
     try:
