@@ -77,7 +77,8 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.catalog.reader import resolve, verify_checkpoint
+from mlflow_ckpt.catalog import resolve
+from mlflow_ckpt.catalog.reader import verify_checkpoint
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
 from mlflow_ckpt.storage.local import TEMP_MARKER
 from tests import crashlib, servers, tinydisk

@@ -28,7 +28,7 @@ import mlflow
 import torch
 
 from mlflow_ckpt.codec import read_manifest, verify_files
-from mlflow_ckpt.flavor import FolderSpec, write_folder
+from mlflow_ckpt.folder import FolderSpec, write_folder
 from mlflow_ckpt.snapshot import take_snapshot
 from mlflow_ckpt.storage import LocalStore, TransferConfig, open_store
 from tests import servers

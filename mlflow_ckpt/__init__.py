@@ -10,7 +10,7 @@ The names below are the whole public API (kept under 20 on purpose). Rarer error
 """
 
 from mlflow_ckpt._version import __version__
-from mlflow_ckpt.autolog import autolog, resume_path
+from mlflow_ckpt.autolog import autolog
 from mlflow_ckpt.catalog import (
     Checkpoint,
     best_checkpoint,
@@ -29,6 +29,7 @@ from mlflow_ckpt.errors import (
     CheckpointWriteError,
     StateMismatchError,
 )
+from mlflow_ckpt.integrations.resume_path import resume_path
 from mlflow_ckpt.manager import CheckpointManager
 
 __all__ = [

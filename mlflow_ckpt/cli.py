@@ -23,18 +23,19 @@ from mlflow.entities import Run
 from mlflow_ckpt.catalog import (
     Checkpoint,
     best_checkpoint,
+    describe,
     diff_checkpoints,
     export_onnx,
     export_safetensors,
     list_checkpoints,
     promote,
     resolve,
+    tags,
 )
-from mlflow_ckpt.catalog.reader import describe, read_checkpoint, verify_checkpoint
-from mlflow_ckpt.catalog.recovery import recover_run, sweep_failed
+from mlflow_ckpt.catalog.reader import read_checkpoint, verify_checkpoint
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.errors import CheckpointError, WriterConflictError
-from mlflow_ckpt.manager.lease import WriterLease
+from mlflow_ckpt.manager.ownership import take_run
 from mlflow_ckpt.manager.retention import apply_retention, build_policy
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -179,7 +180,7 @@ def verify(target: str, progress: bool) -> None:
             models = [resolve(target, client)]
     bad = 0
     for model in models:
-        total = int(model.tags.get("mlflow_ckpt.size_bytes", "0") or 0)
+        total = int(model.tags.get(tags.SIZE_BYTES, "0") or 0)
         with _progress(total, model.model_id, progress) as bar:
             problems = verify_checkpoint(model, on_file=lambda f, bar=bar: bar.update(f.size))
         if problems:
@@ -219,10 +220,10 @@ def gc(
 ) -> None:
     """Clean up RUN_ID: interrupted saves, then checkpoints no --keep-* rule keeps.
 
-    Saves cut short by a crash are adopted when complete and marked FAILED otherwise, and
-    their leftover files removed, as the run's writer (a live one is left alone unless
-    --force takes the run over). The newest checkpoint
-    and checkpoints used by registered model versions are always kept.
+    Saves cut short by a crash are adopted when complete; failed and incomplete ones are
+    removed (leftover files, then their LoggedModel), as the run's writer (a live one is left
+    alone unless --force takes the run over). The newest checkpoint and checkpoints used by
+    registered model versions are always kept.
     """
     try:
         policy = build_policy(
@@ -254,17 +255,14 @@ def _clean_interrupted(client: MlflowClient, run: Run, *, force: bool, dry_run: 
         return
     # Clean up as the run's writer: no save can start (or be adopted twice) meanwhile.
     try:
-        lease = WriterLease.acquire(client, run.info.run_id, force=force)
+        claim = take_run(client, run, force=force, sweep=True)
     except WriterConflictError as exc:
         click.echo(f"{exc} Its in-flight saves are left alone.")
         return
-    try:
-        adopted = recover_run(client, run)
-        swept = sweep_failed(client, run)
-    finally:
-        lease.release()
+    claim.release()
     click.echo(
-        f"interrupted saves: {len(adopted)} adopted, files of {len(swept)} failed save(s) removed"
+        f"interrupted saves: {len(claim.adopted)} adopted, {len(claim.swept)} failed save(s) "
+        "removed"
     )
 
 

@@ -7,259 +7,39 @@ manager was given a ``model_factory``: the network is rebuilt by importing that 
 calling it with the JSON ``model_kwargs`` recorded at save time, then ``state["model"]`` is
 loaded into it. No pickled code is involved at any point.
 
-The module follows MLflow's flavor conventions: :func:`save_model` writes a checkpoint
-folder to a local path, :func:`log_model` logs one to the active run (as a checkpoint like
-any other), :func:`load_model` rebuilds the network from a path or URI and
-:func:`_load_pyfunc` is pyfunc's entry point. :func:`write_folder` is the one function that
-lays out a checkpoint folder; the manager's save pipeline uses it too, so checkpoint bytes
-are written once and never re-uploaded as pyfunc artifacts.
+Like MLflow's own flavor modules, this one sits above the format it serves: it holds the
+quartet :func:`save_model` (a checkpoint folder at a local path), :func:`log_model` (a
+checkpoint of the active run, through the manager's one write path), :func:`load_model` and
+:func:`_load_pyfunc`. The folder format itself lives in :mod:`mlflow_ckpt.folder`.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import numpy as np
-import safetensors
 import torch
 
-from mlflow_ckpt._version import __version__
-from mlflow_ckpt.codec import (
-    DEFAULT_MAX_SHARD_BYTES,
-    STRUCTURE_FILE,
-    FileEntry,
-    Manifest,
-    check_format,
-    write_file,
-    write_manifest,
-    write_state,
-)
+from mlflow_ckpt.catalog import Checkpoint
+from mlflow_ckpt.codec import Manifest, check_format
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.snapshot import LoadedFolder, Snapshot, read_folder, restore, take_snapshot
-from mlflow_ckpt.storage import LocalStore, Store
+from mlflow_ckpt.folder import (
+    FLAVOR_NAME,
+    MODEL_KEY,
+    FolderSpec,
+    factory_path,
+    load_folder_model,
+    write_folder,
+)
+from mlflow_ckpt.manager import CheckpointManager
+from mlflow_ckpt.snapshot import take_snapshot
+from mlflow_ckpt.storage import LocalStore
 
-if TYPE_CHECKING:
-    from mlflow_ckpt.catalog.checkpoint import Checkpoint
-
-FLAVOR_NAME = "mlflow_ckpt"
-MODEL_KEY = "model"
-CODE_DIR = "code"
-
-
-@dataclass(frozen=True)
-class FolderSpec:
-    """How checkpoint folders are written: format, sharding, and how to rebuild the model."""
-
-    format: str = "safetensors"
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    model_factory: str | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    code_paths: tuple[str, ...] = ()
-
-
-def library_versions() -> dict[str, str]:
-    """Versions recorded in every manifest, for debugging format questions later."""
-    return {
-        "mlflow_ckpt": __version__,
-        "torch": str(torch.__version__),
-        "mlflow": mlflow.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
-def factory_path(factory: Callable[..., Any] | str | None) -> str | None:
-    """Turn a module-level callable (or ``"pkg.mod:fn"``) into an import path, checking it."""
-    if factory is None:
-        return None
-    if isinstance(factory, str):
-        path = factory
-    else:
-        module = getattr(factory, "__module__", None)
-        qualname = getattr(factory, "__qualname__", None)
-        if not module or not qualname or "<" in qualname or module == "__main__":
-            raise ValueError(
-                f"model_factory={factory!r} must be importable: a function or class defined at "
-                "module level in an importable module (not __main__, not a lambda), or a "
-                "'package.module:function' string."
-            )
-        path = f"{module}:{qualname}"
-    import_factory(path)
-    return path
-
-
-def import_factory(path: str) -> Callable[..., Any]:
-    """Import ``"pkg.mod:qualname"``: a class or Python function of the user's own code.
-
-    The factory is named in ``MLmodel``, i.e. in data: like MLflow's own ``loader_module``, it
-    is trusted code once called. What a forged name can reach is narrowed to what a model
-    factory can be: never the standard library (``os:system``, ``subprocess:run``), never a
-    built-in, always a class or a plain function.
-    """
-    module_name, _, qualname = path.partition(":")
-    top = module_name.split(".")[0]
-    if not qualname or top in sys.stdlib_module_names or top == "builtins":
-        raise CheckpointError(
-            f"Refusing model factory {path!r}: a factory is 'package.module:callable' from "
-            "your own code, never from the standard library. The MLmodel file may have been "
-            "tampered with."
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise CheckpointError(
-            f"Cannot import model factory {path!r} ({exc}); install the package that defines "
-            "it or add its folder to sys.path."
-        ) from exc
-    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-        raise CheckpointError(
-            f"Refusing model factory {path!r}: it is a {type(obj).__name__}, not a class or a "
-            "Python function."
-        )
-    return obj
-
-
-def mlmodel_yaml(
-    *,
-    model_id: str,
-    run_id: str,
-    format: str,
-    model_factory: str | None,
-    model_kwargs: Mapping[str, Any] | None,
-    with_code: bool = False,
-) -> bytes:
-    """The ``MLmodel`` file of a checkpoint folder."""
-    from mlflow.models import Model
-
-    model = Model(
-        run_id=run_id,
-        model_id=model_id,
-        utc_time_created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
-    )
-    mlflow.pyfunc.add_to_model(
-        model, loader_module="mlflow_ckpt.flavor", code=CODE_DIR if with_code else None
-    )
-    model.add_flavor(
-        FLAVOR_NAME,
-        format=format,
-        manifest="manifest.json",
-        model_factory=model_factory,
-        model_kwargs=json.loads(json.dumps(dict(model_kwargs or {}))),
-        torch_version=str(torch.__version__),
-    )
-    return model.to_yaml().encode()
-
-
-def write_folder(
-    store: Store,
-    snapshot: Snapshot,
-    spec: FolderSpec,
-    *,
-    model_id: str,
-    run_id: str,
-    step: int,
-    epoch: int | None = None,
-    metrics: Mapping[str, float] | None = None,
-    triggers: Sequence[str] = (),
-    created_at: float | None = None,
-    before_manifest: Callable[[], None] | None = None,
-) -> Manifest:
-    """Write one complete checkpoint folder into ``store``; the manifest goes last.
-
-    ``before_manifest`` runs once every other file is stored, right before the commit
-    marker: the manager checks there that it still owns the run.
-    """
-    encoded = write_state(
-        store,
-        snapshot.document,
-        snapshot.tensors,
-        format=spec.format,
-        max_shard_bytes=spec.max_shard_bytes,
-    )
-    code = [_write_code(store, Path(p)) for p in spec.code_paths]
-    mlmodel = write_file(
-        store,
-        "MLmodel",
-        mlmodel_yaml(
-            model_id=model_id,
-            run_id=run_id,
-            format=spec.format,
-            model_factory=spec.model_factory,
-            model_kwargs=spec.model_kwargs,
-            with_code=bool(code),
-        ),
-    )
-    store.flush()  # every file is in the store before the manifest commits them
-    manifest = Manifest(
-        format=spec.format,
-        step=step,
-        epoch=epoch,
-        metrics=dict(metrics or {}),
-        created_at=time.time() if created_at is None else created_at,
-        files=(*encoded.files, *(f for files in code for f in files), mlmodel),
-        tensors=encoded.tensors,
-        structure_file=STRUCTURE_FILE,
-        triggers=tuple(triggers),
-        versions=library_versions(),
-    )
-    if before_manifest is not None:
-        before_manifest()
-    write_manifest(store, manifest)
-    store.flush()
-    return manifest
-
-
-def _write_code(store: Store, source: Path) -> list[FileEntry]:
-    """Copy a code path (file or package folder) under ``code/`` for the pyfunc loader."""
-    if not source.exists():
-        raise CheckpointError(f"code path {source} does not exist")
-    files = (
-        [source]
-        if source.is_file()
-        else sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
-    )
-    base = source.parent
-    return [
-        write_file(store, f"{CODE_DIR}/{path.relative_to(base).as_posix()}", path.read_bytes())
-        for path in files
-    ]
-
-
-def flavor_config(folder: Path) -> dict[str, Any]:
-    """Read the ``mlflow_ckpt`` flavor section of a local checkpoint folder's MLmodel."""
-    from mlflow.models import Model
-
-    return dict(Model.load(str(folder / "MLmodel")).flavors.get(FLAVOR_NAME, {}))
-
-
-def build_model(config: Mapping[str, Any], loaded: LoadedFolder, where: str) -> torch.nn.Module:
-    """Rebuild ``state["model"]`` of a checkpoint with its recorded factory."""
-    path = config.get("model_factory")
-    if not path:
-        raise CheckpointError(
-            f"Checkpoint {where} has no model factory, so its network cannot be rebuilt. "
-            "Pass model_factory= (and JSON model_kwargs=) to CheckpointManager, or restore "
-            "into a model you build: mlflow_ckpt.load(uri, {'model': model})."
-        )
-    model = import_factory(path)(**dict(config.get("model_kwargs") or {}))
-    if not isinstance(model, torch.nn.Module):
-        raise CheckpointError(f"Model factory {path!r} returned {type(model).__name__}")
-    restore(
-        loaded.decoded, {MODEL_KEY: model}, strict=False, restore_rng_streams=False, where=where
-    )
-    return model.eval()
+__all__ = ["FLAVOR_NAME", "load_model", "log_model", "save_model"]
 
 
 def _as_state(state_or_model: Mapping[str, Any] | torch.nn.Module) -> Mapping[str, Any]:
@@ -308,8 +88,6 @@ def log_model(
     The same write path as ``CheckpointManager.save`` (synchronously): the returned
     checkpoint is listed, verifiable and servable like any other.
     """
-    from mlflow_ckpt.manager import CheckpointManager  # the write pipeline lives above
-
     manager = CheckpointManager(
         _as_state(state_or_model), async_save=False, save_last=False, **manager_kwargs
     )
@@ -323,7 +101,9 @@ def log_model(
 def load_model(model_uri: str | Path) -> torch.nn.Module:
     """Rebuild the network of a checkpoint folder (local path) or any MLflow model URI.
 
-    The folder is verified against its manifest first.
+    Every file is verified against the manifest first. For checkpoints found through the
+    catalog (``models:/m-...``), :func:`mlflow_ckpt.load_model` also checks the manifest
+    digest recorded at commit.
     """
     local = Path(model_uri)
     if not local.is_dir():
@@ -374,6 +154,4 @@ def _load_pyfunc(path: str) -> _CheckpointPyfunc:
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
-    with tempfile.TemporaryDirectory() as scratch:
-        loaded = read_folder(LocalStore(str(folder), folder), Path(scratch), str(folder))
-    return _CheckpointPyfunc(build_model(flavor_config(folder), loaded, str(folder)))
+    return _CheckpointPyfunc(load_folder_model(LocalStore(str(folder), folder), str(folder)))

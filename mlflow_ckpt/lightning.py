@@ -16,19 +16,18 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-import mlflow
-
-from mlflow_ckpt._integration_common import (
+from mlflow_ckpt.integrations.framework_run import (
+    FrameworkRun,
+    HoldsFrameworkRun,
+    callback_kwargs,
+    saves_within_epochs,
+)
+from mlflow_ckpt.integrations.framework_state import (
     LIGHTNING_KEY,
     HeldState,
-    check_resumed_step,
-    end_run_if_started,
     numeric_metrics,
     require,
-    start_run_if_needed,
 )
-from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.manager import CheckpointManager
 from mlflow_ckpt.snapshot import capture_rng, restore_rng
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def _make_callback_class(pl: ModuleType) -> type:
     be installed side by side, so the class is made once per package.
     """
 
-    class MlflowCheckpoint(pl.Callback):  # type: ignore[misc, name-defined]
+    class MlflowCheckpoint(HoldsFrameworkRun, pl.Callback):  # type: ignore[misc, name-defined]
         """Save Lightning's full training state as MLflow checkpoints (rank 0 only).
 
         Keyword arguments are those of :class:`mlflow_ckpt.CheckpointManager`
@@ -76,18 +75,12 @@ def _make_callback_class(pl: ModuleType) -> type:
 
         def __init__(self, *, log_metrics: bool | None = None, **manager_kwargs: Any) -> None:
             super().__init__()
-            if not any(k.startswith("save_every_n_") or k == "monitor" for k in manager_kwargs):
-                manager_kwargs["save_every_n_epochs"] = 1
-            if "state" in manager_kwargs or "run_id" in manager_kwargs:
-                raise TypeError("MlflowCheckpoint builds the state and finds the run itself")
-            self.manager_kwargs = manager_kwargs
+            self.manager_kwargs = callback_kwargs("MlflowCheckpoint", manager_kwargs)
             self.log_metrics = log_metrics
-            self.manager: CheckpointManager | None = None
-            self.run_id: str | None = None
+            self._run = FrameworkRun(self.manager_kwargs, resume_from="ckpt_path", call="fit")
             self._resume_run_id: str | None = None
             self._resume_global_step = 0
             self._seen: dict[str, float] = {}  # metric values already given to the manager
-            self._started_run = False
             self._last_step = -1
             self._failed = False
             self._rng_before_sanity: dict[str, Any] | None = None
@@ -140,34 +133,21 @@ def _make_callback_class(pl: ModuleType) -> type:
             log_metrics = (
                 not _mlflow_logs_metrics(trainer) if self.log_metrics is None else self.log_metrics
             )
-            kwargs = dict(self.manager_kwargs, log_metrics=log_metrics)
             if self._resume_run_id:
-                self.run_id = self._resume_run_id
-                self._started_run = mlflow.active_run() is None
-                try:
-                    self.manager = CheckpointManager.resume(self.run_id, state, **kwargs)
-                except CheckpointError as exc:
-                    raise CheckpointError(
-                        f"Could not continue MLflow run {self.run_id} from the checkpoint given "
-                        f"as ckpt_path: {exc} If another run is active (mlflow autolog starts "
-                        f"one), wrap fit in `with mlflow.start_run(run_id={self.run_id!r}):`."
-                    ) from exc
-                try:
-                    check_resumed_step(self.manager, self._resume_global_step, self.run_id)
-                except CheckpointError:
-                    self.manager = None
-                    end_run_if_started(self.run_id, self._started_run)
-                    raise
+                manager = self._run.resume(
+                    self._resume_run_id,
+                    state,
+                    framework_step=self._resume_global_step,
+                    log_metrics=log_metrics,
+                )
             else:
-                self.run_id, self._started_run = start_run_if_needed()
-                self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)
-            self._last_step = self.manager.start_step - 1
+                manager = self._run.open(state, log_metrics=log_metrics)
+            self._last_step = manager.start_step - 1
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            per_step = ("save_every_n_steps", "save_every_n_seconds")
-            if self.manager is None or not any(self.manager_kwargs.get(k) for k in per_step):
+            if self.manager is None or not saves_within_epochs(self.manager_kwargs):
                 return  # epoch-level triggers only: epoch ends are enough
             if batch_idx + 1 >= trainer.num_training_batches:
                 return  # the epoch's last step is recorded at epoch end, with its val metrics
@@ -185,15 +165,9 @@ def _make_callback_class(pl: ModuleType) -> type:
             self._failed = True
 
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            manager, self.manager = self.manager, None
-            if manager is not None:
-                if self._failed:  # keep what was saved; never snapshot a failed state
-                    manager.__exit__(RuntimeError, RuntimeError("fit failed"), None)
-                else:
-                    manager.close()
-            end_run_if_started(self.run_id, self._started_run)
-            self._started_run = False
+            self._run.close(failed=self._failed)  # failed: keep what was saved, nothing more
             self._resume_run_id = None
+            self._failed = False
 
         def _record(self, trainer: Any, *, end_of_epoch: bool) -> None:
             assert self.manager is not None

@@ -18,19 +18,17 @@ import logging
 import math
 from typing import Any
 
-import mlflow
-
-from mlflow_ckpt._integration_common import (
+from mlflow_ckpt.integrations.framework_run import (
+    FrameworkRun,
+    HoldsFrameworkRun,
+    callback_kwargs,
+)
+from mlflow_ckpt.integrations.framework_state import (
     HF_TRAINER_STATE_KEY,
     HeldState,
-    check_resumed_step,
-    end_run_if_started,
     numeric_metrics,
     require,
-    start_run_if_needed,
 )
-from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.manager import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ def _mlflow_logs_metrics(args: Any, callbacks: list[Any]) -> bool:
     return any(c.__name__ == "MLflowCallback" for cb in callbacks for c in type(cb).__mro__)
 
 
-class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-type]
+class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ignore[misc, valid-type]
     """Save the Hugging Face Trainer's full training state as MLflow checkpoints.
 
     Keyword arguments are those of :class:`mlflow_ckpt.CheckpointManager`
@@ -76,16 +74,12 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
     def __init__(
         self, *, trainer: Any = None, log_metrics: bool | None = None, **manager_kwargs: Any
     ) -> None:
-        if not any(k.startswith("save_every_n_") or k == "monitor" for k in manager_kwargs):
-            manager_kwargs["save_every_n_epochs"] = 1
-        if "state" in manager_kwargs or "run_id" in manager_kwargs:
-            raise TypeError("MlflowCheckpointCallback builds the state and finds the run itself")
-        self.manager_kwargs = manager_kwargs
+        self.manager_kwargs = callback_kwargs("MlflowCheckpointCallback", manager_kwargs)
         self.log_metrics = log_metrics
         self.trainer = trainer
-        self.manager: CheckpointManager | None = None
-        self.run_id: str | None = None
-        self._started_run = False
+        self._run = FrameworkRun(
+            self.manager_kwargs, resume_from="resume_from_checkpoint", call="train"
+        )
         self._trainer_state: Any = None
         self._control: Any = None
         self._pending: tuple[int, int, bool] | None = None  # step, epoch, end_of_epoch
@@ -112,8 +106,7 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
             return  # only the main process writes
         if self.manager is not None:  # a train() that failed before: don't orphan its manager
             with contextlib.suppress(Exception):
-                self.manager.close()
-            self.manager = None
+                self._run.close()
         self._trainer_state, self._control = state, control
         self._pending, self._metrics = None, {}
         saved = (state.stateful_callbacks or {}).get(STATE_ENTRY) or {}
@@ -134,27 +127,12 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
             if self.log_metrics is None
             else self.log_metrics
         )
-        manager_kwargs = dict(self.manager_kwargs, log_metrics=log_metrics)
         if resume_run:
-            self.run_id = resume_run
-            self._started_run = mlflow.active_run() is None
-            try:
-                self.manager = CheckpointManager.resume(resume_run, objects, **manager_kwargs)
-            except CheckpointError as exc:
-                raise CheckpointError(
-                    f"Could not continue MLflow run {resume_run} from resume_from_checkpoint: "
-                    f"{exc} If another run is active (report_to='mlflow' starts one), wrap "
-                    f"train in `with mlflow.start_run(run_id={resume_run!r}):`."
-                ) from exc
-            try:
-                check_resumed_step(self.manager, state.global_step, resume_run)
-            except CheckpointError:
-                self.manager = None
-                end_run_if_started(resume_run, self._started_run)
-                raise
+            self._run.resume(
+                resume_run, objects, framework_step=state.global_step, log_metrics=log_metrics
+            )
         else:
-            self.run_id, self._started_run = start_run_if_needed()
-            self.manager = CheckpointManager(objects, run_id=self.run_id, **manager_kwargs)
+            self._run.open(objects, log_metrics=log_metrics)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flush()
@@ -184,21 +162,18 @@ class MlflowCheckpointCallback(TrainerCallback):  # type: ignore[misc, valid-typ
             self._metrics.update(numeric_metrics(metrics))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        manager, self.manager = self.manager, None
-        if manager is None:
+        if self.manager is None:
             return
         try:
-            self._flush(manager)
-            manager.close()  # waits for uploads, saves the last step if not saved yet
+            self._flush()
         finally:
-            end_run_if_started(self.run_id, self._started_run)
-            self._started_run = False
+            self._run.close()  # waits for uploads, saves the last step if not saved yet
 
     # ------------------------------------------------------------------ internals
 
-    def _flush(self, manager: CheckpointManager | None = None) -> None:
+    def _flush(self) -> None:
         """Record the finished step now that its logs and evaluation are in."""
-        manager = manager or self.manager
+        manager = self.manager
         pending, self._pending = self._pending, None
         if manager is None or pending is None:
             return

@@ -175,9 +175,9 @@ def _finish(
 ) -> None:
     from click.testing import CliRunner
 
-    from mlflow_ckpt.catalog import tags
+    from mlflow_ckpt.catalog import load_training_state, resolve, tags
     from mlflow_ckpt.catalog.queries import list_checkpoints
-    from mlflow_ckpt.catalog.reader import load_training_state, resolve, verify_checkpoint
+    from mlflow_ckpt.catalog.reader import verify_checkpoint
     from mlflow_ckpt.cli import main as cli
     from mlflow_ckpt.storage.local import TEMP_MARKER
 

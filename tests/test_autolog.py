@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 
 autolog_module = importlib.import_module("mlflow_ckpt.autolog")
+patching = importlib.import_module("mlflow_ckpt.integrations.patching")
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +127,7 @@ def test_disable_restores_everything(tracking: str) -> None:
     }
     assert after == before
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
-    assert autolog_module._PATCHES == [] and autolog_module._SESSIONS == []
+    assert patching._PATCHES == [] and autolog_module._SESSIONS == []
     # steps after disable are not checkpointed
     with mlflow.start_run() as run:
         train(model, opt, sched, 0, 2, VAL)
@@ -148,8 +149,8 @@ def test_disable_leaves_a_later_patch_by_someone_else_in_place(tracking: str) ->
         assert mlflow.log_metric is theirs  # not clobbered; ours is now a pass-through
     finally:
         mlflow.log_metric = (
-            autolog_module._PATCHES[0].original
-            if autolog_module._PATCHES
+            patching._PATCHES[0].original
+            if patching._PATCHES
             else (mlflow.tracking.fluent.log_metric)
         )
 

@@ -73,7 +73,7 @@ def test_server_dies_mid_upload_then_comes_back(
     mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run_id), restored)
     assert torch.equal(restored["w"], state["w"])
 
-    # The failed save is recorded as FAILED; gc removes whatever bytes it left behind.
+    # The failed save is recorded as FAILED while its bytes cannot be removed; gc removes them.
     client = MlflowClient()
     failed = [
         m
@@ -83,7 +83,12 @@ def test_server_dies_mid_upload_then_comes_back(
     assert [m.tags["mlflow_ckpt.step"] for m in failed] == ["1"]
     gc = CliRunner().invoke(cli, ["gc", run_id], catch_exceptions=False)
     assert gc.exit_code == 0, gc.output
+    assert "1 failed save(s) removed" in gc.output
     assert _keys(s3_server, failed[0].model_id) == []
+    # its bytes gone, its LoggedModel is deleted too (no "Failed" row left in the Models tab)
+    assert failed[0].model_id not in {
+        m.model_id for m in client.search_logged_models([run.info.experiment_id])
+    }
 
 
 def test_gc_removes_upload_staging_left_by_killed_processes(tracking: str) -> None:

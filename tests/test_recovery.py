@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 import mlflow_ckpt
 from mlflow_ckpt.catalog import models
@@ -91,9 +93,13 @@ def test_killed_after_manifest_before_metrics_is_adopted_with_its_metrics(tracki
     (ckpt,) = mlflow_ckpt.list_checkpoints(run_id)
     assert ckpt.model_id == pending.model_id and ckpt.metrics == {"loss": 3.0}
     assert history(run_id, "loss") == [0, 1, 2, 3]
-    failed = client.get_logged_model(broken.model_id)
-    assert failed.tags["mlflow_ckpt.status"] == "failed"
     assert not (Path(broken.artifact_location) / "state.json").exists()
+    # its files gone, its LoggedModel is deleted too: no "Failed" row in the Models tab
+    with pytest.raises(MlflowException, match="not found"):
+        client.get_logged_model(broken.model_id)
+    assert broken.model_id not in {
+        m.model_id for m in client.search_logged_models([run.info.experiment_id])
+    }
 
 
 def test_a_pending_save_that_cannot_be_read_now_is_never_deleted(tracking: str) -> None:

@@ -215,8 +215,9 @@ def test_azure_upload_of_more_than_ten_blocks(
 def test_progress_bar_on_large_downloads(s3_via_proxy, capsys) -> None:
     ckpt = save_once(TransferConfig(progress=False), size=100_000)
     capsys.readouterr()
-    from mlflow_ckpt.catalog.reader import read_checkpoint, resolve
-    from mlflow_ckpt.snapshot import read_folder
+    from mlflow_ckpt.catalog import resolve
+    from mlflow_ckpt.catalog.reader import read_checkpoint
+    from mlflow_ckpt.folder import read_folder
     from mlflow_ckpt.storage import open_store
 
     model = resolve(ckpt, MlflowClient())

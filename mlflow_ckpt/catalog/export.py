@@ -13,7 +13,8 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.reader import load_model, load_training_state, resolve
+from mlflow_ckpt.catalog.loading import load_model, load_training_state
+from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.storage import open_store
 

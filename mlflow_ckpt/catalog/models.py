@@ -12,14 +12,14 @@ Python's global ``random`` and shift the user's random stream.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModel, LoggedModelOutput, Metric
+from mlflow.entities import LoggedModel, LoggedModelOutput
 
 from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog.metrics import log_step_metrics
 from mlflow_ckpt.codec import FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
@@ -38,43 +38,32 @@ def create_pending(
 ) -> LoggedModel:
     """Create the (still invisible) LoggedModel a save will write into.
 
-    ``writer`` (the writer lease's ID) tells, after the fact, which process wrote it.
+    ``writer`` (the writer lease's ID) tells, after the fact, which process wrote it. Step,
+    epoch, trigger and format are tags (what queries filter on) and also params: the MLflow
+    UI's Models tab shows params as columns, so checkpoints sort and compare by step there.
     """
+    described = {
+        "step": str(step),
+        "epoch": "" if epoch is None else str(epoch),
+        "trigger": ",".join(triggers),
+        "format": format,
+    }
     return client.create_logged_model(
         experiment_id=experiment_id,
         name=f"checkpoint-step-{step}",
         source_run_id=run_id,
         model_type=tags.MODEL_TYPE,
+        params=described,
         tags={
-            tags.STEP: str(step),
-            tags.EPOCH: "" if epoch is None else str(epoch),
-            tags.TRIGGER: ",".join(triggers),
+            tags.STEP: described["step"],
+            tags.EPOCH: described["epoch"],
+            tags.TRIGGER: described["trigger"],
             tags.FORMAT: format,
             tags.FORMAT_VERSION: str(FORMAT_VERSION),
             tags.STATUS: tags.PENDING,
             tags.WRITER: writer,
         },
     )
-
-
-def metric_entities(
-    metrics: Mapping[str, float], *, step: int, timestamp_ms: int, model_id: str | None = None
-) -> list[Metric]:
-    """MLflow ``Metric`` objects for one step, linked to a model when ``model_id`` is given.
-
-    Non-finite values are logged to the run only: MLflow stores a model's NaN metric as 0.0
-    (and inf as the largest float), which would make a diverged checkpoint look best.
-    """
-    return [
-        Metric(
-            key,
-            float(value),
-            timestamp_ms,
-            step,
-            model_id=model_id if math.isfinite(value) else None,
-        )
-        for key, value in metrics.items()
-    ]
 
 
 def commit(
@@ -95,13 +84,9 @@ def commit(
     one call (logging them separately would duplicate the run's entries). ``link_run=False``
     skips the run output link when it already exists (recovery of an interrupted commit).
     """
-    if metrics:
-        client.log_batch(
-            run_id,
-            metrics=metric_entities(
-                metrics, step=step, timestamp_ms=timestamp_ms, model_id=model.model_id
-            ),
-        )
+    log_step_metrics(
+        client, run_id, metrics, step=step, timestamp_ms=timestamp_ms, model_id=model.model_id
+    )
     if link_run:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     client.finalize_logged_model(model.model_id, "READY")

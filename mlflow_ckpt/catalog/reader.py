@@ -1,88 +1,30 @@
-"""Loading a checkpoint by URI: resolve it in MLflow, fetch, verify every hash, restore."""
+"""Reading checkpoints found in the catalog: fetch, verify every hash, decode.
+
+:func:`newest_verified` is the one answer to "which checkpoint does this run continue
+from?": the manager's resume, the framework integrations and ``resume_path`` all use it, so
+a corrupt checkpoint is treated the same everywhere (warned about, tagged, skipped).
+"""
 
 from __future__ import annotations
 
-import re
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
-from mlflow.exceptions import MlflowException
 
-from mlflow_ckpt import flavor
-from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.runs import get_logged_model, is_not_found
+from mlflow_ckpt.catalog.queries import list_checkpoints
+from mlflow_ckpt.catalog.resolve import describe, resolve
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
 from mlflow_ckpt.codec.hashing import sha256_file
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
-from mlflow_ckpt.snapshot import LoadedFolder, plain_state, read_folder, restore
+from mlflow_ckpt.folder import LoadedFolder, read_folder
 from mlflow_ckpt.storage import open_store
-
-_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
-_MODEL_ID_IN = re.compile(r"m-[0-9a-f]{32}")
-
-
-def resolve(ref: Checkpoint | str, client: MlflowClient) -> LoggedModel:
-    """Find the LoggedModel behind a Checkpoint, ``models:/m-...``, ``m-...`` or registry URI."""
-    if isinstance(ref, Checkpoint):
-        model_id = ref.model_id
-    elif not isinstance(ref, str):
-        raise TypeError(f"expected a Checkpoint or a URI string, got {type(ref).__name__}")
-    elif _MODEL_ID.match(ref):
-        model_id = ref
-    elif ref.startswith("models:/"):
-        rest = ref.removeprefix("models:/").strip("/")
-        model_id = rest if _MODEL_ID.match(rest) else _registry_model_id(rest, ref, client)
-    else:
-        raise CheckpointNotFoundError(
-            f"{ref!r} is not a checkpoint URI; use 'models:/m-<id>' (Checkpoint.uri), a "
-            "registered model 'models:/<name>@<alias>' or 'models:/<name>/<version>'."
-        )
-    model = get_logged_model(client, model_id)
-    status = model.tags.get(tags.STATUS)
-    if status != tags.COMMITTED:
-        reason = {
-            tags.PENDING: "its save never finished (the process died or is still writing)",
-            tags.FAILED: "its save failed",
-            tags.CORRUPT: "it failed verification earlier",
-        }.get(status or "", "it was not written by mlflow_ckpt")
-        raise CheckpointNotFoundError(
-            f"LoggedModel {model_id} (run {model.source_run_id}, step "
-            f"{model.tags.get(tags.STEP, '?')}) is not a committed checkpoint: {reason}. "
-            "Use mlflow_ckpt.list_checkpoints(run_id) to find a good one."
-        )
-    return model
-
-
-def _registry_model_id(rest: str, uri: str, client: MlflowClient) -> str:
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = rest.rpartition("/")
-            version = client.get_model_version(name, number)
-    except MlflowException as exc:
-        if not is_not_found(exc):
-            raise
-        raise CheckpointNotFoundError(f"No registered model version for {uri!r}") from exc
-    if version.model_id:
-        return version.model_id
-    # The SQL registry does not store model_id; the source still names the LoggedModel.
-    found = _MODEL_ID_IN.search(version.source or "")
-    if not found:
-        raise CheckpointNotFoundError(f"{uri!r} is a model version without a LoggedModel")
-    return found.group(0)
-
-
-def describe(model: LoggedModel) -> str:
-    """How a checkpoint is named in messages: ID, run and step."""
-    return f"{model.model_id} (run {model.source_run_id}, step {model.tags.get(tags.STEP, '?')})"
 
 
 def read_checkpoint(model: LoggedModel) -> LoadedFolder:
@@ -99,6 +41,37 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
                 "never committed or its files were deleted."
             ) from exc
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint whose every file verified, with its decoded content."""
+
+    checkpoint: Checkpoint
+    model: LoggedModel
+    loaded: LoadedFolder
+
+
+def newest_verified(run_id: str, client: MlflowClient) -> VerifiedCheckpoint | None:
+    """The newest committed checkpoint of ``run_id`` whose files verify, or ``None``.
+
+    Each one that fails is skipped with a warning naming it and the bad file; a corrupt one
+    is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
+    """
+    for ckpt in list_checkpoints(run_id, client=client):
+        try:
+            model = resolve(ckpt, client)
+            loaded = read_checkpoint(model)
+        except (CheckpointCorruptedError, CheckpointNotFoundError) as exc:
+            warnings.warn(
+                f"Skipping checkpoint {ckpt.uri} (step {ckpt.step}) of run {run_id}: {exc}",
+                stacklevel=3,
+            )
+            if isinstance(exc, CheckpointCorruptedError):
+                models.mark_corrupt(client, ckpt.model_id)
+            continue
+        return VerifiedCheckpoint(ckpt, model, loaded)
+    return None
 
 
 def manifest_digest(model: LoggedModel) -> str:
@@ -158,59 +131,3 @@ def _as_problem(exc: CheckpointError, path: str) -> CheckpointCorruptedError:
     problem = CheckpointCorruptedError(str(exc), path=path)
     problem.__cause__ = exc
     return problem
-
-
-def load(
-    uri_or_checkpoint: Checkpoint | str,
-    state: Mapping[str, Any],
-    *,
-    strict: bool = False,
-    restore_rng: bool = True,
-    client: MlflowClient | None = None,
-) -> Checkpoint:
-    """Restore ``state`` in place from one checkpoint and return its record.
-
-    Every file's SHA-256 is checked first; nothing is restored unless all of ``state`` fits
-    (``StateMismatchError`` lists missing, unexpected and mismatched names). ``state`` may
-    name a subset of what was saved (``{"model": model}``) unless ``strict=True``. Entries
-    that cannot be updated in place (numbers, strings) are replaced in ``state`` if it is a
-    dict. ``restore_rng`` also restores the global Python/NumPy/torch random streams.
-    """
-    client = client or MlflowClient()
-    model = resolve(uri_or_checkpoint, client)
-    loaded = read_checkpoint(model)
-    restore(
-        loaded.decoded,
-        state,
-        strict=strict,
-        restore_rng_streams=restore_rng,
-        where=describe(model),
-    )
-    return Checkpoint.from_logged_model(model)
-
-
-def load_training_state(
-    uri_or_checkpoint: Checkpoint | str, *, client: MlflowClient | None = None
-) -> dict[str, Any]:
-    """The whole saved state as plain data (tensors, dicts, numbers), with no objects needed.
-
-    Keys are the state names given to the manager, plus ``_rng`` (the random streams) and
-    ``_progress`` (step, epoch, metrics).
-    """
-    client = client or MlflowClient()
-    return plain_state(read_checkpoint(resolve(uri_or_checkpoint, client)).decoded)
-
-
-def load_model(
-    uri_or_checkpoint: Checkpoint | str, *, client: MlflowClient | None = None
-) -> torch.nn.Module:
-    """Rebuild ``state["model"]`` with the checkpoint's ``model_factory``, in eval mode."""
-    client = client or MlflowClient()
-    model = resolve(uri_or_checkpoint, client)
-    where = describe(model)
-    store = open_store(model.artifact_location)
-    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch:
-        loaded = read_checkpoint(model)
-        mlmodel = store.fetch("MLmodel", Path(scratch))
-        config = flavor.flavor_config(mlmodel.parent)
-    return flavor.build_model(config, loaded, where)

@@ -6,8 +6,8 @@ checkpoint whose data is complete and verifiable but which is invisible. Resumin
 older checkpoint would then redo that step and log its metrics a second time. Instead,
 recovery adopts such checkpoints: it verifies them, logs whatever of their metrics the run
 does not have yet, and commits them. Pending checkpoints without a valid manifest were
-never complete: they are finalized as FAILED and their files removed (temporary files of a
-write cut short included). Deletions cut short (status ``deleting``) are finished.
+never complete: they are discarded, files first (temporary files of a write cut short
+included), then their LoggedModel. Deletions cut short (status ``deleting``) are finished.
 
 Only the holder of the run's writer lease may call these: a live writer's in-flight save
 looks exactly like a killed one.
@@ -21,9 +21,10 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 
 from mlflow_ckpt.catalog import models, tags
-from mlflow_ckpt.catalog.deletion import delete_checkpoint, remove_files
+from mlflow_ckpt.catalog.deletion import delete_checkpoint, discard_failed
 from mlflow_ckpt.catalog.queries import search_models
-from mlflow_ckpt.catalog.reader import describe, manifest_digest, read_checkpoint
+from mlflow_ckpt.catalog.reader import manifest_digest, read_checkpoint
+from mlflow_ckpt.catalog.resolve import describe
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.storage.staging import sweep_stale_staging
 
@@ -66,15 +67,13 @@ def recover_run(client: MlflowClient, run: Run) -> list[str]:
 
 
 def sweep_failed(client: MlflowClient, run: Run) -> list[str]:
-    """Remove the files failed saves left behind (e.g. when the network was down).
-
-    The FAILED LoggedModels stay as a record of what happened. Returns their IDs.
-    """
-    swept = []
-    for model in _with_status(client, run, tags.FAILED):
-        if remove_files(model):
-            swept.append(model.model_id)
-    return swept
+    """Remove what failed saves left behind (e.g. when the network was down): files, then
+    the LoggedModel. Returns the IDs of the saves removed."""
+    return [
+        model.model_id
+        for model in _with_status(client, run, tags.FAILED)
+        if discard_failed(client, model)
+    ]
 
 
 def recover_pending(client: MlflowClient, run: Run) -> list[str]:
@@ -96,8 +95,7 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
         except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:
             # No manifest, or files that don't match it: this save never completed.
             logger.warning("Discarding interrupted save %s: %s", describe(model), exc)
-            models.mark_failed(client, model.model_id)
-            remove_files(model)
+            discard_failed(client, model)
             continue
         except (CheckpointError, OSError) as exc:
             # Unreachable store, a newer format...: it may well be complete. Never delete

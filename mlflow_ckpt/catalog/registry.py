@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.reader import resolve
+from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.snapshot import preserved_python_rng
 
 

@@ -16,11 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
 
-from mlflow_ckpt import flavor
 from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.deletion import discard_failed
+from mlflow_ckpt.catalog.metrics import log_step_metrics
 from mlflow_ckpt.errors import CheckpointWriteError, WriterConflictError
+from mlflow_ckpt.folder import FolderSpec, write_folder
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.storage import Store, TransferConfig, open_store, redact
 
@@ -34,7 +37,7 @@ class WriteTarget:
     client: MlflowClient
     run_id: str
     experiment_id: str
-    spec: flavor.FolderSpec
+    spec: FolderSpec
     transfer: TransferConfig | None = None
     # Raises WriterConflictError when another process has taken the run over.
     check_writer: Callable[[], None] | None = None
@@ -98,7 +101,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     try:
         if target.check_writer is not None:
             target.check_writer()
-        manifest = flavor.write_folder(
+        manifest = write_folder(
             store,
             job.snapshot,
             target.spec,
@@ -112,7 +115,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             before_manifest=target.check_writer,
         )
     except BaseException as exc:
-        _discard(target, model.model_id, store)
+        _discard(target, model, store)
         if isinstance(exc, WriterConflictError):
             raise
         _log_run_metrics(target, job)
@@ -165,11 +168,12 @@ def _log_run_metrics(target: WriteTarget, job: SaveJob) -> None:
     if not (target.log_metrics and job.metrics):
         return
     try:
-        target.client.log_batch(
+        log_step_metrics(
+            target.client,
             target.run_id,
-            metrics=models.metric_entities(
-                job.metrics, step=job.step, timestamp_ms=job.timestamp_ms
-            ),
+            job.metrics,
+            step=job.step,
+            timestamp_ms=job.timestamp_ms,
         )
     except Exception:
         logger.warning(
@@ -177,18 +181,12 @@ def _log_run_metrics(target: WriteTarget, job: SaveJob) -> None:
         )
 
 
-def _discard(target: WriteTarget, model_id: str, store: Store) -> None:
-    """Finalize a failed save: FAILED tag, its partial files removed (best effort)."""
-    try:
-        models.mark_failed(target.client, model_id)
-    except Exception:
-        logger.warning("Could not mark checkpoint %s as failed", model_id)
+def _discard(target: WriteTarget, model: LoggedModel, store: Store) -> None:
+    """Remove a failed save: its partial files, then its LoggedModel (best effort).
+
+    The store is closed first so that no in-flight upload lands after the cleanup. What
+    cannot be removed now stays tagged failed for ``mlflow-ckpt gc``.
+    """
     with contextlib.suppress(Exception):
-        store.close()  # let in-flight uploads finish so nothing lands after the cleanup
-    try:
-        store.delete_all()
-    except Exception:
-        logger.warning(
-            "Could not remove the partial checkpoint at %s; `mlflow-ckpt gc` retries",
-            redact(store.uri),
-        )
+        store.close()
+    discard_failed(target.client, model, store)

@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 class RetentionPolicy(Protocol):
-    """Names the checkpoints (by model ID) a policy wants to keep."""
+    """Names the checkpoints (by model ID) a policy wants to keep.
+
+    A user's own policy needs only this method; pass it as ``CheckpointManager(...,
+    retention=MyPolicy())``. On top of any policy the newest checkpoint and registered ones
+    are kept.
+    """
 
     def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]: ...
 
@@ -133,7 +138,7 @@ def apply_retention(
     if not checkpoints:
         return result
     registered = {m.model_id for m in models if is_registered(m)}
-    keep = policy.keep(checkpoints)
+    keep = set(policy.keep(checkpoints))  # a user's policy may return any iterable
     keep.add(max(checkpoints, key=lambda c: (c.step, c.created_at)).model_id)
     for ckpt in sorted(checkpoints, key=lambda c: c.step):
         if ckpt.model_id in keep:

@@ -4,6 +4,10 @@ Each trigger answers one question for a finished step: "is a checkpoint due?". T
 asks all of them and, if any says yes, saves once with all their names (a step is saved at
 most once). Triggers that keep state (the best value so far, the time of the last save)
 expose it through ``state_dict``/``load_state_dict`` so it survives a resume.
+
+A user's own trigger needs only a ``name`` and ``fires(info)``; ``observe``, ``state_dict``
+and ``load_state_dict`` are optional (see :class:`Trigger`). Pass it as
+``CheckpointManager(..., triggers=[MyTrigger()])``.
 """
 
 from __future__ import annotations
@@ -26,17 +30,36 @@ class StepInfo:
 
 
 class Trigger(Protocol):
-    """A save policy. ``name`` is recorded in the checkpoint's ``mlflow_ckpt.trigger`` tag."""
+    """A save policy. ``name`` is recorded in the checkpoint's ``mlflow_ckpt.trigger`` tag.
+
+    ``fires(info)`` answers for one finished step. Optional methods, called when present:
+    ``observe(info)`` after every step (to update what the trigger remembers), and
+    ``state_dict()``/``load_state_dict(state)`` (JSON-able) to carry that across a resume.
+    """
 
     name: str
 
     def fires(self, info: StepInfo) -> bool: ...
 
-    def observe(self, info: StepInfo) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+def observe(trigger: Trigger, info: StepInfo) -> None:
+    """Let ``trigger`` see a finished step (a no-op for triggers without ``observe``)."""
+    method = getattr(trigger, "observe", None)
+    if callable(method):
+        method(info)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+def trigger_state(trigger: Trigger) -> dict[str, Any]:
+    """What ``trigger`` needs to survive a resume (``{}`` for stateless triggers)."""
+    method = getattr(trigger, "state_dict", None)
+    return dict(method()) if callable(method) else {}
+
+
+def load_trigger_state(trigger: Trigger, state: dict[str, Any]) -> None:
+    """Give ``trigger`` back what :func:`trigger_state` saved."""
+    method = getattr(trigger, "load_state_dict", None)
+    if callable(method):
+        method(state)
 
 
 class _Stateless:
@@ -121,3 +144,33 @@ class BestMetric:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
         self.best_step = state.get("best_step")
+
+
+class TriggerSet:
+    """The triggers of one manager, asked together: a step is saved once, with all names."""
+
+    def __init__(self, triggers: tuple[Trigger, ...]) -> None:
+        self.triggers = triggers
+
+    def fired(self, info: StepInfo) -> tuple[str, ...]:
+        """The names of the triggers due at this step; then every trigger observes it."""
+        names = tuple(t.name for t in self.triggers if t.fires(info))
+        for trigger in self.triggers:
+            observe(trigger, info)
+        return names
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {t.name: trigger_state(t) for t in self.triggers}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for trigger in self.triggers:
+            if trigger.name in saved:
+                load_trigger_state(trigger, dict(saved[trigger.name]))
+
+    @property
+    def best_value(self) -> float | None:
+        """Best value of the monitored metric so far, if a :class:`BestMetric` is among them."""
+        for trigger in self.triggers:
+            if isinstance(trigger, BestMetric):
+                return trigger.best
+        return None

@@ -1,6 +1,5 @@
 """Snapshot layer: collect the training state into host memory and restore it."""
 
-from mlflow_ckpt.snapshot.folder import LoadedFolder, read_folder
 from mlflow_ckpt.snapshot.rng import capture_rng, preserved_python_rng, restore_rng
 from mlflow_ckpt.snapshot.snapshot import (
     DecodedState,
@@ -13,13 +12,11 @@ from mlflow_ckpt.snapshot.snapshot import (
 
 __all__ = [
     "DecodedState",
-    "LoadedFolder",
     "Snapshot",
     "capture_rng",
     "decode_document",
     "plain_state",
     "preserved_python_rng",
-    "read_folder",
     "restore",
     "restore_rng",
     "take_snapshot",

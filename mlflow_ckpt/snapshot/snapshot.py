@@ -16,7 +16,7 @@ import torch
 
 from mlflow_ckpt.codec import STRUCTURE_FILE
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
-from mlflow_ckpt.snapshot.restore import restore_into
+from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
 

@@ -12,82 +12,16 @@ from __future__ import annotations
 import base64
 import collections
 import math
-import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
 
 Json = Any
-
-STATE_DICT = "state_dict"
-TORCH_GENERATOR = "torch.Generator"
-PY_RANDOM = "random.Random"
-NP_GENERATOR = "numpy.Generator"
-NP_RANDOM_STATE = "numpy.RandomState"
-
-
-@dataclass(frozen=True)
-class StatefulValue:
-    """The saved state of a stateful object, and which protocol restores it."""
-
-    kind: str
-    value: Any
-
-
-def is_stateful(obj: Any) -> bool:
-    """Whether ``obj`` follows the ``state_dict()``/``load_state_dict()`` protocol."""
-    return (
-        not isinstance(obj, Mapping | torch.Tensor | type)
-        and callable(getattr(obj, "state_dict", None))
-        and callable(getattr(obj, "load_state_dict", None))
-    )
-
-
-def stateful_kind(obj: Any) -> str | None:
-    """The restore protocol ``obj`` supports, or ``None`` if it is plain data."""
-    if isinstance(obj, torch.Generator):
-        return TORCH_GENERATOR
-    if isinstance(obj, random.Random):
-        return PY_RANDOM
-    if isinstance(obj, np.random.Generator):
-        return NP_GENERATOR
-    if isinstance(obj, np.random.RandomState):
-        return NP_RANDOM_STATE
-    if is_stateful(obj):
-        return STATE_DICT
-    return None
-
-
-def capture_stateful(obj: Any, kind: str) -> Any:
-    """Read the state of a stateful object (see :func:`stateful_kind`)."""
-    if kind == TORCH_GENERATOR:
-        return obj.get_state()
-    if kind == PY_RANDOM:
-        return obj.getstate()
-    if kind == NP_GENERATOR:
-        return obj.bit_generator.state
-    if kind == NP_RANDOM_STATE:
-        return obj.get_state()
-    return obj.state_dict()
-
-
-def apply_stateful(obj: Any, kind: str, value: Any) -> None:
-    """Write a saved state back into a stateful object."""
-    if kind == TORCH_GENERATOR:
-        obj.set_state(value)
-    elif kind == PY_RANDOM:
-        obj.setstate(value)
-    elif kind == NP_GENERATOR:
-        obj.bit_generator.state = value
-    elif kind == NP_RANDOM_STATE:
-        obj.set_state(value)
-    else:
-        obj.load_state_dict(value)
 
 
 class TensorSink:
@@ -194,7 +128,6 @@ def _encode_mapping(obj: Mapping[Any, Any], path: str, sink: TensorSink) -> Json
     return node
 
 
-KINDS = (STATE_DICT, TORCH_GENERATOR, PY_RANDOM, NP_GENERATOR, NP_RANDOM_STATE)
 _NPSCALAR_KINDS = "biufc"  # bool, integers, floats, complex: scalars without pickle
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError
-from mlflow_ckpt.snapshot.tree import (
+from mlflow_ckpt.snapshot.stateful import (
     NP_GENERATOR,
     NP_RANDOM_STATE,
     PY_RANDOM,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_ckpt.codec import Manifest, read_manifest, read_state, verify_files
-from mlflow_ckpt.snapshot.snapshot import DecodedState, decode_document
+from mlflow_ckpt.snapshot import DecodedState, decode_document
 from mlflow_ckpt.storage import Store
 
 

@@ -1,0 +1,129 @@
+"""Write one checkpoint folder into a store: state files, ``MLmodel``, code, manifest last.
+
+:func:`write_folder` is the only function that lays a folder out. The manager's save
+pipeline and the flavor's ``save_model`` both call it, so checkpoint bytes are written once
+and never re-uploaded as pyfunc artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import safetensors
+import torch
+
+from mlflow_ckpt._version import __version__
+from mlflow_ckpt.codec import (
+    DEFAULT_MAX_SHARD_BYTES,
+    STRUCTURE_FILE,
+    FileEntry,
+    Manifest,
+    write_file,
+    write_manifest,
+    write_state,
+)
+from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.folder.mlmodel import CODE_DIR, mlmodel_yaml
+from mlflow_ckpt.snapshot import Snapshot
+from mlflow_ckpt.storage import Store
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    """How checkpoint folders are written: format, sharding, and how to rebuild the model."""
+
+    format: str = "safetensors"
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    model_factory: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    code_paths: tuple[str, ...] = ()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every manifest, for debugging format questions later."""
+    return {
+        "mlflow_ckpt": __version__,
+        "torch": str(torch.__version__),
+        "mlflow": mlflow.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def write_folder(
+    store: Store,
+    snapshot: Snapshot,
+    spec: FolderSpec,
+    *,
+    model_id: str,
+    run_id: str,
+    step: int,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    triggers: Sequence[str] = (),
+    created_at: float | None = None,
+    before_manifest: Callable[[], None] | None = None,
+) -> Manifest:
+    """Write one complete checkpoint folder into ``store``; the manifest goes last.
+
+    ``before_manifest`` runs once every other file is stored, right before the commit
+    marker: the manager checks there that it still owns the run.
+    """
+    encoded = write_state(
+        store,
+        snapshot.document,
+        snapshot.tensors,
+        format=spec.format,
+        max_shard_bytes=spec.max_shard_bytes,
+    )
+    code = [_write_code(store, Path(p)) for p in spec.code_paths]
+    mlmodel = write_file(
+        store,
+        "MLmodel",
+        mlmodel_yaml(
+            model_id=model_id,
+            run_id=run_id,
+            format=spec.format,
+            model_factory=spec.model_factory,
+            model_kwargs=spec.model_kwargs,
+            with_code=bool(code),
+        ),
+    )
+    store.flush()  # every file is in the store before the manifest commits them
+    manifest = Manifest(
+        format=spec.format,
+        step=step,
+        epoch=epoch,
+        metrics=dict(metrics or {}),
+        created_at=time.time() if created_at is None else created_at,
+        files=(*encoded.files, *(f for files in code for f in files), mlmodel),
+        tensors=encoded.tensors,
+        structure_file=STRUCTURE_FILE,
+        triggers=tuple(triggers),
+        versions=library_versions(),
+    )
+    if before_manifest is not None:
+        before_manifest()
+    write_manifest(store, manifest)
+    store.flush()
+    return manifest
+
+
+def _write_code(store: Store, source: Path) -> list[FileEntry]:
+    """Copy a code path (file or package folder) under ``code/`` for the pyfunc loader."""
+    if not source.exists():
+        raise CheckpointError(f"code path {source} does not exist")
+    files = (
+        [source]
+        if source.is_file()
+        else sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
+    )
+    base = source.parent
+    return [
+        write_file(store, f"{CODE_DIR}/{path.relative_to(base).as_posix()}", path.read_bytes())
+        for path in files
+    ]

@@ -1,0 +1,156 @@
+"""The MLflow run and the manager behind one framework training.
+
+Lightning's callback, the Hugging Face callback and the plain-loop checkpointer all open a
+manager the same way, through :class:`FrameworkRun`: resume the run a framework checkpoint
+names (and refuse one that is not that run's newest good checkpoint), or start on the
+active run (starting one, with an explicit name, when there is none); on close, end only
+the run it started itself, as MLflow's own autolog does.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import mlflow
+
+from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.manager import CheckpointManager
+from mlflow_ckpt.snapshot import preserved_python_rng
+
+logger = logging.getLogger(__name__)
+
+
+class FrameworkRun:
+    """Opens, resumes and closes the manager of one training (one ``fit``/``train``/loop).
+
+    ``resume_from`` says where a resumed run's framework checkpoint came from (e.g.
+    ``"ckpt_path"``) and ``call`` how training is started (``"fit"``), for error messages.
+    """
+
+    def __init__(
+        self, manager_kwargs: Mapping[str, Any], *, resume_from: str = "", call: str = ""
+    ) -> None:
+        self.manager_kwargs = dict(manager_kwargs)
+        self.resume_from = resume_from
+        self.call = call
+        self.manager: CheckpointManager | None = None
+        self.run_id: str | None = None
+        self._started_run = False
+
+    def open(self, state: Mapping[str, Any], **overrides: Any) -> CheckpointManager:
+        """A manager on the active run (started if there is none)."""
+        self.run_id, self._started_run = _start_run_if_needed()
+        kwargs = {**self.manager_kwargs, **overrides}
+        self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)
+        return self.manager
+
+    def resume(
+        self,
+        run_id: str,
+        state: Mapping[str, Any],
+        *,
+        framework_step: int | None = None,
+        **overrides: Any,
+    ) -> CheckpointManager:
+        """Continue ``run_id``; ``framework_step`` is where the framework itself resumes.
+
+        The manager restores the newest checkpoint that verifies; a framework checkpoint from
+        elsewhere (Lightning's own ``last.ckpt``, an older ``checkpoint-N``) would mix two
+        states, so a ``framework_step`` that is not the manager's ``start_step`` is refused.
+        """
+        self.run_id = run_id
+        self._started_run = mlflow.active_run() is None
+        kwargs = {**self.manager_kwargs, **overrides}
+        try:
+            self.manager = CheckpointManager.resume(run_id, state, **kwargs)
+        except CheckpointError as exc:
+            self.close()
+            if not self.resume_from:
+                raise
+            raise CheckpointError(
+                f"Could not continue MLflow run {run_id} from the checkpoint given as "
+                f"{self.resume_from}: {exc} If another run is active (MLflow's autologging "
+                f"starts one), wrap {self.call} in `with mlflow.start_run(run_id={run_id!r}):`."
+            ) from exc
+        if framework_step is not None and self.manager.start_step != framework_step:
+            start = self.manager.start_step
+            self.close()
+            raise CheckpointError(
+                f"The checkpoint given to the trainer is at global step {framework_step}, but "
+                f"the newest good checkpoint of MLflow run {run_id} continues at step {start}. "
+                f"Resume from `mlflow_ckpt.resume_path({run_id!r})` so that both are the same."
+            )
+        return self.manager
+
+    def close(self, *, failed: bool = False) -> None:
+        """Close the manager (``failed``: keep what was saved, snapshot nothing more), then
+        end the run if this object started it."""
+        manager, self.manager = self.manager, None
+        try:
+            if manager is not None and failed:
+                manager.__exit__(RuntimeError, RuntimeError("training failed"), None)
+            elif manager is not None:
+                manager.close()  # waits for uploads, saves the last step if not saved yet
+        finally:
+            self._end_run()
+
+    def _end_run(self) -> None:
+        started, self._started_run = self._started_run, False
+        active = mlflow.active_run()
+        if started and active is not None and active.info.run_id == self.run_id:
+            with preserved_python_rng():
+                mlflow.end_run()
+
+
+def _start_run_if_needed() -> tuple[str, bool]:
+    """The active run's ID, starting a run first if there is none; returns (run_id, started).
+
+    The run gets an explicit name: MLflow invents names from Python's global ``random``, which
+    would shift the training's random stream and break bit-for-bit resume.
+    """
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.run_id, False
+    with preserved_python_rng():
+        run = mlflow.start_run(run_name=f"mlflow-ckpt-{uuid.uuid4().hex[:8]}")
+    logger.info("Started MLflow run %s for checkpoints", run.info.run_id)
+    return run.info.run_id, True
+
+
+def callback_kwargs(owner: str, manager_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A framework callback's manager keywords, checked and completed.
+
+    The callback builds the state and finds the run itself, so ``state``/``run_id`` are
+    refused; without any trigger it saves at the end of every epoch.
+    """
+    if "state" in manager_kwargs or "run_id" in manager_kwargs:
+        raise TypeError(f"{owner} builds the state and finds the run itself")
+    kwargs = dict(manager_kwargs)
+    if not any(k.startswith("save_every_n_") or k in ("monitor", "triggers") for k in kwargs):
+        kwargs["save_every_n_epochs"] = 1
+    return kwargs
+
+
+def saves_within_epochs(manager_kwargs: Mapping[str, Any]) -> bool:
+    """Whether a trigger may fire mid-epoch, so every step must be recorded, not epoch ends."""
+    per_step = ("save_every_n_steps", "save_every_n_seconds", "triggers")
+    return any(manager_kwargs.get(k) for k in per_step)
+
+
+class HoldsFrameworkRun:
+    """Read access to a callback's :class:`FrameworkRun`: its manager and its MLflow run."""
+
+    _run: FrameworkRun
+
+    @property
+    def manager(self) -> CheckpointManager | None:
+        """The manager of the current training (``None`` outside one, or off the main rank)."""
+        return self._run.manager
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run the checkpoints go to."""
+        return self._run.run_id

@@ -1,0 +1,237 @@
+"""Everything a manager is told, checked and normalised before anything happens.
+
+:func:`build_options` turns the keyword arguments of ``CheckpointManager(...)`` (or of
+``CheckpointManager.resume(...)``) into one immutable :class:`ManagerOptions`. Every argument
+problem is raised here, as ``TypeError``/``ValueError`` naming the argument, before any
+object is restored, any run is started or any lease is taken. The flat keywords
+(``save_every_n_steps=``, ``keep_last_n=``...) are shorthand: they become the same trigger
+and retention objects a user may pass as ``triggers=[...]`` and ``retention=...``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
+
+from mlflow import MlflowClient
+
+from mlflow_ckpt.codec import check_format
+from mlflow_ckpt.folder import FolderSpec, factory_path
+from mlflow_ckpt.manager.metrics import check_metric_name
+from mlflow_ckpt.manager.retention import KeepAny, RetentionPolicy, build_policy
+from mlflow_ckpt.manager.triggers import (
+    BestMetric,
+    EveryNEpochs,
+    EveryNSeconds,
+    EveryNSteps,
+    Trigger,
+)
+from mlflow_ckpt.snapshot.tree import TensorSink, encode
+from mlflow_ckpt.storage import TransferConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """A manager's checked configuration (see ``CheckpointManager`` for each meaning)."""
+
+    triggers: tuple[Trigger, ...]
+    retention: RetentionPolicy | None
+    spec: FolderSpec
+    monitor: str | None
+    async_save: bool
+    save_last: bool
+    log_metrics: bool
+    on_error: str
+    force: bool
+    lease_ttl: float
+    transfer: TransferConfig | None
+    client: MlflowClient | None
+
+    @property
+    def format(self) -> str:
+        return self.spec.format
+
+
+class OptionView(Generic[T]):
+    """A read-only attribute of the manager that shows one of its options."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> OptionView[T]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> T: ...
+
+    def __get__(self, obj: object | None, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.options, self.name)  # type: ignore[attr-defined]
+
+
+def option_arguments(signature: inspect.Signature, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete keyword arguments of ``signature`` (defaults filled in) for ``kwargs``.
+
+    Unknown names raise ``TypeError`` listing the accepted ones, as a call would.
+    """
+    accepted = {
+        name: param.default
+        for name, param in signature.parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "run_id"
+    }
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(unknown)}; CheckpointManager accepts "
+            f"{', '.join(sorted(accepted))}"
+        )
+    return {**accepted, **kwargs}
+
+
+def build_options(args: Mapping[str, Any]) -> ManagerOptions:
+    """Check every constructor keyword in ``args`` and build the options from them."""
+    for name in ("save_every_n_steps", "save_every_n_epochs", "max_shard_bytes"):
+        _positive(name, args[name], int)
+    for name in ("keep_last_n", "keep_best_n", "keep_every_n_steps"):
+        _positive(name, args[name], int)
+    _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
+    _positive("lease_ttl", args["lease_ttl"], float)
+    for name in ("save_last", "async_save", "log_metrics", "force"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, not {args[name]!r}")
+    mode, monitor = args["mode"], args["monitor"]
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    if args["on_error"] not in ("raise", "warn"):
+        raise ValueError(f"on_error must be 'raise' or 'warn', not {args['on_error']!r}")
+    if monitor is not None:
+        check_metric_name(monitor, "monitor")
+    for name, kind in (("transfer", TransferConfig), ("client", MlflowClient)):
+        if args[name] is not None and not isinstance(args[name], kind):
+            raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
+    return ManagerOptions(
+        triggers=_triggers(args, monitor, mode),
+        retention=_retention(args, monitor, mode),
+        spec=_folder_spec(args),
+        monitor=monitor,
+        async_save=args["async_save"],
+        save_last=args["save_last"],
+        log_metrics=args["log_metrics"],
+        on_error=args["on_error"],
+        force=args["force"],
+        lease_ttl=float(args["lease_ttl"]),
+        transfer=args["transfer"],
+        client=args["client"],
+    )
+
+
+def check_state(state: Mapping[str, Any]) -> None:
+    """Fail at construction, not hours later, if something in the state can't be saved.
+
+    This encodes the whole state once (every ``state_dict()`` is called) without copying a
+    tensor: the cost of one save's bookkeeping, paid once per manager.
+    """
+    if not isinstance(state, Mapping) or not state:
+        raise TypeError(
+            "state must be a non-empty dict of name -> object, e.g. "
+            "{'model': model, 'optimizer': optimizer}"
+        )
+    sink = TensorSink(lambda t: t)
+    for name, obj in state.items():
+        if not isinstance(name, str) or not name or name.startswith("_"):
+            raise ValueError(
+                f"state names must be non-empty strings not starting with '_': {name!r}"
+            )
+        encode(obj, name, sink)
+
+
+def _positive(name: str, value: Any, kind: type) -> None:
+    if value is None:
+        return
+    expected = numbers.Integral if kind is int else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _triggers(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[Trigger, ...]:
+    """The user's trigger objects, then those the flat keywords ask for."""
+    given = args["triggers"]
+    if given is None:
+        given = ()
+    if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+        raise TypeError(f"triggers must be a list of trigger objects, not {given!r}")
+    triggers: list[Trigger] = list(given)
+    if args["save_every_n_steps"]:
+        triggers.append(EveryNSteps(int(args["save_every_n_steps"])))
+    if args["save_every_n_epochs"]:
+        triggers.append(EveryNEpochs(int(args["save_every_n_epochs"])))
+    if args["save_every_n_seconds"]:
+        triggers.append(EveryNSeconds(float(args["save_every_n_seconds"])))
+    if monitor:
+        triggers.append(BestMetric(monitor, mode))
+    names: set[str] = set()
+    for trigger in triggers:
+        name = getattr(trigger, "name", None)
+        if not callable(getattr(trigger, "fires", None)) or not isinstance(name, str):
+            raise TypeError(
+                f"{trigger!r} is not a trigger: it needs a str `name` and a method "
+                "`fires(info: StepInfo) -> bool` (optionally `observe`, `state_dict`, "
+                "`load_state_dict`); see mlflow_ckpt.manager.triggers"
+            )
+        if not name or "," in name:
+            raise ValueError(f"trigger name {name!r} must be non-empty and without commas")
+        if name in names:
+            raise ValueError(
+                f"two triggers are named {name!r} (a trigger object and the keyword that makes "
+                "the same one?); give each trigger its own name"
+            )
+        names.add(name)
+    return tuple(triggers)
+
+
+def _retention(args: Mapping[str, Any], monitor: str | None, mode: str) -> RetentionPolicy | None:
+    """The user's retention object, kept together with what the ``keep_*`` keywords ask for."""
+    given = args["retention"]
+    if given is not None and not callable(getattr(given, "keep", None)):
+        raise TypeError(
+            f"retention={given!r} is not a retention policy: it needs a method "
+            "`keep(checkpoints) -> set of model IDs`; see mlflow_ckpt.manager.retention"
+        )
+    shorthand = build_policy(
+        keep_last_n=args["keep_last_n"],
+        keep_best_n=args["keep_best_n"],
+        keep_every_n_steps=args["keep_every_n_steps"],
+        metric=monitor,
+        mode=mode,
+    )
+    if given is None or shorthand is None:
+        return given or shorthand
+    return KeepAny((given, shorthand))
+
+
+def _folder_spec(args: Mapping[str, Any]) -> FolderSpec:
+    try:
+        kwargs = json.loads(json.dumps(dict(args["model_kwargs"] or {}), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model_kwargs must be JSON-serialisable: {exc}") from exc
+    code_paths = args["code_paths"]
+    if isinstance(code_paths, str | Path):
+        code_paths = [code_paths]
+    for path in code_paths:
+        if not Path(path).exists():
+            raise ValueError(f"code path {path} does not exist (code_paths=)")
+    return FolderSpec(
+        format=check_format(args["format"]),
+        max_shard_bytes=int(args["max_shard_bytes"]),
+        model_factory=factory_path(args["model_factory"]),
+        model_kwargs=kwargs,
+        code_paths=tuple(str(p) for p in code_paths),
+    )

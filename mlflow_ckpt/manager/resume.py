@@ -1,0 +1,97 @@
+"""Continuing a run: restore the newest verified checkpoint, then reopen the MLflow run.
+
+The order is what makes ``CheckpointManager.resume`` safe. Arguments are checked and the run
+taken over (lease, recovery) first; restoring is all-or-nothing and comes before any write
+to the run, so a checkpoint that does not fit leaves both the objects and the run untouched;
+only then is the run reopened and the resume recorded on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from mlflow_ckpt.catalog import Checkpoint, VerifiedCheckpoint, describe, newest_verified, tags
+from mlflow_ckpt.catalog.recovery import logged_pairs
+from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.snapshot import preserved_python_rng, restore
+
+
+def check_no_other_run(run_id: str) -> None:
+    """Refuse to resume ``run_id`` while another run is active in this process."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != run_id:
+        raise CheckpointError(
+            f"Cannot resume run {run_id}: run {active.info.run_id} is active in this "
+            "process. End it first (mlflow.end_run())."
+        )
+
+
+def restore_newest(
+    client: MlflowClient, run_id: str, state: Mapping[str, Any], *, strict: bool
+) -> VerifiedCheckpoint | None:
+    """Restore the newest checkpoint of ``run_id`` that verifies into ``state`` (and the
+    global random streams); ``None`` (and nothing changed) when the run has none."""
+    verified = newest_verified(run_id, client)
+    if verified is not None:
+        restore(
+            verified.loaded.decoded,
+            state,
+            strict=strict,
+            restore_rng_streams=True,
+            where=describe(verified.model),
+        )
+    return verified
+
+
+def reopen_run(run_id: str) -> None:
+    """Make ``run_id`` the active run (it may be already)."""
+    with preserved_python_rng():  # the user's random streams are restored: keep them
+        if mlflow.active_run() is None:
+            mlflow.start_run(run_id=run_id)
+
+
+def record_resume(
+    client: MlflowClient, run_id: str, resumes: int, chosen: Checkpoint | None
+) -> None:
+    """Tag the run with how often it was resumed and from which checkpoint."""
+    with preserved_python_rng():
+        client.set_tag(run_id, tags.RUN_RESUMES, str(resumes))
+        client.set_tag(run_id, tags.RUN_RESUMED_FROM, chosen.uri if chosen else "")
+
+
+def logged_since(client: MlflowClient, run_id: str, start_step: int) -> set[tuple[str, int]]:
+    """The (metric, step) pairs already in the run's history from ``start_step`` on."""
+    return {(key, step) for key, step in logged_pairs(client, run_id) if step >= start_step}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where training continues, read from the restored checkpoint's saved progress."""
+
+    checkpoint: Checkpoint | None = None
+    start_step: int = 0
+    start_epoch: int = 0
+    last_epoch: int | None = None
+    triggers: dict[str, Any] = field(default_factory=dict)  # each trigger's saved state
+    resumes: int = 1  # this resume included
+
+    @classmethod
+    def of(cls, verified: VerifiedCheckpoint | None) -> ResumePoint:
+        if verified is None:
+            return cls()
+        progress = verified.loaded.decoded.progress
+        manager_state = progress.get("manager") or {}
+        epoch = progress.get("epoch")
+        return cls(
+            checkpoint=verified.checkpoint,
+            start_step=verified.checkpoint.step + 1,
+            start_epoch=0 if epoch is None else int(epoch) + bool(progress.get("end_of_epoch")),
+            last_epoch=None if epoch is None else int(epoch),
+            triggers=dict(manager_state.get("triggers") or {}),
+            resumes=int(manager_state.get("resumes", 0)) + 1,
+        )

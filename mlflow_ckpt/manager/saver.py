@@ -1,0 +1,161 @@
+"""How a due save is carried out: snapshot, then the write path inline or in the background.
+
+:class:`Saver` owns what happens after the manager has decided *that* a step is saved: the
+in-memory snapshot on the training thread, the :class:`~.pipeline.SaveJob`, running it (and
+the metric logging of other steps) inline for sync saves or on the one background worker
+for async ones, at most one save in flight, retention after each commit, and the
+``on_error`` policy for failures, which surface on the training thread either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from mlflow import MlflowClient
+
+from mlflow_ckpt.catalog import Checkpoint
+from mlflow_ckpt.errors import CheckpointError, CheckpointWriteError
+from mlflow_ckpt.manager.lease import WriterLease
+from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
+from mlflow_ckpt.manager.options import ManagerOptions
+from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, write_checkpoint
+from mlflow_ckpt.manager.retention import apply_retention
+from mlflow_ckpt.manager.worker import BackgroundWorker
+from mlflow_ckpt.snapshot import take_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class Saver:
+    """Runs the saves and metric logging of one manager."""
+
+    def __init__(
+        self,
+        state: Mapping[str, Any],
+        options: ManagerOptions,
+        client: MlflowClient,
+        *,
+        run_id: str,
+        experiment_id: str,
+        lease: WriterLease,
+    ) -> None:
+        self.state = state
+        self.options = options
+        self.client = client
+        self.run_id = run_id
+        self.target = WriteTarget(
+            client=client,
+            run_id=run_id,
+            experiment_id=experiment_id,
+            spec=options.spec,
+            transfer=options.transfer,
+            check_writer=lease.check,
+            writer_id=lease.owner,
+            log_metrics=options.log_metrics,
+        )
+        self.metrics = StepMetrics(client, run_id, enabled=options.log_metrics)
+        self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
+        self.last_checkpoint: Checkpoint | None = None
+        self.last_saved_step: int | None = None
+        self.last_save_time = time.monotonic()
+
+    def save(
+        self,
+        step: int,
+        epoch: int | None,
+        triggers: Iterable[str],
+        *,
+        end_of_epoch: bool,
+        manager_state: Mapping[str, Any],
+    ) -> None:
+        """Snapshot the state now and write it as the checkpoint of ``step``."""
+        if self.worker is not None:
+            self.worker.wait_for_saves()  # one save in flight: at most one extra host copy
+            self.raise_background_error()
+        pending = self.metrics.take_for(step)
+        metrics = pending.metrics if pending else {}
+        progress = {
+            "step": step,
+            "epoch": epoch,
+            "end_of_epoch": end_of_epoch,
+            "metrics": metrics,
+            "manager": dict(manager_state),
+        }
+        snapshot = take_snapshot(self.state, progress, copy=self.worker is not None)
+        job = SaveJob(
+            snapshot=snapshot,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            triggers=tuple(triggers),
+            timestamp_ms=pending.timestamp_ms if pending else now_ms(),
+            previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
+        )
+        self.last_saved_step = step
+        self.last_save_time = time.monotonic()
+        self._run(lambda: self._write(job), is_save=True)
+
+    def flush_metrics(self) -> None:
+        """Log the held step's metrics (not linked to a checkpoint)."""
+        job = self.metrics.take_job()
+        if job is not None:
+            self._run(job, is_save=False)
+
+    def wait(self) -> None:
+        """Block until every pending save and metric is committed; raise a background error."""
+        self.flush_metrics()
+        if self.worker is not None:
+            self.worker.drain()
+        self.raise_background_error()
+
+    def wait_for_saves(self) -> None:
+        """Block until no save is queued or running (metric jobs may still be)."""
+        if self.worker is not None:
+            self.worker.wait_for_saves()
+
+    def raise_background_error(self) -> None:
+        error = self.worker.take_error() if self.worker is not None else None
+        if error is not None:
+            self._failed(error)
+
+    def stop(self) -> None:
+        """Run what is queued, then end the worker thread."""
+        if self.worker is not None:
+            self.worker.stop()
+
+    def _run(self, job: Callable[[], None], *, is_save: bool) -> None:
+        """Run ``job`` on the worker (async) or here, where its failure is handled now."""
+        if self.worker is not None:
+            self.worker.submit(job, is_save=is_save)
+            return
+        try:
+            job()
+        except CheckpointError as exc:
+            self._failed(exc)
+
+    def _write(self, job: SaveJob) -> None:
+        """Write and commit one checkpoint, then apply retention (on the worker if async)."""
+        try:
+            self.last_checkpoint = write_checkpoint(self.target, job)
+        except CheckpointError:
+            if self.last_saved_step == job.step:  # let save_last retry this step at close
+                self.last_saved_step = self.last_checkpoint.step if self.last_checkpoint else None
+            raise
+        del job
+        if self.options.retention is not None:
+            apply_retention(self.client, self.run_id, self.options.retention)
+
+    def _failed(self, error: BaseException) -> None:
+        """Raise a failed save's error, or only warn about it with ``on_error="warn"``.
+
+        A lost writer lease always raises: going on would write a run another process owns.
+        """
+        if self.options.on_error == "warn" and isinstance(error, CheckpointWriteError):
+            logger.warning("%s", error)
+            warnings.warn(f"{error} Training goes on (on_error='warn').", stacklevel=5)
+            return
+        raise error
