@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import mlflow_ckpt
+import mlflow_ckpt.flavor
+from mlflow_ckpt.cli import main as cli
 from tests.train_script import DIM, Net
 
 
@@ -113,3 +122,70 @@ def test_code_paths_make_the_factory_importable_elsewhere(
     finally:
         sys.path.remove(str(tmp_path))
     assert out.stdout.strip().endswith("(2, 1)")
+
+
+_MODEL_CODE = """
+import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(features, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+"""
+
+
+def test_a_checkpoint_carries_its_model_code_where_it_is_not_installed(
+    tracking: str, tmp_path: Path
+) -> None:
+    """code_paths=: load_model, the flavor, pyfunc and the CLI's export need no PYTHONPATH."""
+    name = f"ckpt_code_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / f"{name}.py").write_text(_MODEL_CODE)
+    sys.path.insert(0, str(source))
+    try:
+        factory = importlib.import_module(name).Tiny
+        model = factory(features=4)
+        with mlflow.start_run(run_name="code") as run:
+            with mlflow_ckpt.CheckpointManager(
+                {"model": model},
+                model_factory=factory,
+                model_kwargs={"features": 4},
+                code_paths=[source / f"{name}.py"],
+                async_save=False,
+            ) as mgr:
+                mgr.save(0)
+    finally:
+        sys.path.remove(str(source))
+        del sys.modules[name]
+    shutil.rmtree(source)  # the model's code now exists only inside the checkpoint
+    ckpt = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    batch = torch.ones(3, 4)
+    with torch.no_grad():
+        expected = model(batch)
+    added: list[str] = []
+    try:
+        rebuilt = mlflow_ckpt.load_model(ckpt.uri)
+        added = [p for p in sys.path if "mlflow-ckpt-code-" in p]
+        assert len(added) == 1 and Path(added[0], f"{name}.py").is_file()
+        with torch.no_grad():
+            assert torch.equal(rebuilt(batch), expected)
+        assert type(mlflow_ckpt.flavor.load_model(ckpt.uri)).__name__ == "Tiny"
+        assert [p for p in sys.path if "mlflow-ckpt-code-" in p] == added  # one entry, reused
+        served = mlflow.pyfunc.load_model(ckpt.uri).predict(batch.numpy())
+        np.testing.assert_allclose(served, expected.numpy())
+        out = tmp_path / "model.onnx"
+        result = CliRunner().invoke(
+            cli,
+            ["export", ckpt.uri, "--format", "onnx", "--example-shape", "1,4", "-o", str(out)],
+        )
+        assert result.exit_code == 0, result.output
+        assert out.stat().st_size > 0
+    finally:
+        for path in added:
+            sys.path.remove(path)
+        sys.modules.pop(name, None)
