@@ -49,6 +49,8 @@ def train(run_id: str | None) -> None:
         mode="min",
         model_factory=Classifier,
         model_kwargs={"features": 20, "hidden": 64, "classes": 4},
+        # the model's code travels with each checkpoint: it serves and exports from anywhere
+        code_paths=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model.py")],
     )
     if run_id is None:
         mlflow.set_experiment(EXPERIMENT)
@@ -132,12 +134,23 @@ def main() -> None:
     best = mlflow_ckpt.best_checkpoint(run_id=run_id, metric="val_loss", mode="min")
     if best is not None:
         print(f"   best val_loss {best.metrics['val_loss']:.4f} at step {best.step}: {best.uri}")
-    exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        print("\nServe or export the best one (its model code is inside the checkpoint):")
+        print(f"   mlflow models serve -m {best.uri} --env-manager local")
+        print(f"   mlflow-ckpt export {best.uri} --format onnx --example-shape 1,20 -o best.onnx")
+    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    print_ui_hint(uri, experiment_id)
+
+
+def print_ui_hint(tracking_uri: str, experiment_id: str) -> None:
+    """Where to look: the experiment's Models tab in the 'Model training' view."""
     print("\nLook at them in the MLflow UI:")
-    print(f"   mlflow ui --backend-store-uri {uri}")
-    print(f"   http://127.0.0.1:5000/#/experiments/{exp_id}/models?workflowType=machine_learning")
+    print(f"   mlflow ui --backend-store-uri {tracking_uri}")
+    print(
+        f"   http://127.0.0.1:5000/#/experiments/{experiment_id}/models"
+        "?workflowType=machine_learning"
+    )
     print("   (the Models tab of the experiment, 'Model training' view: one row per checkpoint,")
-    print("    with its step and metrics)")
+    print("    with its step, epoch and trigger as parameters and its metrics as columns)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,18 @@ def test_train_and_resume_demo(tmp_path: Path) -> None:
     assert "resumed from step" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     assert "workflowType=machine_learning" in out
+    assert out.count("Look at them in the MLflow UI") == 1
     assert (tmp_path / "mlflow.db").exists()
+    # The printed export command works from a folder where the demo's model code is not
+    # importable: the checkpoint carries it (code_paths=).
+    (command,) = [line.split() for line in out.splitlines() if "mlflow-ckpt export" in line]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    cli = Path(sys.executable).with_name("mlflow-ckpt")
+    proc = subprocess.run(
+        [str(cli), *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "best.onnx").stat().st_size > 0
 
 
 @pytest.mark.slow
