@@ -189,3 +189,71 @@ def test_a_checkpoint_carries_its_model_code_where_it_is_not_installed(
         for path in added:
             sys.path.remove(path)
         sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_are_stored_keyed_like_the_plain_model(tracking: str, wrap: str) -> None:
+    """A torch.compile'd (or DataParallel) model's checkpoint loads into the plain model,
+    serves through pyfunc (whose factory builds a plain one) and resumes into a wrapper."""
+    torch.manual_seed(0)
+    plain = Net()
+    wrapped = (
+        torch.compile(plain, backend="eager") if wrap == "compile" else torch.nn.DataParallel(plain)
+    )
+    prefix = "_orig_mod." if wrap == "compile" else "module."
+    assert all(k.startswith(prefix) for k in wrapped.state_dict())
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=0.01)
+    batch = torch.randn(4, DIM)
+    with mlflow.start_run(run_name=wrap) as run:
+        with mlflow_ckpt.CheckpointManager(
+            {"model": wrapped, "optimizer": opt}, model_factory=Net, async_save=False
+        ) as mgr:
+            wrapped(batch).sum().backward()
+            opt.step()
+            mgr.save(0)
+    ckpt = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    saved = mlflow_ckpt.load_training_state(ckpt)["model"]
+    assert list(saved) == list(plain.state_dict())  # no wrapper prefix
+    fresh = Net()
+    mlflow_ckpt.load(ckpt, {"model": fresh})
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with torch.no_grad():
+        expected = plain.eval()(batch).numpy()
+    np.testing.assert_array_equal(
+        mlflow.pyfunc.load_model(ckpt.uri).predict(batch.numpy()), expected
+    )
+
+    # and back into a wrapped model, optimizer included
+    again = Net()
+    rewrapped = torch.compile(again, backend="eager") if wrap == "compile" else again
+    opt2 = torch.optim.AdamW(rewrapped.parameters(), lr=0.01)
+    resumed = mlflow_ckpt.CheckpointManager.resume(
+        run.info.run_id, {"model": rewrapped, "optimizer": opt2}
+    )
+    resumed.close()
+    mlflow.end_run()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    assert opt2.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoints_with_wrapper_prefixed_keys_still_restore(tracking: str) -> None:
+    """Written before wrappers were unwrapped: ``_orig_mod.``-prefixed keys."""
+    torch.manual_seed(0)
+    plain = Net()
+
+    class AsCompiledBefore:  # what a compiled model's state_dict() gave
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {f"_orig_mod.{k}": v for k, v in plain.state_dict().items()}
+
+        def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+            raise AssertionError("not restored into")
+
+    with mlflow.start_run(run_name="old") as run:
+        with mlflow_ckpt.CheckpointManager({"model": AsCompiledBefore()}, async_save=False) as mgr:
+            mgr.save(0)
+    fresh = Net()
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), {"model": fresh})
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

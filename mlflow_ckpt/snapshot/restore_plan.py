@@ -29,6 +29,7 @@ from mlflow_ckpt.snapshot.stateful import (
     StatefulValue,
     apply_stateful,
     stateful_kind,
+    unwrap_module,
 )
 
 Action = Callable[[], None]
@@ -154,7 +155,8 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         return
     saved = value.value
     if isinstance(target, torch.nn.Module):
-        _check_module(target, saved, path, plan)
+        saved = _without_wrapper_prefix(saved)
+        _check_module(unwrap_module(target), saved, path, plan)
     elif isinstance(target, torch.optim.Optimizer):
         _check_optimizer(target, saved, path, plan)
     elif kind == TORCH_GENERATOR:
@@ -171,6 +173,17 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         plan.unchecked.append((path, lambda: apply_stateful(target, kind, saved)))
         return
     plan.checked.append(lambda: apply_stateful(target, kind, saved))
+
+
+def _without_wrapper_prefix(saved: Any) -> Any:
+    """Checkpoints written before wrappers were unwrapped hold ``_orig_mod.``/``module.``
+    keys; they restore into the unwrapped module like newer ones."""
+    if not isinstance(saved, Mapping) or not saved:
+        return saved
+    for prefix in ("_orig_mod.", "module."):
+        if all(isinstance(k, str) and k.startswith(prefix) for k in saved):
+            return type(saved)((k.removeprefix(prefix), v) for k, v in saved.items())
+    return saved
 
 
 def _try_on_scratch(kind: str, saved: Any) -> str | None:

@@ -66,6 +66,24 @@ def stateful_kind(obj: Any) -> str | None:
     return None
 
 
+def unwrap_module(obj: Any) -> Any:
+    """The module a wrapper trains: ``torch.compile``'s ``OptimizedModule`` and
+    ``DataParallel``/``DistributedDataParallel`` add a prefix (``_orig_mod.``, ``module.``) to
+    every state_dict key. Saving and restoring the inner module keys a checkpoint like the
+    plain model, so it loads into the unwrapped network, into another wrapper, and into the
+    plain model the pyfunc flavor's ``model_factory`` builds."""
+    while isinstance(obj, torch.nn.Module):
+        if type(obj).__name__ == "OptimizedModule" and isinstance(
+            getattr(obj, "_orig_mod", None), torch.nn.Module
+        ):
+            obj = obj._orig_mod
+        elif isinstance(obj, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            obj = obj.module
+        else:
+            break
+    return obj
+
+
 def capture_stateful(obj: Any, kind: str) -> Any:
     """Read the state of a stateful object (see :func:`stateful_kind`)."""
     if kind == TORCH_GENERATOR:
@@ -76,7 +94,7 @@ def capture_stateful(obj: Any, kind: str) -> Any:
         return obj.bit_generator.state
     if kind == NP_RANDOM_STATE:
         return obj.get_state()
-    return obj.state_dict()
+    return unwrap_module(obj).state_dict()
 
 
 def apply_stateful(obj: Any, kind: str, value: Any) -> None:
@@ -90,7 +108,7 @@ def apply_stateful(obj: Any, kind: str, value: Any) -> None:
     elif kind == NP_RANDOM_STATE:
         obj.set_state(value)
     else:
-        obj.load_state_dict(value)
+        unwrap_module(obj).load_state_dict(value)
 
 
 KINDS = (STATE_DICT, TORCH_GENERATOR, PY_RANDOM, NP_GENERATOR, NP_RANDOM_STATE)
