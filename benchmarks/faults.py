@@ -578,6 +578,53 @@ def hostile_pickle(bench: Bench, row: Row, trials: int) -> None:
     run_trials(row, trials, trial)
 
 
+# ---------------------------------------------------------------- diverged state
+
+
+def diverged_state(bench: Bench, row: Row, trials: int) -> None:
+    """Weights (or an optimizer moment) turn NaN/inf at a random step of a run saving every
+    step with keep_last_n=2: the newest listed checkpoint must be the last finite state, and
+    resume must restore exactly it."""
+    rng = random.Random(bench.seed + 7)
+
+    def trial(i: int) -> None:
+        workdir = bench.workdir(f"{row.fault}-{i}")
+        exp = bench.tracking(workdir)
+        state = _net(bench.seed + i)
+        bad_step = rng.randrange(2, 8)
+        poison = rng.choice(["nan-weight", "inf-weight", "nan-moment"])
+        async_save = rng.random() < 0.5
+        good: dict[str, torch.Tensor] = {}
+        with mlflow.start_run(experiment_id=exp) as run:
+            mgr = mlflow_ckpt.CheckpointManager(
+                state, save_every_n_steps=1, keep_last_n=2, async_save=async_save
+            )
+            for step in range(10):
+                _train_step(state)
+                if step == bad_step:
+                    with torch.no_grad():
+                        if poison == "nan-moment":
+                            moments = next(iter(state["opt"].state.values()))
+                            moments["exp_avg"].view(-1)[0] = float("nan")
+                        else:
+                            value = float("nan") if poison == "nan-weight" else float("inf")
+                            state["model"][0].weight.view(-1)[0] = value
+                elif step < bad_step:
+                    good = _weights(state)
+                mgr.step(step, {"loss": 1.0})
+            mgr.close()
+        listed = [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
+        if listed[:1] != [bad_step - 1]:
+            raise Lost(f"{poison} at step {bad_step}: listed {listed}, last finite step lost")
+        fresh = _net(bench.seed + 100 + i)
+        resumed = mlflow_ckpt.CheckpointManager.resume(run.info.run_id, fresh)
+        resumed.close()
+        if resumed.start_step != bad_step or not _same(fresh, good):
+            raise Lost(f"{poison} at step {bad_step}: resume did not restore the last finite state")
+
+    run_trials(row, trials, trial)
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -603,6 +650,7 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "full-disk": ("clear error, nothing partial", full_disk),
     "dead-network": ("clear error, nothing partial", dead_network),
     "hostile-pickle": ("refused, payload never ran", hostile_pickle),
+    "diverged-state": ("never committed, last finite kept", diverged_state),
 }
 
 

@@ -67,3 +67,7 @@ class WriterConflictError(CheckpointError):
     Two writers on one run would interleave checkpoints from diverging trainings. Resume
     with ``force=True`` once the other process is known to be gone.
     """
+
+
+class NonFiniteStateError(CheckpointError):
+    """The state to save holds NaN or inf (``nonfinite="raise"``); nothing was committed."""

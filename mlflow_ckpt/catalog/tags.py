@@ -15,6 +15,8 @@ FORMAT_VERSION = "mlflow_ckpt.format_version"
 MANIFEST_SHA256 = "mlflow_ckpt.manifest_sha256"
 RUN_RESUMES = "mlflow_ckpt.resumes"
 RUN_RESUMED_FROM = "mlflow_ckpt.resumed_from"
+# On a run: the first step whose state held NaN/inf and was therefore not committed.
+RUN_NONFINITE_STEP = "mlflow_ckpt.nonfinite_step"
 # The writer lease on a run: JSON naming the process that may write its checkpoints.
 RUN_WRITER = "mlflow_ckpt.writer"
 # On a checkpoint: the lease owner (writer ID) of the process that wrote it.

@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from mlflow_ckpt.catalog import Checkpoint
+from mlflow_ckpt.catalog import Checkpoint, tags
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
 from mlflow_ckpt.errors import CheckpointError, NoActiveRunError
@@ -72,7 +72,9 @@ class CheckpointManager:
     :mod:`mlflow_ckpt.manager.retention`); a checkpoint survives if any rule keeps it.
     Beyond those and the format: ``on_error="warn"`` keeps training through failed saves
     (default ``"raise"``); ``force=True`` takes the run's writer lease from another live
-    process, ``lease_ttl`` sets its expiry; ``log_metrics=False`` uses metrics for triggers
+    process, ``lease_ttl`` sets its expiry; ``nonfinite`` decides about a state holding NaN or
+    inf (``"skip"``, the default: not committed, a warning and a run tag; ``"raise"``;
+    ``"save"``); ``log_metrics=False`` uses metrics for triggers
     and checkpoint links only, for when something else (MLflow's autolog) logs them;
     ``transfer`` tunes remote uploads; ``max_shard_bytes`` bounds tensor files;
     ``code_paths`` are copied into each checkpoint so it can be served where the model's
@@ -105,6 +107,7 @@ class CheckpointManager:
         client: MlflowClient | None = None,
         log_metrics: bool = True,
         on_error: str = "raise",
+        nonfinite: str = "skip",
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
     ) -> None:
@@ -296,6 +299,7 @@ class CheckpointManager:
     save_last = OptionView[bool]()
     log_metrics = OptionView[bool]()
     on_error = OptionView[str]()
+    nonfinite = OptionView[str]()
 
     # ------------------------------------------------------------------ internals
 
@@ -322,6 +326,7 @@ class CheckpointManager:
             run_id=self.run_id,
             experiment_id=self.experiment_id,
             lease=claim.lease,
+            nonfinite_step=run.data.tags.get(tags.RUN_NONFINITE_STEP),
         )
         self.start_step = 0
         self.start_epoch = 0

@@ -49,6 +49,7 @@ class ManagerOptions:
     save_last: bool
     log_metrics: bool
     on_error: str
+    nonfinite: str
     force: bool
     lease_ttl: float
     transfer: TransferConfig | None
@@ -110,6 +111,8 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     if args["on_error"] not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', not {args['on_error']!r}")
+    if args["nonfinite"] not in ("skip", "save", "raise"):
+        raise ValueError(f"nonfinite must be 'skip', 'save' or 'raise', not {args['nonfinite']!r}")
     if monitor is not None:
         check_metric_name(monitor, "monitor")
     for name, kind in (("transfer", TransferConfig), ("client", MlflowClient)):
@@ -124,6 +127,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         save_last=args["save_last"],
         log_metrics=args["log_metrics"],
         on_error=args["on_error"],
+        nonfinite=args["nonfinite"],
         force=args["force"],
         lease_ttl=float(args["lease_ttl"]),
         transfer=args["transfer"],

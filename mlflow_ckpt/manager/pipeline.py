@@ -91,7 +91,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             writer=target.writer_id,
         )
     except Exception as exc:
-        _log_run_metrics(target, job)
+        log_unsaved_metrics(target, job)
         raise CheckpointWriteError(
             f"Could not create the LoggedModel for step {job.step} of run {target.run_id} in "
             f"{client.tracking_uri}: {exc}. {_intact(job).capitalize()}."
@@ -118,7 +118,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         _discard(target, model, store)
         if isinstance(exc, WriterConflictError):
             raise
-        _log_run_metrics(target, job)
+        log_unsaved_metrics(target, job)
         raise CheckpointWriteError(
             f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
             f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
@@ -163,8 +163,9 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     return Checkpoint.from_logged_model(committed)
 
 
-def _log_run_metrics(target: WriteTarget, job: SaveJob) -> None:
-    """A failed save's step still belongs in the run's history: log its metrics (best effort)."""
+def log_unsaved_metrics(target: WriteTarget, job: SaveJob) -> None:
+    """A step that was not saved still belongs in the run's history: log its metrics (best
+    effort, not linked to any checkpoint)."""
     if not (target.log_metrics and job.metrics):
         return
     try:

@@ -17,15 +17,20 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from mlflow_ckpt.catalog import Checkpoint
-from mlflow_ckpt.errors import CheckpointError, CheckpointWriteError
+from mlflow_ckpt.catalog import Checkpoint, tags
+from mlflow_ckpt.errors import CheckpointError, CheckpointWriteError, NonFiniteStateError
 from mlflow_ckpt.manager.lease import WriterLease
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
 from mlflow_ckpt.manager.options import ManagerOptions
-from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, write_checkpoint
+from mlflow_ckpt.manager.pipeline import (
+    SaveJob,
+    WriteTarget,
+    log_unsaved_metrics,
+    write_checkpoint,
+)
 from mlflow_ckpt.manager.retention import apply_retention
 from mlflow_ckpt.manager.worker import BackgroundWorker
-from mlflow_ckpt.snapshot import take_snapshot
+from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class Saver:
         run_id: str,
         experiment_id: str,
         lease: WriterLease,
+        nonfinite_step: str | None = None,
     ) -> None:
         self.state = state
         self.options = options
@@ -62,6 +68,7 @@ class Saver:
         self.last_checkpoint: Checkpoint | None = None
         self.last_saved_step: int | None = None
         self.last_save_time = time.monotonic()
+        self._nonfinite_step = nonfinite_step  # the run's tag: the first step refused so far
 
     def save(
         self,
@@ -139,6 +146,11 @@ class Saver:
 
     def _write(self, job: SaveJob) -> None:
         """Write and commit one checkpoint, then apply retention (on the worker if async)."""
+        if self.options.nonfinite != "save":
+            tensor = first_nonfinite(job.snapshot)
+            if tensor is not None:
+                self._refuse_nonfinite(job, tensor)
+                return
         try:
             self.last_checkpoint = write_checkpoint(self.target, job)
         except CheckpointError:
@@ -148,6 +160,44 @@ class Saver:
         del job
         if self.options.retention is not None:
             apply_retention(self.client, self.run_id, self.options.retention)
+
+    def _refuse_nonfinite(self, job: SaveJob, tensor: str) -> None:
+        """Leave a diverged state uncommitted: warn (``"skip"``) or raise (``"raise"``).
+
+        Nothing is created in MLflow but the step's metrics and, the first time, the run tag
+        ``mlflow_ckpt.nonfinite_step``; so retention can never push the last finite
+        checkpoint out.
+        """
+        log_unsaved_metrics(self.target, job)
+        if self._nonfinite_step is None:
+            self._nonfinite_step = str(job.step)
+            try:
+                with preserved_python_rng():
+                    self.client.set_tag(self.run_id, tags.RUN_NONFINITE_STEP, str(job.step))
+            except Exception as exc:
+                logger.warning(
+                    "Could not tag run %s with %s: %s", self.run_id, tags.RUN_NONFINITE_STEP, exc
+                )
+        newest = (
+            f"the checkpoint of step {job.previous_step} is the newest good one"
+            if job.previous_step is not None
+            else "the run has no earlier checkpoint"
+        )
+        message = (
+            f"Step {job.step} of run {self.run_id} was not saved: its state holds NaN or inf "
+            f"(first in {tensor!r}), so training has diverged; {newest}."
+        )
+        if self.options.nonfinite == "raise":
+            remedy = (
+                "Resume from it (CheckpointManager.resume) with a lower learning rate"
+                if job.previous_step is not None
+                else "Lower the learning rate and start again"
+            )
+            raise NonFiniteStateError(
+                f"{message} {remedy}, or pass nonfinite='skip' to keep training without saving."
+            )
+        logger.warning("%s", message)
+        warnings.warn(f"{message} Training goes on (nonfinite='skip').", stacklevel=2)
 
     def _failed(self, error: BaseException) -> None:
         """Raise a failed save's error, or only warn about it with ``on_error="warn"``.

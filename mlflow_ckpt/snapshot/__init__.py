@@ -1,5 +1,6 @@
 """Snapshot layer: collect the training state into host memory and restore it."""
 
+from mlflow_ckpt.snapshot.finite import first_nonfinite
 from mlflow_ckpt.snapshot.rng import capture_rng, preserved_python_rng, restore_rng
 from mlflow_ckpt.snapshot.snapshot import (
     DecodedState,
@@ -15,6 +16,7 @@ __all__ = [
     "Snapshot",
     "capture_rng",
     "decode_document",
+    "first_nonfinite",
     "plain_state",
     "preserved_python_rng",
     "restore",

@@ -22,6 +22,7 @@ from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
 
 DOCUMENT_VERSION = 1
 RNG_PATH = "_rng"
+PROGRESS_PATH = "_progress"
 
 
 @dataclass
@@ -87,7 +88,7 @@ def take_snapshot(
     document: dict[str, Any] = {
         "version": DOCUMENT_VERSION,
         "state": encoded,
-        "progress": encode(dict(progress), "_progress", sink),
+        "progress": encode(dict(progress), PROGRESS_PATH, sink),
     }
     if include_rng:
         document["rng"] = encode(capture_rng(), RNG_PATH, sink)
@@ -117,7 +118,7 @@ def decode_document(
     try:
         state = {name: decode(node, tensors, name) for name, node in document["state"].items()}
         rng = decode(document["rng"], tensors, RNG_PATH) if "rng" in document else None
-        progress = decode(document.get("progress", {}), tensors, "_progress")
+        progress = decode(document.get("progress", {}), tensors, PROGRESS_PATH)
     except CheckpointCorruptedError as exc:
         raise CheckpointCorruptedError(
             f"{where}: {STRUCTURE_FILE}: {exc}", path=STRUCTURE_FILE
@@ -151,5 +152,5 @@ def plain_state(decoded: DecodedState) -> dict[str, Any]:
     out: dict[str, Any] = dict(plain(decoded.state))
     if decoded.rng is not None:
         out[RNG_PATH] = decoded.rng
-    out["_progress"] = decoded.progress
+    out[PROGRESS_PATH] = decoded.progress
     return out
