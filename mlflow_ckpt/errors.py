@@ -71,3 +71,7 @@ class WriterConflictError(CheckpointError):
 
 class NonFiniteStateError(CheckpointError):
     """The state to save holds NaN or inf (``nonfinite="raise"``); nothing was committed."""
+
+
+class CheckpointVerificationError(CheckpointWriteError):
+    """A save was written but failed verification after it (``verify=``); tagged invalid."""

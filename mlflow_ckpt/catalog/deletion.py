@@ -81,7 +81,7 @@ def discard_failed(client: MlflowClient, model: LoggedModel, store: Store | None
     for ``mlflow-ckpt gc`` to retry. ``store`` is the save's own open store, if it has one.
     Returns whether nothing is left.
     """
-    if model.tags.get(tags.STATUS) != tags.FAILED:
+    if model.tags.get(tags.STATUS) not in (tags.FAILED, tags.INVALID):
         models.mark_failed(client, model.model_id)
     if not remove_files(model, store):
         return False

@@ -119,3 +119,14 @@ def mark_corrupt(client: MlflowClient, model_id: str) -> None:
         )
     except Exception:
         logger.warning("Could not tag checkpoint %s as corrupt", model_id, exc_info=True)
+
+
+def mark_invalid(client: MlflowClient, model_id: str, reason: str) -> None:
+    """Tag a checkpoint that failed verification after its save: never listed or resumed."""
+    try:
+        client.set_logged_model_tags(
+            model_id, {tags.STATUS: tags.INVALID, tags.INVALID_REASON: reason[:5000]}
+        )
+        client.finalize_logged_model(model_id, "FAILED")
+    except Exception:
+        logger.warning("Could not tag checkpoint %s as invalid", model_id, exc_info=True)

@@ -67,13 +67,11 @@ def recover_run(client: MlflowClient, run: Run) -> list[str]:
 
 
 def sweep_failed(client: MlflowClient, run: Run) -> list[str]:
-    """Remove what failed saves left behind (e.g. when the network was down): files, then
-    the LoggedModel. Returns the IDs of the saves removed."""
-    return [
-        model.model_id
-        for model in _with_status(client, run, tags.FAILED)
-        if discard_failed(client, model)
-    ]
+    """Remove what failed saves left behind (e.g. when the network was down) and checkpoints
+    that failed verification after their save: files, then the LoggedModel. Returns the IDs
+    of the saves removed."""
+    leftovers = _with_status(client, run, tags.FAILED) + _with_status(client, run, tags.INVALID)
+    return [model.model_id for model in leftovers if discard_failed(client, model)]
 
 
 def recover_pending(client: MlflowClient, run: Run) -> list[str]:

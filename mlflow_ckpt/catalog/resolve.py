@@ -45,6 +45,7 @@ def resolve(ref: Checkpoint | str, client: MlflowClient) -> LoggedModel:
             tags.PENDING: "its save never finished (the process died or is still writing)",
             tags.FAILED: "its save failed",
             tags.CORRUPT: "it failed verification earlier",
+            tags.INVALID: "it failed verification after its save",
         }.get(status or "", "it was not written by mlflow_ckpt")
         raise CheckpointNotFoundError(
             f"LoggedModel {model_id} (run {model.source_run_id}, step "

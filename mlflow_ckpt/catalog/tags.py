@@ -26,6 +26,8 @@ PENDING = "pending"
 COMMITTED = "committed"
 FAILED = "failed"
 CORRUPT = "corrupt"
+INVALID = "invalid"  # written, but failed verification after the save
+INVALID_REASON = "mlflow_ckpt.invalid_reason"
 
 MODEL_TYPE = "mlflow_ckpt.checkpoint"
 DELETING = "deleting"

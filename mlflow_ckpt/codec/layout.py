@@ -217,6 +217,27 @@ def verify_files(
         return {e.path: f.result() for e, f in zip(wanted, futures, strict=True)}
 
 
+def check_sizes(store: Store, manifest: Manifest, where: str) -> None:
+    """Check through the store's listing that every listed file is there with its size.
+
+    One listing per folder, no download: the cheap check after a save. Raises
+    :class:`CheckpointCorruptedError` naming the first file missing or of another size.
+    """
+    listings: dict[str, dict[str, int]] = {}
+    for entry in manifest.files:
+        directory, _, name = entry.path.rpartition("/")
+        if directory not in listings:
+            listings[directory] = store.list_sizes(directory)
+        size = listings[directory].get(name)
+        if size != entry.size:
+            found = "missing" if size is None else f"{size} bytes"
+            raise CheckpointCorruptedError(
+                f"{where}: file {entry.path} is {found} in the store, the manifest says "
+                f"{entry.size} bytes",
+                path=entry.path,
+            )
+
+
 def check_file(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:
     """Fetch one listed file and check its size and SHA-256; return its local path."""
     try:

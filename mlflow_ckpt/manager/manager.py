@@ -70,15 +70,12 @@ class CheckpointManager:
     :mod:`mlflow_ckpt.manager.triggers`). What to keep: the ``keep_*`` keywords and/or
     ``retention=`` (an object with ``keep(checkpoints)``, see
     :mod:`mlflow_ckpt.manager.retention`); a checkpoint survives if any rule keeps it.
-    Beyond those and the format: ``on_error="warn"`` keeps training through failed saves
-    (default ``"raise"``); ``force=True`` takes the run's writer lease from another live
-    process, ``lease_ttl`` sets its expiry; ``nonfinite`` decides about a state holding NaN or
-    inf (``"skip"``, the default: not committed, a warning and a run tag; ``"raise"``;
-    ``"save"``); ``log_metrics=False`` uses metrics for triggers
-    and checkpoint links only, for when something else (MLflow's autolog) logs them;
-    ``transfer`` tunes remote uploads; ``max_shard_bytes`` bounds tensor files;
-    ``code_paths`` are copied into each checkpoint so it can be served where the model's
-    code is not installed. Every argument is checked before anything happens.
+    Also: ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state
+    is skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
+    after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
+    (something else logs the metrics), ``transfer``, ``max_shard_bytes``, ``code_paths``
+    (the model's code inside each checkpoint). The README explains each; every argument is
+    checked before anything happens.
     """
 
     def __init__(
@@ -108,6 +105,7 @@ class CheckpointManager:
         log_metrics: bool = True,
         on_error: str = "raise",
         nonfinite: str = "skip",
+        verify: str | Callable[[Any], Any] = "size",
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
     ) -> None:
@@ -300,6 +298,7 @@ class CheckpointManager:
     log_metrics = OptionView[bool]()
     on_error = OptionView[str]()
     nonfinite = OptionView[str]()
+    verify = OptionView[str | Callable[[Any], Any]]()
 
     # ------------------------------------------------------------------ internals
 

@@ -31,6 +31,7 @@ from mlflow_ckpt.manager.triggers import (
     EveryNSteps,
     Trigger,
 )
+from mlflow_ckpt.manager.verification import VERIFY_MODES, Verify
 from mlflow_ckpt.snapshot.tree import TensorSink, encode
 from mlflow_ckpt.storage import TransferConfig
 
@@ -50,6 +51,7 @@ class ManagerOptions:
     log_metrics: bool
     on_error: str
     nonfinite: str
+    verify: Verify
     force: bool
     lease_ttl: float
     transfer: TransferConfig | None
@@ -128,6 +130,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         log_metrics=args["log_metrics"],
         on_error=args["on_error"],
         nonfinite=args["nonfinite"],
+        verify=_verify(args),
         force=args["force"],
         lease_ttl=float(args["lease_ttl"]),
         transfer=args["transfer"],
@@ -219,6 +222,20 @@ def _retention(args: Mapping[str, Any], monitor: str | None, mode: str) -> Reten
     if given is None or shorthand is None:
         return given or shorthand
     return KeepAny((given, shorthand))
+
+
+def _verify(args: Mapping[str, Any]) -> Verify:
+    verify = args["verify"]
+    if callable(verify):
+        if args["model_factory"] is None:
+            raise ValueError(
+                "verify=<callable> runs on a model rebuilt from the stored checkpoint: pass "
+                "model_factory= (and model_kwargs=) too"
+            )
+        return verify
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be 'size', 'hash' or a callable, not {verify!r}")
+    return verify
 
 
 def _folder_spec(args: Mapping[str, Any]) -> FolderSpec:

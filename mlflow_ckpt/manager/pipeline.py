@@ -22,8 +22,13 @@ from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import discard_failed
 from mlflow_ckpt.catalog.metrics import log_step_metrics
-from mlflow_ckpt.errors import CheckpointWriteError, WriterConflictError
+from mlflow_ckpt.errors import (
+    CheckpointVerificationError,
+    CheckpointWriteError,
+    WriterConflictError,
+)
 from mlflow_ckpt.folder import FolderSpec, write_folder
+from mlflow_ckpt.manager.verification import VerificationFailed, Verify, verify_stored
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.storage import Store, TransferConfig, open_store, redact
 
@@ -43,6 +48,7 @@ class WriteTarget:
     check_writer: Callable[[], None] | None = None
     writer_id: str = ""
     log_metrics: bool = True  # False: something else (MLflow's autolog) logs the run's metrics
+    verify: Verify = "size"  # what is checked after the manifest is stored, before the commit
 
 
 @dataclass
@@ -125,6 +131,19 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             f"or resumed from; {_intact(job)}. Fix the cause (space, permissions, network) "
             "and save again."
         ) from exc
+    where = f"{model.model_id} (run {target.run_id}, step {job.step})"
+    try:
+        score = verify_stored(store, manifest, target.verify, where)
+    except VerificationFailed as exc:
+        models.mark_invalid(client, model.model_id, str(exc))
+        log_unsaved_metrics(target, job)
+        with contextlib.suppress(Exception):
+            store.close()
+        raise CheckpointVerificationError(
+            f"Step {job.step} of run {target.run_id} was written to {redact(location)} but "
+            f"failed verification after the save ({exc}). It is tagged invalid and will never "
+            f"be listed or resumed from (`mlflow-ckpt gc` removes it); {_intact(job)}."
+        ) from exc
     # The manifest is in the store: the checkpoint is complete. If this process lost the run
     # meanwhile, leave it alone: the new owner's recovery adopted it or finalized it. If the
     # commit fails, recovery adopts it later (its metrics included).
@@ -136,7 +155,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             model,
             run_id=target.run_id,
             step=job.step,
-            metrics=job.metrics,
+            metrics={**job.metrics, **score},
             timestamp_ms=job.timestamp_ms,
             size_bytes=manifest.size_bytes,
             manifest_sha256=manifest.digest(),

@@ -18,7 +18,12 @@ from typing import Any
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, tags
-from mlflow_ckpt.errors import CheckpointError, CheckpointWriteError, NonFiniteStateError
+from mlflow_ckpt.errors import (
+    CheckpointError,
+    CheckpointVerificationError,
+    CheckpointWriteError,
+    NonFiniteStateError,
+)
 from mlflow_ckpt.manager.lease import WriterLease
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
 from mlflow_ckpt.manager.options import ManagerOptions
@@ -62,6 +67,7 @@ class Saver:
             check_writer=lease.check,
             writer_id=lease.owner,
             log_metrics=options.log_metrics,
+            verify=options.verify,
         )
         self.metrics = StepMetrics(client, run_id, enabled=options.log_metrics)
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
@@ -153,6 +159,8 @@ class Saver:
                 return
         try:
             self.last_checkpoint = write_checkpoint(self.target, job)
+        except CheckpointVerificationError:
+            raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:
             if self.last_saved_step == job.step:  # let save_last retry this step at close
                 self.last_saved_step = self.last_checkpoint.step if self.last_checkpoint else None

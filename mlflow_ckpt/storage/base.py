@@ -49,6 +49,14 @@ class Store(abc.ABC):
     def exists(self, rel_path: str) -> bool:
         """Whether ``rel_path`` exists in the store."""
 
+    def list_sizes(self, directory: str) -> dict[str, int]:
+        """Sizes of the files directly in ``directory`` ("" = the folder), by name.
+
+        What the store reports (a listing, not a download): how a save checks cheaply that
+        every file it wrote is really there, whole. Stores override this with a listing.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list file sizes")
+
     @abc.abstractmethod
     def delete_all(self) -> None:
         """Delete every file of this folder (best effort on stores without folders)."""

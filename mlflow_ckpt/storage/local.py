@@ -89,5 +89,11 @@ class LocalStore(Store):
     def exists(self, rel_path: str) -> bool:
         return self._path(rel_path).is_file()
 
+    def list_sizes(self, directory: str) -> dict[str, int]:
+        folder = self._path(directory) if directory else self.root
+        if not folder.is_dir():
+            return {}
+        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+
     def delete_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

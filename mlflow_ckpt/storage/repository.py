@@ -149,5 +149,9 @@ class RepositoryStore(Store):
         listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
         return any(posixpath.basename(i.path) == name and not i.is_dir for i in listing)
 
+    def list_sizes(self, directory: str) -> dict[str, int]:
+        listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
+        return {posixpath.basename(i.path): int(i.file_size or 0) for i in listing if not i.is_dir}
+
     def delete_all(self) -> None:
         self._run(self._repo.delete_artifacts, "delete")
