@@ -33,6 +33,7 @@ class Checkpoint:
     format: str
     created_at: datetime
     triggers: tuple[str, ...] = ()
+    pinned: str | None = None  # why retention keeps it no matter what (e.g. "pre_spike")
     artifact_location: str = field(default="", repr=False, compare=False)
 
     @classmethod
@@ -58,6 +59,7 @@ class Checkpoint:
             format=t.get(tags.FORMAT, ""),
             created_at=datetime.fromtimestamp(model.creation_timestamp / 1000, tz=timezone.utc),
             triggers=tuple(x for x in t.get(tags.TRIGGER, "").split(",") if x),
+            pinned=t.get(tags.PINNED) or None,
             artifact_location=model.artifact_location,
         )
 

@@ -34,11 +34,16 @@ def is_registered(model: LoggedModel) -> bool:
     return bool(model.tags.get(tags.MODEL_VERSIONS, "").strip("[] "))
 
 
+def is_pinned(model: LoggedModel) -> bool:
+    """Whether the checkpoint is pinned (``mlflow_ckpt.pinned``): retention never deletes it."""
+    return bool(model.tags.get(tags.PINNED))
+
+
 def delete_checkpoint(client: MlflowClient, model_id: str) -> bool:
-    """Delete one checkpoint's files and LoggedModel. Returns False if it is registered."""
-    model = get_logged_model(client, model_id)  # fresh: it may have been promoted meanwhile
-    if is_registered(model):
-        logger.info("Keeping checkpoint %s: a registered model version uses it", model_id)
+    """Delete one checkpoint's files and LoggedModel. False if it is registered or pinned."""
+    model = get_logged_model(client, model_id)  # fresh: promoted or pinned meanwhile?
+    if is_registered(model) or is_pinned(model):
+        logger.info("Keeping checkpoint %s: it is registered or pinned", model_id)
         return False
     client.set_logged_model_tags(model_id, {tags.STATUS: tags.DELETING})
     _delete_files(model)

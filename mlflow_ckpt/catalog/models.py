@@ -130,3 +130,11 @@ def mark_invalid(client: MlflowClient, model_id: str, reason: str) -> None:
         client.finalize_logged_model(model_id, "FAILED")
     except Exception:
         logger.warning("Could not tag checkpoint %s as invalid", model_id, exc_info=True)
+
+
+def set_pinned(client: MlflowClient, model_id: str, reason: str | None) -> None:
+    """Pin a checkpoint (retention never deletes it) with ``reason``, or unpin it (``None``)."""
+    if reason is None:
+        client.delete_logged_model_tag(model_id, tags.PINNED)
+    else:
+        client.set_logged_model_tags(model_id, {tags.PINNED: reason})

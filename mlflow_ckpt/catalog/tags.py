@@ -30,6 +30,12 @@ INVALID = "invalid"  # written, but failed verification after the save
 INVALID_REASON = "mlflow_ckpt.invalid_reason"
 
 MODEL_TYPE = "mlflow_ckpt.checkpoint"
+# On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.
+PINNED = "mlflow_ckpt.pinned"
+PRE_SPIKE = "pre_spike"
+# On a run: what the manager monitors, so tools (plot, best) know without being told.
+RUN_MONITOR = "mlflow_ckpt.monitor"
+RUN_MODE = "mlflow_ckpt.mode"
 DELETING = "deleting"
 
 # Set by MLflow on a LoggedModel that a registered model version points to.

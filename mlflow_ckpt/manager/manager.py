@@ -19,14 +19,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import Checkpoint, tags
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
-from mlflow_ckpt.errors import CheckpointError, NoActiveRunError
+from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.manager.lease import DEFAULT_TTL_S
 from mlflow_ckpt.manager.metrics import as_step, clean_metrics
 from mlflow_ckpt.manager.options import (
@@ -37,17 +36,18 @@ from mlflow_ckpt.manager.options import (
     option_arguments,
 )
 from mlflow_ckpt.manager.ownership import RunClaim, take_run
+from mlflow_ckpt.manager.policies import StepPolicies
+from mlflow_ckpt.manager.records import active_or_given, record_resume, record_start
 from mlflow_ckpt.manager.resume import (
     ResumePoint,
     check_no_other_run,
     logged_since,
-    record_resume,
     reopen_run,
     restore_newest,
 )
 from mlflow_ckpt.manager.retention import RetentionPolicy, apply_retention
 from mlflow_ckpt.manager.saver import Saver
-from mlflow_ckpt.manager.triggers import StepInfo, Trigger, TriggerSet
+from mlflow_ckpt.manager.triggers import StepInfo, Trigger
 from mlflow_ckpt.snapshot import preserved_python_rng
 from mlflow_ckpt.storage import TransferConfig
 
@@ -85,7 +85,8 @@ class CheckpointManager:
         run_id: str | None = None,
         save_every_n_steps: int | None = None,
         save_every_n_epochs: int | None = None,
-        save_every_n_seconds: float | None = None,
+        save_every_n_seconds: float | str | None = None,
+        mtbf_hours: float | None = None,
         monitor: str | None = None,
         mode: str = "min",
         keep_last_n: int | None = None,
@@ -106,6 +107,8 @@ class CheckpointManager:
         on_error: str = "raise",
         nonfinite: str = "skip",
         verify: str | Callable[[Any], Any] = "size",
+        spike_factor: float | None = None,
+        spike_metric: str | None = None,
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
     ) -> None:
@@ -115,17 +118,8 @@ class CheckpointManager:
         options = build_options(arguments)
         check_state(state)
         client = options.client or MlflowClient()
-        if run_id is None:
-            active = mlflow.active_run()
-            if active is None:
-                raise NoActiveRunError(
-                    "CheckpointManager needs an MLflow run: call it inside "
-                    "`with mlflow.start_run():`, pass run_id=..., or continue an earlier "
-                    "run with CheckpointManager.resume(run_id, state)."
-                )
-            run_id = active.info.run_id
         with preserved_python_rng():
-            run = get_run(client, run_id)
+            run = get_run(client, active_or_given(run_id))
         claim = take_run(client, run, force=options.force, ttl=options.lease_ttl)
         try:
             self._setup(state, options, client, run, claim)
@@ -194,9 +188,13 @@ class CheckpointManager:
         self._check_usable()
         step, epoch = self._check_step(step, epoch)
         clean = clean_metrics(metrics)
+        spike = self._policies.spike(clean)
+        if spike is not None:
+            self._saver.pin_newest(step, spike)  # the newest checkpoint before this jump
+        clean.update(self._policies.reports())  # e.g. a new adaptive interval
         now, last = time.monotonic(), self._saver.last_save_time
         info = StepInfo(step, epoch, clean, end_of_epoch, now, last)
-        fired = self._triggers.fired(info)
+        fired = self._policies.fired(info)
         self._saver.flush_metrics()
         self._last_step, self._last_epoch = step, epoch
         stamp = None if timestamp_ms is None else int(timestamp_ms)
@@ -287,7 +285,7 @@ class CheckpointManager:
     @property
     def best_value(self) -> float | None:
         """Best value of ``monitor`` seen so far (across resumes), if monitoring."""
-        return self._triggers.best_value
+        return self._policies.best_value
 
     triggers = OptionView[tuple[Trigger, ...]]()
     retention = OptionView[RetentionPolicy | None]()
@@ -317,7 +315,7 @@ class CheckpointManager:
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self._claim = claim
-        self._triggers = TriggerSet(options.triggers)
+        self._policies = StepPolicies(options)
         self._saver = Saver(
             state,
             options,
@@ -335,6 +333,7 @@ class CheckpointManager:
         self._last_epoch: int | None = None
         self._closed = False
         atexit.register(self._flush_at_exit)
+        record_start(client, run, options.monitor, options.mode, self._policies.params())
 
     def _continue(self, point: ResumePoint) -> None:
         """After a resume: carry on from the restored checkpoint (counters, triggers, metrics)."""
@@ -344,7 +343,7 @@ class CheckpointManager:
             self._saver.last_saved_step = self._last_step = chosen.step
             self.start_step, self.start_epoch = point.start_step, point.start_epoch
             self._last_epoch = point.last_epoch
-        self._triggers.load_state_dict(point.triggers)
+        self._policies.load_state_dict(point.manager_state)
         self._resumes = point.resumes
         self._saver.metrics.already_logged = logged_since(self.client, self.run_id, self.start_step)
         record_resume(self.client, self.run_id, self._resumes, chosen)
@@ -375,10 +374,11 @@ class CheckpointManager:
     def _save(
         self, step: int, epoch: int | None, triggers: Iterable[str], *, end_of_epoch: bool
     ) -> None:
-        manager_state = {"triggers": self._triggers.state_dict(), "resumes": self._resumes}
-        self._saver.save(
+        manager_state = {**self._policies.state_dict(), "resumes": self._resumes}
+        cost = self._saver.save(
             step, epoch, triggers, end_of_epoch=end_of_epoch, manager_state=manager_state
         )
+        self._policies.saved(cost)
 
     def _shutdown(self) -> None:
         self._closed = True

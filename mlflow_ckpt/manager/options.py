@@ -30,6 +30,7 @@ from mlflow_ckpt.manager.triggers import (
     EveryNSeconds,
     EveryNSteps,
     Trigger,
+    YoungDalyInterval,
 )
 from mlflow_ckpt.manager.verification import VERIFY_MODES, Verify
 from mlflow_ckpt.snapshot.tree import TensorSink, encode
@@ -46,12 +47,14 @@ class ManagerOptions:
     retention: RetentionPolicy | None
     spec: FolderSpec
     monitor: str | None
+    mode: str
     async_save: bool
     save_last: bool
     log_metrics: bool
     on_error: str
     nonfinite: str
     verify: Verify
+    spike: tuple[str, float] | None  # (metric, factor)
     force: bool
     lease_ttl: float
     transfer: TransferConfig | None
@@ -99,16 +102,31 @@ def option_arguments(signature: inspect.Signature, kwargs: Mapping[str, Any]) ->
 
 def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     """Check every constructor keyword in ``args`` and build the options from them."""
+    mode, monitor = args["mode"], args["monitor"]
     for name in ("save_every_n_steps", "save_every_n_epochs", "max_shard_bytes"):
         _positive(name, args[name], int)
     for name in ("keep_last_n", "keep_best_n", "keep_every_n_steps"):
         _positive(name, args[name], int)
-    _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
+    if args["save_every_n_seconds"] != "auto":
+        _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
+    _positive("mtbf_hours", args["mtbf_hours"], float)
+    if (args["save_every_n_seconds"] == "auto") != (args["mtbf_hours"] is not None):
+        raise ValueError(
+            "save_every_n_seconds='auto' and mtbf_hours= go together: the interval is "
+            "sqrt(2 x save cost x mean time between failures)"
+        )
+    _positive("spike_factor", args["spike_factor"], float)
+    if args["spike_factor"] is not None:
+        if args["spike_factor"] <= 1:
+            raise ValueError(f"spike_factor must be above 1, got {args['spike_factor']}")
+        if (args["spike_metric"] or monitor) is None:
+            raise ValueError("spike_factor needs a metric: pass monitor= or spike_metric=")
+    if args["spike_metric"] is not None:
+        check_metric_name(args["spike_metric"], "spike_metric")
     _positive("lease_ttl", args["lease_ttl"], float)
     for name in ("save_last", "async_save", "log_metrics", "force"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, not {args[name]!r}")
-    mode, monitor = args["mode"], args["monitor"]
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     if args["on_error"] not in ("raise", "warn"):
@@ -125,12 +143,18 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         retention=_retention(args, monitor, mode),
         spec=_folder_spec(args),
         monitor=monitor,
+        mode=mode,
         async_save=args["async_save"],
         save_last=args["save_last"],
         log_metrics=args["log_metrics"],
         on_error=args["on_error"],
         nonfinite=args["nonfinite"],
         verify=_verify(args),
+        spike=(
+            (args["spike_metric"] or monitor, float(args["spike_factor"]))
+            if args["spike_factor"] is not None
+            else None
+        ),
         force=args["force"],
         lease_ttl=float(args["lease_ttl"]),
         transfer=args["transfer"],
@@ -180,7 +204,9 @@ def _triggers(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[
         triggers.append(EveryNSteps(int(args["save_every_n_steps"])))
     if args["save_every_n_epochs"]:
         triggers.append(EveryNEpochs(int(args["save_every_n_epochs"])))
-    if args["save_every_n_seconds"]:
+    if args["save_every_n_seconds"] == "auto":
+        triggers.append(YoungDalyInterval(float(args["mtbf_hours"])))
+    elif args["save_every_n_seconds"]:
         triggers.append(EveryNSeconds(float(args["save_every_n_seconds"])))
     if monitor:
         triggers.append(BestMetric(monitor, mode))

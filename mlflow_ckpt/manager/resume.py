@@ -15,7 +15,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-from mlflow_ckpt.catalog import Checkpoint, VerifiedCheckpoint, describe, newest_verified, tags
+from mlflow_ckpt.catalog import Checkpoint, VerifiedCheckpoint, describe, newest_verified
 from mlflow_ckpt.catalog.recovery import logged_pairs
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
@@ -55,15 +55,6 @@ def reopen_run(run_id: str) -> None:
             mlflow.start_run(run_id=run_id)
 
 
-def record_resume(
-    client: MlflowClient, run_id: str, resumes: int, chosen: Checkpoint | None
-) -> None:
-    """Tag the run with how often it was resumed and from which checkpoint."""
-    with preserved_python_rng():
-        client.set_tag(run_id, tags.RUN_RESUMES, str(resumes))
-        client.set_tag(run_id, tags.RUN_RESUMED_FROM, chosen.uri if chosen else "")
-
-
 def logged_since(client: MlflowClient, run_id: str, start_step: int) -> set[tuple[str, int]]:
     """The (metric, step) pairs already in the run's history from ``start_step`` on."""
     return {(key, step) for key, step in logged_pairs(client, run_id) if step >= start_step}
@@ -77,7 +68,7 @@ class ResumePoint:
     start_step: int = 0
     start_epoch: int = 0
     last_epoch: int | None = None
-    triggers: dict[str, Any] = field(default_factory=dict)  # each trigger's saved state
+    manager_state: dict[str, Any] = field(default_factory=dict)  # triggers, spike watch
     resumes: int = 1  # this resume included
 
     @classmethod
@@ -92,6 +83,6 @@ class ResumePoint:
             start_step=verified.checkpoint.step + 1,
             start_epoch=0 if epoch is None else int(epoch) + bool(progress.get("end_of_epoch")),
             last_epoch=None if epoch is None else int(epoch),
-            triggers=dict(manager_state.get("triggers") or {}),
+            manager_state=dict(manager_state),
             resumes=int(manager_state.get("resumes", 0)) + 1,
         )

@@ -3,7 +3,8 @@
 A policy looks at the committed checkpoints of a run (as MLflow reports them, not a local
 list) and names the ones it wants to keep; a checkpoint survives if any policy keeps it.
 On top of every policy: the newest checkpoint is always kept, so is any checkpoint a
-registered model version points to, and if MLflow cannot be asked, nothing is deleted.
+registered model version points to or that is pinned (``mlflow_ckpt.pinned``, e.g. the one
+before a loss spike), and if MLflow cannot be asked, nothing is deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_registered
+from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_pinned, is_registered
 from mlflow_ckpt.catalog.queries import committed_models
 
 logger = logging.getLogger(__name__)
@@ -137,13 +138,13 @@ def apply_retention(
     checkpoints = [Checkpoint.from_logged_model(m) for m in models]
     if not checkpoints:
         return result
-    registered = {m.model_id for m in models if is_registered(m)}
+    protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
     keep = set(policy.keep(checkpoints))  # a user's policy may return any iterable
     keep.add(max(checkpoints, key=lambda c: (c.step, c.created_at)).model_id)
     for ckpt in sorted(checkpoints, key=lambda c: c.step):
         if ckpt.model_id in keep:
             result.kept.append(ckpt)
-        elif ckpt.model_id in registered:
+        elif ckpt.model_id in protected:
             result.protected.append(ckpt)
         elif dry_run:
             result.deleted.append(ckpt)

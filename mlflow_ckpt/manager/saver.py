@@ -9,6 +9,7 @@ for async ones, at most one save in flight, retention after each commit, and the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from mlflow_ckpt.catalog import Checkpoint, tags
+from mlflow_ckpt.catalog import Checkpoint, models, tags
 from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointVerificationError,
@@ -84,8 +85,13 @@ class Saver:
         *,
         end_of_epoch: bool,
         manager_state: Mapping[str, Any],
-    ) -> None:
-        """Snapshot the state now and write it as the checkpoint of ``step``."""
+    ) -> float:
+        """Snapshot the state now and write it as the checkpoint of ``step``.
+
+        Returns how long training waited: the snapshot (and a previous save still in flight)
+        for async saves, the whole save for sync ones.
+        """
+        started = time.perf_counter()
         if self.worker is not None:
             self.worker.wait_for_saves()  # one save in flight: at most one extra host copy
             self.raise_background_error()
@@ -111,6 +117,35 @@ class Saver:
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
         self._run(lambda: self._write(job), is_save=True)
+        return time.perf_counter() - started
+
+    def pin_newest(self, spike_step: int, detail: str) -> None:
+        """Pin the newest committed checkpoint before ``spike_step`` (after saves in flight)."""
+
+        def pin() -> None:
+            ckpt = self.last_checkpoint
+            if ckpt is None or ckpt.step >= spike_step:
+                logger.warning("Spike at step %d (%s): no checkpoint before it", spike_step, detail)
+                return
+            try:
+                models.set_pinned(self.client, ckpt.model_id, tags.PRE_SPIKE)
+            except Exception as exc:
+                raise CheckpointWriteError(
+                    f"Could not pin checkpoint {ckpt.uri} (step {ckpt.step}) of run "
+                    f"{self.run_id} before the spike at step {spike_step}: {exc}"
+                ) from exc
+            self.last_checkpoint = dataclasses.replace(ckpt, pinned=tags.PRE_SPIKE)
+            logger.warning(
+                "Spike at step %d of run %s (%s): pinned checkpoint %s (step %d); retention "
+                "keeps it until `mlflow-ckpt unpin`",
+                spike_step,
+                self.run_id,
+                detail,
+                ckpt.uri,
+                ckpt.step,
+            )
+
+        self._run(pin, is_save=False)
 
     def flush_metrics(self) -> None:
         """Log the held step's metrics (not linked to a checkpoint)."""

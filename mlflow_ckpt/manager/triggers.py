@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+INTERVAL_PARAM = "mlflow_ckpt.save_interval_s"
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -107,6 +109,54 @@ class EveryNSeconds(_Stateless):
 
 
 @dataclass
+class YoungDalyInterval:
+    """Save every sqrt(2 * C * MTBF) seconds: the Young-Daly optimum for a mean time between
+    failures ``mtbf_hours`` and a save cost C, the time training waits for one save (the
+    snapshot for async saves, the whole save for sync ones), re-estimated from every save.
+
+    Saving more often than that wastes more time on saves than it saves on recomputation
+    after a failure; less often, the other way round. Until the first save is measured, C is
+    ``initial_cost_s``. ``save_every_n_seconds="auto", mtbf_hours=...`` builds this trigger.
+    """
+
+    mtbf_hours: float
+    name: str = "time"
+    initial_cost_s: float = 1.0
+    cost_s: float | None = None
+    reported_s: float | None = field(default=None, repr=False)
+
+    @property
+    def interval_s(self) -> float:
+        cost = self.initial_cost_s if self.cost_s is None else self.cost_s
+        return math.sqrt(2.0 * cost * self.mtbf_hours * 3600.0)
+
+    def fires(self, info: StepInfo) -> bool:
+        return info.now - info.last_save_time >= self.interval_s
+
+    def observe_save(self, cost_s: float) -> None:
+        """A save just cost training ``cost_s`` seconds (a moving average smooths the noise)."""
+        self.cost_s = cost_s if self.cost_s is None else 0.5 * self.cost_s + 0.5 * cost_s
+
+    def params(self) -> dict[str, str]:
+        """Logged to the run once, at the start: the interval chosen then."""
+        return {INTERVAL_PARAM: f"{self.interval_s:.6g}"}
+
+    def changed_metrics(self) -> dict[str, float]:
+        """The interval as a metric, whenever it moved by more than 5% since last reported."""
+        now = self.interval_s
+        if self.reported_s is not None and abs(now - self.reported_s) <= 0.05 * self.reported_s:
+            return {}
+        self.reported_s = now
+        return {INTERVAL_PARAM: now}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cost_s": self.cost_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cost_s = state.get("cost_s")
+
+
+@dataclass
 class BestMetric:
     """Save whenever ``monitor`` improves on its best value so far (``mode`` min or max).
 
@@ -158,6 +208,29 @@ class TriggerSet:
         for trigger in self.triggers:
             observe(trigger, info)
         return names
+
+    def observe_save(self, cost_s: float) -> None:
+        """Tell the triggers that measure it what the last save cost training."""
+        for trigger in self.triggers:
+            method = getattr(trigger, "observe_save", None)
+            if callable(method):
+                method(cost_s)
+
+    def params(self) -> dict[str, str]:
+        """Run params the triggers want logged at the start (the adaptive interval)."""
+        out: dict[str, str] = {}
+        for trigger in self.triggers:
+            method = getattr(trigger, "params", None)
+            out.update(method() if callable(method) else {})
+        return out
+
+    def changed_metrics(self) -> dict[str, float]:
+        """Metrics the triggers report when their settings move (the adaptive interval)."""
+        out: dict[str, float] = {}
+        for trigger in self.triggers:
+            method = getattr(trigger, "changed_metrics", None)
+            out.update(method() if callable(method) else {})
+        return out
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {t.name: trigger_state(t) for t in self.triggers}

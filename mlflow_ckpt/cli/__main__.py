@@ -1,0 +1,5 @@
+"""``python -m mlflow_ckpt.cli``."""
+
+from mlflow_ckpt.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Cleaning up and protecting: ``gc``, ``pin``, ``unpin``."""
+
+from __future__ import annotations
+
+import click
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from mlflow_ckpt.catalog import describe, models, resolve, tags
+from mlflow_ckpt.catalog.runs import get_run
+from mlflow_ckpt.cli.group import main
+from mlflow_ckpt.cli.output import errors
+from mlflow_ckpt.errors import WriterConflictError
+from mlflow_ckpt.manager.ownership import take_run
+from mlflow_ckpt.manager.retention import apply_retention, build_policy
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--keep-last", type=click.IntRange(min=1), help="Keep the N newest.")
+@click.option("--keep-best", type=click.IntRange(min=1), help="Keep the N best by --metric.")
+@click.option("--keep-every", type=click.IntRange(min=1), help="Keep steps N-1, 2N-1, ...")
+@click.option("--metric", help="Metric for --keep-best (value at each checkpoint's step).")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Take the run's writer lease from a live process to clean up (that writer stops).",
+)
+def gc(
+    run_id: str,
+    keep_last: int | None,
+    keep_best: int | None,
+    keep_every: int | None,
+    metric: str | None,
+    mode: str,
+    dry_run: bool,
+    force: bool,
+) -> None:
+    """Clean up RUN_ID: interrupted saves, then checkpoints no --keep-* rule keeps.
+
+    Saves cut short by a crash are adopted when complete; failed and incomplete ones are
+    removed (leftover files, then their LoggedModel), as the run's writer (a live one is left
+    alone unless --force takes the run over). The newest checkpoint and checkpoints used by
+    registered model versions are always kept.
+    """
+    try:
+        policy = build_policy(
+            keep_last_n=keep_last,
+            keep_best_n=keep_best,
+            keep_every_n_steps=keep_every,
+            metric=metric,
+            mode=mode,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc).replace("monitor=", "--metric")) from exc
+    client = MlflowClient()
+    with errors():
+        run = get_run(client, run_id)
+        _clean_interrupted(client, run, force=force, dry_run=dry_run)
+        if policy is None:
+            return
+        result = apply_retention(client, run_id, policy, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for ckpt in result.deleted:
+        click.echo(f"{verb:>12} step {ckpt.step:<8} {ckpt.uri}")
+    for ckpt in result.protected:
+        click.echo(f"{'registered':>12} step {ckpt.step:<8} {ckpt.uri} (kept)")
+    click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
+
+
+def _clean_interrupted(client: MlflowClient, run: Run, *, force: bool, dry_run: bool) -> None:
+    if dry_run:
+        return
+    # Clean up as the run's writer: no save can start (or be adopted twice) meanwhile.
+    try:
+        claim = take_run(client, run, force=force, sweep=True)
+    except WriterConflictError as exc:
+        click.echo(f"{exc} Its in-flight saves are left alone.")
+        return
+    claim.release()
+    click.echo(
+        f"interrupted saves: {len(claim.adopted)} adopted, {len(claim.swept)} failed save(s) "
+        "removed"
+    )
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--reason", default="manual", show_default=True, help="Recorded in the pin tag.")
+def pin(uri: str, reason: str) -> None:
+    """Pin checkpoint URI: retention and gc never delete it (until unpinned)."""
+    client = MlflowClient()
+    with errors():
+        model = resolve(uri, client)
+    models.set_pinned(client, model.model_id, reason)
+    click.echo(f"pinned {describe(model)} ({reason})")
+
+
+@main.command()
+@click.argument("uri")
+def unpin(uri: str) -> None:
+    """Unpin checkpoint URI (e.g. one pinned before a loss spike): retention may delete it."""
+    client = MlflowClient()
+    with errors():
+        model = resolve(uri, client)
+    if not model.tags.get(tags.PINNED):
+        click.echo(f"{describe(model)} is not pinned")
+        return
+    models.set_pinned(client, model.model_id, None)
+    click.echo(f"unpinned {describe(model)} (was: {model.tags[tags.PINNED]})")

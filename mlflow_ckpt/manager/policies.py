@@ -1,0 +1,57 @@
+"""The manager's decisions at each step, in one place: triggers and the spike watch.
+
+Everything here is state the manager carries across a resume (saved in each checkpoint's
+progress record): the triggers' own state (best value, measured save cost) and the spike
+watch's recent values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow_ckpt.manager.options import ManagerOptions
+from mlflow_ckpt.manager.spikes import SpikeWatch
+from mlflow_ckpt.manager.triggers import StepInfo, TriggerSet
+
+
+class StepPolicies:
+    """Which triggers fire at a step, and whether the step starts a metric spike."""
+
+    def __init__(self, options: ManagerOptions) -> None:
+        self.triggers = TriggerSet(options.triggers)
+        self.spikes = SpikeWatch(*options.spike) if options.spike else None
+
+    def spike(self, metrics: dict[str, float]) -> str | None:
+        """How this step's metrics start a spike (``None`` when they don't)."""
+        if self.spikes is None:
+            return None
+        return self.spikes.observe(metrics.get(self.spikes.metric))
+
+    def fired(self, info: StepInfo) -> tuple[str, ...]:
+        return self.triggers.fired(info)
+
+    def reports(self) -> dict[str, float]:
+        """Metrics the policies log when their settings move (the adaptive interval)."""
+        return self.triggers.changed_metrics()
+
+    def saved(self, cost_s: float) -> None:
+        """A save cost training ``cost_s`` seconds."""
+        self.triggers.observe_save(cost_s)
+
+    def params(self) -> dict[str, str]:
+        return self.triggers.params()
+
+    @property
+    def best_value(self) -> float | None:
+        return self.triggers.best_value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "triggers": self.triggers.state_dict(),
+            "spike": self.spikes.state_dict() if self.spikes else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.triggers.load_state_dict(dict(state.get("triggers") or {}))
+        if self.spikes is not None:
+            self.spikes.load_state_dict(dict(state.get("spike") or {}))
