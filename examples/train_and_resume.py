@@ -51,6 +51,7 @@ def train(run_id: str | None) -> None:
         model_kwargs={"features": 20, "hidden": 64, "classes": 4},
         # the model's code travels with each checkpoint: it serves and exports from anywhere
         code_paths=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model.py")],
+        spike_factor=3.0,  # pin the checkpoint before a val_loss spike (retention keeps it)
     )
     if run_id is None:
         mlflow.set_experiment(EXPERIMENT)
@@ -137,6 +138,9 @@ def main() -> None:
         print("\nServe or export the best one (its model code is inside the checkpoint):")
         print(f"   mlflow models serve -m {best.uri} --env-manager local")
         print(f"   mlflow-ckpt export {best.uri} --format onnx --example-shape 1,20 -o best.onnx")
+    print("\nA picture of the run's checkpoints (also logged as the run artifact")
+    print("mlflow_ckpt/timeline.png):")
+    print(f"   mlflow-ckpt plot {run_id} -o timeline.png")
     experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
     print_ui_hint(uri, experiment_id)
 

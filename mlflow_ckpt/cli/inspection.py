@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 from mlflow import MlflowClient
@@ -16,6 +17,7 @@ from mlflow_ckpt.catalog import (
     list_checkpoints,
     resolve,
     tags,
+    timeline,
 )
 from mlflow_ckpt.catalog.reader import read_checkpoint, verify_checkpoint
 from mlflow_ckpt.cli.group import main
@@ -133,3 +135,16 @@ def diff(uri_a: str, uri_b: str, show_all: bool, as_json: bool) -> None:
     )
     same = sum(r["status"] == "same" for r in rows)
     click.echo(f"{len(rows)} tensors: {same} same, {len(rows) - same} different")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("-o", "--output", "output", help="PNG file (default: RUN_ID-timeline.png here).")
+@click.option("--metric", help="Metric to draw (default: the run's monitored metric).")
+def plot(run_id: str, output: str | None, metric: str | None) -> None:
+    """Draw RUN_ID's checkpoints on its metric: kept, deleted, best, promoted, pinned, bad."""
+    with errors():
+        line = timeline.gather(MlflowClient(), run_id, metric)
+    path = timeline.render(line, Path(output or f"{run_id}-timeline.png"))
+    counts = ", ".join(f"{len(set(v))} {k}" for k, v in line.steps.items() if v)
+    click.echo(f"wrote {path} ({counts or 'no checkpoints'})")

@@ -1,11 +1,8 @@
 """``CheckpointManager``: one call in the training loop saves, logs and later resumes.
 
-The manager decides when a step is saved (triggers), takes the in-memory snapshot on the
-training thread, and hands encoding, hashing, upload and commit to a background worker
-(``async_save=True``) or does them inline. Its parts live beside it: the checked options
-(:mod:`.options`), the step metrics (:mod:`.metrics`), taking the run over
-(:mod:`.ownership`), resuming (:mod:`.resume`), the one write path (:mod:`.pipeline`) and
-retention (:mod:`.retention`).
+The manager decides *when* (policies) and owns the run (ownership, resume); its parts beside
+it do the rest: options, step metrics, the saver (snapshot, then the one write path inline
+or on the background worker), retention.
 """
 
 from __future__ import annotations
@@ -37,7 +34,12 @@ from mlflow_ckpt.manager.options import (
 )
 from mlflow_ckpt.manager.ownership import RunClaim, take_run
 from mlflow_ckpt.manager.policies import StepPolicies
-from mlflow_ckpt.manager.records import active_or_given, record_resume, record_start
+from mlflow_ckpt.manager.records import (
+    active_or_given,
+    log_timeline,
+    record_resume,
+    record_start,
+)
 from mlflow_ckpt.manager.resume import (
     ResumePoint,
     check_no_other_run,
@@ -65,17 +67,15 @@ class CheckpointManager:
     Call :meth:`step` after each finished step (0-based): it saves when a trigger is due and
     logs the step's metrics to the run. See the README for the full tour.
 
-    When to save: the ``save_every_n_*`` and ``monitor``/``mode`` keywords, and/or
-    ``triggers=[...]`` (objects with a ``name`` and ``fires(info)``, see
-    :mod:`mlflow_ckpt.manager.triggers`). What to keep: the ``keep_*`` keywords and/or
-    ``retention=`` (an object with ``keep(checkpoints)``, see
-    :mod:`mlflow_ckpt.manager.retention`); a checkpoint survives if any rule keeps it.
+    When to save: ``save_every_n_*``, ``monitor``/``mode`` and/or ``triggers=[...]`` (objects
+    with ``name`` and ``fires(info)``). What to keep: ``keep_*`` and/or ``retention=`` (an
+    object with ``keep(checkpoints)``); a checkpoint survives if any rule keeps it.
     Also: ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state
     is skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
     (something else logs the metrics), ``transfer``, ``max_shard_bytes``, ``code_paths``
-    (the model's code inside each checkpoint). The README explains each; every argument is
-    checked before anything happens.
+    (the model's code inside each checkpoint), ``timeline`` (a picture of the checkpoints
+    logged at ``close()``). The README explains each; every argument is checked first.
     """
 
     def __init__(
@@ -109,6 +109,7 @@ class CheckpointManager:
         verify: str | Callable[[Any], Any] = "size",
         spike_factor: float | None = None,
         spike_metric: str | None = None,
+        timeline: bool = True,
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
     ) -> None:
@@ -188,13 +189,12 @@ class CheckpointManager:
         self._check_usable()
         step, epoch = self._check_step(step, epoch)
         clean = clean_metrics(metrics)
-        spike = self._policies.spike(clean)
+        info = StepInfo(
+            step, epoch, clean, end_of_epoch, time.monotonic(), self._saver.last_save_time
+        )
+        fired, spike = self._policies.decide(info)  # may add metrics (a new adaptive interval)
         if spike is not None:
             self._saver.pin_newest(step, spike)  # the newest checkpoint before this jump
-        clean.update(self._policies.reports())  # e.g. a new adaptive interval
-        now, last = time.monotonic(), self._saver.last_save_time
-        info = StepInfo(step, epoch, clean, end_of_epoch, now, last)
-        fired = self._policies.fired(info)
         self._saver.flush_metrics()
         self._last_step, self._last_epoch = step, epoch
         stamp = None if timestamp_ms is None else int(timestamp_ms)
@@ -248,6 +248,8 @@ class CheckpointManager:
             self.wait()
             if self.retention is not None:
                 apply_retention(self.client, self.run_id, self.retention)
+            if self.options.timeline:
+                log_timeline(self.client, self.run_id)
         finally:
             self._shutdown()
 

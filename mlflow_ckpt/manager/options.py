@@ -55,6 +55,7 @@ class ManagerOptions:
     nonfinite: str
     verify: Verify
     spike: tuple[str, float] | None  # (metric, factor)
+    timeline: bool
     force: bool
     lease_ttl: float
     transfer: TransferConfig | None
@@ -124,7 +125,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     if args["spike_metric"] is not None:
         check_metric_name(args["spike_metric"], "spike_metric")
     _positive("lease_ttl", args["lease_ttl"], float)
-    for name in ("save_last", "async_save", "log_metrics", "force"):
+    for name in ("save_last", "async_save", "log_metrics", "force", "timeline"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, not {args[name]!r}")
     if mode not in ("min", "max"):
@@ -150,6 +151,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         on_error=args["on_error"],
         nonfinite=args["nonfinite"],
         verify=_verify(args),
+        timeline=args["timeline"],
         spike=(
             (args["spike_metric"] or monitor, float(args["spike_factor"]))
             if args["spike_factor"] is not None

@@ -21,18 +21,15 @@ class StepPolicies:
         self.triggers = TriggerSet(options.triggers)
         self.spikes = SpikeWatch(*options.spike) if options.spike else None
 
-    def spike(self, metrics: dict[str, float]) -> str | None:
-        """How this step's metrics start a spike (``None`` when they don't)."""
-        if self.spikes is None:
-            return None
-        return self.spikes.observe(metrics.get(self.spikes.metric))
+    def decide(self, info: StepInfo) -> tuple[tuple[str, ...], str | None]:
+        """The triggers due at this step, and how it starts a spike (``None`` if it doesn't).
 
-    def fired(self, info: StepInfo) -> tuple[str, ...]:
-        return self.triggers.fired(info)
-
-    def reports(self) -> dict[str, float]:
-        """Metrics the policies log when their settings move (the adaptive interval)."""
-        return self.triggers.changed_metrics()
+        Metrics the policies report when their settings move (the adaptive interval) are
+        added to ``info.metrics``, so they are logged at this step.
+        """
+        spike = self.spikes.observe(info.metrics.get(self.spikes.metric)) if self.spikes else None
+        info.metrics.update(self.triggers.changed_metrics())
+        return self.triggers.fired(info), spike
 
     def saved(self, cost_s: float) -> None:
         """A save cost training ``cost_s`` seconds."""

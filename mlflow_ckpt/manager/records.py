@@ -1,5 +1,7 @@
 """What the manager records on the run itself (not on its checkpoints).
 
+At ``close()`` that includes a picture of the run's checkpoints, ``mlflow_ckpt/timeline.png``.
+
 Tags that let tools answer without being told (what is monitored, how often it was resumed,
 the first step refused as non-finite is tagged by the saver) and the params triggers choose at
 the start (the adaptive save interval). All are written with the user's random streams kept
@@ -8,13 +10,19 @@ where they are.
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from pathlib import Path
+
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 
-from mlflow_ckpt.catalog import Checkpoint, tags
+from mlflow_ckpt.catalog import Checkpoint, tags, timeline
 from mlflow_ckpt.errors import NoActiveRunError
 from mlflow_ckpt.snapshot import preserved_python_rng
+
+logger = logging.getLogger(__name__)
 
 
 def active_or_given(run_id: str | None) -> str:
@@ -50,3 +58,17 @@ def record_resume(
     with preserved_python_rng():
         client.set_tag(run_id, tags.RUN_RESUMES, str(resumes))
         client.set_tag(run_id, tags.RUN_RESUMED_FROM, chosen.uri if chosen else "")
+
+
+def log_timeline(client: MlflowClient, run_id: str) -> None:
+    """Draw the run's checkpoint timeline and log it as a run artifact (never raises: a
+    picture must not fail a training that is otherwise done)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-plot-") as scratch:
+            path = timeline.render(
+                timeline.gather(client, run_id), Path(scratch) / timeline.ARTIFACT_NAME
+            )
+            with preserved_python_rng():
+                client.log_artifact(run_id, str(path), timeline.ARTIFACT_PATH)
+    except Exception as exc:
+        logger.warning("Could not log the checkpoint timeline of run %s: %s", run_id, exc)

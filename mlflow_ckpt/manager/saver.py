@@ -9,6 +9,7 @@ for async ones, at most one save in flight, retention after each commit, and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +20,8 @@ from typing import Any
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, models, tags
+from mlflow_ckpt.catalog.metrics import log_step_metrics
+from mlflow_ckpt.catalog.timeline import NONFINITE_METRIC
 from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointVerificationError,
@@ -212,6 +215,14 @@ class Saver:
         checkpoint out.
         """
         log_unsaved_metrics(self.target, job)
+        with contextlib.suppress(Exception):  # marks the step in the run (and its timeline)
+            log_step_metrics(
+                self.client,
+                self.run_id,
+                {NONFINITE_METRIC: 1.0},
+                step=job.step,
+                timestamp_ms=job.timestamp_ms,
+            )
         if self._nonfinite_step is None:
             self._nonfinite_step = str(job.step)
             try:

@@ -218,18 +218,18 @@ class TriggerSet:
 
     def params(self) -> dict[str, str]:
         """Run params the triggers want logged at the start (the adaptive interval)."""
-        out: dict[str, str] = {}
-        for trigger in self.triggers:
-            method = getattr(trigger, "params", None)
-            out.update(method() if callable(method) else {})
-        return out
+        return self._merged("params")
 
     def changed_metrics(self) -> dict[str, float]:
         """Metrics the triggers report when their settings move (the adaptive interval)."""
-        out: dict[str, float] = {}
+        return self._merged("changed_metrics")
+
+    def _merged(self, method: str) -> dict[str, Any]:
+        """The union of what the triggers that have ``method`` return from it."""
+        out: dict[str, Any] = {}
         for trigger in self.triggers:
-            method = getattr(trigger, "changed_metrics", None)
-            out.update(method() if callable(method) else {})
+            found = getattr(trigger, method, None)
+            out.update(found() if callable(found) else {})
         return out
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
