@@ -128,3 +128,21 @@ def test_nonfinite_option_is_checked(tracking: str) -> None:
     with mlflow.start_run(run_name="opt"):
         with pytest.raises(ValueError, match="nonfinite must be 'skip', 'save' or 'raise'"):
             mlflow_ckpt.CheckpointManager(_state(), nonfinite="ignore")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64]
+)
+def test_the_check_is_exact_for_every_float_type(dtype: torch.dtype) -> None:
+    """A fast sum decides most tensors; finite values whose sum overflows are still finite."""
+    from mlflow_ckpt.snapshot import take_snapshot
+    from mlflow_ckpt.snapshot.finite import first_nonfinite
+
+    big = torch.finfo(dtype if not dtype.is_complex else torch.float32).max / 2
+    tensor = torch.full((64,), big, dtype=dtype)  # its sum overflows; every value is finite
+    snapshot = take_snapshot({"t": tensor}, {"step": 0}, copy=False)
+    assert first_nonfinite(snapshot) is None
+    tensor[17] = math.nan
+    assert first_nonfinite(snapshot) == "t"
+    tensor[17] = math.inf if not dtype.is_complex else complex(1, math.inf)
+    assert first_nonfinite(snapshot) == "t"
