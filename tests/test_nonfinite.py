@@ -146,3 +146,17 @@ def test_the_check_is_exact_for_every_float_type(dtype: torch.dtype) -> None:
     assert first_nonfinite(snapshot) == "t"
     tensor[17] = math.inf if not dtype.is_complex else complex(1, math.inf)
     assert first_nonfinite(snapshot) == "t"
+
+
+def test_save_last_on_close_follows_the_same_rule(tracking: str) -> None:
+    state = _state()
+    with mlflow.start_run(run_name="last") as run:
+        mgr = mlflow_ckpt.CheckpointManager(state, save_every_n_steps=5)
+        for step in range(8):
+            _train(state)
+            mgr.step(step)
+        with torch.no_grad():
+            state["model"].weight.fill_(math.nan)  # diverged after the last save
+        with pytest.warns(UserWarning, match="Step 7 .*NaN or inf.*step 4 is the newest good"):
+            mgr.close()  # save_last tries step 7 and refuses it
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [4]
