@@ -257,3 +257,24 @@ def test_checkpoints_with_wrapper_prefixed_keys_still_restore(tracking: str) -> 
     mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), {"model": fresh})
     for key, value in plain.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_a_model_whose_child_is_named_module_keeps_its_keys(tracking: str) -> None:
+    """An EMA-style wrapper (one child called ``module``) is not a DataParallel."""
+
+    class Ema(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = Net()
+
+    torch.manual_seed(0)
+    ema = Ema()
+    with mlflow.start_run(run_name="ema") as run:
+        with mlflow_ckpt.CheckpointManager({"ema": ema}, async_save=False) as mgr:
+            mgr.save(0)
+    fresh = Ema()
+    resumed = mlflow_ckpt.CheckpointManager.resume(run.info.run_id, {"ema": fresh})
+    resumed.close()
+    mlflow.end_run()
+    for key, value in ema.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -81,6 +81,10 @@ def test_auto_interval_is_logged_as_a_param_at_start_and_a_metric_as_it_changes(
         ({"save_every_n_seconds": "auto", "mtbf_hours": -1.0}, "mtbf_hours must be positive"),
         ({"spike_factor": 3.0}, "spike_factor needs a metric"),
         ({"spike_factor": 0.5, "monitor": "loss"}, "spike_factor must be above 1"),
+        ({"spike_factor": 3.0, "monitor": "acc", "mode": "max"}, "pass spike_metric="),
+        ({"save_every_n_seconds": "auto", "mtbf_hours": math.nan}, "positive and finite"),
+        ({"save_every_n_seconds": math.inf}, "positive and finite"),
+        ({"spike_factor": math.nan, "monitor": "loss"}, "positive and finite"),
     ],
 )
 def test_policy_options_are_checked(tracking: str, kwargs: dict, match: str) -> None:
@@ -97,8 +101,10 @@ def test_spike_watch_fires_once_per_spike() -> None:
     assert watch.observe(6.0) is None  # the same spike
     assert watch.observe(1.0) is None  # over
     assert watch.observe(math.nan) is not None  # NaN is a spike too
+    assert SpikeWatch("loss", factor=3.0).observe(math.inf) == "loss=inf"  # even with no history
     negative = SpikeWatch("logprob", factor=3.0, min_points=3)
     assert [negative.observe(v) for v in (-1.0, -1.0, -1.0, 5.0)] == [None] * 4
+    assert negative.observe(math.nan) is not None
 
 
 def test_the_checkpoint_before_a_loss_spike_is_pinned_and_survives_retention(
@@ -124,6 +130,8 @@ def test_the_checkpoint_before_a_loss_spike_is_pinned_and_survives_retention(
     listing = CliRunner().invoke(cli, ["list", run_id])
     assert listing.exit_code == 0 and "pre_spike" in listing.output
     pinned = ckpts[1]
+    dry = CliRunner().invoke(cli, ["gc", run_id, "--keep-last", "1", "--dry-run"])
+    assert "protected step 5" in dry.output and "pinned: pre_spike" in dry.output, dry.output
     unpin = CliRunner().invoke(cli, ["unpin", pinned.uri])
     assert unpin.exit_code == 0 and "unpinned" in unpin.output, unpin.output
     gc = CliRunner().invoke(cli, ["gc", run_id, "--keep-last", "1"])

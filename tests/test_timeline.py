@@ -18,6 +18,10 @@ from tests.train_script import Net
 
 
 def test_the_timeline_shows_every_kind_of_checkpoint(tracking: str, tmp_path: Path) -> None:
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's backend (not Agg): drawing the timeline must keep it
     model = Net()
     losses = [1.0, 0.8, 0.9, 0.7, 0.75, 0.72, 0.7, 5.0, 0.6, 0.55, 0.5, 0.52]
     refuse_at = {9}
@@ -52,6 +56,8 @@ def test_the_timeline_shows_every_kind_of_checkpoint(tracking: str, tmp_path: Pa
         mlflow_ckpt.promote(promoted, "timeline-model")
         mgr.close()
     run_id = run.info.run_id
+    assert matplotlib.get_backend() == "svg"
+    matplotlib.use(before)
     line = timeline.gather(MlflowClient(), run_id)
     assert line.metric == "loss"  # found from the run's tag, not told
     assert [s for s, _ in line.curve] == list(range(len(losses)))

@@ -147,3 +147,60 @@ def test_verify_option_is_checked(tracking: str) -> None:
             mlflow_ckpt.CheckpointManager({"w": torch.zeros(1)}, verify="md5")
         with pytest.raises(ValueError, match="pass model_factory="):
             mlflow_ckpt.CheckpointManager({"w": torch.zeros(1)}, verify=lambda m: True)
+        with pytest.raises(ValueError, match="the state has no 'model' entry"):
+            mlflow_ckpt.CheckpointManager({"net": Net()}, model_factory=Net, verify=bool)
+
+
+_KILLED_IN_VALIDATION = """
+import os, sys, time
+import mlflow, torch
+import mlflow_ckpt
+from tests.train_script import Net
+
+
+def validate(model):
+    print("validating", flush=True)
+    time.sleep(60)  # killed here
+    return False
+
+
+with mlflow.start_run(run_name="killed") as run:
+    print(run.info.run_id, flush=True)
+    mgr = mlflow_ckpt.CheckpointManager(
+        {"model": Net()}, model_factory=Net, verify=validate, async_save=False
+    )
+    mgr.save(0)
+"""
+
+
+def test_a_save_killed_during_validation_is_never_resumed_from(
+    tracking: str, tmp_path: Path
+) -> None:
+    """The manifest is complete but the check never finished: recovery must not adopt it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_IN_VALIDATION)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    assert child.stdout is not None
+    run_id = child.stdout.readline().strip()
+    assert child.stdout.readline().strip() == "validating"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    pending = MlflowClient().search_logged_models(
+        [mlflow.get_experiment_by_name("tests").experiment_id]
+    )
+    assert [m.tags[tags.VALIDATION] for m in pending] == ["pending"]
+    resumed = mlflow_ckpt.CheckpointManager.resume(run_id, {"model": Net()})
+    assert resumed.resumed_from is None and resumed.start_step == 0
+    resumed.close()
+    mlflow.end_run()
+    assert mlflow_ckpt.list_checkpoints(run_id) == []
+    assert not Path(pending[0].artifact_location).exists()  # discarded: files, then model

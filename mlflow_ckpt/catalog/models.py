@@ -35,10 +35,12 @@ def create_pending(
     triggers: Sequence[str],
     format: str,
     writer: str = "",
+    validated: bool = False,
 ) -> LoggedModel:
     """Create the (still invisible) LoggedModel a save will write into.
 
-    ``writer`` (the writer lease's ID) tells, after the fact, which process wrote it. Step,
+    ``writer`` (the writer lease's ID) tells, after the fact, which process wrote it.
+    ``validated`` marks a save whose commit waits for the user's validation. Step,
     epoch, trigger and format are tags (what queries filter on) and also params: the MLflow
     UI's Models tab shows params as columns, so checkpoints sort and compare by step there.
     """
@@ -62,6 +64,7 @@ def create_pending(
             tags.FORMAT_VERSION: str(FORMAT_VERSION),
             tags.STATUS: tags.PENDING,
             tags.WRITER: writer,
+            **({tags.VALIDATION: "pending"} if validated else {}),
         },
     )
 
@@ -96,6 +99,7 @@ def commit(
         {
             tags.SIZE_BYTES: str(size_bytes),
             tags.MANIFEST_SHA256: manifest_sha256,
+            **({tags.VALIDATION: "passed"} if tags.VALIDATION in model.tags else {}),
             tags.STATUS: tags.COMMITTED,
         },
     )

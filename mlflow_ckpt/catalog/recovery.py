@@ -88,6 +88,12 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
     linked = {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
     adopted = []
     for model in pending:
+        if model.tags.get(tags.VALIDATION) == "pending":
+            # Killed while the user's validation ran (or before it could record a failure):
+            # the checkpoint was never approved, so it must not become the one resumed from.
+            logger.warning("Discarding %s: its validation never finished", describe(model))
+            discard_failed(client, model)
+            continue
         try:
             manifest = read_checkpoint(model).manifest
         except (CheckpointNotFoundError, CheckpointCorruptedError) as exc:

@@ -28,6 +28,9 @@ FAILED = "failed"
 CORRUPT = "corrupt"
 INVALID = "invalid"  # written, but failed verification after the save
 INVALID_REASON = "mlflow_ckpt.invalid_reason"
+# On a checkpoint saved with verify=<callable>: "pending" until the check passed. Recovery
+# discards a pending save still marked so: its validation never finished.
+VALIDATION = "mlflow_ckpt.validation"
 
 MODEL_TYPE = "mlflow_ckpt.checkpoint"
 # On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.

@@ -83,36 +83,35 @@ def gather(client: MlflowClient, run_id: str, metric: str | None = None) -> Time
 
 def render(line: Timeline, path: Path, title: str | None = None) -> Path:
     """Draw ``line`` into a PNG file at ``path``."""
-    import matplotlib
+    # A Figure with its own Agg canvas, no pyplot: the user's backend (a notebook's inline
+    # one, a GUI) and pyplot's list of open figures stay as they were.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    try:
-        values = dict(line.curve)
-        if line.curve:
-            ax.plot(*zip(*line.curve, strict=True), color="#4c72b0", alpha=0.45, lw=1.2)
-        floor = min(values.values()) if values else 0.0
-        for state, (marker, color, label) in STYLES.items():
-            steps = sorted(set(line.steps[state]))
-            if not steps:
-                continue
-            ys = [_value_at(line.curve, s, floor) for s in steps]
-            size = 160 if state == "best" else 60
-            ax.scatter(steps, ys, marker=marker, c=color, s=size, label=label, zorder=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(line.metric or "(no monitored metric)")
-        name = f"{line.run_name} ({line.run_id})" if line.run_name else line.run_id
-        ax.set_title(title or f"Checkpoints of run {name}")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(10, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    values = dict(line.curve)
+    if line.curve:
+        ax.plot(*zip(*line.curve, strict=True), color="#4c72b0", alpha=0.45, lw=1.2)
+    floor = min(values.values()) if values else 0.0
+    for state, (marker, color, label) in STYLES.items():
+        steps = sorted(set(line.steps[state]))
+        if not steps:
+            continue
+        ys = [_value_at(line.curve, s, floor) for s in steps]
+        size = 160 if state == "best" else 60
+        ax.scatter(steps, ys, marker=marker, c=color, s=size, label=label, zorder=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(line.metric or "(no monitored metric)")
+    name = f"{line.run_name} ({line.run_id})" if line.run_name else line.run_id
+    ax.set_title(title or f"Checkpoints of run {name}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
     return path
 
 

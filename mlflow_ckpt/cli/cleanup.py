@@ -42,8 +42,9 @@ def gc(
 
     Saves cut short by a crash are adopted when complete; failed and incomplete ones are
     removed (leftover files, then their LoggedModel), as the run's writer (a live one is left
-    alone unless --force takes the run over). The newest checkpoint and checkpoints used by
-    registered model versions are always kept.
+    alone unless --force takes the run over), and so are checkpoints that failed verification.
+    The newest checkpoint, pinned ones and those registered model versions use are always
+    kept.
     """
     try:
         policy = build_policy(
@@ -66,7 +67,8 @@ def gc(
     for ckpt in result.deleted:
         click.echo(f"{verb:>12} step {ckpt.step:<8} {ckpt.uri}")
     for ckpt in result.protected:
-        click.echo(f"{'registered':>12} step {ckpt.step:<8} {ckpt.uri} (kept)")
+        why = f"pinned: {ckpt.pinned}" if ckpt.pinned else "registered"
+        click.echo(f"{'protected':>12} step {ckpt.step:<8} {ckpt.uri} (kept, {why})")
     click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
 
 

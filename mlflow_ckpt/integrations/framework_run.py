@@ -135,8 +135,9 @@ def callback_kwargs(owner: str, manager_kwargs: Mapping[str, Any]) -> dict[str, 
 
 
 def saves_within_epochs(manager_kwargs: Mapping[str, Any]) -> bool:
-    """Whether a trigger may fire mid-epoch, so every step must be recorded, not epoch ends."""
-    per_step = ("save_every_n_steps", "save_every_n_seconds", "triggers")
+    """Whether a trigger may fire (or a spike show) mid-epoch, so every step must be recorded,
+    not only epoch ends."""
+    per_step = ("save_every_n_steps", "save_every_n_seconds", "triggers", "spike_factor")
     return any(manager_kwargs.get(k) for k in per_step)
 
 

@@ -117,7 +117,7 @@ class CheckpointManager:
         for name in ("self", "state", "run_id"):
             del arguments[name]
         options = build_options(arguments)
-        check_state(state)
+        check_state(state, options)
         client = options.client or MlflowClient()
         with preserved_python_rng():
             run = get_run(client, active_or_given(run_id))
@@ -146,7 +146,7 @@ class CheckpointManager:
         anything is restored, started or taken.
         """
         options = build_options(option_arguments(inspect.signature(cls.__init__), kwargs))
-        check_state(state)
+        check_state(state, options)
         check_no_other_run(run_id)
         client = options.client or MlflowClient()
         with preserved_python_rng():
@@ -192,9 +192,9 @@ class CheckpointManager:
         info = StepInfo(
             step, epoch, clean, end_of_epoch, time.monotonic(), self._saver.last_save_time
         )
-        fired, spike = self._policies.decide(info)  # may add metrics (a new adaptive interval)
-        if spike is not None:
-            self._saver.pin_newest(step, spike)  # the newest checkpoint before this jump
+        decision = self._policies.decide(info)
+        self._saver.follow(step, decision)  # pin before a spike, report a new interval
+        fired = decision.fired
         self._saver.flush_metrics()
         self._last_step, self._last_epoch = step, epoch
         stamp = None if timestamp_ms is None else int(timestamp_ms)

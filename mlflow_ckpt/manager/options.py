@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, Generic, TypeVar, overload
 from mlflow import MlflowClient
 
 from mlflow_ckpt.codec import check_format
-from mlflow_ckpt.folder import FolderSpec, factory_path
+from mlflow_ckpt.folder import MODEL_KEY, FolderSpec, factory_path
 from mlflow_ckpt.manager.metrics import check_metric_name
 from mlflow_ckpt.manager.retention import KeepAny, RetentionPolicy, build_policy
 from mlflow_ckpt.manager.triggers import (
@@ -122,6 +123,11 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
             raise ValueError(f"spike_factor must be above 1, got {args['spike_factor']}")
         if (args["spike_metric"] or monitor) is None:
             raise ValueError("spike_factor needs a metric: pass monitor= or spike_metric=")
+        if args["spike_metric"] is None and mode == "max":
+            raise ValueError(
+                f"spike_factor watches for a metric jumping up (a loss); monitor={monitor!r} "
+                "is maximised, so pass spike_metric= naming a loss-like metric"
+            )
     if args["spike_metric"] is not None:
         check_metric_name(args["spike_metric"], "spike_metric")
     _positive("lease_ttl", args["lease_ttl"], float)
@@ -164,7 +170,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     )
 
 
-def check_state(state: Mapping[str, Any]) -> None:
+def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None) -> None:
     """Fail at construction, not hours later, if something in the state can't be saved.
 
     This encodes the whole state once (every ``state_dict()`` is called) without copying a
@@ -182,6 +188,11 @@ def check_state(state: Mapping[str, Any]) -> None:
                 f"state names must be non-empty strings not starting with '_': {name!r}"
             )
         encode(obj, name, sink)
+    if options is not None and callable(options.verify) and MODEL_KEY not in state:
+        raise ValueError(
+            f"verify=<callable> validates the network rebuilt from state[{MODEL_KEY!r}], and "
+            f"the state has no {MODEL_KEY!r} entry (it has {sorted(state)})"
+        )
 
 
 def _positive(name: str, value: Any, kind: type) -> None:
@@ -190,8 +201,8 @@ def _positive(name: str, value: Any, kind: type) -> None:
     expected = numbers.Integral if kind is int else numbers.Real
     if isinstance(value, bool) or not isinstance(value, expected):
         raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 def _triggers(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[Trigger, ...]:

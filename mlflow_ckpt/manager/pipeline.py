@@ -95,6 +95,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             triggers=job.triggers,
             format=target.spec.format,
             writer=target.writer_id,
+            validated=callable(target.verify),
         )
     except Exception as exc:
         log_unsaved_metrics(target, job)
@@ -104,6 +105,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         ) from exc
     location = model.artifact_location
     store = open_store(location, target.transfer)
+    where = f"{model.model_id} (run {target.run_id}, step {job.step})"
     try:
         if target.check_writer is not None:
             target.check_writer()
@@ -120,19 +122,6 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             created_at=job.timestamp_ms / 1000,
             before_manifest=target.check_writer,
         )
-    except BaseException as exc:
-        _discard(target, model, store)
-        if isinstance(exc, WriterConflictError):
-            raise
-        log_unsaved_metrics(target, job)
-        raise CheckpointWriteError(
-            f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
-            f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
-            f"or resumed from; {_intact(job)}. Fix the cause (space, permissions, network) "
-            "and save again."
-        ) from exc
-    where = f"{model.model_id} (run {target.run_id}, step {job.step})"
-    try:
         score = verify_stored(store, manifest, target.verify, where)
     except VerificationFailed as exc:
         models.mark_invalid(client, model.model_id, str(exc))
@@ -143,6 +132,17 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             f"Step {job.step} of run {target.run_id} was written to {redact(location)} but "
             f"failed verification after the save ({exc}). It is tagged invalid and will never "
             f"be listed or resumed from (`mlflow-ckpt gc` removes it); {_intact(job)}."
+        ) from exc
+    except BaseException as exc:
+        _discard(target, model, store)
+        if isinstance(exc, WriterConflictError):
+            raise
+        log_unsaved_metrics(target, job)
+        raise CheckpointWriteError(
+            f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
+            f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
+            f"or resumed from; {_intact(job)}. Fix the cause (space, permissions, network) "
+            "and save again."
         ) from exc
     # The manifest is in the store: the checkpoint is complete. If this process lost the run
     # meanwhile, leave it alone: the new owner's recovery adopted it or finalized it. If the

@@ -7,11 +7,21 @@ watch's recent values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.spikes import SpikeWatch
 from mlflow_ckpt.manager.triggers import StepInfo, TriggerSet
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policies decided for one step."""
+
+    fired: tuple[str, ...]  # names of the triggers due: save when not empty
+    spike: str | None  # how this step starts a spike (pin the checkpoint before it)
+    reports: dict[str, float]  # metrics the policies log now (the adaptive interval)
 
 
 class StepPolicies:
@@ -21,15 +31,10 @@ class StepPolicies:
         self.triggers = TriggerSet(options.triggers)
         self.spikes = SpikeWatch(*options.spike) if options.spike else None
 
-    def decide(self, info: StepInfo) -> tuple[tuple[str, ...], str | None]:
-        """The triggers due at this step, and how it starts a spike (``None`` if it doesn't).
-
-        Metrics the policies report when their settings move (the adaptive interval) are
-        added to ``info.metrics``, so they are logged at this step.
-        """
+    def decide(self, info: StepInfo) -> Decision:
+        """The triggers due at this step, whether it starts a spike, and what to report."""
         spike = self.spikes.observe(info.metrics.get(self.spikes.metric)) if self.spikes else None
-        info.metrics.update(self.triggers.changed_metrics())
-        return self.triggers.fired(info), spike
+        return Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
 
     def saved(self, cost_s: float) -> None:
         """A save cost training ``cost_s`` seconds."""

@@ -37,6 +37,7 @@ from mlflow_ckpt.manager.pipeline import (
     log_unsaved_metrics,
     write_checkpoint,
 )
+from mlflow_ckpt.manager.policies import Decision
 from mlflow_ckpt.manager.retention import apply_retention
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
@@ -122,6 +123,27 @@ class Saver:
         self._run(lambda: self._write(job), is_save=True)
         return time.perf_counter() - started
 
+    def follow(self, step: int, decision: Decision) -> None:
+        """Carry out what the policies decided at ``step`` besides saving: pin the newest
+        checkpoint before a spike; log what they report (even with ``log_metrics=False``:
+        the adaptive interval is the library's own record)."""
+        if decision.spike is not None:
+            self.pin_newest(step, decision.spike)
+        if decision.reports:
+            stamp = now_ms()
+
+            def report() -> None:
+                try:
+                    log_step_metrics(
+                        self.client, self.run_id, decision.reports, step=step, timestamp_ms=stamp
+                    )
+                except Exception as exc:
+                    logger.warning(
+                        "Could not log %s to run %s: %s", decision.reports, self.run_id, exc
+                    )
+
+            self._run(report, is_save=False)
+
     def pin_newest(self, spike_step: int, detail: str) -> None:
         """Pin the newest committed checkpoint before ``spike_step`` (after saves in flight)."""
 
@@ -132,11 +154,18 @@ class Saver:
                 return
             try:
                 models.set_pinned(self.client, ckpt.model_id, tags.PRE_SPIKE)
-            except Exception as exc:
-                raise CheckpointWriteError(
-                    f"Could not pin checkpoint {ckpt.uri} (step {ckpt.step}) of run "
-                    f"{self.run_id} before the spike at step {spike_step}: {exc}"
-                ) from exc
+            except Exception as exc:  # protective bookkeeping: never fail a training step
+                logger.warning(
+                    "Could not pin checkpoint %s (step %d) of run %s before the spike at "
+                    "step %d: %s; `mlflow-ckpt pin %s` does it by hand",
+                    ckpt.uri,
+                    ckpt.step,
+                    self.run_id,
+                    spike_step,
+                    exc,
+                    ckpt.uri,
+                )
+                return
             self.last_checkpoint = dataclasses.replace(ckpt, pinned=tags.PRE_SPIKE)
             logger.warning(
                 "Spike at step %d of run %s (%s): pinned checkpoint %s (step %d); retention "

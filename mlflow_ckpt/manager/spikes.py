@@ -18,8 +18,9 @@ from typing import Any
 class SpikeWatch:
     """Recent values of ``metric``; :meth:`observe` says when a new spike starts.
 
-    Needs ``min_points`` values before judging, and a positive median (losses): for a metric
-    that can be negative, "``factor`` times the median" means nothing, so it never fires.
+    A NaN/inf value is always a spike. A jump needs ``min_points`` values before it is judged,
+    and a positive median (losses): for a metric that can be negative, "``factor`` times the
+    median" means nothing, so only NaN/inf fire there.
     """
 
     metric: str
@@ -34,17 +35,16 @@ class SpikeWatch:
         if value is None:
             return None
         median = statistics.median(self.history) if len(self.history) >= self.min_points else None
-        spiking = (
-            median is not None
-            and median > 0
-            and (not math.isfinite(value) or value > self.factor * median)
-        )
+        jump = median is not None and median > 0 and value > self.factor * median
+        spiking = not math.isfinite(value) or jump
         starts = spiking and not self.in_spike
         self.in_spike = spiking
         if not spiking and math.isfinite(value):
             self.history = [*self.history, value][-self.window :]
         if not starts:
             return None
+        if not jump:
+            return f"{self.metric}={value}"
         return f"{self.metric}={value:.4g} > {self.factor:g} x median {median:.4g}"
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_ckpt.codec import Manifest, check_sizes, verify_files
+from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.folder import load_folder_model
-from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage import Store, StoreError
 
 Verify = str | Callable[[Any], Any]
 VERIFY_MODES = ("size", "hash")
@@ -30,16 +31,26 @@ class VerificationFailed(Exception):
 
 
 def verify_stored(store: Store, manifest: Manifest, verify: Verify, where: str) -> dict[str, float]:
-    """Check the stored folder; return the metrics to link to the checkpoint (the score)."""
+    """Check the stored folder; return the metrics to link to the checkpoint (the score).
+
+    Raises :class:`VerificationFailed` when the checkpoint is wrong (a size or hash that
+    differs, a validation that refuses it or cannot run on it). A store that cannot be read
+    right now raises its own error: the save then fails like any failed write, and is
+    retried, instead of marking good bytes invalid.
+    """
     try:
         check_sizes(store, manifest, where)
         if verify == "hash":
             with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
                 verify_files(store, manifest, Path(scratch), where)
-        if not callable(verify):
-            return {}
-        model = load_folder_model(store, where, manifest.digest())
-        value = verify(model)
+    except CheckpointCorruptedError as exc:
+        raise VerificationFailed(str(exc)) from exc
+    if not callable(verify):
+        return {}
+    try:
+        value = verify(load_folder_model(store, where, manifest.digest()))
+    except StoreError:
+        raise
     except Exception as exc:
         raise VerificationFailed(f"{type(exc).__name__}: {exc}") from exc
     name = getattr(verify, "__name__", type(verify).__name__)

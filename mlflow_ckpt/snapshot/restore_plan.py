@@ -155,8 +155,9 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         return
     saved = value.value
     if isinstance(target, torch.nn.Module):
-        saved = _without_wrapper_prefix(saved)
-        _check_module(unwrap_module(target), saved, path, plan)
+        module = unwrap_module(target)
+        saved = _without_wrapper_prefix(saved, set(module.state_dict()))
+        _check_module(module, saved, path, plan)
     elif isinstance(target, torch.optim.Optimizer):
         _check_optimizer(target, saved, path, plan)
     elif kind == TORCH_GENERATOR:
@@ -175,14 +176,18 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
     plan.checked.append(lambda: apply_stateful(target, kind, saved))
 
 
-def _without_wrapper_prefix(saved: Any) -> Any:
+def _without_wrapper_prefix(saved: Any, expected: set[str]) -> Any:
     """Checkpoints written before wrappers were unwrapped hold ``_orig_mod.``/``module.``
-    keys; they restore into the unwrapped module like newer ones."""
-    if not isinstance(saved, Mapping) or not saved:
+    keys; they restore into the unwrapped module like newer ones. Only when the keys as
+    saved do not fit and the stripped ones do: a model whose one child is named ``module``
+    (an EMA wrapper) has such keys legitimately."""
+    if not isinstance(saved, Mapping) or not saved or set(saved) == expected:
         return saved
     for prefix in ("_orig_mod.", "module."):
         if all(isinstance(k, str) and k.startswith(prefix) for k in saved):
-            return type(saved)((k.removeprefix(prefix), v) for k, v in saved.items())
+            stripped = type(saved)((k.removeprefix(prefix), v) for k, v in saved.items())
+            if set(stripped) == expected:
+                return stripped
     return saved
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlflow_ckpt.storage.base import Store
+from mlflow_ckpt.storage.base import Store, StoreError
 from mlflow_ckpt.storage.local import TEMP_MARKER, LocalStore, local_path_of
 from mlflow_ckpt.storage.retry import RetryPolicy, is_transient
 from mlflow_ckpt.storage.transfer import TransferConfig, redact
@@ -31,6 +31,7 @@ __all__ = [
     "LocalStore",
     "RetryPolicy",
     "Store",
+    "StoreError",
     "TransferConfig",
     "is_transient",
     "local_path_of",

@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from mlflow_ckpt.errors import CheckpointError
+
+
+class StoreError(CheckpointError):
+    """An artifact store operation failed (after retries, if it was transient)."""
+
 
 class Store(abc.ABC):
     """A folder of files in some artifact store, addressed by relative POSIX paths."""

@@ -23,15 +23,10 @@ from typing import Any, BinaryIO
 
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.storage.base import Store
+from mlflow_ckpt.storage.base import Store, StoreError
 from mlflow_ckpt.storage.retry import with_retries
 from mlflow_ckpt.storage.staging import new_staging_dir
 from mlflow_ckpt.storage.transfer import TransferConfig, explain, redact
-
-
-class StoreError(CheckpointError):
-    """An artifact store operation failed (after retries, if it was transient)."""
 
 
 class RepositoryStore(Store):
