@@ -9,11 +9,14 @@ run's charts show.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+
+logger = logging.getLogger(__name__)
 
 
 def metric_entities(
@@ -34,6 +37,23 @@ def metric_entities(
         )
         for key, value in metrics.items()
     ]
+
+
+def log_step_metrics_quietly(
+    client: MlflowClient,
+    run_id: str,
+    metrics: Mapping[str, float],
+    *,
+    step: int,
+    timestamp_ms: int,
+) -> None:
+    """:func:`log_step_metrics` for records that must not fail a step (a warning instead)."""
+    try:
+        log_step_metrics(client, run_id, metrics, step=step, timestamp_ms=timestamp_ms)
+    except Exception as exc:
+        logger.warning(
+            "Could not log %s at step %d to run %s: %s", dict(metrics), step, run_id, exc
+        )
 
 
 def log_step_metrics(

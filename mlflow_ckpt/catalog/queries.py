@@ -102,6 +102,11 @@ def best_checkpoint(
         runs = client.search_runs(experiments, filter_string=run_filter, max_results=50_000)
         allowed = {r.info.run_id for r in runs}
         candidates = [c for c in candidates if c.run_id in allowed]
+    return pick_best(candidates, metric, mode)
+
+
+def pick_best(candidates: Iterable[Checkpoint], metric: str, mode: str) -> Checkpoint | None:
+    """The best of ``candidates`` by ``metric`` at its own step (NaN/inf never; ties: newer)."""
     scored = [(c.metric(metric), c) for c in candidates]
     valid = [(v, c) for v, c in scored if v is not None and math.isfinite(v)]
     if not valid:

@@ -15,8 +15,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import is_pinned, is_registered
-from mlflow_ckpt.catalog.queries import best_checkpoint, search_models
+from mlflow_ckpt.catalog.queries import pick_best, search_models
 from mlflow_ckpt.catalog.runs import get_run
 
 # Refused saves log this metric at their step (value 1), so pictures can show them later.
@@ -58,8 +59,11 @@ def gather(client: MlflowClient, run_id: str, metric: str | None = None) -> Time
         line.curve = sorted((m.step, m.value) for m in history if math.isfinite(m.value))
     found = search_models(client, [run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
     committed = [m for m in found if m.tags.get(tags.STATUS) == tags.COMMITTED]
+    # the same rule as best_checkpoint, on the models already fetched (no second query)
     best = (
-        best_checkpoint(run_id=run_id, metric=metric, mode=mode, client=client) if metric else None
+        pick_best([Checkpoint.from_logged_model(m) for m in committed], metric, mode)
+        if metric
+        else None
     )
     for model in committed:
         step = int(model.tags.get(tags.STEP, "0"))

@@ -12,7 +12,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -21,7 +21,7 @@ from mlflow.entities import LoggedModel
 from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import discard_failed
-from mlflow_ckpt.catalog.metrics import log_step_metrics
+from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
 from mlflow_ckpt.errors import (
     CheckpointVerificationError,
     CheckpointWriteError,
@@ -182,22 +182,15 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     return Checkpoint.from_logged_model(committed)
 
 
-def log_unsaved_metrics(target: WriteTarget, job: SaveJob) -> None:
+def log_unsaved_metrics(
+    target: WriteTarget, job: SaveJob, marks: Mapping[str, float] | None = None
+) -> None:
     """A step that was not saved still belongs in the run's history: log its metrics (best
-    effort, not linked to any checkpoint)."""
-    if not (target.log_metrics and job.metrics):
-        return
-    try:
-        log_step_metrics(
-            target.client,
-            target.run_id,
-            job.metrics,
-            step=job.step,
-            timestamp_ms=job.timestamp_ms,
-        )
-    except Exception:
-        logger.warning(
-            "Could not log the metrics of step %d to run %s either", job.step, target.run_id
+    effort, not linked to any checkpoint), with ``marks`` (always logged) in the same call."""
+    metrics = {**(job.metrics if target.log_metrics else {}), **(marks or {})}
+    if metrics:
+        log_step_metrics_quietly(
+            target.client, target.run_id, metrics, step=job.step, timestamp_ms=job.timestamp_ms
         )
 
 

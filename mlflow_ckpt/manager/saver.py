@@ -9,7 +9,6 @@ for async ones, at most one save in flight, retention after each commit, and the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -20,7 +19,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, models, tags
-from mlflow_ckpt.catalog.metrics import log_step_metrics
+from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
 from mlflow_ckpt.catalog.timeline import NONFINITE_METRIC
 from mlflow_ckpt.errors import (
     CheckpointError,
@@ -128,23 +127,17 @@ class Saver:
         checkpoint before a spike; log what they report (even with ``log_metrics=False``:
         the adaptive interval is the library's own record)."""
         if decision.spike is not None:
-            self.pin_newest(step, decision.spike)
+            self._pin_newest(step, decision.spike)
         if decision.reports:
-            stamp = now_ms()
+            stamp, reports = now_ms(), decision.reports
+            self._run(
+                lambda: log_step_metrics_quietly(
+                    self.client, self.run_id, reports, step=step, timestamp_ms=stamp
+                ),
+                is_save=False,
+            )
 
-            def report() -> None:
-                try:
-                    log_step_metrics(
-                        self.client, self.run_id, decision.reports, step=step, timestamp_ms=stamp
-                    )
-                except Exception as exc:
-                    logger.warning(
-                        "Could not log %s to run %s: %s", decision.reports, self.run_id, exc
-                    )
-
-            self._run(report, is_save=False)
-
-    def pin_newest(self, spike_step: int, detail: str) -> None:
+    def _pin_newest(self, spike_step: int, detail: str) -> None:
         """Pin the newest committed checkpoint before ``spike_step`` (after saves in flight)."""
 
         def pin() -> None:
@@ -243,15 +236,7 @@ class Saver:
         ``mlflow_ckpt.nonfinite_step``; so retention can never push the last finite
         checkpoint out.
         """
-        log_unsaved_metrics(self.target, job)
-        with contextlib.suppress(Exception):  # marks the step in the run (and its timeline)
-            log_step_metrics(
-                self.client,
-                self.run_id,
-                {NONFINITE_METRIC: 1.0},
-                step=job.step,
-                timestamp_ms=job.timestamp_ms,
-            )
+        log_unsaved_metrics(self.target, job, marks={NONFINITE_METRIC: 1.0})  # for timelines
         if self._nonfinite_step is None:
             self._nonfinite_step = str(job.step)
             try:
