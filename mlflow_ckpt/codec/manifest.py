@@ -19,7 +19,9 @@ from typing import Any
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; single-process checkpoints still write 1
+SINGLE_FORMAT_VERSION = 1
+DISTRIBUTED_FORMAT_VERSION = 2  # adds ``world_size``, ``ranks/`` and ``shards/``
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_INT = 2**63 - 1  # sizes, steps, offsets, dimensions: what an int64 holds
@@ -80,7 +82,10 @@ class Manifest:
     structure_file: str
     triggers: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = SINGLE_FORMAT_VERSION
+    # 0 for a single-process checkpoint; else the number of ranks that wrote it (their own
+    # state under ``ranks/``, the sharded tensors under ``shards/``; see folder/distributed.py)
+    world_size: int = 0
 
     @property
     def size_bytes(self) -> int:
@@ -175,6 +180,7 @@ class Manifest:
                 _str(k): _str(v) for k, v in _dict(data.get("versions", {}), "versions").items()
             },
             format_version=version,
+            world_size=_int(data.get("world_size", 0)),
         )
 
 

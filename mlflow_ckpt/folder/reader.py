@@ -27,6 +27,10 @@ def read_folder(
     :class:`~mlflow_ckpt.CheckpointCorruptedError` naming the first bad file.
     """
     manifest = read_manifest(store, scratch, where, manifest_sha256)
+    if manifest.world_size:  # written by several ranks: assemble the full state
+        from mlflow_ckpt.folder.distributed import read_distributed
+
+        return LoadedFolder(manifest, read_distributed(store, manifest, scratch, where))
     local = verify_files(store, manifest, scratch, where)
     document, tensors = read_state(manifest, local, where)
     return LoadedFolder(manifest, decode_document(document, tensors, where))

@@ -17,12 +17,11 @@ from types import TracebackType
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Run
 
-from mlflow_ckpt.catalog import Checkpoint, tags
-from mlflow_ckpt.catalog.runs import get_run
+from mlflow_ckpt.catalog import Checkpoint
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
 from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.manager.distributed_resume import restore_distributed
 from mlflow_ckpt.manager.lease import DEFAULT_TTL_S
 from mlflow_ckpt.manager.metrics import as_step, clean_metrics
 from mlflow_ckpt.manager.options import (
@@ -32,25 +31,13 @@ from mlflow_ckpt.manager.options import (
     check_state,
     option_arguments,
 )
-from mlflow_ckpt.manager.ownership import RunClaim, take_run
 from mlflow_ckpt.manager.policies import StepPolicies
-from mlflow_ckpt.manager.records import (
-    active_or_given,
-    log_timeline,
-    record_resume,
-    record_start,
-)
-from mlflow_ckpt.manager.resume import (
-    ResumePoint,
-    check_no_other_run,
-    logged_since,
-    reopen_run,
-    restore_newest,
-)
+from mlflow_ckpt.manager.records import log_timeline, record_resume, record_start
+from mlflow_ckpt.manager.resume import ResumePoint, logged_since, reopen_run, restore_newest
 from mlflow_ckpt.manager.retention import RetentionPolicy, apply_retention
 from mlflow_ckpt.manager.saver import Saver
+from mlflow_ckpt.manager.session import Session, open_session
 from mlflow_ckpt.manager.triggers import StepInfo, Trigger
-from mlflow_ckpt.snapshot import preserved_python_rng
 from mlflow_ckpt.storage import TransferConfig
 
 logger = logging.getLogger(__name__)
@@ -65,8 +52,8 @@ class CheckpointManager:
     Python, NumPy and torch (CPU and CUDA) random streams are added automatically.
 
     Call :meth:`step` after each finished step (0-based): it saves when a trigger is due and
-    logs the step's metrics to the run. See the README for the full tour.
-
+    logs the step's metrics to the run. Under ``torch.distributed`` build it on every rank
+    (only rank 0 needs a run): modules and optimizers are saved sharded through DCP.
     When to save: ``save_every_n_*``, ``monitor``/``mode`` and/or ``triggers=[...]`` (objects
     with ``name`` and ``fires(info)``). What to keep: ``keep_*`` and/or ``retention=`` (an
     object with ``keep(checkpoints)``); a checkpoint survives if any rule keeps it.
@@ -75,8 +62,7 @@ class CheckpointManager:
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
     (something else logs the metrics), ``transfer``, ``max_shard_bytes``, ``code_paths``
     (the model's code inside each checkpoint), ``timeline`` (a picture of the checkpoints
-    logged at ``close()``). The README explains each; every argument is checked first.
-    """
+    logged at ``close()``). The README explains each; every argument is checked first."""
 
     def __init__(
         self,
@@ -118,14 +104,11 @@ class CheckpointManager:
             del arguments[name]
         options = build_options(arguments)
         check_state(state, options)
-        client = options.client or MlflowClient()
-        with preserved_python_rng():
-            run = get_run(client, active_or_given(run_id))
-        claim = take_run(client, run, force=options.force, ttl=options.lease_ttl)
+        session = open_session(options, run_id, resume=False)
         try:
-            self._setup(state, options, client, run, claim)
+            self._setup(state, options, session)
         except BaseException:
-            claim.release()
+            session.release()
             raise
 
     @classmethod
@@ -143,25 +126,35 @@ class CheckpointManager:
         ``mlflow_ckpt.status=corrupt``. With no checkpoint the state is left as it is and
         ``start_step`` is 0. ``strict`` refuses checkpoint entries missing from ``state``.
         Other keyword arguments are those of the constructor; they are all checked before
-        anything is restored, started or taken.
+        anything is restored, started or taken. Under ``torch.distributed`` every rank calls
+        it, on any world size (sharded state is resharded).
         """
         options = build_options(option_arguments(inspect.signature(cls.__init__), kwargs))
         check_state(state, options)
-        check_no_other_run(run_id)
-        client = options.client or MlflowClient()
-        with preserved_python_rng():
-            run = get_run(client, run_id)
-        claim = take_run(client, run, force=options.force, ttl=options.lease_ttl)
+        session = open_session(options, run_id, resume=True)
         try:
-            verified = restore_newest(client, run_id, state, strict=strict)
-            reopen_run(run_id)
+            if session.ranks is None:
+                assert session.client is not None
+                verified = restore_newest(session.client, run_id, state, strict=strict)
+                point = ResumePoint.of(verified)
+            else:
+                restored = restore_distributed(
+                    session.client, run_id, state, session.ranks, strict=strict
+                )
+                point = (
+                    ResumePoint.of_progress(restored.checkpoint, restored.progress)
+                    if restored
+                    else ResumePoint()
+                )
+            if session.client is not None:
+                reopen_run(run_id)
             manager = cls.__new__(cls)
-            manager._setup(state, options, client, run, claim)
+            manager._setup(state, options, session)
         except BaseException:
-            claim.release()
+            session.release()
             raise
         try:
-            manager._continue(ResumePoint.of(verified))
+            manager._continue(point)
         except BaseException:
             manager._shutdown()
             raise
@@ -246,9 +239,9 @@ class CheckpointManager:
             ):
                 self._save(self._last_step, self._last_epoch, ("last",), end_of_epoch=False)
             self.wait()
-            if self.retention is not None:
+            if self.client is not None and self.retention is not None:
                 apply_retention(self.client, self.run_id, self.retention)
-            if self.options.timeline:
+            if self.client is not None and self.options.timeline:
                 log_timeline(self.client, self.run_id)
         finally:
             self._shutdown()
@@ -281,8 +274,10 @@ class CheckpointManager:
 
     @property
     def writer_id(self) -> str:
-        """This process's writer-lease ID, also tagged on every checkpoint it writes."""
-        return self._claim.lease.owner
+        """This process's writer-lease ID, also tagged on every checkpoint it writes ("" on
+        the ranks other than 0 of a distributed job, which hold no lease)."""
+        claim = self._session.claim
+        return claim.lease.owner if claim is not None else ""
 
     @property
     def best_value(self) -> float | None:
@@ -302,30 +297,24 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
 
-    def _setup(
-        self,
-        state: Mapping[str, Any],
-        options: ManagerOptions,
-        client: MlflowClient,
-        run: Run,
-        claim: RunClaim,
-    ) -> None:
+    def _setup(self, state: Mapping[str, Any], options: ManagerOptions, session: Session) -> None:
         """Everything both constructors share, once the run is this process's to write."""
         self.state = state
         self.options = options
-        self.client = client
-        self.run_id: str = run.info.run_id
-        self.experiment_id: str = run.info.experiment_id
-        self._claim = claim
-        self._policies = StepPolicies(options)
+        self.client: MlflowClient | None = session.client  # None: a rank other than 0
+        self.run_id: str = session.run_id
+        self.experiment_id: str = session.experiment_id
+        self._session = session
+        self._policies = StepPolicies(options, session.ranks)
         self._saver = Saver(
             state,
             options,
-            client,
+            session.client,  # type: ignore[arg-type]
             run_id=self.run_id,
             experiment_id=self.experiment_id,
-            lease=claim.lease,
-            nonfinite_step=run.data.tags.get(tags.RUN_NONFINITE_STEP),
+            lease=session.claim.lease if session.claim is not None else None,
+            nonfinite_step=session.nonfinite_step,
+            ranks=session.ranks,
         )
         self.start_step = 0
         self.start_epoch = 0
@@ -335,7 +324,14 @@ class CheckpointManager:
         self._last_epoch: int | None = None
         self._closed = False
         atexit.register(self._flush_at_exit)
-        record_start(client, run, options.monitor, options.mode, self._policies.params())
+        if session.client is not None and session.run is not None:
+            record_start(
+                session.client,
+                session.run,
+                options.monitor,
+                options.mode,
+                self._policies.params(),
+            )
 
     def _continue(self, point: ResumePoint) -> None:
         """After a resume: carry on from the restored checkpoint (counters, triggers, metrics)."""
@@ -347,8 +343,11 @@ class CheckpointManager:
             self._last_epoch = point.last_epoch
         self._policies.load_state_dict(point.manager_state)
         self._resumes = point.resumes
-        self._saver.metrics.already_logged = logged_since(self.client, self.run_id, self.start_step)
-        record_resume(self.client, self.run_id, self._resumes, chosen)
+        if self.client is not None:
+            self._saver.metrics.already_logged = logged_since(
+                self.client, self.run_id, self.start_step
+            )
+            record_resume(self.client, self.run_id, self._resumes, chosen)
         logger.info(
             "Resumed run %s from %s; training continues at step %d",
             self.run_id,
@@ -359,8 +358,9 @@ class CheckpointManager:
     def _check_usable(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for run {self.run_id} is closed")
-        if self._claim.lease.lost_to is not None:
-            self._claim.lease.check()  # another process owns the run now: stop before logging
+        claim = self._session.claim
+        if claim is not None and claim.lease.lost_to is not None:
+            claim.lease.check()  # another process owns the run now: stop before logging
         self._saver.raise_background_error()
 
     def _check_step(self, step: Any, epoch: Any) -> tuple[int, int | None]:
@@ -386,7 +386,7 @@ class CheckpointManager:
         self._closed = True
         atexit.unregister(self._flush_at_exit)
         self._saver.stop()
-        self._claim.release()
+        self._session.release()
 
     def _flush_at_exit(self) -> None:
         """At interpreter exit, commit pending saves and metrics (no new snapshot is taken)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
+import torch
 from mlflow import MlflowClient
 
 from mlflow_ckpt.codec import check_format
@@ -182,17 +183,27 @@ def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None)
             "{'model': model, 'optimizer': optimizer}"
         )
     sink = TensorSink(lambda t: t)
-    for name, obj in state.items():
+    for name in state:
         if not isinstance(name, str) or not name or name.startswith("_"):
             raise ValueError(
                 f"state names must be non-empty strings not starting with '_': {name!r}"
             )
-        encode(obj, name, sink)
+    # Under torch.distributed, modules and optimizers are saved through DCP (sharded
+    # tensors): only the rest goes through the JSON encoder.
+    for name, obj in state.items():
+        if not (_distributed() and isinstance(obj, torch.nn.Module | torch.optim.Optimizer)):
+            encode(obj, name, sink)
     if options is not None and callable(options.verify) and MODEL_KEY not in state:
         raise ValueError(
             f"verify=<callable> validates the network rebuilt from state[{MODEL_KEY!r}], and "
             f"the state has no {MODEL_KEY!r} entry (it has {sorted(state)})"
         )
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _positive(name: str, value: Any, kind: type) -> None:

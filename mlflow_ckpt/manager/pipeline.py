@@ -13,7 +13,8 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -30,6 +31,7 @@ from mlflow_ckpt.errors import (
 from mlflow_ckpt.folder import FolderSpec, write_folder
 from mlflow_ckpt.manager.verification import VerificationFailed, Verify, verify_stored
 from mlflow_ckpt.snapshot import Snapshot
+from mlflow_ckpt.snapshot.sharded import ShardedSnapshot
 from mlflow_ckpt.storage import Store, TransferConfig, open_store, redact
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 class WriteTarget:
     """Where and how checkpoints of one manager are written."""
 
-    client: MlflowClient
+    client: MlflowClient  # on ranks other than 0 of a distributed job: None (no MLflow)
     run_id: str
     experiment_id: str
     spec: FolderSpec
@@ -62,6 +64,10 @@ class SaveJob:
     triggers: tuple[str, ...]
     timestamp_ms: int
     previous_step: int | None = None  # the newest committed step, named in failure messages
+    # Distributed saves: this rank's modules/optimizers through DCP (the snapshot then
+    # holds only the rest of this rank's state), and the progress rank 0 records.
+    sharded: ShardedSnapshot | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
 
 
 def _intact(job: SaveJob) -> str:
@@ -70,7 +76,7 @@ def _intact(job: SaveJob) -> str:
     return f"the checkpoint of step {job.previous_step} is still intact"
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
     for _ in range(8):  # ENOSPC may arrive wrapped by a writer thread or the store
         if cause is None:
@@ -140,7 +146,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         log_unsaved_metrics(target, job)
         raise CheckpointWriteError(
             f"Saving step {job.step} of run {target.run_id} to {redact(location)} failed "
-            f"({_reason(exc)}). The new checkpoint is not committed and will never be listed "
+            f"({reason(exc)}). The new checkpoint is not committed and will never be listed "
             f"or resumed from; {_intact(job)}. Fix the cause (space, permissions, network) "
             "and save again."
         ) from exc
@@ -165,7 +171,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     except Exception as exc:
         raise CheckpointWriteError(
             f"Step {job.step} of run {target.run_id} is stored at {redact(location)} but "
-            f"could not be committed in {client.tracking_uri} ({_reason(exc)}). The next "
+            f"could not be committed in {client.tracking_uri} ({reason(exc)}). The next "
             "resume or `mlflow-ckpt gc` adopts it once the tracking server is reachable."
         ) from exc
     finally:
@@ -188,7 +194,7 @@ def log_unsaved_metrics(
     """A step that was not saved still belongs in the run's history: log its metrics (best
     effort, not linked to any checkpoint), with ``marks`` (always logged) in the same call."""
     metrics = {**(job.metrics if target.log_metrics else {}), **(marks or {})}
-    if metrics:
+    if metrics and target.client is not None:  # None: a rank other than 0
         log_step_metrics_quietly(
             target.client, target.run_id, metrics, step=job.step, timestamp_ms=job.timestamp_ms
         )

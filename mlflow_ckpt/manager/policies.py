@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow_ckpt.manager.options import ManagerOptions
+from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.spikes import SpikeWatch
 from mlflow_ckpt.manager.triggers import StepInfo, TriggerSet
 
@@ -27,14 +28,29 @@ class Decision:
 class StepPolicies:
     """Which triggers fire at a step, and whether the step starts a metric spike."""
 
-    def __init__(self, options: ManagerOptions) -> None:
+    def __init__(self, options: ManagerOptions, ranks: RankGroup | None = None) -> None:
         self.triggers = TriggerSet(options.triggers)
         self.spikes = SpikeWatch(*options.spike) if options.spike else None
+        self.ranks = ranks
 
     def decide(self, info: StepInfo) -> Decision:
-        """The triggers due at this step, whether it starts a spike, and what to report."""
+        """The triggers due at this step, whether it starts a spike, and what to report.
+
+        In a distributed job rank 0 decides and every rank follows: a ``monitor`` value or a
+        clock that differs between ranks must not make them save different steps.
+        """
+        if self.ranks is not None and not self.ranks.is_leader:
+            fired = self.ranks.broadcast(
+                None, group=self.ranks.control, what=f"deciding step {info.step}"
+            )
+            return Decision(tuple(fired), None, {})
         spike = self.spikes.observe(info.metrics.get(self.spikes.metric)) if self.spikes else None
-        return Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
+        decision = Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
+        if self.ranks is not None:
+            self.ranks.broadcast(
+                list(decision.fired), group=self.ranks.control, what=f"deciding step {info.step}"
+            )
+        return decision
 
     def saved(self, cost_s: float) -> None:
         """A save cost training ``cost_s`` seconds."""

@@ -75,12 +75,16 @@ class ResumePoint:
     def of(cls, verified: VerifiedCheckpoint | None) -> ResumePoint:
         if verified is None:
             return cls()
-        progress = verified.loaded.decoded.progress
+        return cls.of_progress(verified.checkpoint, verified.loaded.decoded.progress)
+
+    @classmethod
+    def of_progress(cls, checkpoint: Checkpoint, progress: Mapping[str, Any]) -> ResumePoint:
+        """From a restored checkpoint and the progress record saved in it."""
         manager_state = progress.get("manager") or {}
         epoch = progress.get("epoch")
         return cls(
-            checkpoint=verified.checkpoint,
-            start_step=verified.checkpoint.step + 1,
+            checkpoint=checkpoint,
+            start_step=checkpoint.step + 1,
             start_epoch=0 if epoch is None else int(epoch) + bool(progress.get("end_of_epoch")),
             last_epoch=None if epoch is None else int(epoch),
             manager_state=dict(manager_state),

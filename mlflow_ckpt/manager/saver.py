@@ -27,6 +27,7 @@ from mlflow_ckpt.errors import (
     CheckpointWriteError,
     NonFiniteStateError,
 )
+from mlflow_ckpt.manager.distributed_write import first_nonfinite_everywhere, write_distributed
 from mlflow_ckpt.manager.lease import WriterLease
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
 from mlflow_ckpt.manager.options import ManagerOptions
@@ -37,9 +38,11 @@ from mlflow_ckpt.manager.pipeline import (
     write_checkpoint,
 )
 from mlflow_ckpt.manager.policies import Decision
+from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.retention import apply_retention
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
+from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,15 @@ class Saver:
         *,
         run_id: str,
         experiment_id: str,
-        lease: WriterLease,
+        lease: WriterLease | None,
         nonfinite_step: str | None = None,
+        ranks: RankGroup | None = None,
     ) -> None:
         self.state = state
+        self.ranks = ranks
+        # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
+        self.sharded = sharded_entries(state) if ranks is not None else {}
+        self.own_state = {k: v for k, v in state.items() if k not in self.sharded}
         self.options = options
         self.client = client
         self.run_id = run_id
@@ -68,12 +76,14 @@ class Saver:
             experiment_id=experiment_id,
             spec=options.spec,
             transfer=options.transfer,
-            check_writer=lease.check,
-            writer_id=lease.owner,
+            check_writer=lease.check if lease is not None else None,
+            writer_id=lease.owner if lease is not None else "",
             log_metrics=options.log_metrics,
             verify=options.verify,
         )
-        self.metrics = StepMetrics(client, run_id, enabled=options.log_metrics)
+        self.metrics = StepMetrics(
+            client, run_id, enabled=options.log_metrics and client is not None
+        )
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
         self.last_checkpoint: Checkpoint | None = None
         self.last_saved_step: int | None = None
@@ -107,7 +117,9 @@ class Saver:
             "metrics": metrics,
             "manager": dict(manager_state),
         }
-        snapshot = take_snapshot(self.state, progress, copy=self.worker is not None)
+        copy = self.worker is not None
+        snapshot = take_snapshot(self.own_state, progress, copy=copy)
+        sharded = take_sharded(self.state, self.sharded, copy=copy) if self.ranks else None
         job = SaveJob(
             snapshot=snapshot,
             step=step,
@@ -116,6 +128,8 @@ class Saver:
             triggers=tuple(triggers),
             timestamp_ms=pending.timestamp_ms if pending else now_ms(),
             previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
+            sharded=sharded,
+            progress=progress,
         )
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
@@ -213,12 +227,20 @@ class Saver:
     def _write(self, job: SaveJob) -> None:
         """Write and commit one checkpoint, then apply retention (on the worker if async)."""
         if self.options.nonfinite != "save":
-            tensor = first_nonfinite(job.snapshot)
+            tensor = (
+                first_nonfinite(job.snapshot)
+                if self.ranks is None
+                else first_nonfinite_everywhere(job, self.ranks)
+            )
             if tensor is not None:
                 self._refuse_nonfinite(job, tensor)
                 return
         try:
-            self.last_checkpoint = write_checkpoint(self.target, job)
+            self.last_checkpoint = (
+                write_checkpoint(self.target, job)
+                if self.ranks is None
+                else write_distributed(self.target, job, self.ranks)
+            )
         except CheckpointVerificationError:
             raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:
@@ -226,7 +248,7 @@ class Saver:
                 self.last_saved_step = self.last_checkpoint.step if self.last_checkpoint else None
             raise
         del job
-        if self.options.retention is not None:
+        if self.options.retention is not None and self.client is not None:
             apply_retention(self.client, self.run_id, self.options.retention)
 
     def _refuse_nonfinite(self, job: SaveJob, tensor: str) -> None:
@@ -237,7 +259,7 @@ class Saver:
         checkpoint out.
         """
         log_unsaved_metrics(self.target, job, marks={NONFINITE_METRIC: 1.0})  # for timelines
-        if self._nonfinite_step is None:
+        if self._nonfinite_step is None and self.client is not None:
             self._nonfinite_step = str(job.step)
             try:
                 with preserved_python_rng():

@@ -9,13 +9,17 @@ encodes, hashes and uploads the copy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mlflow_ckpt.codec import STRUCTURE_FILE
-from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.errors import (
+    CheckpointCorruptedError,
+    StateMismatchError,
+    StateSerializationError,
+)
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
@@ -103,6 +107,9 @@ class DecodedState:
     state: dict[str, Any]
     rng: dict[str, Any] | None
     progress: dict[str, Any]
+    # Entries saved through DCP's state_dict API (distributed checkpoints): name -> kind
+    # ("module", or "optimizer:<module>": keyed by parameter name, restored through DCP).
+    sharded: dict[str, str] = field(default_factory=dict)
 
 
 def decode_document(
@@ -141,8 +148,32 @@ def restore(
     restore_rng_streams: bool,
     where: str,
 ) -> None:
-    """Restore ``decoded`` into the user's objects, and the RNG streams if asked."""
-    restore_into(targets, decoded.state, strict=strict, where=where)
+    """Restore ``decoded`` into the user's objects, and the RNG streams if asked.
+
+    Optimizer state of a distributed checkpoint is keyed by parameter name: it goes through
+    DCP's ``set_optimizer_state_dict`` once everything else is restored.
+    """
+    by_name = {
+        name: kind.split(":", 1)[1]
+        for name, kind in decoded.sharded.items()
+        if kind.startswith("optimizer:") and name in targets
+    }
+    if not by_name:
+        restore_into(targets, decoded.state, strict=strict, where=where)
+    else:
+        from mlflow_ckpt.snapshot.sharded import apply_sharded
+
+        for name, owner in by_name.items():
+            if owner not in targets:
+                raise StateMismatchError(
+                    f"Checkpoint {where}: restoring optimizer {name!r} needs its module "
+                    f"{owner!r} in the state too; nothing was restored.",
+                    missing=[owner],
+                )
+        rest = {k: v for k, v in targets.items() if k not in by_name}
+        saved = {k: v for k, v in decoded.state.items() if k not in by_name}
+        restore_into(rest, saved, strict=strict, where=where)
+        apply_sharded(targets, {k: decoded.sharded[k] for k in by_name}, decoded.state)
     if restore_rng_streams and decoded.rng is not None:
         restore_rng(decoded.rng)
 

@@ -1,0 +1,354 @@
+"""``torch.distributed.checkpoint`` (DCP) storage over a :class:`Store`, without pickle.
+
+DCP plans *which* rank writes *which* piece of a sharded (or replicated) tensor and, on
+load, which saved pieces each rank needs for its own shards, whatever the new world size.
+That planning is what we use it for. Its own ``FileSystemWriter``/``Reader`` would not do
+for us: they pickle the checkpoint's ``.metadata`` (and ``pickle.load`` it back), write only
+to a file system, and hash nothing. So this module is the storage half:
+
+```
+shards/rank-00000-00.bin     raw tensor bytes written by rank 0 (one file per writer thread)
+shards/rank-00001-00.bin     ... by rank 1
+shards/metadata.json         every tensor's dtype, global shape and chunks, and where each
+                             chunk's bytes lie (file, offset, length) - plain JSON
+```
+Every file is written through ``Store.open_writer`` (atomic, on every store) and hashed
+while it is written; the :class:`FileEntry` list goes into the checkpoint's manifest. On
+load every file is verified against the manifest before a byte of it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from mlflow_ckpt.codec.hashing import HashingWriter
+from mlflow_ckpt.codec.layout import check_file
+from mlflow_ckpt.codec.manifest import FileEntry, check_relpath
+from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.storage import Store
+
+SHARDS_DIR = "shards"
+METADATA_FILE = f"{SHARDS_DIR}/metadata.json"
+METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where the bytes of one saved chunk lie, and its shape (to rebuild it on load)."""
+
+    file: str
+    offset: int
+    length: int
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (host memory, contiguous, any dtype, 0-d included)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """Split write items into ``bins`` files of similar size (largest first, greedy)."""
+
+    def size(item: WriteItem) -> int:
+        props = item.tensor_data
+        if props is None:
+            return 0
+        n = 1
+        for d in props.size:
+            n *= d
+        return n * props.properties.dtype.itemsize
+
+    buckets: list[list[WriteItem]] = [[] for _ in range(max(1, bins))]
+    filled = [0] * len(buckets)
+    for item in sorted(items, key=size, reverse=True):
+        i = filled.index(min(filled))
+        buckets[i].append(item)
+        filled[i] += size(item)
+    return [b for b in buckets if b]
+
+
+class StoreWriter(StorageWriter):
+    """Writes this rank's share of a DCP save into a :class:`Store`, hashing every file.
+
+    After ``dcp.save`` returns, :attr:`files` holds the entries of the files this rank
+    wrote (the coordinator's includes ``metadata.json``).
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.files: list[FileEntry] = []
+        self._lock = threading.Lock()
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.files = []
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        import dataclasses
+
+        return [dataclasses.replace(p, storage_data=f"rank-{i:05d}") for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise StateSerializationError(
+                    f"state entry {item.index.fqn!r} is not a tensor; only tensors go through "
+                    "the sharded path (everything else is stored as JSON)"
+                )
+        buckets = _balance(list(plan.items), self.store.parallel_writes)
+        names = [f"{SHARDS_DIR}/{plan.storage_data}-{i:02d}.bin" for i in range(len(buckets))]
+
+        def write(name: str, items: list[WriteItem]) -> list[WriteResult]:
+            results = []
+            with self.store.open_writer(name) as raw:
+                writer = HashingWriter(raw)
+                for item in items:
+                    tensor = planner.resolve_data(item)
+                    assert isinstance(tensor, torch.Tensor)
+                    offset = writer.size
+                    writer.write(_bytes_of(tensor))
+                    location = ChunkLocation(
+                        name, offset, writer.size - offset, tuple(tensor.shape), tensor.dtype
+                    )
+                    results.append(WriteResult(item.index, writer.size - offset, location))
+            with self._lock:
+                self.files.append(FileEntry(name, writer.size, writer.sha256))
+            return results
+
+        if len(buckets) > 1:
+            with ThreadPoolExecutor(len(buckets), thread_name_prefix="mlflow-ckpt-dcp") as pool:
+                parts = list(pool.map(write, names, buckets))
+        else:
+            parts = [write(n, b) for n, b in zip(names, buckets, strict=True)]
+        future: Future[list[WriteResult]] = Future()
+        future.set_result([r for part in parts for r in part])
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator: write ``metadata.json`` (JSON, never pickle)."""
+        locations = {r.index: r.storage_data for rank in results for r in rank}
+        data = metadata_to_json(metadata, locations).encode()
+        with self.store.open_writer(METADATA_FILE) as raw:
+            writer = HashingWriter(raw)
+            writer.write(data)
+        with self._lock:
+            self.files.append(FileEntry(METADATA_FILE, writer.size, writer.sha256))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+    def storage_meta(self) -> StorageMeta | None:
+        return None
+
+
+def metadata_to_json(metadata: Metadata, locations: Mapping[MetadataIndex, Any]) -> str:
+    """Serialize what a load needs from DCP's metadata: tensors, chunks, byte locations."""
+    tensors: dict[str, Any] = {}
+    for fqn, md in sorted(metadata.state_dict_metadata.items()):
+        if not isinstance(md, TensorStorageMetadata):
+            raise StateSerializationError(f"state entry {fqn!r} is not a tensor")
+        chunks = []
+        for chunk in md.chunks:
+            where = locations[MetadataIndex(fqn, chunk.offsets)]
+            chunks.append(
+                {
+                    "offsets": list(chunk.offsets),
+                    "sizes": list(chunk.sizes),
+                    "file": where.file,
+                    "offset": where.offset,
+                    "length": where.length,
+                }
+            )
+        tensors[fqn] = {
+            "dtype": str(md.properties.dtype).removeprefix("torch."),
+            "size": list(md.size),
+            "chunks": chunks,
+        }
+    return json.dumps({"version": METADATA_VERSION, "tensors": tensors}, sort_keys=True)
+
+
+def _dtype(name: Any) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return value
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise ValueError(f"{what} is not a list of non-negative integers")
+    return tuple(values)
+
+
+def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[MetadataIndex, Any]]:
+    """Parse ``metadata.json`` strictly into DCP's ``Metadata`` and the chunk locations."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != METADATA_VERSION:
+            raise ValueError(f"unknown metadata version {doc.get('version')!r}")
+        state: dict[str, Any] = {}
+        locations: dict[MetadataIndex, Any] = {}
+        for fqn, md in doc["tensors"].items():
+            dtype, size = _dtype(md["dtype"]), _ints(md["size"], "size")
+            chunks = []
+            for c in md["chunks"]:
+                offsets, sizes = _ints(c["offsets"], "offsets"), _ints(c["sizes"], "sizes")
+                if len(offsets) != len(size) or len(sizes) != len(size):
+                    raise ValueError(f"chunk of {fqn!r} has the wrong number of dimensions")
+                n = dtype.itemsize
+                for s in sizes:
+                    n *= s
+                offset, length = _ints([c["offset"], c["length"]], "offset/length")
+                if length != n:
+                    raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
+                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
+                    check_relpath(c["file"], where), offset, length, sizes, dtype
+                )
+            state[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype), torch.Size(size), chunks
+            )
+    except CheckpointCorruptedError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {METADATA_FILE} is malformed ({type(exc).__name__}: {exc})",
+            path=METADATA_FILE,
+        ) from exc
+    return Metadata(state_dict_metadata=state, storage_data=locations), locations
+
+
+class StoreReader(StorageReader):
+    """Reads a DCP save back from a :class:`Store`, verifying each file before using it.
+
+    ``files`` are the manifest's entries: a file is fetched and its size and SHA-256 checked
+    once, the first time a chunk in it is needed.
+    """
+
+    def __init__(
+        self, store: Store, scratch: Path, where: str, files: Mapping[str, FileEntry]
+    ) -> None:
+        super().__init__()
+        self.store, self.scratch, self.where, self.files = store, scratch, where, files
+        self._verified: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self.locations: dict[MetadataIndex, Any] = {}
+
+    def _local(self, rel_path: str) -> Path:
+        with self._lock:
+            if rel_path in self._verified:
+                return self._verified[rel_path]
+        entry = self.files.get(rel_path)
+        if entry is None:
+            raise CheckpointCorruptedError(
+                f"{self.where}: {rel_path} is not listed in the manifest", path=rel_path
+            )
+        path = check_file(self.store, entry, self.scratch, self.where)
+        with self._lock:
+            self._verified[rel_path] = path
+        return path
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        data = self._local(METADATA_FILE).read_bytes()
+        metadata, self.locations = metadata_from_json(data, self.where)
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.locations = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise CheckpointCorruptedError(
+                    f"{self.where}: non-tensor entry {item.storage_index.fqn!r} in the shards"
+                )
+            per_file.setdefault(self.locations[item.storage_index].file, []).append(item)
+        files = sorted(per_file)
+        workers = max(1, min(self.store.parallelism, len(files)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-read") as pool:
+            local = dict(zip(files, pool.map(self._local, files), strict=True))
+        for name in files:
+            with open(local[name], "rb") as f:
+                for item in per_file[name]:
+                    where = self.locations[item.storage_index]
+                    target = planner.resolve_tensor(item).detach()
+                    f.seek(where.offset)
+                    raw = bytearray(where.length)
+                    if f.readinto(raw) != where.length:
+                        raise CheckpointCorruptedError(
+                            f"{self.where}: {name} ends before the chunk of "
+                            f"{item.storage_index.fqn!r}",
+                            path=name,
+                        )
+                    chunk = (
+                        torch.frombuffer(raw, dtype=where.dtype).reshape(where.sizes)
+                        if raw
+                        else torch.empty(where.sizes, dtype=where.dtype)
+                    )
+                    piece = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+                    if target.size() != piece.size():
+                        raise CheckpointCorruptedError(
+                            f"{self.where}: chunk of {item.storage_index.fqn!r} is "
+                            f"{list(piece.size())}, the target needs {list(target.size())}"
+                        )
+                    target.copy_(piece)
+                    planner.commit_tensor(item, target)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False

@@ -1,0 +1,242 @@
+"""The folder of a checkpoint written by several ranks.
+
+```
+MLmodel
+state.json                       rank 0: the progress, and the structure of the sharded
+                                 state dicts (modules, optimizers) with tensor references
+shards/rank-00000-00.bin ...     the sharded tensors, written by every rank in parallel
+shards/metadata.json             where each saved chunk lies (JSON; see codec/dcp_store.py)
+ranks/00000/state.json           rank 0's own state: RNG streams, sampler, scheduler, extras
+ranks/00000/tensors-...          ... and its tensors
+ranks/00001/...                  rank 1's
+manifest.json                    written last by rank 0: every rank's files, sizes, SHA-256
+```
+Each rank writes only its own files (:func:`write_rank_files`); rank 0 writes the rest once
+every rank reported its files (:func:`write_root`). In a plain process,
+:func:`read_distributed` assembles full tensors from the shards through DCP's planner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlflow_ckpt.codec import (
+    STRUCTURE_FILE,
+    FileEntry,
+    Manifest,
+    TensorEntry,
+    read_state,
+    verify_files,
+    write_file,
+    write_manifest,
+    write_state,
+)
+from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION
+from mlflow_ckpt.errors import CheckpointCorruptedError
+from mlflow_ckpt.folder.mlmodel import mlmodel_yaml
+from mlflow_ckpt.folder.writer import FolderSpec, library_versions
+from mlflow_ckpt.snapshot import DecodedState, Snapshot, decode_document
+from mlflow_ckpt.snapshot.sharded import MODULE, ShardedSnapshot, decode_sharded
+from mlflow_ckpt.snapshot.stateful import STATE_DICT, StatefulValue
+from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage.prefix import PrefixStore
+
+ROOT_VERSION = 1
+
+
+def rank_dir(rank: int) -> str:
+    return f"ranks/{rank:05d}"
+
+
+@dataclass(frozen=True)
+class RankFiles:
+    """What one rank wrote: its files and the index of its own tensors (folder-relative)."""
+
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": [[f.path, f.size, f.sha256] for f in self.files],
+            "tensors": [
+                [t.name, t.dtype, list(t.shape), t.file, t.offset, t.nbytes] for t in self.tensors
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RankFiles:
+        return cls(
+            tuple(FileEntry(p, s, h) for p, s, h in data["files"]),
+            tuple(TensorEntry(n, d, tuple(s), f, o, b) for n, d, s, f, o, b in data["tensors"]),
+        )
+
+
+def write_rank_files(store: Store, rank: int, own: Snapshot, spec: FolderSpec) -> RankFiles:
+    """Write this rank's own (not sharded) state under ``ranks/<rank>/``."""
+    prefix = rank_dir(rank)
+    encoded = write_state(
+        PrefixStore(store, prefix),
+        own.document,
+        own.tensors,
+        format=spec.format,
+        max_shard_bytes=spec.max_shard_bytes,
+    )
+    return RankFiles(
+        tuple(replace(f, path=f"{prefix}/{f.path}") for f in encoded.files),
+        tuple(
+            replace(t, name=f"{prefix}/{t.name}", file=f"{prefix}/{t.file}")
+            for t in encoded.tensors
+        ),
+    )
+
+
+def write_root(
+    store: Store,
+    sharded: ShardedSnapshot,
+    progress: Mapping[str, Any],
+    spec: FolderSpec,
+    ranks: Sequence[RankFiles],
+    *,
+    model_id: str,
+    run_id: str,
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float],
+    triggers: Sequence[str],
+    created_at: float | None = None,
+    before_manifest: Any = None,
+) -> Manifest:
+    """On rank 0, once every rank wrote its files: ``state.json``, ``MLmodel``, manifest."""
+    root = {
+        "version": ROOT_VERSION,
+        "world_size": len(ranks),
+        "sharded": sharded.entries,
+        "state": sharded.document,
+        "progress": progress,
+    }
+    structure = write_file(
+        store, STRUCTURE_FILE, json.dumps(root, separators=(",", ":"), allow_nan=False).encode()
+    )
+    mlmodel = write_file(
+        store,
+        "MLmodel",
+        mlmodel_yaml(
+            model_id=model_id,
+            run_id=run_id,
+            format=spec.format,
+            model_factory=spec.model_factory,
+            model_kwargs=spec.model_kwargs,
+            with_code=False,
+        ),
+    )
+    store.flush()
+    manifest = Manifest(
+        format=spec.format,
+        step=step,
+        epoch=epoch,
+        metrics=dict(metrics),
+        created_at=time.time() if created_at is None else created_at,
+        files=(structure, mlmodel, *(f for r in ranks for f in r.files)),
+        tensors=tuple(t for r in ranks for t in r.tensors),
+        structure_file=STRUCTURE_FILE,
+        triggers=tuple(triggers),
+        versions=library_versions(),
+        format_version=DISTRIBUTED_FORMAT_VERSION,
+        world_size=len(ranks),
+    )
+    if before_manifest is not None:
+        before_manifest()
+    write_manifest(store, manifest)
+    store.flush()
+    return manifest
+
+
+def rank_manifest(manifest: Manifest, rank: int) -> Manifest:
+    """The part of a distributed manifest that describes one rank's own files, with the
+    ``ranks/<rank>/`` prefix removed, so the single-process decoder reads it."""
+    prefix = f"{rank_dir(rank)}/"
+    files = tuple(
+        replace(f, path=f.path.removeprefix(prefix))
+        for f in manifest.files
+        if f.path.startswith(prefix)
+    )
+    tensors = tuple(
+        replace(t, name=t.name.removeprefix(prefix), file=t.file.removeprefix(prefix))
+        for t in manifest.tensors
+        if t.file.startswith(prefix)
+    )
+    return replace(manifest, files=files, tensors=tensors, structure_file=STRUCTURE_FILE)
+
+
+@dataclass(frozen=True)
+class RootDocument:
+    """``state.json`` of a distributed checkpoint."""
+
+    world_size: int
+    sharded: dict[str, str]
+    state: dict[str, Any]
+    progress: dict[str, Any]
+
+
+def read_root(local: Path, where: str) -> RootDocument:
+    try:
+        doc = json.loads(local.read_bytes())
+        if doc.get("version") != ROOT_VERSION:
+            raise ValueError(f"unknown version {doc.get('version')!r}")
+        sharded = {str(k): str(v) for k, v in doc["sharded"].items()}
+        if not isinstance(doc["state"], dict) or set(doc["state"]) != set(sharded):
+            raise ValueError("the sharded entries and their structure differ")
+        return RootDocument(int(doc["world_size"]), sharded, doc["state"], dict(doc["progress"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {STRUCTURE_FILE} is not a distributed checkpoint's structure ({exc})",
+            path=STRUCTURE_FILE,
+        ) from exc
+
+
+def read_rank(
+    store: Store, manifest: Manifest, rank: int, scratch: Path, where: str
+) -> DecodedState:
+    """Verify and decode one rank's own state."""
+    own = rank_manifest(manifest, rank)
+    local = verify_files(PrefixStore(store, rank_dir(rank)), own, scratch / rank_dir(rank), where)
+    document, tensors = read_state(own, local, where)
+    return decode_document(document, tensors, f"{where} (rank {rank})")
+
+
+def shard_files(manifest: Manifest) -> dict[str, FileEntry]:
+    return {f.path: f for f in manifest.files if f.path.startswith("shards/")}
+
+
+def read_distributed(store: Store, manifest: Manifest, scratch: Path, where: str) -> DecodedState:
+    """In one plain process: the full training state (full tensors for sharded entries,
+    rank 0's own state for the rest). Every file read is verified first."""
+    import torch.distributed.checkpoint as dcp
+
+    from mlflow_ckpt.codec.dcp_store import StoreReader
+
+    local = verify_files(store, manifest, scratch, where, [STRUCTURE_FILE])
+    root = read_root(local[STRUCTURE_FILE], where)
+    reader = StoreReader(store, scratch, where, shard_files(manifest))
+    metadata = reader.read_metadata()
+    full: dict[str, torch.Tensor] = {
+        name: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for name, md in metadata.state_dict_metadata.items()
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(full, storage_reader=reader, no_dist=True)
+    dicts = decode_sharded(root.state, full)
+    own = read_rank(store, manifest, 0, scratch, where)
+    state = dict(own.state)
+    for name, kind in root.sharded.items():
+        state[name] = StatefulValue(STATE_DICT, dicts[name]) if kind == MODULE else dicts[name]
+    return DecodedState(state, own.rng, root.progress, sharded=root.sharded)

@@ -1,0 +1,202 @@
+"""Resuming a distributed job on any number of ranks.
+
+Rank 0 lists the run's committed checkpoints (newest first) and hands each candidate to
+every rank. For one candidate, every rank:
+
+1. reads and verifies (against the digest recorded at commit) the manifest, the root
+   structure, the shard metadata and its own rank's files, and checks that the saved
+   sharded tensors fit the live ones (names, global shapes, dtypes);
+2. loads its shards through ``dcp.load`` into fresh buffers (DCP reshards: saved on 2
+   ranks, loaded on 1 or 3), each shard file verified before it is read;
+3. only when every rank got that far, applies: its own state, then the modules and
+   optimizers through ``set_state_dict``.
+
+If any rank fails in 1 or 2, nothing is applied anywhere; a corrupt checkpoint is warned
+about, tagged ``corrupt`` by rank 0 and the next one is tried, as in a single process.
+
+Rank ``r`` takes saved rank ``r``'s own state (RNG streams, sampler, extras). A rank that
+did not exist when the checkpoint was saved takes rank 0's, but keeps its own fresh RNG
+streams (copies of rank 0's would make every new rank draw the same numbers); saved ranks
+beyond the new world are dropped. Both are warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from mlflow_ckpt.catalog import Checkpoint, list_checkpoints, models, resolve, tags
+from mlflow_ckpt.codec import read_manifest
+from mlflow_ckpt.codec.manifest import Manifest
+from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
+from mlflow_ckpt.folder.distributed import read_rank, read_root, shard_files
+from mlflow_ckpt.manager.distributed_write import (
+    checkpoint_from_json,
+    checkpoint_to_json,
+    own_failure,
+)
+from mlflow_ckpt.manager.ranks import RankError, RankGroup
+from mlflow_ckpt.snapshot import restore
+from mlflow_ckpt.snapshot.sharded import (
+    apply_sharded,
+    check_against,
+    decode_sharded,
+    empty_targets,
+    sharded_entries,
+    take_sharded,
+)
+from mlflow_ckpt.storage import open_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a distributed resume restored (the same on every rank)."""
+
+    checkpoint: Checkpoint
+    progress: dict[str, Any]
+
+
+def _candidates(client: MlflowClient | None, run_id: str, ranks: RankGroup) -> list[Any]:
+    listed: list[Any] = []
+    if ranks.is_leader:
+        assert client is not None
+        for ckpt in list_checkpoints(run_id, client=client):
+            model = resolve(ckpt, client)
+            listed.append(
+                {
+                    "checkpoint": checkpoint_to_json(ckpt),
+                    "sha256": model.tags.get(tags.MANIFEST_SHA256),
+                }
+            )
+    return ranks.broadcast(listed, group=ranks.control, what=f"listing checkpoints of {run_id}")
+
+
+def restore_distributed(
+    client: MlflowClient | None,
+    run_id: str,
+    state: Mapping[str, Any],
+    ranks: RankGroup,
+    *,
+    strict: bool,
+) -> Restored | None:
+    """Restore the newest checkpoint of ``run_id`` that every rank can read; ``None`` (and
+    nothing changed) when the run has none."""
+    import torch.distributed.checkpoint as dcp
+
+    entries = sharded_entries(state)
+    own_targets = {k: v for k, v in state.items() if k not in entries}
+    for candidate in _candidates(client, run_id, ranks):
+        ckpt = checkpoint_from_json(candidate["checkpoint"])
+        where = f"{ckpt.uri} (run {run_id}, step {ckpt.step})"
+        with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-resume-") as tmp:
+            scratch = Path(tmp)
+            store = open_store(ckpt.artifact_location)
+            error: BaseException | None = None
+            try:  # 1. read and check everything this rank needs
+                manifest = read_manifest(store, scratch, where, candidate["sha256"])
+                root, own, reader, live = _prepare(store, manifest, scratch, where, state, ranks)
+                saved = {
+                    name: (md.properties.dtype, tuple(md.size))
+                    for name, md in reader.read_metadata().state_dict_metadata.items()
+                }
+                check_against(live, saved, where)
+            except BaseException as exc:
+                error = exc
+            try:
+                ranks.agree(error, group=ranks.control, what=f"reading {where}")
+                fresh = empty_targets(live.tensors)  # 2. every rank loads its shards
+                try:
+                    dcp.load(fresh, storage_reader=reader, process_group=ranks.control)
+                except BaseException as exc:
+                    error = own_failure(exc, ranks.rank)
+                ranks.agree(error, group=ranks.control, what=f"loading {where}")
+            except RankError as exc:
+                if isinstance(error, CheckpointError) and not isinstance(
+                    error, CheckpointCorruptedError
+                ):
+                    raise error from exc  # the state does not fit: no older one will either
+                if "StateMismatchError" in str(exc):
+                    raise CheckpointError(str(exc)) from exc
+                _skip(client, ckpt, run_id, exc, ranks)
+                continue
+            # 3. apply, now that every rank has everything
+            with_rng = ranks.rank < root.world_size
+            restore(own, own_targets, strict=strict, restore_rng_streams=with_rng, where=where)
+            apply_sharded(state, entries, decode_sharded(root.state, fresh))
+            _warn_world_change(root.world_size, ranks, where)
+            return Restored(ckpt, root.progress)
+    return None
+
+
+def _prepare(
+    store: Any,
+    manifest: Manifest,
+    scratch: Path,
+    where: str,
+    state: Mapping[str, Any],
+    ranks: RankGroup,
+) -> tuple[Any, Any, Any, Any]:
+    from mlflow_ckpt.codec import verify_files
+    from mlflow_ckpt.codec.dcp_store import StoreReader
+
+    if not manifest.world_size:
+        raise CheckpointError(
+            f"{where} was written by a single process; under torch.distributed a run resumes "
+            "from checkpoints written by a distributed job. Load it in one process "
+            "(mlflow_ckpt.load_training_state) and start a new distributed run from it."
+        )
+    local = verify_files(store, manifest, scratch, where, [manifest.structure_file])
+    root = read_root(local[manifest.structure_file], where)
+    own_rank = ranks.rank if ranks.rank < root.world_size else 0
+    own = read_rank(store, manifest, own_rank, scratch, where)
+    entries = sharded_entries(state)
+    if set(entries) != set(root.sharded):
+        raise CheckpointError(
+            f"{where} holds sharded entries {sorted(root.sharded)}, the state has "
+            f"{sorted(entries)}; pass the same modules and optimizers that were saved."
+        )
+    live = take_sharded(state, entries, copy=False)
+    return root, own, StoreReader(store, scratch, where, shard_files(manifest)), live
+
+
+def _skip(
+    client: MlflowClient | None, ckpt: Checkpoint, run_id: str, exc: Exception, ranks: RankGroup
+) -> None:
+    message = f"Skipping checkpoint {ckpt.uri} (step {ckpt.step}) of run {run_id}: {exc}"
+    if ranks.is_leader:
+        warnings.warn(message, stacklevel=4)
+        if client is not None and "CheckpointCorruptedError" in str(exc):
+            models.mark_corrupt(client, ckpt.model_id)
+    else:
+        logger.warning("%s", message)
+
+
+def _warn_world_change(saved_world: int, ranks: RankGroup, where: str) -> None:
+    if ranks.world_size == saved_world:
+        return
+    if ranks.rank >= saved_world:
+        message = (
+            f"Rank {ranks.rank} did not exist when {where} was saved on {saved_world} ranks: "
+            "it took rank 0's own state (sampler, scheduler, extras) and kept fresh random "
+            "streams (Python, NumPy, torch) of its own."
+        )
+    elif ranks.is_leader and saved_world > ranks.world_size:
+        message = (
+            f"{where} was saved on {saved_world} ranks and resumes on {ranks.world_size}: the "
+            f"own state (RNG streams, sampler, extras) of saved ranks {ranks.world_size}.."
+            f"{saved_world - 1} was not restored anywhere. Sharded modules and optimizers "
+            "were resharded in full."
+        )
+    else:
+        return
+    logger.warning("%s", message)
+    warnings.warn(message, stacklevel=4)

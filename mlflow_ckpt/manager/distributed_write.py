@@ -1,0 +1,249 @@
+"""The write path of a save taken by several ranks: every rank writes, rank 0 commits.
+
+1. Rank 0 creates the pending LoggedModel; every rank learns its folder.
+2. Every rank writes its own state under ``ranks/<rank>/`` and its shards through DCP
+   (``dcp.save`` on our commit group plans who writes which replicated tensor).
+3. Every rank reports its files (sizes, SHA-256) or its error to every rank.
+4. Rank 0 writes ``state.json``, ``MLmodel`` and the manifest, verifies and commits, or, if
+   any rank failed, discards the folder; every rank learns the outcome.
+
+So the save is atomic across ranks: one manifest, written only when every rank's files are
+in the store, and every rank's ``step()``/``save()``/``close()`` raises (or warns) about a
+failure on any rank, naming it. A rank killed mid-save leaves the others to time out in
+step 3 (the group's timeout); its partial files are cleaned by the next resume or gc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from datetime import datetime
+from typing import Any
+
+from mlflow_ckpt.catalog import models
+from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.deletion import discard_failed
+from mlflow_ckpt.errors import (
+    CheckpointVerificationError,
+    CheckpointWriteError,
+    WriterConflictError,
+)
+from mlflow_ckpt.folder.distributed import RankFiles, write_rank_files, write_root
+from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, log_unsaved_metrics, reason
+from mlflow_ckpt.manager.ranks import RankError, RankGroup
+from mlflow_ckpt.manager.verification import VerificationFailed, verify_stored
+from mlflow_ckpt.snapshot import Snapshot, first_nonfinite
+from mlflow_ckpt.storage import open_store, redact
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_to_json(ckpt: Checkpoint) -> dict[str, Any]:
+    data = dataclasses.asdict(ckpt)
+    data["created_at"] = ckpt.created_at.isoformat()
+    return data
+
+
+def checkpoint_from_json(data: dict[str, Any]) -> Checkpoint:
+    data = dict(data)
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    data["triggers"] = tuple(data.get("triggers") or ())
+    return Checkpoint(**data)
+
+
+def first_nonfinite_everywhere(job: SaveJob, ranks: RankGroup) -> str | None:
+    """The first NaN/inf tensor on any rank (its name and rank), the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    assert job.sharded is not None
+    local = {
+        k: t.to_local() if isinstance(t, DTensor) else t for k, t in job.sharded.tensors.items()
+    }
+    found = first_nonfinite(Snapshot({}, local)) or first_nonfinite(job.snapshot)
+    reports = ranks.all_gather(found, group=ranks.commit, what=f"step {job.step}: NaN/inf check")
+    return next((f"{name} (rank {r})" for r, name in enumerate(reports) if name), None)
+
+
+def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Checkpoint:
+    """Run this rank's part of one distributed save; return the committed checkpoint."""
+    group = ranks.commit
+    what = f"saving step {job.step} of run {target.run_id}"
+    created: dict[str, Any] = {}
+    model = None
+    if ranks.is_leader:
+        try:
+            model = models.create_pending(
+                target.client,
+                experiment_id=target.experiment_id,
+                run_id=target.run_id,
+                step=job.step,
+                epoch=job.epoch,
+                triggers=job.triggers,
+                format=target.spec.format,
+                writer=target.writer_id,
+                validated=callable(target.verify),
+            )
+            created = {"model_id": model.model_id, "location": model.artifact_location}
+        except Exception as exc:
+            log_unsaved_metrics(target, job)
+            created = {"error": f"could not create its LoggedModel: {reason(exc)}"}
+    created = ranks.broadcast(created, group=group, what=what)
+    if "error" in created:
+        raise CheckpointWriteError(f"{what.capitalize()} failed on rank 0: {created['error']}")
+    location = created["location"]
+    store = open_store(location, target.transfer)
+    error: BaseException | None = None
+    own = RankFiles((), ())
+    try:
+        own = write_rank_files(store, ranks.rank, job.snapshot, target.spec)
+    except BaseException as exc:
+        error = exc
+    try:
+        shards = _save_shards(store, job, ranks)
+        store.flush()
+        own = RankFiles((*own.files, *shards), own.tensors)
+    except BaseException as exc:
+        error = error or exc
+    report = {"error": None if error is None else reason(error), "files": own.to_json()}
+    try:
+        reports = ranks.all_gather(report, group=group, what=what)
+    except RankError:
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
+    failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"]}
+    outcome: dict[str, Any] = {}
+    if ranks.is_leader:
+        assert model is not None
+        outcome = _commit_or_discard(target, job, model, store, reports, failed, location)
+    outcome = ranks.broadcast(outcome, group=group, what=what)
+    with contextlib.suppress(Exception):
+        store.close()
+    if "checkpoint" in outcome:
+        return checkpoint_from_json(outcome["checkpoint"])
+    kind = CheckpointVerificationError if outcome.get("invalid") else CheckpointWriteError
+    raise kind(outcome["error"]) from error
+
+
+def _save_shards(store: Any, job: SaveJob, ranks: RankGroup) -> list[Any]:
+    import torch.distributed.checkpoint as dcp
+
+    from mlflow_ckpt.codec.dcp_store import StoreWriter
+
+    assert job.sharded is not None
+    writer = StoreWriter(store)
+    try:
+        dcp.save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)
+    except BaseException as exc:
+        mine = own_failure(exc, ranks.rank)
+        if mine is not None:
+            raise mine from exc
+        return []  # another rank failed: it reports its own error
+    return list(writer.files)
+
+
+def own_failure(exc: BaseException, rank: int) -> BaseException | None:
+    """This rank's own error inside DCP's collective ``CheckpointException`` (which every
+    rank raises when any rank failed), or ``exc`` itself if it is not one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(exc, CheckpointException):
+        return exc
+    failure = exc.failures.get(rank)
+    return None if failure is None else failure[0]
+
+
+def _commit_or_discard(
+    target: WriteTarget,
+    job: SaveJob,
+    model: Any,
+    store: Any,
+    reports: list[dict[str, Any]],
+    failed: dict[int, str],
+    location: str,
+) -> dict[str, Any]:
+    """On rank 0: the manifest and the commit when every rank succeeded, else the cleanup."""
+    intact = (
+        f"the checkpoint of step {job.previous_step} is still intact"
+        if job.previous_step is not None
+        else "no earlier checkpoint was affected"
+    )
+    where = f"{model.model_id} (run {target.run_id}, step {job.step})"
+    if failed:
+        _discard(target, model, store)
+        log_unsaved_metrics(target, job)
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+        return {
+            "error": f"Saving step {job.step} of run {target.run_id} to {redact(location)} "
+            f"failed on rank {', '.join(map(str, failed))} ({detail}). Nothing was committed; "
+            f"{intact}. Fix the cause on that rank (space, permissions, network) and save again."
+        }
+    assert job.sharded is not None
+    try:
+        manifest = write_root(
+            store,
+            job.sharded,
+            job.progress,
+            target.spec,
+            [RankFiles.from_json(rep["files"]) for rep in reports],
+            model_id=model.model_id,
+            run_id=target.run_id,
+            step=job.step,
+            epoch=job.epoch,
+            metrics=job.metrics,
+            triggers=job.triggers,
+            created_at=job.timestamp_ms / 1000,
+            before_manifest=target.check_writer,
+        )
+        score = verify_stored(store, manifest, target.verify, where)
+    except VerificationFailed as exc:
+        models.mark_invalid(target.client, model.model_id, str(exc))
+        log_unsaved_metrics(target, job)
+        return {
+            "invalid": True,
+            "error": f"Step {job.step} of run {target.run_id} was written to "
+            f"{redact(location)} but failed verification ({exc}); it is tagged invalid; {intact}.",
+        }
+    except BaseException as exc:
+        _discard(target, model, store)
+        if not isinstance(exc, WriterConflictError):
+            log_unsaved_metrics(target, job)
+        return {
+            "error": f"Saving step {job.step} of run {target.run_id} to {redact(location)} "
+            f"failed on rank 0 ({reason(exc)}). Nothing was committed; {intact}."
+        }
+    try:
+        if target.check_writer is not None:
+            target.check_writer()
+        committed = models.commit(
+            target.client,
+            model,
+            run_id=target.run_id,
+            step=job.step,
+            metrics={**job.metrics, **score},
+            timestamp_ms=job.timestamp_ms,
+            size_bytes=manifest.size_bytes,
+            manifest_sha256=manifest.digest(),
+        )
+    except Exception as exc:
+        return {
+            "error": f"Step {job.step} of run {target.run_id} is stored at {redact(location)} "
+            f"but could not be committed ({reason(exc)}). The next resume or `mlflow-ckpt gc` "
+            "adopts it once the tracking server is reachable."
+        }
+    logger.info(
+        "Committed distributed checkpoint %s (run %s, step %d, %d ranks, %.1f MB)",
+        model.model_id,
+        target.run_id,
+        job.step,
+        len(reports),
+        manifest.size_bytes / 1e6,
+    )
+    return {"checkpoint": checkpoint_to_json(Checkpoint.from_logged_model(committed))}
+
+
+def _discard(target: WriteTarget, model: Any, store: Any) -> None:
+    with contextlib.suppress(Exception):
+        store.close()
+    discard_failed(target.client, model, store)

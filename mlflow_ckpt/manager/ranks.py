@@ -1,0 +1,125 @@
+"""The ranks of a distributed job, as the manager sees them: who talks to MLflow, and how
+the others hear what it decided.
+
+Rank 0 is the only one that talks to MLflow. Everything the other ranks need from it (the
+run, each save's folder, each step's decision, each commit's outcome) travels as small JSON
+messages over process groups of our own, on gloo, so that:
+
+- a background commit never shares a group with the training's collectives (NCCL or gloo),
+  which could deadlock or interleave them;
+- the training thread (decisions at ``step()``) and the background worker (the commit
+  protocol) never share one either: collectives on one group must be issued in the same
+  order on every rank, and two threads could not promise that.
+
+Messages are JSON bytes in uint8 tensors: nothing is pickled between ranks either.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from mlflow_ckpt.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+T = TypeVar("T")
+
+
+class RankError(CheckpointError):
+    """A rank could not take part (it failed, died or timed out)."""
+
+
+@dataclass
+class RankGroup:
+    """This process's rank in the job, with the manager's two private groups."""
+
+    rank: int
+    world_size: int
+    control: Any  # training thread: decisions, run setup, resume
+    commit: Any  # background worker: the save protocol
+    timeout_s: float
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def detect(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> RankGroup | None:
+        """The job's ranks if ``torch.distributed`` is initialized, else ``None``.
+
+        Called on every rank (it creates the groups, a collective call).
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        timeout = datetime.timedelta(seconds=timeout_s)
+        control = dist.new_group(backend="gloo", timeout=timeout)
+        commit = dist.new_group(backend="gloo", timeout=timeout)
+        return cls(dist.get_rank(), dist.get_world_size(), control, commit, timeout_s)
+
+    def _collective(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except RuntimeError as exc:  # gloo: a peer died, closed its end, or timed out
+            raise RankError(
+                f"rank {self.rank}: another rank did not take part in {what} within "
+                f"{self.timeout_s:.0f}s (it failed, was killed or is stuck): {exc}"
+            ) from exc
+
+    def broadcast(self, value: Any, *, group: Any, what: str) -> Any:
+        """Rank 0's ``value`` (JSON-able), on every rank."""
+        import torch.distributed as dist
+
+        def run() -> Any:
+            data = json.dumps(value).encode() if self.is_leader else b""
+            size = torch.tensor([len(data)], dtype=torch.int64)
+            dist.broadcast(size, src=0, group=group)
+            buffer = (
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if self.is_leader and data
+                else torch.empty(int(size.item()), dtype=torch.uint8)
+            )
+            dist.broadcast(buffer, src=0, group=group)
+            return value if self.is_leader else json.loads(buffer.numpy().tobytes())
+
+        return self._collective(what, run)
+
+    def all_gather(self, value: Any, *, group: Any, what: str) -> list[Any]:
+        """Every rank's ``value`` (JSON-able), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        def run() -> list[Any]:
+            data = json.dumps(value).encode()
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
+            longest = max(int(s.item()) for s in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+            dist.all_gather(parts, mine, group=group)
+            return [
+                json.loads(p[: int(s.item())].numpy().tobytes())
+                for p, s in zip(parts, sizes, strict=True)
+            ]
+
+        return self._collective(what, run)
+
+    def agree(self, error: BaseException | None, *, group: Any, what: str) -> None:
+        """Every rank reports whether its part of ``what`` worked; if any failed, every rank
+        raises :class:`RankError` naming the ranks that failed and why."""
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        reports = self.all_gather(report, group=group, what=what)
+        failed = {r: m for r, m in enumerate(reports) if m is not None}
+        if failed:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+            raise RankError(f"{what} failed on rank {', '.join(map(str, failed))} ({detail})")

@@ -1,0 +1,218 @@
+"""A small distributed training job for the tests, run under ``torchrun`` (gloo, CPU).
+
+Every rank runs the same code, as a user's script would. What each rank ends with (its full
+model and optimizer state, start step, counters) goes to ``--out`` for the test to compare.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_job.py --strategy fsdp2 --steps 4 \
+        --save-every 2 --out OUT [--resume RUN_ID] [--die-after STEP] [--fail-rank R ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow
+
+import mlflow_ckpt
+
+
+def build_model() -> torch.nn.Module:
+    """Layer sizes not divisible by 2 or 3: shards are uneven on 2 and 3 ranks."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(7, 11), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(11, 5)
+    )
+
+
+class Cursor:
+    """A per-rank data position (and, with ``bad_step``, a state that cannot be written)."""
+
+    def __init__(self, rank: int, bad_step: int | None = None) -> None:
+        self.position = 0
+        self.rank = rank
+        self.bad_step = bad_step
+
+    def state_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"position": self.position, "rank": self.rank}
+        if self.bad_step is not None and self.position == self.bad_step + 1:
+            out["bad"] = torch.zeros(2, dtype=torch.complex128)  # safetensors refuses it
+        return out
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.position = int(state["position"])  # type: ignore[arg-type]
+        self.rank = int(state["rank"])  # type: ignore[arg-type]
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(6, 7, generator=g), torch.randn(6, 5, generator=g)
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The full (gathered) model and optimizer state, flat, for the test to compare."""
+    msd, osd = get_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    flat = {f"model/{k}": v.detach().clone() for k, v in msd.items()}
+    for fqn, values in osd.get("state", {}).items():
+        for key, v in values.items():
+            flat[f"optimizer/{fqn}/{key}"] = torch.as_tensor(v).detach().clone().reshape(-1)
+    return {k: v.contiguous() for k, v in flat.items()}
+
+
+def kill_when_writing(folder: Path) -> None:
+    """SIGKILL this rank as soon as a shard file of a new checkpoint appears."""
+
+    before = set(folder.glob("**/models/*/artifacts/shards/*"))
+
+    def watch() -> None:
+        while True:
+            if set(folder.glob("**/models/*/artifacts/shards/*")) - before:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.001)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["fsdp2", "ddp", "plain"], default="fsdp2")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume")
+    parser.add_argument("--die-after", type=int)
+    parser.add_argument("--fail-rank", type=int)
+    parser.add_argument("--fail-step", type=int)
+    parser.add_argument("--kill-rank", type=int)
+    parser.add_argument("--kill-step", type=int)
+    parser.add_argument("--keep-last", type=int)
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--on-error", default="raise")
+    parser.add_argument("--artifact-root")
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model()
+    torch.manual_seed(1234 + rank)  # per-rank dropout streams
+    if args.strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[3]):
+            fully_shard(layer, mesh=mesh)
+        model = fully_shard(model, mesh=mesh)
+    elif args.strategy == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    bad_step = args.fail_step if args.fail_rank == rank else None
+    cursor = Cursor(rank, bad_step)
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "data": cursor}
+
+    clients = []
+    original_init = mlflow.MlflowClient.__init__
+
+    def counting_init(self: mlflow.MlflowClient, *a: object, **k: object) -> None:
+        clients.append(1)
+        original_init(self, *a, **k)
+
+    mlflow.MlflowClient.__init__ = counting_init  # type: ignore[method-assign]
+
+    options = {
+        "save_every_n_steps": args.save_every,
+        "async_save": args.async_save,
+        "keep_last_n": args.keep_last,
+        "on_error": args.on_error,
+        "model_factory": "tests.dist_job:build_model",
+        "timeline": False,
+    }
+    if args.resume:
+        mgr = mlflow_ckpt.CheckpointManager.resume(args.resume, state, **options)
+    else:
+        if rank == 0:
+            if args.artifact_root:
+                name = f"dist-{time.time_ns()}"
+                mlflow.set_experiment(
+                    experiment_id=mlflow.create_experiment(name, args.artifact_root)
+                )
+            mlflow.start_run()
+        mgr = mlflow_ckpt.CheckpointManager(state, **options)
+    if args.kill_rank == rank and args.kill_step is not None and args.kill_step == 0:
+        kill_when_writing(Path.cwd())
+    errors: list[str] = []
+    saved_full: dict[int, dict[str, torch.Tensor]] = {}
+    for step in range(mgr.start_step, args.steps):
+        if args.kill_rank == rank and args.kill_step == step:
+            kill_when_writing(Path.cwd())
+        model.train()
+        x, y = batch(rank, step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        cursor.position = step + 1
+        due = (step + 1) % args.save_every == 0
+        if due:
+            saved_full[step] = full_state(model, opt)  # collective: on every rank
+        try:
+            mgr.step(step, metrics={"loss": loss.item(), "rank_loss": float(rank)})
+            if args.async_save:
+                mgr.wait()
+        except mlflow_ckpt.CheckpointError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            break
+        if args.die_after == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        mgr.close()
+    except mlflow_ckpt.CheckpointError as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    final = full_state(model, opt)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_file(final, str(args.out / "final.safetensors"))
+        for step, flat in saved_full.items():
+            save_file(flat, str(args.out / f"saved-{step}.safetensors"))
+    local = {
+        k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(local, str(args.out / f"local-{rank}.safetensors"))
+    report = {
+        "rank": rank,
+        "world": world,
+        "run_id": mgr.run_id,
+        "start_step": mgr.start_step,
+        "position": cursor.position,
+        "cursor_rank": cursor.rank,
+        "lr": opt.param_groups[0]["lr"],
+        "scheduler_epoch": sched.last_epoch,
+        "errors": errors,
+        "clients": len(clients),
+        "last": mgr.last_checkpoint.uri if mgr.last_checkpoint else None,
+        "rng": torch.rand(1).item(),
+    }
+    (args.out / f"rank-{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

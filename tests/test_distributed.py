@@ -1,0 +1,313 @@
+"""Distributed checkpoints: real ``torchrun`` jobs (gloo, CPU) running ``tests/dist_job.py``.
+
+Each job writes what every rank ends with (full model + optimizer state, start step, how
+many MLflow clients it built...) under ``--out``; the tests compare those files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import mlflow_ckpt
+from mlflow_ckpt.cli import main as cli
+from tests import servers
+from tests.conftest import BUCKET, ROOT, _aws_kwargs, s3_env
+
+pytestmark = pytest.mark.slow
+JOB = ROOT / "tests" / "dist_job.py"
+
+
+def torchrun(
+    nproc: int, out: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), **(env or {}))
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
+    environment["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", str(JOB), "--out", str(out), *args]
+    proc = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {args} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def reports(out: Path) -> list[dict[str, Any]]:
+    found = sorted(out.glob("rank-*.json"))
+    return [json.loads(p.read_text()) for p in found]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+def run_id_of(out: Path) -> str:
+    return reports(out)[0]["run_id"]
+
+
+def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tmp_path: Path):
+    torchrun(2, tmp_path / "save", "--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
+    saved = reports(tmp_path / "save")
+    assert [r["errors"] for r in saved] == [[], []]
+    assert saved[0]["clients"] > 0 and saved[1]["clients"] == 0  # only rank 0 talks to MLflow
+    run_id = run_id_of(tmp_path / "save")
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
+    expected = load_file(tmp_path / "save" / "saved-3.safetensors")
+    assert any(k.endswith("/exp_avg_sq") for k in expected) and any(
+        k.endswith("/step") for k in expected
+    )
+    for world in (1, 2, 3):
+        out = tmp_path / f"resume-{world}"
+        torchrun(world, out, "--strategy", "fsdp2", "--steps", "4", "--resume", run_id)
+        assert_same(expected, load_file(out / "final.safetensors"))
+        got = reports(out)
+        assert [r["start_step"] for r in got] == [4] * world
+        assert [r["errors"] for r in got] == [[]] * world
+        # per-rank state: rank r takes saved rank r's; a new rank takes rank 0's
+        assert [r["cursor_rank"] for r in got] == [min(r, 1) if r < 2 else 0 for r in range(world)]
+        assert all(r["clients"] == 0 for r in got[1:])
+        assert all(r["lr"] == saved[0]["lr"] and r["scheduler_epoch"] == 4 for r in got)
+
+
+def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path):
+    torchrun(2, tmp_path / "save", "--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
+    run_id = run_id_of(tmp_path / "save")
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    assert ckpt is not None and ckpt.step == 3
+    expected = load_file(tmp_path / "save" / "saved-3.safetensors")
+    state = mlflow_ckpt.load_training_state(ckpt.uri)
+    # the FULL state dict, keyed like the unwrapped module
+    assert list(state["model"]) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    for key, value in expected.items():
+        parts = key.split("/")
+        if parts[0] == "model":
+            assert torch.equal(state["model"][parts[1]], value), key
+        else:
+            assert torch.equal(state["optimizer"]["state"][parts[1]][parts[2]].reshape(-1), value)
+    assert state["data"]["rank"] == 0 and state["_progress"]["step"] == 3
+
+    from tests.dist_job import build_model
+
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    loaded = mlflow_ckpt.load(ckpt.uri, {"model": model, "optimizer": opt})
+    assert loaded.step == 3
+    assert torch.equal(model.state_dict()["3.weight"], expected["model/3.weight"])
+    assert torch.equal(
+        opt.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"]["0.weight"]["exp_avg"]
+    )
+
+    batch = torch.randn(3, 7)
+    served = mlflow.pyfunc.load_model(ckpt.uri).predict(batch.numpy())
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(served), model.eval()(batch))
+
+    result = CliRunner().invoke(cli, ["verify", run_id])
+    assert result.exit_code == 0, result.output
+    shard = next(Path(ckpt.artifact_location).glob("shards/rank-00001-*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["verify", ckpt.uri])
+    assert result.exit_code == 1 and shard.name in result.output
+
+
+def test_ddp_kill9_after_commit_resumes_bit_for_bit(tracking: str, tmp_path: Path):
+    common = ["--strategy", "ddp", "--steps", "6", "--save-every", "3"]
+    torchrun(2, tmp_path / "straight", *common)
+    killed = torchrun(2, tmp_path / "first", *common, "--die-after", "2", check=False)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    run_id = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"]).run_id[0]
+    torchrun(2, tmp_path / "resumed", *common, "--resume", run_id)
+    assert [r["start_step"] for r in reports(tmp_path / "resumed")] == [3, 3]
+    for name in ("final.safetensors", "local-0.safetensors", "local-1.safetensors"):
+        assert_same(load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name))
+    # each rank's own random stream (dropout) continued where it was
+    straight, resumed = reports(tmp_path / "straight"), reports(tmp_path / "resumed")
+    assert [r["rng"] for r in straight] == [r["rng"] for r in resumed]
+    assert straight[0]["rng"] != straight[1]["rng"]
+
+
+def test_async_saves_across_ranks(tracking: str, tmp_path: Path):
+    torchrun(2, tmp_path / "save", "--steps", "4", "--save-every", "2", "--async-save")
+    run_id = run_id_of(tmp_path / "save")
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
+    torchrun(2, tmp_path / "resume", "--steps", "4", "--resume", run_id)
+    assert_same(
+        load_file(tmp_path / "save" / "saved-3.safetensors"),
+        load_file(tmp_path / "resume" / "final.safetensors"),
+    )
+
+
+def test_a_rank_failing_mid_save_commits_nothing(tracking: str, tmp_path: Path):
+    out = tmp_path / "fail"
+    torchrun(2, out, "--steps", "4", "--save-every", "2", "--fail-rank", "1", "--fail-step", "3")
+    for report in reports(out):  # every rank raised, naming rank 1 and its cause
+        assert report["errors"], report
+        assert "failed on rank 1" in report["errors"][0]
+        assert "complex128" in report["errors"][0]
+        assert "step 1 is still intact" in report["errors"][0]
+    run_id = run_id_of(out)
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [1]
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    assert len(client.search_logged_models(experiment_ids=[experiment])) == 1  # failed: removed
+    torchrun(2, tmp_path / "resume", "--steps", "2", "--resume", run_id)
+    assert [r["start_step"] for r in reports(tmp_path / "resume")] == [2, 2]
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tracking: str, tmp_path: Path):
+    out = tmp_path / "killed"
+    proc = torchrun(
+        2,
+        out,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--kill-rank",
+        "1",
+        "--kill-step",
+        "3",
+        check=False,
+    )
+    assert proc.returncode != 0 and "SIGKILL" in proc.stderr
+    run_id = mlflow.search_runs(search_all_experiments=True).run_id[0]
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [1]
+    artifacts = Path(
+        mlflow.get_experiment(
+            mlflow.get_run(run_id).info.experiment_id
+        ).artifact_location.removeprefix("file://")
+    )
+    partial = {p.parent.parent.parent.name for p in artifacts.glob("models/*/artifacts/shards/*")}
+    assert len(partial) == 2  # step 1's, and the half-written one
+    torchrun(2, tmp_path / "resume", "--steps", "4", "--resume", run_id)
+    got = reports(tmp_path / "resume")
+    assert [r["start_step"] for r in got] == [2, 2] and [r["errors"] for r in got] == [[], []]
+    kept = {c.model_id for c in mlflow_ckpt.list_checkpoints(run_id)}
+    left = {p.parent.parent.parent.name for p in artifacts.glob("models/*/artifacts/shards/*")}
+    assert left == kept  # recovery removed the partial files
+
+
+def test_fsdp2_on_s3_with_retention(
+    tracking: str, tmp_path: Path, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch
+):
+    env = s3_env(s3_server.url)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    prefix = f"dist-{time.time_ns()}"
+    root = f"s3://{BUCKET}/{prefix}"
+    common = ["--steps", "6", "--save-every", "2", "--keep-last", "1"]
+    torchrun(2, tmp_path / "save", *common, "--artifact-root", root, env=env)
+    run_id = run_id_of(tmp_path / "save")
+    ckpts = mlflow_ckpt.list_checkpoints(run_id)
+    assert [c.step for c in ckpts] == [5]
+    s3 = boto3.client("s3", endpoint_url=s3_server.url, **_aws_kwargs())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    models = {k.split("/")[2] for k in keys if "/models/" in k}
+    assert models == {ckpts[0].model_id}  # older checkpoints' shards of every rank are gone
+    assert {k.rsplit("/", 1)[1] for k in keys if "/shards/rank-" in k} >= {
+        "rank-00000-00.bin",
+        "rank-00001-00.bin",
+    }
+    torchrun(2, tmp_path / "resume", "--steps", "6", "--resume", run_id, env=env)
+    assert_same(
+        load_file(tmp_path / "save" / "saved-5.safetensors"),
+        load_file(tmp_path / "resume" / "final.safetensors"),
+    )
+
+
+# ------------------------------------------------- ranks that see different file systems
+
+
+def launch_ranks(
+    world: int, out: Path, args: list[str], namespace: dict[int, str]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Start the ranks by hand (no torchrun); rank ``r`` in ``namespace`` runs in a mount
+    namespace of its own after the shell command given (a tmpfs over a folder, say): what a
+    node without the shared file system, or with a full disk, sees."""
+    port = servers.free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), OMP_NUM_THREADS="1")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+        env.update(WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        cmd = [sys.executable, str(JOB), "--out", str(out), *args]
+        if rank in namespace:
+            script = f'{namespace[rank]} && exec "$@"'
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="mounting a tmpfs in a mount namespace needs root (CI has it)"
+)
+
+
+@needs_root
+def test_an_artifact_root_a_rank_cannot_see_is_refused(tracking: str, tmp_path: Path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    hide = {1: f"mount -t tmpfs -o size=1m tmpfs {root}"}  # rank 1 sees an empty folder there
+    args = ["--steps", "2", "--save-every", "1", "--artifact-root", str(root)]
+    done = launch_ranks(2, tmp_path / "out", args, hide)
+    for proc in done:
+        assert proc.returncode != 0
+        assert "rank(s) 1 cannot see" in proc.stderr, proc.stderr[-3000:]
+        assert str(root) in proc.stderr and "S3, GCS, Azure" in proc.stderr
+    assert not list(root.glob("models/*"))  # nothing written, no probe left behind
+    assert not list(root.glob(".mlflow-ckpt-rank-probe-*"))
+
+
+@needs_root
+def test_a_rank_with_a_full_disk_fails_the_save_and_the_previous_one_resumes(
+    tracking: str, tmp_path: Path
+):
+    root = tmp_path / "artifacts"
+    args = ["--steps", "2", "--save-every", "2", "--artifact-root", str(root)]
+    torchrun(2, tmp_path / "first", *args)
+    run_id = run_id_of(tmp_path / "first")
+    models, upper = root / "models", tmp_path / "rank1-disk"
+    upper.mkdir()
+    # rank 1 sees the saved checkpoints, but what it writes lands on a full 64 KiB tmpfs
+    full = {
+        1: f"mount -t tmpfs -o size=64k tmpfs {upper} && mkdir {upper}/u {upper}/w && "
+        f"mount -t overlay overlay -o lowerdir={models},upperdir={upper}/u,workdir={upper}/w "
+        f"{models} && (dd if=/dev/zero of={models}/filler bs=4k count=64 2>/dev/null || true)"
+    }
+    resume = ["--steps", "4", "--save-every", "2", "--resume", run_id]
+    done = launch_ranks(2, tmp_path / "full", resume, full)
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr[-3000:]
+    for report in reports(tmp_path / "full"):
+        assert report["errors"], report
+        assert "failed on rank 1" in report["errors"][0]
+        assert "no space left on device" in report["errors"][0]
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [1]
+    torchrun(2, tmp_path / "again", *resume)
+    got = reports(tmp_path / "again")
+    assert [r["start_step"] for r in got] == [2, 2] and [r["errors"] for r in got] == [[], []]
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
