@@ -129,6 +129,7 @@ def callback_kwargs(owner: str, manager_kwargs: Mapping[str, Any]) -> dict[str, 
     if "state" in manager_kwargs or "run_id" in manager_kwargs:
         raise TypeError(f"{owner} builds the state and finds the run itself")
     kwargs = dict(manager_kwargs)
+    kwargs.setdefault("distributed", False)  # the callbacks run on global rank 0 only
     if not any(k.startswith("save_every_n_") or k in ("monitor", "triggers") for k in kwargs):
         kwargs["save_every_n_epochs"] = 1
     return kwargs

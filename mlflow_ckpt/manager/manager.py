@@ -53,7 +53,7 @@ class CheckpointManager:
 
     Call :meth:`step` after each finished step (0-based): it saves when a trigger is due and
     logs the step's metrics to the run. Under ``torch.distributed`` build it on every rank
-    (only rank 0 needs a run): modules and optimizers are saved sharded through DCP.
+    (only rank 0 needs a run; ``distributed=False``: rank 0 alone, single-process format).
     When to save: ``save_every_n_*``, ``monitor``/``mode`` and/or ``triggers=[...]`` (objects
     with ``name`` and ``fires(info)``). What to keep: ``keep_*`` and/or ``retention=`` (an
     object with ``keep(checkpoints)``); a checkpoint survives if any rule keeps it.
@@ -98,6 +98,7 @@ class CheckpointManager:
         timeline: bool = True,
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
+        distributed: bool | None = None,
     ) -> None:
         arguments = dict(locals())
         for name in ("self", "state", "run_id"):
@@ -176,8 +177,7 @@ class CheckpointManager:
         Pass ``end_of_epoch=True`` on the last step of an epoch for ``save_every_n_epochs``.
         ``timestamp_ms`` stamps the metrics (default: now); autolog passes the timestamp of
         the loop's own ``mlflow.log_metric`` so MLflow keeps one history entry, not two.
-        Returns whether a save was started. In async mode it returns once the state is
-        copied to host memory.
+        Returns whether a save was started (async: once the state is copied to host memory).
         """
         self._check_usable()
         step, epoch = self._check_step(step, epoch)

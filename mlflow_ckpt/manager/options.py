@@ -62,6 +62,7 @@ class ManagerOptions:
     lease_ttl: float
     transfer: TransferConfig | None
     client: MlflowClient | None
+    distributed: bool = False  # every rank builds a manager; sharded state through DCP
 
     @property
     def format(self) -> str:
@@ -147,6 +148,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         if args[name] is not None and not isinstance(args[name], kind):
             raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
     return ManagerOptions(
+        distributed=_distributed_mode(args.get("distributed")),
         triggers=_triggers(args, monitor, mode),
         retention=_retention(args, monitor, mode),
         spec=_folder_spec(args),
@@ -188,10 +190,11 @@ def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None)
             raise ValueError(
                 f"state names must be non-empty strings not starting with '_': {name!r}"
             )
-    # Under torch.distributed, modules and optimizers are saved through DCP (sharded
-    # tensors): only the rest goes through the JSON encoder.
+    # Distributed, modules and optimizers are saved through DCP (sharded tensors): only the
+    # rest goes through the JSON encoder.
+    sharded = options is not None and options.distributed
     for name, obj in state.items():
-        if not (_distributed() and isinstance(obj, torch.nn.Module | torch.optim.Optimizer)):
+        if not (sharded and isinstance(obj, torch.nn.Module | torch.optim.Optimizer)):
             encode(obj, name, sink)
     if options is not None and callable(options.verify) and MODEL_KEY not in state:
         raise ValueError(
@@ -200,10 +203,23 @@ def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None)
         )
 
 
-def _distributed() -> bool:
+def _distributed_mode(value: Any) -> bool:
+    """``distributed=None`` (default): distributed when a process group is initialized.
+    ``False``: a manager on one rank only (rank 0 of a DDP job, say) writing single-process
+    checkpoints. ``True``: distributed, or an error if there is no process group."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+    initialized = dist.is_available() and dist.is_initialized()
+    if value is None:
+        return initialized
+    if not isinstance(value, bool):
+        raise TypeError(f"distributed must be None, True or False, not {value!r}")
+    if value and not initialized:
+        raise ValueError(
+            "distributed=True needs an initialized process group: call "
+            "torch.distributed.init_process_group() first (torchrun sets up its environment)"
+        )
+    return value
 
 
 def _positive(name: str, value: Any, kind: type) -> None:

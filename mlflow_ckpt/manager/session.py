@@ -73,7 +73,7 @@ def _open_here(options: ManagerOptions, run_id: str | None, resume: bool) -> Ses
 
 def open_session(options: ManagerOptions, run_id: str | None, *, resume: bool) -> Session:
     """Open the run on this process (rank 0 only, in a distributed job) and share it."""
-    ranks = RankGroup.detect()
+    ranks = RankGroup.detect() if options.distributed else None
     if ranks is None:
         return _open_here(options, run_id, resume)
     session: Session | None = None
