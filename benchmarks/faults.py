@@ -28,6 +28,12 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   ``CheckpointWriteError`` after its retries, ``list_checkpoints`` must not list it, the
   previous checkpoint stays listed, and once the endpoint is back the next save commits
   and loads.
+* ``kill9-distributed``: a 2-rank FSDP2 job under ``torchrun`` saving every step (sync and
+  async alternate) loses a random rank to SIGKILL at a random moment; a 2-rank resume must
+  continue from the newest commit and finish, every listed checkpoint must verify, and
+  nothing PENDING, partial or temporary may remain.
+* ``corrupt-distributed``: one byte flipped in a random rank's file of the newest of two
+  2-rank checkpoints; a 2-rank resume must fall back to the older one exactly.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -75,6 +81,7 @@ import boto3
 import mlflow
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 import mlflow_ckpt
 from mlflow_ckpt.catalog import resolve
@@ -625,6 +632,112 @@ def diverged_state(bench: Bench, row: Row, trials: int) -> None:
     run_trials(row, trials, trial)
 
 
+# ---------------------------------------------------------------- distributed (torchrun)
+
+
+def _dist_job_leftovers(root: Path, run_id: str) -> list[str]:
+    """PENDING models, temporary files and orphaned folders under ``root`` after a resume."""
+    from mlflow_ckpt.catalog import tags
+    from mlflow_ckpt.storage.local import TEMP_MARKER
+
+    client = MlflowClient()
+    experiment = client.get_run(run_id).info.experiment_id
+    problems = []
+    statuses = [m.tags.get(tags.STATUS) for m in client.search_logged_models([experiment])]
+    if tags.PENDING in statuses:
+        problems.append(f"PENDING checkpoints left: {statuses}")
+    temps = list(root.rglob(f"*{TEMP_MARKER}*"))
+    if temps:
+        problems.append(f"temporary files left: {temps[:3]}")
+    live = {c.model_id for c in mlflow_ckpt.list_checkpoints(run_id)}
+    for folder in (root / "models").iterdir():
+        if folder.name not in live and any(p.is_file() for p in folder.rglob("*")):
+            problems.append(f"files of uncommitted checkpoint {folder.name} remain")
+    return problems
+
+
+def kill9_distributed(bench: Bench, row: Row, trials: int) -> None:
+    """A 2-rank FSDP2 job (``torchrun``) saving every step loses one rank to SIGKILL at a
+    seeded random moment (torchrun then stops the job). Survived: a 2-rank resume continues
+    from the newest committed checkpoint and finishes; every listed checkpoint verifies;
+    nothing PENDING, partial or temporary is left."""
+    from mlflow_ckpt.catalog.reader import verify_checkpoint
+    from tests.distlib import reports, torchrun
+
+    rng = random.Random(bench.seed + 11)
+
+    def trial(i: int) -> None:
+        workdir = bench.workdir(f"{row.fault}-{i}")
+        bench.tracking(workdir)
+        root = workdir / "dist-artifacts"
+        args = ["--steps", "400", "--save-every", "1", "--artifact-root", str(root)]
+        args += ["--async-save"] if i % 2 else []
+        kill = ["--kill-rank", str(rng.randrange(2)), "--kill-after", f"{rng.uniform(0.3, 3):.2f}"]
+        first = torchrun(2, workdir / "first", *args, *kill, check=False)
+        if first.returncode == 0:
+            raise Failed("the job finished before the kill landed (raise --steps)")
+        run_id = mlflow.search_runs(search_all_experiments=True).run_id[0]
+        committed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
+        until = str((committed[0] if committed else 0) + 4)
+        resume = ["--steps", until, "--save-every", "1", "--resume", run_id]
+        second = torchrun(2, workdir / "second", *resume, check=False)
+        if second.returncode != 0:
+            raise Failed(f"the resumed job failed: {second.stderr[-1500:]}")
+        starts = {r["start_step"] for r in reports(workdir / "second")}
+        expected = committed[0] + 1 if committed else 0
+        listed = {c.step for c in mlflow_ckpt.list_checkpoints(run_id)}
+        # a save complete but not committed when the kill came is adopted by the resume
+        start = starts.pop() if len(starts) == 1 else -1
+        if start < expected or (start > 0 and start - 1 not in listed):
+            raise Lost(f"resumed at {starts}, the newest commit was step {expected - 1}")
+        for ckpt in mlflow_ckpt.list_checkpoints(run_id):
+            problems = verify_checkpoint(resolve(ckpt, MlflowClient()))
+            if problems:
+                raise Lost(f"{ckpt.uri} (step {ckpt.step}) does not verify: {problems[0]}")
+        leftovers = _dist_job_leftovers(root, run_id)
+        if leftovers:
+            raise Failed("; ".join(leftovers))
+
+    run_trials(row, trials, trial)
+
+
+def corrupt_distributed(bench: Bench, row: Row, trials: int) -> None:
+    """One byte flipped in a random rank's shard (or own-state) file of the newest of two
+    checkpoints written by 2 ranks. Survived: a 2-rank resume falls back to the older one
+    and restores it exactly; the bad one is tagged corrupt and no longer listed."""
+    from tests.distlib import reports, torchrun
+
+    rng = random.Random(bench.seed + 13)
+
+    def trial(i: int) -> None:
+        workdir = bench.workdir(f"{row.fault}-{i}")
+        bench.tracking(workdir)
+        root = workdir / "dist-artifacts"
+        args = ["--steps", "4", "--save-every", "2", "--artifact-root", str(root)]
+        torchrun(2, workdir / "first", *args)
+        run_id = mlflow.search_runs(search_all_experiments=True).run_id[0]
+        newest, older = mlflow_ckpt.list_checkpoints(run_id)
+        folder = Path(newest.artifact_location)
+        victims = sorted(folder.glob("shards/rank-*.bin")) + sorted(folder.glob("ranks/*/*"))
+        victim = rng.choice(victims)
+        data = bytearray(victim.read_bytes())
+        data[rng.randrange(len(data))] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        second = torchrun(2, workdir / "second", "--steps", "2", "--resume", run_id, check=False)
+        if second.returncode != 0:
+            raise Failed(f"the resumed job failed: {second.stderr[-1500:]}")
+        if {r["start_step"] for r in reports(workdir / "second")} != {older.step + 1}:
+            raise Lost(f"did not fall back to step {older.step} after {victim.name} was damaged")
+        expected = load_file(workdir / "first" / f"saved-{older.step}.safetensors")
+        got = load_file(workdir / "second" / "final.safetensors")
+        if set(expected) != set(got) or not all(torch.equal(expected[k], got[k]) for k in got):
+            raise Lost("the older checkpoint was not restored exactly")
+        if newest.model_id in {c.model_id for c in mlflow_ckpt.list_checkpoints(run_id)}:
+            raise Failed(f"{newest.uri} is still listed after failing verification")
+
+    run_trials(row, trials, trial)
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -651,6 +764,8 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "dead-network": ("clear error, nothing partial", dead_network),
     "hostile-pickle": ("refused, payload never ran", hostile_pickle),
     "diverged-state": ("never committed, last finite kept", diverged_state),
+    "kill9-distributed": ("restart resumed from newest commit", kill9_distributed),
+    "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
 }
 
 

@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--fail-step", type=int)
     parser.add_argument("--kill-rank", type=int)
     parser.add_argument("--kill-step", type=int)
+    parser.add_argument("--kill-after", type=float, help="seconds into training (--kill-rank)")
     parser.add_argument("--keep-last", type=int)
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--on-error", default="raise")
@@ -156,6 +157,10 @@ def main() -> None:
         mgr = mlflow_ckpt.CheckpointManager(state, **options)
     if args.kill_rank == rank and args.kill_step is not None and args.kill_step == 0:
         kill_when_writing(Path.cwd())
+    if args.kill_rank == rank and args.kill_after is not None:
+        timer = threading.Timer(args.kill_after, os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
     errors: list[str] = []
     saved_full: dict[int, dict[str, torch.Tensor]] = {}
     for step in range(mgr.start_step, args.steps):

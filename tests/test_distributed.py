@@ -6,13 +6,11 @@ many MLflow clients it built...) under ``--out``; the tests compare those files.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import boto3
 import mlflow
@@ -25,28 +23,9 @@ import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from tests import servers
 from tests.conftest import BUCKET, ROOT, _aws_kwargs, s3_env
+from tests.distlib import JOB, reports, torchrun
 
 pytestmark = pytest.mark.slow
-JOB = ROOT / "tests" / "dist_job.py"
-
-
-def torchrun(
-    nproc: int, out: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), **(env or {}))
-    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
-    environment["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", str(JOB), "--out", str(out), *args]
-    proc = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {args} exited {proc.returncode}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def reports(out: Path) -> list[dict[str, Any]]:
-    found = sorted(out.glob("rank-*.json"))
-    return [json.loads(p.read_text()) for p in found]
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
