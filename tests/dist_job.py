@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, help="seconds into training (--kill-rank)")
     parser.add_argument("--keep-last", type=int)
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the wrapped model")
     parser.add_argument("--on-error", default="raise")
     parser.add_argument("--artifact-root")
     args = parser.parse_args()
@@ -121,6 +122,8 @@ def main() -> None:
         model = fully_shard(model, mesh=mesh)
     elif args.strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        model = torch.compile(model, backend="eager")  # the wrapper, without a C++ toolchain
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     bad_step = args.fail_step if args.fail_rank == rank else None

@@ -24,7 +24,8 @@ def torchrun(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run the job on ``nproc`` ranks against the current tracking URI."""
-    environment = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), **(env or {}))
+    environment = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+    environment.update(env or {})
     environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
     environment["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

@@ -121,11 +121,16 @@ def test_ddp_kill9_after_commit_resumes_bit_for_bit(tracking: str, tmp_path: Pat
     assert straight[0]["rng"] != straight[1]["rng"]
 
 
-def test_async_saves_across_ranks(tracking: str, tmp_path: Path):
-    torchrun(2, tmp_path / "save", "--steps", "4", "--save-every", "2", "--async-save")
+def test_async_saves_across_ranks_of_a_compiled_ddp_model(tracking: str, tmp_path: Path):
+    model = ["--strategy", "ddp", "--compile"]  # torch.compile(DDP(model))
+    torchrun(2, tmp_path / "save", *model, "--steps", "4", "--save-every", "2", "--async-save")
     run_id = run_id_of(tmp_path / "save")
-    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
-    torchrun(2, tmp_path / "resume", "--steps", "4", "--resume", run_id)
+    ckpts = mlflow_ckpt.list_checkpoints(run_id)
+    assert [c.step for c in ckpts] == [3, 1]
+    state = mlflow_ckpt.load_training_state(ckpts[0].uri)  # keyed like the plain module
+    assert list(state["model"]) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert list(state["optimizer"]["state"]) == list(state["model"])
+    torchrun(2, tmp_path / "resume", *model, "--steps", "4", "--resume", run_id)
     assert_same(
         load_file(tmp_path / "save" / "saved-3.safetensors"),
         load_file(tmp_path / "resume" / "final.safetensors"),
@@ -290,3 +295,29 @@ def test_a_rank_with_a_full_disk_fails_the_save_and_the_previous_one_resumes(
     got = reports(tmp_path / "again")
     assert [r["start_step"] for r in got] == [2, 2] and [r["errors"] for r in got] == [[], []]
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
+
+
+def test_fsdp2_through_an_mlflow_server_proxy(
+    proxy_server: servers.Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Every rank writes its shards through the tracking server's artifact proxy (HTTP)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy_server.url)
+    mlflow.set_tracking_uri(proxy_server.url)
+    try:
+        experiment = mlflow.create_experiment(f"dist-proxy-{time.time_ns()}")
+        env = {"MLFLOW_EXPERIMENT_ID": experiment}
+        torchrun(2, tmp_path / "save", "--steps", "4", "--save-every", "2", env=env)
+        saved = reports(tmp_path / "save")
+        assert [r["errors"] for r in saved] == [[], []] and saved[1]["clients"] == 0
+        run_id = saved[0]["run_id"]
+        ckpts = mlflow_ckpt.list_checkpoints(run_id)
+        assert [c.step for c in ckpts] == [3, 1]
+        assert ckpts[0].artifact_location.startswith("mlflow-artifacts:")
+        torchrun(2, tmp_path / "resume", "--steps", "4", "--resume", run_id, env=env)
+        assert_same(
+            load_file(tmp_path / "save" / "saved-3.safetensors"),
+            load_file(tmp_path / "resume" / "final.safetensors"),
+        )
+        assert mlflow_ckpt.load_training_state(ckpts[0].uri)["_progress"]["step"] == 3
+    finally:
+        mlflow.set_tracking_uri(None)
