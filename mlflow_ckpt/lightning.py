@@ -20,6 +20,7 @@ from mlflow_ckpt.integrations.framework_run import (
     FrameworkRun,
     HoldsFrameworkRun,
     callback_kwargs,
+    runs_on_every_rank,
     saves_within_epochs,
 )
 from mlflow_ckpt.integrations.framework_state import (
@@ -57,7 +58,12 @@ def _make_callback_class(pl: ModuleType) -> type:
     """
 
     class MlflowCheckpoint(HoldsFrameworkRun, pl.Callback):  # type: ignore[misc, name-defined]
-        """Save Lightning's full training state as MLflow checkpoints (rank 0 only).
+        """Save Lightning's full training state as MLflow checkpoints.
+
+        Under a multi-process strategy (``"ddp"``...) it runs on every rank and saves like
+        a distributed :class:`~mlflow_ckpt.CheckpointManager` (the model and optimizer
+        sharded through DCP, each rank's random streams its own); ``distributed=False``
+        keeps it on global rank 0 alone.
 
         Keyword arguments are those of :class:`mlflow_ckpt.CheckpointManager`
         (``save_every_n_steps``, ``save_every_n_epochs``, ``monitor``, ``mode``,
@@ -107,7 +113,7 @@ def _make_callback_class(pl: ModuleType) -> type:
             saved = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
             self._resume_run_id = saved.get("run_id") or None
             self._resume_global_step = int(checkpoint.get("global_step", 0))
-            if self._resume_run_id and trainer.is_global_zero and self.manager is None:
+            if self._resume_run_id and self._writes_here(trainer) and self.manager is None:
                 self._open(trainer, pl_module)
 
         def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
@@ -121,8 +127,13 @@ def _make_callback_class(pl: ModuleType) -> type:
                 self._rng_before_sanity = None
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.is_global_zero and self.manager is None:  # only global rank 0 writes
+            if self._writes_here(trainer) and self.manager is None:
                 self._open(trainer, pl_module)
+
+        def _writes_here(self, trainer: Any) -> bool:
+            """Every rank under a multi-process strategy (distributed saves), else rank 0."""
+            every = runs_on_every_rank(self.manager_kwargs, trainer.world_size)
+            return every or trainer.is_global_zero
 
         def _open(self, trainer: Any, pl_module: Any) -> None:
             connector = trainer._checkpoint_connector
@@ -133,15 +144,19 @@ def _make_callback_class(pl: ModuleType) -> type:
             log_metrics = (
                 not _mlflow_logs_metrics(trainer) if self.log_metrics is None else self.log_metrics
             )
+            every = runs_on_every_rank(self.manager_kwargs, trainer.world_size)
             if self._resume_run_id:
                 manager = self._run.resume(
                     self._resume_run_id,
                     state,
                     framework_step=self._resume_global_step,
                     log_metrics=log_metrics,
+                    distributed=every,
                 )
             else:
-                manager = self._run.open(state, log_metrics=log_metrics)
+                manager = self._run.open(
+                    state, leader=trainer.is_global_zero, log_metrics=log_metrics, distributed=every
+                )
             self._last_step = manager.start_step - 1
 
         def on_train_batch_end(

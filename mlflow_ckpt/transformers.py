@@ -22,6 +22,7 @@ from mlflow_ckpt.integrations.framework_run import (
     FrameworkRun,
     HoldsFrameworkRun,
     callback_kwargs,
+    runs_on_every_rank,
 )
 from mlflow_ckpt.integrations.framework_state import (
     HF_TRAINER_STATE_KEY,
@@ -68,7 +69,9 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
     are saved too; ``mlflow_ckpt.autolog()`` does that for you. ``log_metrics`` says whether
     metrics are logged to the run by this callback; by default only when neither the Trainer's
     ``MLflowCallback`` (``report_to="mlflow"``) nor ``mlflow.transformers.autolog()`` does.
-    Only the main process (``state.is_world_process_zero``) writes.
+    Under ``torchrun`` (several processes) it runs on every process and saves like a
+    distributed :class:`~mlflow_ckpt.CheckpointManager`; ``distributed=False`` keeps it on
+    the main process (``state.is_world_process_zero``) alone.
     """
 
     def __init__(
@@ -102,7 +105,8 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero:
+        every = runs_on_every_rank(self.manager_kwargs, int(getattr(args, "world_size", 1)))
+        if not (every or state.is_world_process_zero):
             return  # only the main process writes
         if self.manager is not None:  # a train() that failed before: don't orphan its manager
             with contextlib.suppress(Exception):
@@ -129,10 +133,19 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         )
         if resume_run:
             self._run.resume(
-                resume_run, objects, framework_step=state.global_step, log_metrics=log_metrics
+                resume_run,
+                objects,
+                framework_step=state.global_step,
+                log_metrics=log_metrics,
+                distributed=every,
             )
         else:
-            self._run.open(objects, log_metrics=log_metrics)
+            self._run.open(
+                objects,
+                leader=state.is_world_process_zero,
+                log_metrics=log_metrics,
+                distributed=every,
+            )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._flush()

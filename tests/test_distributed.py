@@ -321,3 +321,66 @@ def test_fsdp2_through_an_mlflow_server_proxy(
         assert mlflow_ckpt.load_training_state(ckpts[0].uri)["_progress"]["step"] == 3
     finally:
         mlflow.set_tracking_uri(None)
+
+
+# ------------------------------------------------------------------ framework integrations
+
+
+def _lightning_ddp(epochs: int, out: Path, *resume: str) -> None:
+    pytest.importorskip("lightning.pytorch")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = ROOT / "tests" / "lightning_ddp_job.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(epochs), str(out), *resume],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_lightning_ddp_saves_from_every_rank_and_resumes_bit_for_bit(tracking: str, tmp_path: Path):
+    _lightning_ddp(4, tmp_path / "straight")
+    _lightning_ddp(2, tmp_path / "first")
+    run_id = (tmp_path / "first" / "run_id").read_text()
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    assert ckpt is not None
+    folder = Path(ckpt.artifact_location)
+    assert sorted(p.name for p in folder.glob("ranks/*")) == ["00000", "00001"]
+    _lightning_ddp(4, tmp_path / "resumed", run_id)
+    straight = torch.load(tmp_path / "straight" / "weights.pt")
+    resumed = torch.load(tmp_path / "resumed" / "weights.pt")
+    assert_same(straight, resumed)  # dropout on both ranks: each rank's stream was restored
+
+
+def _hf_torchrun(out: Path, epochs: int, stop_after: int, *resume: str) -> None:
+    pytest.importorskip("transformers")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(ROOT / "tests" / "hf_ddp_job.py"), str(epochs), str(stop_after), str(out)]
+    proc = subprocess.run([*cmd, *resume], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_hf_trainer_under_torchrun_saves_from_every_rank_and_resumes_bit_for_bit(
+    tracking: str, tmp_path: Path
+):
+    _hf_torchrun(tmp_path / "straight", 4, 4)
+    _hf_torchrun(tmp_path / "first", 4, 2)  # the schedule is for 4 epochs, stopped after 2
+    run_id = (tmp_path / "first" / "run_id").read_text()
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    assert ckpt is not None and ckpt.step == 3
+    assert sorted(p.name for p in Path(ckpt.artifact_location).glob("ranks/*")) == [
+        "00000",
+        "00001",
+    ]
+    _hf_torchrun(tmp_path / "resumed", 4, 4, run_id)
+    for rank in (0, 1):  # dropout in the model: each rank's random stream was restored
+        assert_same(
+            torch.load(tmp_path / "straight" / f"weights-{rank}.pt"),
+            torch.load(tmp_path / "resumed" / f"weights-{rank}.pt"),
+        )
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 5, 3, 1]

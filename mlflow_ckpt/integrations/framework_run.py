@@ -40,9 +40,15 @@ class FrameworkRun:
         self.run_id: str | None = None
         self._started_run = False
 
-    def open(self, state: Mapping[str, Any], **overrides: Any) -> CheckpointManager:
-        """A manager on the active run (started if there is none)."""
-        self.run_id, self._started_run = _start_run_if_needed()
+    def open(
+        self, state: Mapping[str, Any], *, leader: bool = True, **overrides: Any
+    ) -> CheckpointManager:
+        """A manager on the active run (started if there is none). ``leader=False``: a rank
+        other than 0 of a distributed training, which needs no MLflow run of its own."""
+        if leader:
+            self.run_id, self._started_run = _start_run_if_needed()
+        else:
+            self.run_id, self._started_run = None, False
         kwargs = {**self.manager_kwargs, **overrides}
         self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)
         return self.manager
@@ -129,10 +135,24 @@ def callback_kwargs(owner: str, manager_kwargs: Mapping[str, Any]) -> dict[str, 
     if "state" in manager_kwargs or "run_id" in manager_kwargs:
         raise TypeError(f"{owner} builds the state and finds the run itself")
     kwargs = dict(manager_kwargs)
-    kwargs.setdefault("distributed", False)  # the callbacks run on global rank 0 only
     if not any(k.startswith("save_every_n_") or k in ("monitor", "triggers") for k in kwargs):
         kwargs["save_every_n_epochs"] = 1
     return kwargs
+
+
+def runs_on_every_rank(manager_kwargs: Mapping[str, Any], world_size: int) -> bool:
+    """Whether a callback runs a manager on every rank (distributed saves: sharded model
+    and optimizer, each rank's own random streams) or on global rank 0 only.
+
+    ``distributed=`` among the callback's keywords decides; by default every rank does
+    when the framework trains on several processes of an initialized process group.
+    """
+    explicit = manager_kwargs.get("distributed")
+    if explicit is not None:
+        return bool(explicit)
+    import torch.distributed as dist
+
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 def saves_within_epochs(manager_kwargs: Mapping[str, Any]) -> bool:
