@@ -193,6 +193,10 @@ def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None)
     # Distributed, modules and optimizers are saved through DCP (sharded tensors): only the
     # rest goes through the JSON encoder.
     sharded = options is not None and options.distributed
+    if sharded:
+        from mlflow_ckpt.snapshot.sharded import sharded_entries
+
+        sharded_entries(state)  # an optimizer without its module is refused here
     for name, obj in state.items():
         if not (sharded and isinstance(obj, torch.nn.Module | torch.optim.Optimizer)):
             encode(obj, name, sink)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,7 +30,9 @@ from mlflow_ckpt.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 600.0
+# How long a rank waits for the others in one step of the commit protocol (the slowest
+# rank's upload included), or for rank 0's decision; MLFLOW_CKPT_RANK_TIMEOUT_S overrides.
+DEFAULT_TIMEOUT_S = 1800.0
 T = TypeVar("T")
 
 
@@ -52,7 +55,7 @@ class RankGroup:
         return self.rank == 0
 
     @classmethod
-    def detect(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> RankGroup | None:
+    def detect(cls, timeout_s: float | None = None) -> RankGroup | None:
         """The job's ranks if ``torch.distributed`` is initialized, else ``None``.
 
         Called on every rank (it creates the groups, a collective call).
@@ -61,6 +64,8 @@ class RankGroup:
 
         if not (dist.is_available() and dist.is_initialized()):
             return None
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("MLFLOW_CKPT_RANK_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         timeout = datetime.timedelta(seconds=timeout_s)
         control = dist.new_group(backend="gloo", timeout=timeout)
         commit = dist.new_group(backend="gloo", timeout=timeout)
