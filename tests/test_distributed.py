@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
 import mlflow
 import pytest
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from tests import servers
-from tests.conftest import BUCKET, ROOT, _aws_kwargs, s3_env
+from tests.conftest import ROOT, StoreUnderTest
 from tests.distlib import JOB, reports, torchrun
 
 pytestmark = pytest.mark.slow
@@ -97,6 +95,20 @@ def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path)
 
     result = CliRunner().invoke(cli, ["verify", run_id])
     assert result.exit_code == 0, result.output
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, ["export", ckpt.uri, "--format", "safetensors", "-o", out])
+    assert result.exit_code == 0, result.output
+    exported = load_file(out)
+    assert set(exported) == set(state["model"])
+    assert all(torch.equal(exported[k], v) for k, v in state["model"].items())
+    older = mlflow_ckpt.list_checkpoints(run_id)[1]
+    result = CliRunner().invoke(cli, ["diff", older.uri, ckpt.uri])
+    assert result.exit_code == 0 and "3.weight" in result.output, result.output
+    version = mlflow_ckpt.promote(ckpt, "dist-model", alias="champion")
+    assert int(version.version) == 1
+    served = mlflow.pyfunc.load_model("models:/dist-model@champion").predict(batch.numpy())
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(served), model.eval()(batch))
     shard = next(Path(ckpt.artifact_location).glob("shards/rank-00001-*.bin"))
     data = bytearray(shard.read_bytes())
     data[0] ^= 0xFF
@@ -187,32 +199,26 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(tracking: str, tm
     assert left == kept  # recovery removed the partial files
 
 
-def test_fsdp2_on_s3_with_retention(
-    tracking: str, tmp_path: Path, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch
-):
-    env = s3_env(s3_server.url)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    prefix = f"dist-{time.time_ns()}"
-    root = f"s3://{BUCKET}/{prefix}"
+@pytest.mark.parametrize("store", ["s3", "azure", "gcs", "proxy"], indirect=True)
+def test_fsdp2_on_every_remote_store_with_retention(store: StoreUnderTest, tmp_path: Path):
+    """Every rank writes its shards straight into the store (the proxy: over HTTP); with
+    keep_last_n=1 the older checkpoints' files of every rank are deleted."""
     common = ["--steps", "6", "--save-every", "2", "--keep-last", "1"]
-    torchrun(2, tmp_path / "save", *common, "--artifact-root", root, env=env)
-    run_id = run_id_of(tmp_path / "save")
+    torchrun(2, tmp_path / "save", *common)
+    saved = reports(tmp_path / "save")
+    assert [r["errors"] for r in saved] == [[], []] and saved[1]["clients"] == 0
+    run_id = saved[0]["run_id"]
     ckpts = mlflow_ckpt.list_checkpoints(run_id)
     assert [c.step for c in ckpts] == [5]
-    s3 = boto3.client("s3", endpoint_url=s3_server.url, **_aws_kwargs())
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
-    models = {k.split("/")[2] for k in keys if "/models/" in k}
-    assert models == {ckpts[0].model_id}  # older checkpoints' shards of every rank are gone
-    assert {k.rsplit("/", 1)[1] for k in keys if "/shards/rank-" in k} >= {
-        "rank-00000-00.bin",
-        "rank-00001-00.bin",
-    }
-    torchrun(2, tmp_path / "resume", "--steps", "6", "--resume", run_id, env=env)
+    assert store.model_ids_with_files() == {ckpts[0].model_id}
+    names = {key.rsplit("/", 1)[1] for key in store.list_keys() if "/shards/" in key}
+    assert {"rank-00000-00.bin", "rank-00001-00.bin", "metadata.json"} <= names
+    torchrun(2, tmp_path / "resume", "--steps", "6", "--resume", run_id)
     assert_same(
         load_file(tmp_path / "save" / "saved-5.safetensors"),
         load_file(tmp_path / "resume" / "final.safetensors"),
     )
+    assert mlflow_ckpt.load_training_state(ckpts[0].uri)["_progress"]["step"] == 5
 
 
 # ------------------------------------------------- ranks that see different file systems
@@ -295,32 +301,6 @@ def test_a_rank_with_a_full_disk_fails_the_save_and_the_previous_one_resumes(
     got = reports(tmp_path / "again")
     assert [r["start_step"] for r in got] == [2, 2] and [r["errors"] for r in got] == [[], []]
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
-
-
-def test_fsdp2_through_an_mlflow_server_proxy(
-    proxy_server: servers.Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """Every rank writes its shards through the tracking server's artifact proxy (HTTP)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy_server.url)
-    mlflow.set_tracking_uri(proxy_server.url)
-    try:
-        experiment = mlflow.create_experiment(f"dist-proxy-{time.time_ns()}")
-        env = {"MLFLOW_EXPERIMENT_ID": experiment}
-        torchrun(2, tmp_path / "save", "--steps", "4", "--save-every", "2", env=env)
-        saved = reports(tmp_path / "save")
-        assert [r["errors"] for r in saved] == [[], []] and saved[1]["clients"] == 0
-        run_id = saved[0]["run_id"]
-        ckpts = mlflow_ckpt.list_checkpoints(run_id)
-        assert [c.step for c in ckpts] == [3, 1]
-        assert ckpts[0].artifact_location.startswith("mlflow-artifacts:")
-        torchrun(2, tmp_path / "resume", "--steps", "4", "--resume", run_id, env=env)
-        assert_same(
-            load_file(tmp_path / "save" / "saved-3.safetensors"),
-            load_file(tmp_path / "resume" / "final.safetensors"),
-        )
-        assert mlflow_ckpt.load_training_state(ckpts[0].uri)["_progress"]["step"] == 3
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 # ------------------------------------------------------------------ framework integrations

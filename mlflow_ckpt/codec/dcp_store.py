@@ -105,9 +105,9 @@ class StoreWriter(StorageWriter):
     wrote (the coordinator's includes ``metadata.json``).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store | None) -> None:
         super().__init__()
-        self.store = store
+        self.store = store  # None: this rank could not open the store (it still takes part)
         self.files: list[FileEntry] = []
         self._lock = threading.Lock()
 
@@ -126,18 +126,21 @@ class StoreWriter(StorageWriter):
         return [dataclasses.replace(p, storage_data=f"rank-{i:05d}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        store = self.store
+        if store is None:
+            raise StateSerializationError("this rank could not open the checkpoint's store")
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 raise StateSerializationError(
                     f"state entry {item.index.fqn!r} is not a tensor; only tensors go through "
                     "the sharded path (everything else is stored as JSON)"
                 )
-        buckets = _balance(list(plan.items), self.store.parallel_writes)
+        buckets = _balance(list(plan.items), store.parallel_writes)
         names = [f"{SHARDS_DIR}/{plan.storage_data}-{i:02d}.bin" for i in range(len(buckets))]
 
         def write(name: str, items: list[WriteItem]) -> list[WriteResult]:
             results = []
-            with self.store.open_writer(name) as raw:
+            with store.open_writer(name) as raw:
                 writer = HashingWriter(raw)
                 for item in items:
                     tensor = planner.resolve_data(item)
@@ -165,6 +168,7 @@ class StoreWriter(StorageWriter):
         """On the coordinator: write ``metadata.json`` (JSON, never pickle)."""
         locations = {r.index: r.storage_data for rank in results for r in rank}
         data = metadata_to_json(metadata, locations).encode()
+        assert self.store is not None  # write_data raised on a rank without one
         with self.store.open_writer(METADATA_FILE) as raw:
             writer = HashingWriter(raw)
             writer.write(data)

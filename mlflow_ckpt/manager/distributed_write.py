@@ -92,16 +92,18 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     if "error" in created:
         raise CheckpointWriteError(f"{what.capitalize()} failed on rank 0: {created['error']}")
     location = created["location"]
-    store = open_store(location, target.transfer)
     error: BaseException | None = None
     own = RankFiles((), ())
-    try:
+    store: Any = None
+    try:  # every failure below is reported, never raised early: the others would wait
+        store = open_store(location, target.transfer)
         own = write_rank_files(store, ranks.rank, job.snapshot, target.spec)
     except BaseException as exc:
         error = exc
     try:
-        shards = _save_shards(store, job, ranks)
-        store.flush()
+        shards = _save_shards(store, job, ranks)  # collective: taken part in even after a failure
+        if store is not None:
+            store.flush()
         own = RankFiles((*own.files, *shards), own.tensors)
     except BaseException as exc:
         error = error or exc
@@ -110,7 +112,7 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
         reports = ranks.all_gather(report, group=group, what=what)
     except RankError:
         with contextlib.suppress(Exception):
-            store.close()
+            store.close()  # None: nothing to close
         raise
     failed = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"]}
     outcome: dict[str, Any] = {}
@@ -244,6 +246,13 @@ def _commit_or_discard(
 
 
 def _discard(target: WriteTarget, model: Any, store: Any) -> None:
-    with contextlib.suppress(Exception):
-        store.close()
-    discard_failed(target.client, model, store)
+    """Remove a failed save (its files, then its LoggedModel); what cannot be removed now
+    stays pending or failed, and the next resume or ``mlflow-ckpt gc`` removes it."""
+    try:
+        if store is None:
+            store = open_store(model.artifact_location, target.transfer)
+        with contextlib.suppress(Exception):
+            store.close()
+        discard_failed(target.client, model, store)
+    except Exception as exc:
+        logger.warning("Could not remove failed checkpoint %s yet: %s", model.model_id, exc)
