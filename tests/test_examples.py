@@ -53,3 +53,14 @@ def test_promote_best_example(tmp_path: Path) -> None:
     out = run_example("promote_best.py", tmp_path)
     assert "promoted to demo-classifier version 1 (@champion)" in out
     assert "predicted classes for 4 new samples" in out
+
+
+@pytest.mark.slow
+def test_distributed_fsdp_example(tmp_path: Path) -> None:
+    out = run_example("distributed_fsdp.py", tmp_path)
+    assert "2 ranks, run " in out and "starting at step 0" in out
+    assert "3 ranks, run " in out and "starting at step 20" in out  # resumed, resharded
+    assert "checkpoints of run" in out and "steps [29, 24]" in out  # keep_last_n=2
+    assert "plain process: full state dict of step 29: {'0.weight': [64, 20]" in out
+    assert "plain process: pyfunc predicted (4, 3) for 4 samples" in out
+    assert "workflowType=machine_learning" in out

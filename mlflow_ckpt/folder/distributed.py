@@ -42,7 +42,7 @@ from mlflow_ckpt.codec import (
 from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION
 from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.folder.mlmodel import mlmodel_yaml
-from mlflow_ckpt.folder.writer import FolderSpec, library_versions
+from mlflow_ckpt.folder.writer import FolderSpec, library_versions, write_code
 from mlflow_ckpt.snapshot import DecodedState, Snapshot, decode_document
 from mlflow_ckpt.snapshot.sharded import MODULE, ShardedSnapshot, decode_sharded
 from mlflow_ckpt.snapshot.stateful import STATE_DICT, StatefulValue
@@ -125,6 +125,7 @@ def write_root(
     structure = write_file(
         store, STRUCTURE_FILE, json.dumps(root, separators=(",", ":"), allow_nan=False).encode()
     )
+    code = [f for p in spec.code_paths for f in write_code(store, Path(p))]
     mlmodel = write_file(
         store,
         "MLmodel",
@@ -134,7 +135,7 @@ def write_root(
             format=spec.format,
             model_factory=spec.model_factory,
             model_kwargs=spec.model_kwargs,
-            with_code=False,
+            with_code=bool(code),
         ),
     )
     store.flush()
@@ -144,7 +145,7 @@ def write_root(
         epoch=epoch,
         metrics=dict(metrics),
         created_at=time.time() if created_at is None else created_at,
-        files=(structure, mlmodel, *(f for r in ranks for f in r.files)),
+        files=(structure, mlmodel, *code, *(f for r in ranks for f in r.files)),
         tensors=tuple(t for r in ranks for t in r.tensors),
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),

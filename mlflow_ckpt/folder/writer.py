@@ -80,7 +80,7 @@ def write_folder(
         format=spec.format,
         max_shard_bytes=spec.max_shard_bytes,
     )
-    code = [_write_code(store, Path(p)) for p in spec.code_paths]
+    code = [write_code(store, Path(p)) for p in spec.code_paths]
     mlmodel = write_file(
         store,
         "MLmodel",
@@ -113,7 +113,7 @@ def write_folder(
     return manifest
 
 
-def _write_code(store: Store, source: Path) -> list[FileEntry]:
+def write_code(store: Store, source: Path) -> list[FileEntry]:
     """Copy a code path (file or package folder) under ``code/`` for the pyfunc loader."""
     if not source.exists():
         raise CheckpointError(f"code path {source} does not exist")
