@@ -79,8 +79,13 @@ class Server:
         wait_until_up(self.url + self.ready_path, self.proc)
 
 
+def log_path(name: str) -> Path:
+    """Where server ``name`` writes its output (its access log, for the mlflow server)."""
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"mlflow-ckpt-{name}.log"
+
+
 def _spawn(cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"mlflow-ckpt-{name}.log", "ab")  # noqa: SIM115
+    log = open(log_path(name), "ab")  # noqa: SIM115
     return subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )

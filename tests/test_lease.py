@@ -25,7 +25,7 @@ import mlflow_ckpt
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.manager.lease import LeaseInfo, _host
+from mlflow_ckpt.manager.lease import LeaseInfo, _host, write_lease
 from tests.conftest import ROOT
 
 
@@ -121,8 +121,10 @@ def other_process() -> Iterator[int]:
 
 
 def _lease_of(run_id: str, pid: int, *, age: float, ttl: float = 60.0) -> None:
+    """Write the lease as another process holding the run would."""
     lease = LeaseInfo("someone-else", _host(), pid, time.time() - age, ttl)
-    MlflowClient().set_tag(run_id, tags.RUN_WRITER, lease.to_json())
+    client = MlflowClient()
+    write_lease(client, run_id, client.get_run(run_id).info.experiment_id, lease)
 
 
 def _dead_pid() -> int:

@@ -7,7 +7,9 @@ the owner's identity and a heartbeat that a daemon thread refreshes. Another wri
 refused while the lease is live; it may take over when the lease expired, when its owner is a
 process on the same host that no longer exists (the usual ``kill -9`` and restart), or when
 the user says ``force=True``. The owner checks the tag before each commit, so a process that
-was taken over stops committing instead of interleaving.
+was taken over stops committing instead of interleaving. The lease is kept as an experiment
+tag (``mlflow_ckpt.writer.<run id>``, what is read) and mirrored on the run's own tag (what
+the UI shows): reading a run costs more the more checkpoints it has, an experiment does not.
 
 MLflow has no compare-and-set on tags, so this is advisory: two processes that start in the
 very same instant can both believe they own a fresh run until the next heartbeat tells the
@@ -124,19 +126,41 @@ class LeaseInfo:
         )
 
 
-def read_lease(client: MlflowClient, run_id: str) -> LeaseInfo | None:
-    """The run's current lease, if any."""
-    return LeaseInfo.parse(client.get_run(run_id).data.tags.get(tags.RUN_WRITER))
+def _experiment_key(run_id: str) -> str:
+    return f"{tags.RUN_WRITER}.{run_id}"
+
+
+def read_lease(client: MlflowClient, run_id: str, experiment_id: str) -> LeaseInfo | None:
+    """The run's current lease, if any.
+
+    Read from an experiment tag, not the run's own tag: ``get_run`` loads every LoggedModel
+    output of the run (over HTTP it ships them all), so a read that happens at every save
+    would cost more the more checkpoints the run has. ``get_experiment`` costs the same
+    at the first checkpoint and the ten-thousandth.
+    """
+    experiment = client.get_experiment(experiment_id)
+    return LeaseInfo.parse(experiment.tags.get(_experiment_key(run_id)))
+
+
+def write_lease(client: MlflowClient, run_id: str, experiment_id: str, info: LeaseInfo) -> None:
+    """Record ``info`` as the run's lease: the experiment tag that is read, and the run tag
+    (``mlflow_ckpt.writer``) that shows the writer on the run in the UI."""
+    text = info.to_json()
+    client.set_experiment_tag(experiment_id, _experiment_key(run_id), text)
+    client.set_tag(run_id, tags.RUN_WRITER, text)
 
 
 class WriterLease:
     """This process's claim on a run; keeps itself alive until :meth:`release`."""
 
-    def __init__(self, client: MlflowClient, run_id: str, ttl: float = DEFAULT_TTL_S) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, experiment_id: str, ttl: float = DEFAULT_TTL_S
+    ) -> None:
         if ttl <= 0:
             raise ValueError(f"lease_ttl must be positive, got {ttl}")
         self.client = client
         self.run_id = run_id
+        self.experiment_id = experiment_id
         self.ttl = float(ttl)
         self.owner = uuid.uuid4().hex  # os.urandom: never touches the user's random streams
         self.lost_to: LeaseInfo | None = None
@@ -148,11 +172,19 @@ class WriterLease:
 
     @classmethod
     def acquire(
-        cls, client: MlflowClient, run_id: str, *, force: bool = False, ttl: float = DEFAULT_TTL_S
+        cls,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        *,
+        force: bool = False,
+        ttl: float = DEFAULT_TTL_S,
     ) -> WriterLease:
         """Claim ``run_id`` for this process, or raise :class:`WriterConflictError`."""
-        lease = cls(client, run_id, ttl)
-        current = read_lease(client, run_id)
+        lease = cls(client, run_id, experiment_id, ttl)
+        current = read_lease(client, run_id, experiment_id) or LeaseInfo.parse(
+            client.get_run(run_id).data.tags.get(tags.RUN_WRITER)  # written by older versions
+        )
         now = time.time()
         same_process = current is not None and current.is_this_process()
         stale = current.why_stale(now) if current is not None else None
@@ -185,12 +217,12 @@ class WriterLease:
         return LeaseInfo(self.owner, _host(), pid, time.time(), self.ttl, _started(pid))
 
     def _write(self) -> None:
-        self.client.set_tag(self.run_id, tags.RUN_WRITER, self._info().to_json())
+        write_lease(self.client, self.run_id, self.experiment_id, self._info())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                current = read_lease(self.client, self.run_id)
+                current = read_lease(self.client, self.run_id, self.experiment_id)
                 if current is not None and current.owner != self.owner:
                     self.lost_to = current
                     logger.error(
@@ -206,7 +238,7 @@ class WriterLease:
 
     def check(self) -> None:
         """Raise :class:`WriterConflictError` if another process holds the lease now."""
-        current = self.lost_to or read_lease(self.client, self.run_id)
+        current = self.lost_to or read_lease(self.client, self.run_id, self.experiment_id)
         if current is not None and current.owner != self.owner:
             self.lost_to = current
             raise WriterConflictError(
@@ -221,8 +253,9 @@ class WriterLease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:
-            current = read_lease(self.client, self.run_id)
+            current = read_lease(self.client, self.run_id, self.experiment_id)
             if current is not None and current.owner == self.owner:
+                self.client.delete_experiment_tag(self.experiment_id, _experiment_key(self.run_id))
                 self.client.delete_tag(self.run_id, tags.RUN_WRITER)
         except Exception:
             logger.warning("Could not release the writer lease of run %s", self.run_id)

@@ -45,7 +45,9 @@ def take_run(
     writes the run (unless ``force``). On any failure after the lease, it is released.
     """
     with preserved_python_rng():  # MLflow calls must not move the user's random streams
-        lease = WriterLease.acquire(client, run.info.run_id, force=force, ttl=ttl)
+        lease = WriterLease.acquire(
+            client, run.info.run_id, run.info.experiment_id, force=force, ttl=ttl
+        )
         claim = RunClaim(lease)
         if lease.inherited:
             return claim
