@@ -267,3 +267,20 @@ def test_closed_manager_refuses_work(tracking: str) -> None:
         mgr.close()
         with pytest.raises(mlflow_ckpt.CheckpointError, match="closed"):
             mgr.step(0)
+
+
+def test_async_saves_reusing_host_memory_commit_what_each_step_held(tracking: str) -> None:
+    """Each snapshot lands in the previous one's memory: every checkpoint must still hold
+    its own step's values (the previous save is committed before its memory is reused)."""
+    w = torch.zeros(4096)
+    with mlflow.start_run() as run:
+        manager = mlflow_ckpt.CheckpointManager(
+            {"w": w}, save_every_n_steps=1, async_save=True, timeline=False
+        )
+        for step in range(4):
+            w.fill_(float(step))
+            manager.step(step)
+        manager.close()
+    for ckpt in mlflow_ckpt.list_checkpoints(run.info.run_id):
+        saved = mlflow_ckpt.load_training_state(ckpt.uri)["w"]
+        assert torch.equal(saved, torch.full((4096,), float(ckpt.step)))

@@ -35,3 +35,25 @@ def test_real_sharing_is_stored_once() -> None:
     assert snap.document["state"]["b"]["same"] == snap.document["state"]["a"]
     assert snap.document["state"]["view"] != snap.document["state"]["a"]
     assert len(snap.tensors) == 2
+
+
+def test_async_snapshots_reuse_the_previous_host_memory() -> None:
+    from mlflow_ckpt.snapshot.host_buffers import HostBuffers
+
+    buffers = HostBuffers()
+    state = {"w": torch.arange(1000.0), "b": torch.ones(7, dtype=torch.int64)}
+    first = take_snapshot(state, {}, include_rng=False, buffers=buffers)
+    pointers = {name: t.data_ptr() for name, t in first.tensors.items()}
+    assert all(pointers[n] != state[n].data_ptr() for n in state)  # copies, not the live ones
+    buffers.recycle()  # the first snapshot is written
+    state["w"] += 1
+    second = take_snapshot(state, {}, include_rng=False, buffers=buffers)
+    assert {n: t.data_ptr() for n, t in second.tensors.items()} == pointers  # same memory
+    assert torch.equal(second.tensors["w"], torch.arange(1000.0) + 1)
+    # a tensor whose shape changed gets new memory; the unused old buffer is dropped
+    buffers.recycle()
+    state["w"] = torch.zeros(10)
+    third = take_snapshot(state, {}, include_rng=False, buffers=buffers)
+    assert third.tensors["w"].data_ptr() != pointers["w"]
+    buffers.recycle()
+    assert buffers.nbytes == 10 * 4 + 7 * 8

@@ -42,6 +42,7 @@ from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.retention import apply_retention
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
+from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Saver:
             client, run_id, enabled=options.log_metrics and client is not None
         )
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
+        # async: each snapshot reuses the previous one's host memory (a shorter stall)
+        self.buffers = HostBuffers() if options.async_save else None
         self.last_checkpoint: Checkpoint | None = None
         self.last_saved_step: int | None = None
         self.last_save_time = time.monotonic()
@@ -118,7 +121,9 @@ class Saver:
             "manager": dict(manager_state),
         }
         copy = self.worker is not None
-        snapshot = take_snapshot(self.own_state, progress, copy=copy)
+        if self.buffers is not None:
+            self.buffers.recycle()  # no save in flight: the previous snapshot is written
+        snapshot = take_snapshot(self.own_state, progress, copy=copy, buffers=self.buffers)
         sharded = take_sharded(self.state, self.sharded, copy=copy) if self.ranks else None
         job = SaveJob(
             snapshot=snapshot,
@@ -213,6 +218,8 @@ class Saver:
         """Run what is queued, then end the worker thread."""
         if self.worker is not None:
             self.worker.stop()
+        if self.buffers is not None:
+            self.buffers.clear()
 
     def _run(self, job: Callable[[], None], *, is_save: bool) -> None:
         """Run ``job`` on the worker (async) or here, where its failure is handled now."""

@@ -20,6 +20,7 @@ from mlflow_ckpt.errors import (
     StateMismatchError,
     StateSerializationError,
 )
+from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
@@ -45,21 +46,27 @@ class _HostCopier:
     """Copies tensors to contiguous host memory; CUDA copies overlap and are synced once.
 
     With ``copy=False`` (sync saves, where training waits anyway) CPU tensors are used in
-    place, saving the time and memory of a copy nobody needs.
+    place, saving the time and memory of a copy nobody needs. With ``buffers`` the copies
+    land in the previous snapshot's memory (see :mod:`.host_buffers`).
     """
 
-    def __init__(self, copy: bool) -> None:
+    def __init__(self, copy: bool, buffers: HostBuffers | None = None) -> None:
         self.copy = copy
+        self.buffers = buffers
         self.pending_cuda = False
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
-        if tensor.device.type == "cpu":
-            if not self.copy:
-                return tensor.contiguous()
-            return tensor.clone(memory_format=torch.contiguous_format)
+        on_cpu = tensor.device.type == "cpu"
+        if on_cpu and not self.copy:
+            return tensor.contiguous()
         pinned = tensor.device.type == "cuda"
-        out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=pinned)
+        if self.buffers is not None:
+            out = self.buffers.take(tuple(tensor.shape), tensor.dtype, pinned)
+        elif on_cpu:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        else:
+            out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=pinned)
         out.copy_(tensor, non_blocking=pinned)
         self.pending_cuda |= pinned
         return out
@@ -75,6 +82,7 @@ def take_snapshot(
     *,
     include_rng: bool = True,
     copy: bool = True,
+    buffers: HostBuffers | None = None,
 ) -> Snapshot:
     """Copy ``state`` (plus the global RNG streams and ``progress``) into host memory.
 
@@ -86,7 +94,7 @@ def take_snapshot(
             raise StateSerializationError(
                 f"state key {name!r} is not allowed: use non-empty strings other than {RNG_PATH!r}"
             )
-    copier = _HostCopier(copy)
+    copier = _HostCopier(copy, buffers)
     sink = TensorSink(copier)
     encoded = {name: encode(obj, name, sink) for name, obj in state.items()}
     document: dict[str, Any] = {
