@@ -48,14 +48,23 @@ def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
 
 
 def committed_models(
-    client: MlflowClient, run_id: str, filter_string: str | None = None
+    client: MlflowClient,
+    run_id: str,
+    filter_string: str | None = None,
+    *,
+    experiment_id: str | None = None,
 ) -> list[LoggedModel]:
-    """The LoggedModels of a run's committed checkpoints (optionally filtered further)."""
-    run = get_run(client, run_id)
-    clause = f"source_run_id = '{run.info.run_id}'"
+    """The LoggedModels of a run's committed checkpoints (optionally filtered further).
+
+    Pass ``experiment_id`` when it is known: finding it costs a ``get_run``, which loads
+    every LoggedModel output of the run.
+    """
+    if experiment_id is None:
+        experiment_id = get_run(client, run_id).info.experiment_id
+    clause = f"source_run_id = '{run_id}'"
     if filter_string:
         clause = f"{clause} AND {filter_string}"
-    return search_models(client, [run.info.experiment_id], _committed_filter(clause))
+    return search_models(client, [experiment_id], _committed_filter(clause))
 
 
 def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:

@@ -34,7 +34,7 @@ from mlflow_ckpt.manager.options import (
 from mlflow_ckpt.manager.policies import StepPolicies
 from mlflow_ckpt.manager.records import log_timeline, record_resume, record_start
 from mlflow_ckpt.manager.resume import ResumePoint, logged_since, reopen_run, restore_newest
-from mlflow_ckpt.manager.retention import RetentionPolicy, apply_retention
+from mlflow_ckpt.manager.retention import RetentionPolicy
 from mlflow_ckpt.manager.saver import Saver
 from mlflow_ckpt.manager.session import Session, open_session
 from mlflow_ckpt.manager.triggers import StepInfo, Trigger
@@ -239,8 +239,7 @@ class CheckpointManager:
             ):
                 self._save(self._last_step, self._last_epoch, ("last",), end_of_epoch=False)
             self.wait()
-            if self.client is not None and self.retention is not None:
-                apply_retention(self.client, self.run_id, self.retention)
+            self._saver.final_retention()
             if self.client is not None and self.options.timeline:
                 log_timeline(self.client, self.run_id)
         finally:

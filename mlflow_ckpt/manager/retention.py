@@ -126,20 +126,38 @@ class RetentionResult:
 
 
 def apply_retention(
-    client: MlflowClient, run_id: str, policy: RetentionPolicy, *, dry_run: bool = False
+    client: MlflowClient,
+    run_id: str,
+    policy: RetentionPolicy,
+    *,
+    dry_run: bool = False,
+    experiment_id: str | None = None,
 ) -> RetentionResult:
     """Delete the committed checkpoints of ``run_id`` that ``policy`` does not keep."""
-    result = RetentionResult()
     try:
-        models = committed_models(client, run_id)
+        models = committed_models(client, run_id, experiment_id=experiment_id)
     except Exception as exc:  # fail safe: never delete on a partial view
         logger.warning("Retention skipped for run %s: could not list checkpoints (%s)", run_id, exc)
-        return result
+        return RetentionResult()
     checkpoints = [Checkpoint.from_logged_model(m) for m in models]
+    protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
+    return enforce(client, checkpoints, protected, policy, dry_run=dry_run)
+
+
+def enforce(
+    client: MlflowClient,
+    checkpoints: Sequence[Checkpoint],
+    protected: set[str],
+    policy: RetentionPolicy,
+    *,
+    dry_run: bool = False,
+) -> RetentionResult:
+    """Delete those of ``checkpoints`` that ``policy`` does not keep (never the newest, nor
+    one in ``protected``; ``delete_checkpoint`` re-checks registration and pins itself)."""
+    result = RetentionResult()
     if not checkpoints:
         return result
-    protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
-    keep = set(policy.keep(checkpoints))  # a user's policy may return any iterable
+    keep = set(policy.keep(list(checkpoints)))  # a user's policy may return any iterable
     keep.add(max(checkpoints, key=lambda c: (c.step, c.created_at)).model_id)
     for ckpt in sorted(checkpoints, key=lambda c: c.step):
         if ckpt.model_id in keep:
@@ -157,3 +175,49 @@ def apply_retention(
                 continue
             (result.deleted if deleted else result.protected).append(ckpt)
     return result
+
+
+class RunRetention:
+    """Retention after each save without listing the run's checkpoints every time.
+
+    The first pass lists them (paged MLflow queries); after that this writer, which holds
+    the run's lease, knows every checkpoint that appears (its own commits) and every one
+    that goes (its own deletions), so each later pass decides on that list: no query whose
+    cost grows with the run. A checkpoint registered or pinned meanwhile is still never
+    deleted: ``delete_checkpoint`` reads the model fresh and refuses it. ``resume`` and
+    ``gc`` start from a full listing again.
+    """
+
+    def __init__(
+        self, client: MlflowClient, run_id: str, experiment_id: str, policy: RetentionPolicy
+    ) -> None:
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.policy = policy
+        self._known: dict[str, Checkpoint] | None = None
+        self._protected: set[str] = set()
+
+    def committed(self, ckpt: Checkpoint) -> None:
+        """This writer committed ``ckpt``."""
+        if self._known is not None:
+            self._known[ckpt.model_id] = ckpt
+
+    def apply(self) -> RetentionResult:
+        if self._known is None:
+            try:
+                models = committed_models(
+                    self.client, self.run_id, experiment_id=self.experiment_id
+                )
+            except Exception as exc:  # fail safe: never delete on a partial view
+                logger.warning(
+                    "Retention skipped for run %s: could not list checkpoints (%s)",
+                    self.run_id,
+                    exc,
+                )
+                return RetentionResult()
+            self._known = {m.model_id: Checkpoint.from_logged_model(m) for m in models}
+            self._protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
+        result = enforce(self.client, list(self._known.values()), self._protected, self.policy)
+        for ckpt in result.deleted:
+            self._known.pop(ckpt.model_id, None)
+        self._protected.update(c.model_id for c in result.protected)
+        return result

@@ -39,7 +39,7 @@ from mlflow_ckpt.manager.pipeline import (
 )
 from mlflow_ckpt.manager.policies import Decision
 from mlflow_ckpt.manager.ranks import RankGroup
-from mlflow_ckpt.manager.retention import apply_retention
+from mlflow_ckpt.manager.retention import RunRetention, apply_retention
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
@@ -86,6 +86,11 @@ class Saver:
             client, run_id, enabled=options.log_metrics and client is not None
         )
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
+        self.retention = (
+            RunRetention(client, run_id, experiment_id, options.retention)
+            if options.retention is not None and client is not None
+            else None
+        )
         # async: each snapshot reuses the previous one's host memory (a shorter stall)
         self.buffers = HostBuffers() if options.async_save else None
         self.last_checkpoint: Checkpoint | None = None
@@ -214,6 +219,16 @@ class Saver:
         if error is not None:
             self._failed(error)
 
+    def final_retention(self) -> None:
+        """At ``close()``: one retention pass over a fresh listing of the run."""
+        if self.retention is not None:
+            apply_retention(
+                self.client,
+                self.run_id,
+                self.retention.policy,
+                experiment_id=self.target.experiment_id,
+            )
+
     def stop(self) -> None:
         """Run what is queued, then end the worker thread."""
         if self.worker is not None:
@@ -255,8 +270,9 @@ class Saver:
                 self.last_saved_step = self.last_checkpoint.step if self.last_checkpoint else None
             raise
         del job
-        if self.options.retention is not None and self.client is not None:
-            apply_retention(self.client, self.run_id, self.options.retention)
+        if self.retention is not None:
+            self.retention.committed(self.last_checkpoint)
+            self.retention.apply()
 
     def _refuse_nonfinite(self, job: SaveJob, tensor: str) -> None:
         """Leave a diverged state uncommitted: warn (``"skip"``) or raise (``"raise"``).
