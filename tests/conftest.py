@@ -109,6 +109,30 @@ def proxy_server(
         yield server
 
 
+@pytest.fixture(scope="session")
+def postgres_server(
+    s3_server: servers.Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    """An ``mlflow server`` whose tracking store is a real PostgreSQL database (a throwaway
+    cluster) and whose artifacts go to S3 (moto): the deployment teams run at scale."""
+    if servers.postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed here (CI installs it); see .ci/run")
+    pytest.importorskip("psycopg")
+    workdir = tmp_path_factory.mktemp("postgres")
+    database = servers.start_postgres()
+    env = s3_env(s3_server.url)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    try:
+        with servers.running(
+            servers.start_mlflow_proxy(
+                workdir, f"s3://{BUCKET}/pg", env, backend=database.uri, name="mlflow-postgres"
+            )
+        ) as server:
+            yield server
+    finally:
+        database.stop()
+
+
 @pytest.fixture
 def s3_via_proxy(
     tracking: str, s3_server: servers.Server, monkeypatch: pytest.MonkeyPatch

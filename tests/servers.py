@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -178,7 +180,15 @@ def start_gcs() -> Server:
     return _server("gcs", cmd, port, "/storage/v1/b")
 
 
-def start_mlflow_proxy(workdir: Path, destination: str, env: dict[str, str]) -> Server:
+def start_mlflow_proxy(
+    workdir: Path,
+    destination: str,
+    env: dict[str, str],
+    backend: str | None = None,
+    name: str = "mlflow-proxy",
+) -> Server:
+    """``mlflow server`` proxying artifacts to ``destination``; its tracking store is a
+    sqlite file in ``workdir`` unless ``backend`` (a database URI) is given."""
     port = free_port()
     cmd = [
         str(BIN / "mlflow"),
@@ -188,14 +198,96 @@ def start_mlflow_proxy(workdir: Path, destination: str, env: dict[str, str]) -> 
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{workdir / 'proxy.db'}",
+        backend or f"sqlite:///{workdir / 'proxy.db'}",
         "--serve-artifacts",
         "--artifacts-destination",
         destination,
         "--workers",
         "1",
     ]
-    return _server("mlflow-proxy", cmd, port, "/health", env=env, timeout=120)
+    return _server(name, cmd, port, "/health", env=env, timeout=120)
+
+
+# ---------------------------------------------------------------- PostgreSQL (a real database)
+
+
+def postgres_bin() -> Path | None:
+    """The PostgreSQL server binaries (``initdb``, ``pg_ctl``), if installed."""
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / "initdb").exists() and (root / "pg_ctl").exists():
+            return root
+    return None
+
+
+@dataclass
+class Postgres:
+    """A throwaway PostgreSQL cluster in a temporary folder."""
+
+    data: Path
+    port: int
+    bin: Path
+    as_user: list[str]
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        subprocess.run(
+            [
+                *self.as_user,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+
+
+def start_postgres() -> Postgres:
+    """``initdb`` + ``pg_ctl start`` on a free port, in a new temporary folder. Both refuse
+    to run as root, so as root they run as the ``postgres`` system user (``runuser``), in a
+    folder it owns (pytest's own temporary folders are private to root)."""
+    binaries = postgres_bin()
+    if binaries is None:
+        raise RuntimeError("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    as_user: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(
+        [*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd="/",
+    )
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [
+            *as_user,
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(data / "server.log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd="/",
+    )
+    return Postgres(data, port, binaries, as_user)
 
 
 @contextlib.contextmanager

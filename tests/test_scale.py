@@ -1,0 +1,123 @@
+"""At scale: an ``mlflow server`` on PostgreSQL with S3 artifacts, a run of 2,000 checkpoints.
+
+The listing must stay a few paged queries (no request per checkpoint), whatever the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+import mlflow_ckpt
+from mlflow_ckpt.catalog import models
+from mlflow_ckpt.cli import main as cli
+from tests import servers
+
+pytestmark = pytest.mark.slow
+_REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE) (/api/2\.0/mlflow/[^ ?"]*)')
+_ID = re.compile(r"m-[0-9a-f]{32}")
+N = 2000
+
+
+@pytest.fixture
+def postgres_tracking(
+    postgres_server: servers.Server, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[servers.Server]:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_server.url)
+    mlflow.set_tracking_uri(postgres_server.url)
+    try:
+        yield postgres_server
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _requests_since(server: servers.Server, start: int) -> collections.Counter[str]:
+    with open(servers.log_path(server.name), "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    return collections.Counter(f"{m} {_ID.sub('m-ID', p)}" for m, p in _REQUEST.findall(text))
+
+
+def _committed(client: MlflowClient, experiment_id: str, run_id: str, step: int) -> None:
+    """A committed checkpoint record as a save leaves it (the files do not matter here)."""
+    model = models.create_pending(
+        client,
+        experiment_id=experiment_id,
+        run_id=run_id,
+        step=step,
+        epoch=None,
+        triggers=("periodic",),
+        format="safetensors",
+    )
+    models.commit(
+        client,
+        model,
+        run_id=run_id,
+        step=step,
+        metrics={"loss": abs(step - 1234) / 1000.0},
+        timestamp_ms=1_800_000_000_000 + step,
+        size_bytes=100,
+        manifest_sha256="0" * 64,
+    )
+
+
+def test_queries_on_a_run_of_2000_checkpoints(postgres_tracking: servers.Server):
+    client = MlflowClient()
+    experiment_id = mlflow.create_experiment(f"scale-{time.time_ns()}")
+    run = client.create_run(experiment_id, run_name="scale")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda s: _committed(client, experiment_id, run.info.run_id, s), range(N)))
+
+    log = servers.log_path(postgres_tracking.name)
+    start = log.stat().st_size
+    began = time.perf_counter()
+    ckpts = mlflow_ckpt.list_checkpoints(run.info.run_id)
+    listed_s = time.perf_counter() - began
+    listing = _requests_since(postgres_tracking, start)
+    assert [c.step for c in ckpts] == list(range(N - 1, -1, -1))
+    assert listing["POST /api/2.0/mlflow/logged-models/search"] == 2  # pages of 1,000
+    assert sum(listing.values()) <= 3, listing  # + one runs/get for the experiment: no N+1
+
+    start = log.stat().st_size
+    best = mlflow_ckpt.best_checkpoint(run_id=run.info.run_id, metric="loss", mode="min")
+    assert best is not None and best.step == 1234
+    across = mlflow_ckpt.best_checkpoint(experiment_ids=[experiment_id], metric="loss")
+    assert across is not None and across.step == 1234
+    assert sum(_requests_since(postgres_tracking, start).values()) <= 5
+    assert mlflow_ckpt.latest_checkpoint(run.info.run_id).step == N - 1
+
+    result = CliRunner().invoke(cli, ["list", run.info.run_id, "--json"])
+    assert result.exit_code == 0 and result.output.count('"model_id"') == N
+    print(f"list_checkpoints of {N} checkpoints on PostgreSQL over HTTP: {listed_s:.2f}s")
+
+
+def test_save_resume_retention_cycle_on_postgres(postgres_tracking: servers.Server):
+    mlflow.set_experiment(f"scale-cycle-{time.time_ns()}")
+    w = torch.zeros(64)
+    with mlflow.start_run() as run:
+        manager = mlflow_ckpt.CheckpointManager(
+            {"w": w}, save_every_n_steps=1, keep_last_n=2, timeline=False
+        )
+        for step in range(6):
+            w.fill_(float(step))
+            manager.step(step, metrics={"loss": 1.0 / (step + 1)})
+        manager.close()
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [5, 4]
+    restored = {"w": torch.empty(64)}
+    resumed = mlflow_ckpt.CheckpointManager.resume(
+        run.info.run_id, restored, save_every_n_steps=1, keep_last_n=2, timeline=False
+    )
+    assert resumed.start_step == 6 and torch.equal(restored["w"], torch.full((64,), 5.0))
+    resumed.step(6)
+    resumed.close()
+    mlflow.end_run()
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [6, 5]
