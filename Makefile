@@ -38,8 +38,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every speed, memory and MLflow-cost figure in one run (benchmarks/suite.py --quick: minutes).
 bench: install
-	$(BIN)/python benchmarks/stall.py
+	$(BIN)/python benchmarks/suite.py
 
 # N trials of every fault in the README's Guarantees section (needs root for the tmpfs one).
 faults: install

@@ -1,0 +1,313 @@
+"""One benchmark suite: every speed, memory and MLflow-cost figure, on the same state, in one run.
+
+For a model + AdamW state (``--params`` million parameters, ~12 bytes each), measured in
+this process against a fresh sqlite tracking store with local artifacts, each figure as
+min / median / max of ``--repeats`` (this machine is noisy):
+
+- **async stall** (what ``save()`` blocks) against the memcpy floor (the state's tensors
+  copied into memory allocated beforehand) and ``dcp.async_save``'s own stall;
+- **sync save** (hash, write, fsync, commit) against ``torch.save`` + ``mlflow.log_artifact``
+  (the usual recipe), ``mlflow.pytorch.log_model`` (once: it is slow),
+  ``safetensors.torch.save_file`` and ``dcp.save``;
+- **load / resume** (``mlflow_ckpt.load`` into the live objects, every file hashed) against
+  ``safetensors.torch.load_file`` + ``load_state_dict`` and ``dcp.load``;
+- **peak extra memory** of async saves (a fresh process, ``benchmarks/stall.py --memory``);
+- **MLflow cost per checkpoint**: a sync save of a tiny state in a run that already holds
+  0 / 1,000 / 10,000 committed checkpoints, and 0 / 200,000 metric points.
+
+    python benchmarks/suite.py [--params 50] [--repeats 5] [--json] [--quick]
+
+``--quick``: 1,000 checkpoints at most and 3 repeats (a few minutes). The README's
+Benchmark section quotes a full run, with the machine and date it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlflow
+import torch
+import torch.distributed.checkpoint as dcp
+from mlflow import MlflowClient
+from safetensors.torch import load_file, save_file
+from stall import build, state_bytes
+
+import mlflow_ckpt
+from mlflow_ckpt.catalog import models
+
+Figures = dict[str, list[float]]
+
+
+def timed(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None):
+    out = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                flat[f"opt.{i}.{key}"] = value
+    return flat
+
+
+def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
+    """Stall, save and load figures on one model + AdamW state."""
+    torch.manual_seed(0)
+    model, opt = build(params)
+    size = state_bytes(model, opt)
+    state = {"model": model, "optimizer": opt}
+    flat = _flat(model, opt)
+    out: Figures = {}
+    step = iter(range(10**6))
+
+    targets = [torch.empty_like(t) for t in flat.values()]
+    sources = list(flat.values())
+
+    def memcpy() -> None:
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+    memcpy()
+    out["memcpy floor (preallocated)"] = timed(memcpy, repeats)
+    targets.clear()
+
+    with mlflow.start_run(run_name="async"):
+        mgr = mlflow_ckpt.CheckpointManager(state, async_save=True, keep_last_n=1, timeline=False)
+        mgr.save(next(step))
+        mgr.wait()
+        stalls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mgr.save(next(step))
+            stalls.append(time.perf_counter() - start)
+            mgr.wait()
+        out["mlflow_ckpt async: stall"] = stalls
+        mgr.close()
+    with mlflow.start_run(run_name="sync") as run:
+        mgr = mlflow_ckpt.CheckpointManager(state, async_save=False, keep_last_n=1, timeline=False)
+        mgr.save(next(step))
+        out["mlflow_ckpt sync save"] = timed(lambda: mgr.save(next(step)), repeats)
+        mgr.close()
+        uri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
+
+    def recipe() -> None:
+        path = work / "checkpoint.pt"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+        mlflow.log_artifact(str(path), artifact_path=f"checkpoints/{time.time_ns()}")
+
+    with mlflow.start_run(run_name="recipe"):
+        recipe()
+        out["torch.save + log_artifact"] = timed(recipe, repeats)
+    example = torch.randn(2, model[0].in_features).numpy()
+    with mlflow.start_run(run_name="log_model"):
+        out["mlflow.pytorch.log_model"] = timed(
+            lambda: mlflow.pytorch.log_model(model, name="model", input_example=example), 1
+        )
+    out["safetensors save_file"] = timed(
+        lambda: save_file(flat, str(work / "st.safetensors")), repeats
+    )
+    dcp_dir = work / "dcp"
+
+    def dcp_save() -> None:
+        shutil.rmtree(dcp_dir, ignore_errors=True)
+        dcp.save(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True)
+
+    dcp_save()
+    out["dcp.save"] = timed(dcp_save, repeats)
+    stalls = []
+    for _ in range(repeats):
+        shutil.rmtree(dcp_dir, ignore_errors=True)
+        start = time.perf_counter()
+        future = dcp.async_save(
+            state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True
+        )
+        stalls.append(time.perf_counter() - start)
+        future.result()
+    out["dcp.async_save: stall"] = stalls
+
+    def st_load() -> None:
+        loaded = load_file(str(work / "st.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in loaded.items() if k.startswith("model.")})
+
+    out["safetensors load_file + load_state_dict"] = timed(st_load, repeats)
+    out["dcp.load"] = timed(
+        lambda: dcp.load(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True),
+        repeats,
+    )
+    out["mlflow_ckpt load (resume), every file hashed"] = timed(
+        lambda: mlflow_ckpt.load(uri, state), repeats
+    )
+    return out, size
+
+
+def state_dict_for_dcp(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optimizer": osd}
+
+
+def mlflow_cost(repeats: int, counts: list[int]) -> Figures:
+    """A sync save of a tiny state in runs that already hold many checkpoints / metrics."""
+    out: Figures = {}
+    client = MlflowClient()
+    for existing in counts:
+        with mlflow.start_run(run_name=f"cost-{existing}") as run:
+            exp = run.info.experiment_id
+            for s in range(existing):  # committed records, as saves leave them
+                model = models.create_pending(
+                    client,
+                    experiment_id=exp,
+                    run_id=run.info.run_id,
+                    step=s,
+                    epoch=None,
+                    triggers=("periodic",),
+                    format="safetensors",
+                )
+                models.commit(
+                    client,
+                    model,
+                    run_id=run.info.run_id,
+                    step=s,
+                    metrics={"loss": 1.0},
+                    timestamp_ms=1,
+                    size_bytes=1,
+                    manifest_sha256="0" * 64,
+                )
+            out[f"save, run with {existing:,} checkpoints"] = _tiny_saves(existing, repeats * 4)
+    with mlflow.start_run(run_name="cost-metrics") as run:
+        from mlflow.entities import Metric
+
+        for chunk in range(200):
+            batch = [Metric("loss", 1.0, 1, chunk * 1000 + i) for i in range(1000)]
+            client.log_batch(run.info.run_id, metrics=batch)
+        out["save, run with 200,000 metric points"] = _tiny_saves(200_000, repeats * 4)
+    return out
+
+
+def _tiny_saves(first_step: int, n: int) -> list[float]:
+    mgr = mlflow_ckpt.CheckpointManager(
+        {"w": torch.zeros(16)}, save_every_n_steps=1, async_save=False, timeline=False
+    )
+    times: list[float] = []
+    for s in range(first_step, first_step + n):
+        start = time.perf_counter()
+        mgr.step(s, metrics={"loss": 1.0})
+        times.append(time.perf_counter() - start)
+    mgr.close()
+    return times
+
+
+def peak_memory(params: int) -> str:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("stall.py")),
+            "--memory",
+            "--params",
+            str(params),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def table(speeds: Figures, size: int, costs: Figures, memory: str, repeats: int) -> str:
+    def fmt(values: list[float], unit: float = 1.0, digits: int = 3) -> str:
+        vs = [v * unit for v in values]
+        return f"{min(vs):.{digits}f} / {statistics.median(vs):.{digits}f} / {max(vs):.{digits}f}"
+
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    ratios = {
+        "mlflow_ckpt async: stall": ("memcpy floor (preallocated)", "torch.save + log_artifact"),
+        "dcp.async_save: stall": ("memcpy floor (preallocated)", "torch.save + log_artifact"),
+        "mlflow_ckpt sync save": ("dcp.save", "torch.save + log_artifact"),
+        "mlflow_ckpt load (resume), every file hashed": (
+            "dcp.load",
+            "safetensors load_file + load_state_dict",
+        ),
+    }
+    lines = [
+        f"state: {size / 1e6:.0f} MB (model + AdamW); {platform.node()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, mlflow {mlflow.__version__}, "
+        f"{date.today().isoformat()}; min / median / max of {repeats}",
+        "",
+        "| figure | seconds (min / median / max) | ratios (median) |",
+        "|---|---|---|",
+    ]
+    for name, values in speeds.items():
+        against = ratios.get(name, ())
+        text = ", ".join(f"{med[name] / med[b]:.2f}x {b}" for b in against)
+        lines.append(f"| {name} | {fmt(values)} | {text} |")
+    lines += [
+        "",
+        f"peak memory: {memory}",
+        "",
+        "| MLflow cost per checkpoint | ms (min / median / max) |",
+        "|---|---|",
+    ]
+    for name, values in costs.items():
+        lines.append(f"| {name} | {fmt(values, 1e3, 1)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=50, help="millions of parameters")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    counts = [0, 1000] if args.quick else [0, 1000, 10_000]
+    work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-suite-"))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+        mlflow.set_experiment("suite")
+        speeds, size = speed(args.params, repeats, work)
+        costs = mlflow_cost(repeats, counts)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+    memory = peak_memory(args.params)
+    if args.json:
+        print(
+            json.dumps(
+                {"state_bytes": size, "speed": speeds, "mlflow_cost": costs, "memory": memory}
+            )
+        )
+    else:
+        print(table(speeds, size, costs, memory, repeats))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
