@@ -6,8 +6,10 @@ PID. Nothing here mocks an SDK: the clients under test talk HTTP to these server
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +86,21 @@ class Server:
 def log_path(name: str) -> Path:
     """Where server ``name`` writes its output (its access log, for the mlflow server)."""
     return Path(os.environ.get("TMPDIR", "/tmp")) / f"mlflow-ckpt-{name}.log"
+
+
+_REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE|PUT) (/api/2\.0/mlflow/[^ ?"]*)')
+_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
+
+
+def tracking_requests(server: Server, start: int) -> collections.Counter[str]:
+    """The tracking API requests (not artifact transfers) an ``mlflow server`` logged since
+    byte ``start`` of its access log, model IDs folded into ``m-ID``."""
+    with open(log_path(server.name), "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    return collections.Counter(
+        f"{method} {_MODEL_ID.sub('m-ID', path)}" for method, path in _REQUEST.findall(text)
+    )
 
 
 def _spawn(cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:

@@ -4,9 +4,7 @@ access log: the number of requests per save must not grow with the run's checkpo
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -16,8 +14,6 @@ import mlflow_ckpt
 from tests import servers
 
 pytestmark = pytest.mark.slow
-_REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE|PUT) (/api/2\.0/mlflow/[^ ?"]*)')
-_ID = re.compile(r"m-[0-9a-f]{32}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -35,26 +31,15 @@ def tracking_server(
         mlflow.set_tracking_uri(None)
 
 
-def _tracking_requests(log: Path, start: int) -> collections.Counter[str]:
-    """Tracking API requests (not artifact transfers) in ``log`` since byte ``start``."""
-    with open(log, "rb") as f:
-        f.seek(start)
-        text = f.read().decode(errors="replace")
-    return collections.Counter(
-        f"{method} {_ID.sub('m-ID', path)}" for method, path in _REQUEST.findall(text)
-    )
-
-
 def _saves(
     manager: mlflow_ckpt.CheckpointManager, steps: range, server: servers.Server
 ) -> collections.Counter[str]:
     """The tracking requests the server logged while ``manager`` saved ``steps``."""
-    log = servers.log_path(server.name)  # the server's access log
-    start = log.stat().st_size
+    start = servers.log_path(server.name).stat().st_size  # the server's access log
     for step in steps:
         manager.step(step, metrics={"loss": 1.0 / (step + 1)})
     manager.wait()
-    return _tracking_requests(log, start)
+    return servers.tracking_requests(server, start)
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

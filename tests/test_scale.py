@@ -5,8 +5,6 @@ The listing must stay a few paged queries (no request per checkpoint), whatever 
 
 from __future__ import annotations
 
-import collections
-import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +21,6 @@ from mlflow_ckpt.cli import main as cli
 from tests import servers
 
 pytestmark = pytest.mark.slow
-_REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE) (/api/2\.0/mlflow/[^ ?"]*)')
-_ID = re.compile(r"m-[0-9a-f]{32}")
 N = 2000
 
 
@@ -38,13 +34,6 @@ def postgres_tracking(
         yield postgres_server
     finally:
         mlflow.set_tracking_uri(None)
-
-
-def _requests_since(server: servers.Server, start: int) -> collections.Counter[str]:
-    with open(servers.log_path(server.name), "rb") as f:
-        f.seek(start)
-        text = f.read().decode(errors="replace")
-    return collections.Counter(f"{m} {_ID.sub('m-ID', p)}" for m, p in _REQUEST.findall(text))
 
 
 def _committed(client: MlflowClient, experiment_id: str, run_id: str, step: int) -> None:
@@ -82,7 +71,7 @@ def test_queries_on_a_run_of_2000_checkpoints(postgres_tracking: servers.Server)
     began = time.perf_counter()
     ckpts = mlflow_ckpt.list_checkpoints(run.info.run_id)
     listed_s = time.perf_counter() - began
-    listing = _requests_since(postgres_tracking, start)
+    listing = servers.tracking_requests(postgres_tracking, start)
     assert [c.step for c in ckpts] == list(range(N - 1, -1, -1))
     assert listing["POST /api/2.0/mlflow/logged-models/search"] == 2  # pages of 1,000
     assert sum(listing.values()) <= 3, listing  # + one runs/get for the experiment: no N+1
@@ -92,7 +81,7 @@ def test_queries_on_a_run_of_2000_checkpoints(postgres_tracking: servers.Server)
     assert best is not None and best.step == 1234
     across = mlflow_ckpt.best_checkpoint(experiment_ids=[experiment_id], metric="loss")
     assert across is not None and across.step == 1234
-    assert sum(_requests_since(postgres_tracking, start).values()) <= 5
+    assert sum(servers.tracking_requests(postgres_tracking, start).values()) <= 5
     assert mlflow_ckpt.latest_checkpoint(run.info.run_id).step == N - 1
 
     result = CliRunner().invoke(cli, ["list", run.info.run_id, "--json"])
