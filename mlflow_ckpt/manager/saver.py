@@ -129,7 +129,11 @@ class Saver:
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
         snapshot = take_snapshot(self.own_state, progress, copy=copy, buffers=self.buffers)
-        sharded = take_sharded(self.state, self.sharded, copy=copy) if self.ranks else None
+        sharded = (
+            take_sharded(self.state, self.sharded, copy=copy, buffers=self.buffers)
+            if self.ranks
+            else None
+        )
         job = SaveJob(
             snapshot=snapshot,
             step=step,

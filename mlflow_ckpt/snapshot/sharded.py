@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError, StateSerializationError
+from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode
 
 MODULE = "module"
@@ -73,12 +74,13 @@ class _FlatSink(TensorSink):
         return path
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy the training may not touch: the local shard of a DTensor, re-wrapped."""
+def _host_copy(tensor: torch.Tensor, buffers: HostBuffers | None = None) -> torch.Tensor:
+    """A host copy the training may not touch: the local shard of a DTensor, re-wrapped;
+    in the previous snapshot's memory when ``buffers`` are given."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
-        local = _host_copy(tensor.to_local())
+        local = _host_copy(tensor.to_local(), buffers)
         return DTensor.from_local(
             local,
             tensor.device_mesh,
@@ -88,7 +90,11 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
             run_check=False,
         )
     pinned = tensor.device.type == "cuda"
-    out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=pinned)
+    shape = tuple(tensor.shape)
+    if buffers is not None:
+        out = buffers.take(shape, tensor.dtype, pinned)
+    else:
+        out = torch.empty(shape, dtype=tensor.dtype, pin_memory=pinned)
     out.copy_(tensor.detach(), non_blocking=pinned)
     return out
 
@@ -112,10 +118,15 @@ class ShardedSnapshot:
 
 
 def take_sharded(
-    state: Mapping[str, Any], entries: Mapping[str, str], *, copy: bool
+    state: Mapping[str, Any],
+    entries: Mapping[str, str],
+    *,
+    copy: bool,
+    buffers: HostBuffers | None = None,
 ) -> ShardedSnapshot:
-    """Collect the sharded entries of ``state``; ``copy`` makes host copies (async saves)."""
-    sink = _FlatSink(_host_copy if copy else lambda t: t.detach())
+    """Collect the sharded entries of ``state``; ``copy`` makes host copies (async saves),
+    into ``buffers`` (the previous snapshot's memory) when given."""
+    sink = _FlatSink((lambda t: _host_copy(t, buffers)) if copy else (lambda t: t.detach()))
     dicts = _state_dicts(state, entries)
     document = {name: encode(sd, name, sink) for name, sd in dicts.items()}
     if any(t.device.type == "cuda" for t in sink.tensors.values()) and copy:
