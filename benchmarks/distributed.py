@@ -15,6 +15,9 @@ Peak memory is rank 0's resident memory above what it held before the call, samp
 Ratios are against the usual recipe and ``dcp.save``, measured in the same run.
 
     python benchmarks/distributed.py [--state-mb 300] [--ranks 1 2] [--repeats 3] [--json]
+
+``BENCH_NONFINITE=save`` turns the NaN/inf guard off (``nonfinite="save"``), to see what it
+costs; ``BENCH_VERIFY=hash`` re-reads every file after the save.
 """
 
 from __future__ import annotations
@@ -143,6 +146,8 @@ def worker(args: argparse.Namespace) -> None:
             async_save=mode == "async",
             save_last=False,
             timeline=False,
+            nonfinite=os.environ.get("BENCH_NONFINITE", "skip"),
+            verify=os.environ.get("BENCH_VERIFY", "size"),
         )
         measure(f"mlflow_ckpt {mode}", mgr.step, args.repeats, after=mgr.wait)
         mgr.close()

@@ -20,6 +20,7 @@ load every file is verified against the manifest before a byte of it is used.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,13 @@ def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     return [b for b in buckets if b]
 
 
+def _writers(store: Store) -> int:
+    """Files (threads) per rank: the store's parallelism shared by the ranks of this node
+    (``LOCAL_WORLD_SIZE``, set by torchrun): N ranks already write N files at once."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, store.parallel_writes // local_ranks)
+
+
 class StoreWriter(StorageWriter):
     """Writes this rank's share of a DCP save into a :class:`Store`, hashing every file.
 
@@ -135,7 +143,7 @@ class StoreWriter(StorageWriter):
                     f"state entry {item.index.fqn!r} is not a tensor; only tensors go through "
                     "the sharded path (everything else is stored as JSON)"
                 )
-        buckets = _balance(list(plan.items), store.parallel_writes)
+        buckets = _balance(list(plan.items), _writers(store))
         names = [f"{SHARDS_DIR}/{plan.storage_data}-{i:02d}.bin" for i in range(len(buckets))]
 
         def write(name: str, items: list[WriteItem]) -> list[WriteResult]:
