@@ -221,8 +221,11 @@ def test_works_with_report_to_mlflow_without_double_logging(tracking: str, tmp_p
     assert steps["loss"] == [2, 3, 4, 6, 7, 8, 10, 11, 12]
     assert steps["eval_loss"] == [3, 4, 7, 8, 11, 12]
     # "epoch" is in every Trainer log (train, eval and the final summary): those repeats at
-    # steps 4, 8, 12 are MLflowCallback's own; ours add one entry at 3, 7 and 11
-    assert steps["epoch"] == [2, 3, 4, 4, 6, 7, 8, 8, 10, 11, 12, 12, 12]
+    # steps 4, 8, 12 are MLflowCallback's own; ours add one entry at 3, 7 and 11. The eval
+    # log and the final summary at step 12 carry the same value and may fall in the same
+    # millisecond, and MLflow stores identical (key, step, timestamp, value) entries once.
+    assert [s for s in steps["epoch"] if s != 12] == [2, 3, 4, 4, 6, 7, 8, 8, 10, 11]
+    assert steps["epoch"].count(12) in (2, 3)
     assert steps["train_runtime"] == [11, 12]  # the final summary log lands on the last step
     assert_best_by_eval_loss(run_id, histories)
 
