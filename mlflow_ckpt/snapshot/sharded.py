@@ -107,15 +107,6 @@ class ShardedSnapshot:
     document: dict[str, Any]
     tensors: dict[str, torch.Tensor]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes this rank holds (its local shards; replicated tensors counted once here)."""
-        from torch.distributed.tensor import DTensor
-
-        return sum(
-            (t.to_local() if isinstance(t, DTensor) else t).nbytes for t in self.tensors.values()
-        )
-
 
 def take_sharded(
     state: Mapping[str, Any],
