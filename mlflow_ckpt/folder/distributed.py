@@ -41,8 +41,7 @@ from mlflow_ckpt.codec import (
 )
 from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION
 from mlflow_ckpt.errors import CheckpointCorruptedError
-from mlflow_ckpt.folder.mlmodel import mlmodel_yaml
-from mlflow_ckpt.folder.writer import FolderSpec, library_versions, write_code
+from mlflow_ckpt.folder.writer import FolderSpec, library_versions, write_model_files
 from mlflow_ckpt.snapshot import DecodedState, Snapshot, decode_document
 from mlflow_ckpt.snapshot.sharded import MODULE, ShardedSnapshot, decode_sharded
 from mlflow_ckpt.snapshot.stateful import STATE_DICT, StatefulValue
@@ -125,19 +124,7 @@ def write_root(
     structure = write_file(
         store, STRUCTURE_FILE, json.dumps(root, separators=(",", ":"), allow_nan=False).encode()
     )
-    code = [f for p in spec.code_paths for f in write_code(store, Path(p))]
-    mlmodel = write_file(
-        store,
-        "MLmodel",
-        mlmodel_yaml(
-            model_id=model_id,
-            run_id=run_id,
-            format=spec.format,
-            model_factory=spec.model_factory,
-            model_kwargs=spec.model_kwargs,
-            with_code=bool(code),
-        ),
-    )
+    model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()
     manifest = Manifest(
         format=spec.format,
@@ -145,7 +132,7 @@ def write_root(
         epoch=epoch,
         metrics=dict(metrics),
         created_at=time.time() if created_at is None else created_at,
-        files=(structure, mlmodel, *code, *(f for r in ranks for f in r.files)),
+        files=(structure, *model_files, *(f for r in ranks for f in r.files)),
         tensors=tuple(t for r in ranks for t in r.tensors),
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),

@@ -80,7 +80,32 @@ def write_folder(
         format=spec.format,
         max_shard_bytes=spec.max_shard_bytes,
     )
-    code = [write_code(store, Path(p)) for p in spec.code_paths]
+    model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
+    store.flush()  # every file is in the store before the manifest commits them
+    manifest = Manifest(
+        format=spec.format,
+        step=step,
+        epoch=epoch,
+        metrics=dict(metrics or {}),
+        created_at=time.time() if created_at is None else created_at,
+        files=(*encoded.files, *model_files),
+        tensors=encoded.tensors,
+        structure_file=STRUCTURE_FILE,
+        triggers=tuple(triggers),
+        versions=library_versions(),
+    )
+    if before_manifest is not None:
+        before_manifest()
+    write_manifest(store, manifest)
+    store.flush()
+    return manifest
+
+
+def write_model_files(
+    store: Store, spec: FolderSpec, *, model_id: str, run_id: str
+) -> list[FileEntry]:
+    """``code/`` (the model's code paths) and ``MLmodel``: what MLflow serves the folder by."""
+    code = [f for p in spec.code_paths for f in write_code(store, Path(p))]
     mlmodel = write_file(
         store,
         "MLmodel",
@@ -93,24 +118,7 @@ def write_folder(
             with_code=bool(code),
         ),
     )
-    store.flush()  # every file is in the store before the manifest commits them
-    manifest = Manifest(
-        format=spec.format,
-        step=step,
-        epoch=epoch,
-        metrics=dict(metrics or {}),
-        created_at=time.time() if created_at is None else created_at,
-        files=(*encoded.files, *(f for files in code for f in files), mlmodel),
-        tensors=encoded.tensors,
-        structure_file=STRUCTURE_FILE,
-        triggers=tuple(triggers),
-        versions=library_versions(),
-    )
-    if before_manifest is not None:
-        before_manifest()
-    write_manifest(store, manifest)
-    store.flush()
-    return manifest
+    return [*code, mlmodel]
 
 
 def write_code(store: Store, source: Path) -> list[FileEntry]:

@@ -30,7 +30,14 @@ from mlflow_ckpt.errors import (
     WriterConflictError,
 )
 from mlflow_ckpt.folder.distributed import RankFiles, write_rank_files, write_root
-from mlflow_ckpt.manager.pipeline import SaveJob, WriteTarget, log_unsaved_metrics, reason
+from mlflow_ckpt.manager.pipeline import (
+    SaveJob,
+    WriteTarget,
+    commit_model,
+    create_model,
+    log_unsaved_metrics,
+    reason,
+)
 from mlflow_ckpt.manager.ranks import RankError, RankGroup
 from mlflow_ckpt.manager.verification import VerificationFailed, verify_stored
 from mlflow_ckpt.snapshot import Snapshot, first_nonfinite
@@ -73,17 +80,7 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     model = None
     if ranks.is_leader:
         try:
-            model = models.create_pending(
-                target.client,
-                experiment_id=target.experiment_id,
-                run_id=target.run_id,
-                step=job.step,
-                epoch=job.epoch,
-                triggers=job.triggers,
-                format=target.spec.format,
-                writer=target.writer_id,
-                validated=callable(target.verify),
-            )
+            model = create_model(target, job)
             created = {"model_id": model.model_id, "location": model.artifact_location}
         except Exception as exc:
             log_unsaved_metrics(target, job)
@@ -218,16 +215,7 @@ def _commit_or_discard(
     try:
         if target.check_writer is not None:
             target.check_writer()
-        committed = models.commit(
-            target.client,
-            model,
-            run_id=target.run_id,
-            step=job.step,
-            metrics={**job.metrics, **score},
-            timestamp_ms=job.timestamp_ms,
-            size_bytes=manifest.size_bytes,
-            manifest_sha256=manifest.digest(),
-        )
+        committed = commit_model(target, job, model, manifest, score)
     except Exception as exc:
         return {
             "error": f"Step {job.step} of run {target.run_id} is stored at {redact(location)} "

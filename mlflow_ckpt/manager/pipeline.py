@@ -23,6 +23,7 @@ from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import discard_failed
 from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
+from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import (
     CheckpointVerificationError,
     CheckpointWriteError,
@@ -87,22 +88,47 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def create_model(target: WriteTarget, job: SaveJob) -> LoggedModel:
+    """The pending LoggedModel a save of ``job`` writes into."""
+    return models.create_pending(
+        target.client,
+        experiment_id=target.experiment_id,
+        run_id=target.run_id,
+        step=job.step,
+        epoch=job.epoch,
+        triggers=job.triggers,
+        format=target.spec.format,
+        writer=target.writer_id,
+        validated=callable(target.verify),
+    )
+
+
+def commit_model(
+    target: WriteTarget,
+    job: SaveJob,
+    model: LoggedModel,
+    manifest: Manifest,
+    score: Mapping[str, float],
+) -> LoggedModel:
+    """Make the stored checkpoint of ``job`` visible, its metrics (and score) linked."""
+    return models.commit(
+        target.client,
+        model,
+        run_id=target.run_id,
+        step=job.step,
+        metrics={**job.metrics, **score},
+        timestamp_ms=job.timestamp_ms,
+        size_bytes=manifest.size_bytes,
+        manifest_sha256=manifest.digest(),
+    )
+
+
 def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     """Write one checkpoint and commit it; return its record."""
     client = target.client
     started = time.perf_counter()
     try:
-        model = models.create_pending(
-            client,
-            experiment_id=target.experiment_id,
-            run_id=target.run_id,
-            step=job.step,
-            epoch=job.epoch,
-            triggers=job.triggers,
-            format=target.spec.format,
-            writer=target.writer_id,
-            validated=callable(target.verify),
-        )
+        model = create_model(target, job)
     except Exception as exc:
         log_unsaved_metrics(target, job)
         raise CheckpointWriteError(
@@ -156,16 +182,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
     try:
         if target.check_writer is not None:
             target.check_writer()
-        committed = models.commit(
-            client,
-            model,
-            run_id=target.run_id,
-            step=job.step,
-            metrics={**job.metrics, **score},
-            timestamp_ms=job.timestamp_ms,
-            size_bytes=manifest.size_bytes,
-            manifest_sha256=manifest.digest(),
-        )
+        committed = commit_model(target, job, model, manifest, score)
     except WriterConflictError:
         raise
     except Exception as exc:
