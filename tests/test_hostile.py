@@ -38,6 +38,7 @@ from mlflow import MlflowClient
 
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli_main
+from mlflow_ckpt.codec.hashing import hash_bytes
 
 # ---------------------------------------------------------------- shared helpers
 
@@ -109,7 +110,7 @@ def resign(
         if path.is_file():
             data = path.read_bytes()
             entry["size"] = len(data)
-            entry["sha256"] = hashlib.sha256(data).hexdigest()
+            entry[hash_key(entry)] = hash_bytes(data, hash_key(entry))
     if edit is not None:
         manifest = edit(manifest) or manifest
     put_manifest(ckpt_folder, json.dumps(manifest, indent=1).encode())
@@ -494,7 +495,8 @@ def _path_attack(new_path: str) -> Callable[[dict[str, Any], Path], None]:
         # stands between it and the file.
         data = sentinel.read_bytes()
         entry = _file_entry(manifest, "state.json")
-        entry.update(path=new_path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        key = hash_key(entry)
+        entry.update({"path": new_path, "size": len(data), key: hash_bytes(data, key)})
         manifest["structure_file"] = new_path
 
     return edit
@@ -605,8 +607,18 @@ def _first_file(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def hash_key(entry: dict[str, Any]) -> str:
+    """The manifest key holding a file entry's digest (its algorithm)."""
+    (key,) = [k for k in ("blake3", "sha256") if k in entry]
+    return key
+
+
 def _drop_file_key(m: dict[str, Any]) -> None:
-    del m["files"][0]["sha256"]
+    del m["files"][0][hash_key(m["files"][0])]
+
+
+def _two_hashes(m: dict[str, Any]) -> None:
+    m["files"][0]["sha256"] = m["files"][0]["blake3"]
 
 
 MANIFEST_TYPE_ATTACKS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -623,8 +635,11 @@ MANIFEST_TYPE_ATTACKS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "size-huge": _first_file("size", 10**400),
     "size-float-inf": _first_file("size", 1e308 * 10),
     "size-bool": _first_file("size", True),
-    "sha-not-hex": _first_file("sha256", "z" * 64),
-    "sha-is-int": _first_file("sha256", 1234),
+    "hash-not-hex": _first_file("blake3", "z" * 64),
+    "hash-is-int": _first_file("blake3", 1234),
+    "hash-short": _first_file("blake3", "ab" * 16),
+    "two-hashes": _two_hashes,
+    "hash-unknown-algorithm": lambda m: m["files"][0].update(md5=m["files"][0].pop("blake3")),
     "step-is-string": _top("step", "5"),
     "step-huge": _top("step", 10**30),
     "epoch-is-list": _top("epoch", [1]),

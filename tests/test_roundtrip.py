@@ -15,6 +15,7 @@ import torch
 
 import mlflow_ckpt
 from mlflow_ckpt.codec import Manifest
+from mlflow_ckpt.codec.hashing import hash_bytes
 
 FORMATS = ["safetensors", "torch"]
 
@@ -173,7 +174,8 @@ def test_manifest_lists_every_file_hash_and_tensor(tracking: str, fmt: str) -> N
     for entry in manifest.files:
         data = (folder / entry.path).read_bytes()
         assert len(data) == entry.size
-        assert hashlib.sha256(data).hexdigest() == entry.sha256
+        assert entry.algorithm == "blake3"
+        assert hash_bytes(data, "blake3") == entry.digest
     names = {t.name for t in manifest.tensors}
     assert {"model/weight", "model/bias", "big"} <= names
     for t in manifest.tensors:
@@ -197,6 +199,37 @@ def test_manifest_lists_every_file_hash_and_tensor(tracking: str, fmt: str) -> N
     assert structure["state"]["big"] == {"__tensor__": "big"}
     mlmodel = (folder / "MLmodel").read_text()
     assert "mlflow_ckpt:" in mlmodel and "python_function:" in mlmodel
+
+
+def test_sha256_checkpoints_written_before_blake3_still_load_and_verify(tracking: str) -> None:
+    """A format-1 folder (every file hashed with SHA-256) loads, verifies and is still
+    checked: the algorithm is read per file from the manifest."""
+    state = {"w": torch.randn(1000), "b": torch.arange(10)}
+    with mlflow.start_run(run_name="old"):
+        with mlflow_ckpt.CheckpointManager(state, async_save=False) as mgr:
+            mgr.save(3)
+    ckpt = mlflow_ckpt.latest_checkpoint(mgr.run_id)
+    folder = Path(ckpt.artifact_location)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == 3
+    for entry in manifest["files"]:
+        del entry["blake3"]
+        entry["sha256"] = hashlib.sha256((folder / entry["path"]).read_bytes()).hexdigest()
+    manifest["format_version"] = 1
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    (folder / "manifest.json").write_bytes(data)
+    mlflow.MlflowClient().set_logged_model_tags(
+        ckpt.model_id, {"mlflow_ckpt.manifest_sha256": hashlib.sha256(data).hexdigest()}
+    )
+    restored = {"w": torch.zeros(1000), "b": torch.zeros(10, dtype=torch.int64)}
+    mlflow_ckpt.load(ckpt.uri, restored)
+    assert torch.equal(restored["w"], state["w"]) and torch.equal(restored["b"], state["b"])
+    shard = next(folder.glob("tensors-*"))
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match=r"tensors-.*sha256"):
+        mlflow_ckpt.load(ckpt.uri, restored)
 
 
 def test_loaded_torch_files_hold_only_tensors(tracking: str) -> None:

@@ -21,7 +21,7 @@ from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.queries import list_checkpoints
 from mlflow_ckpt.catalog.resolve import describe, resolve
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
-from mlflow_ckpt.codec.hashing import sha256_file
+from mlflow_ckpt.codec.hashing import hash_file
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.folder import LoadedFolder, read_folder
 from mlflow_ckpt.storage import open_store
@@ -80,7 +80,7 @@ def manifest_digest(model: LoggedModel) -> str:
         open_store(model.artifact_location) as store,
         tempfile.TemporaryDirectory(prefix="mlflow-ckpt-manifest-") as scratch,
     ):
-        return sha256_file(store.fetch(MANIFEST_NAME, Path(scratch)))[0]
+        return hash_file(store.fetch(MANIFEST_NAME, Path(scratch)), "sha256")[0]
 
 
 def verify_checkpoint(

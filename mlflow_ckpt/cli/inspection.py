@@ -70,8 +70,8 @@ def show(uri: str, as_json: bool) -> None:
     click.echo(f"{'written by':>18}: {manifest.versions}")
     click.echo(
         table(
-            ["file", "size", "sha256"],
-            [[f.path, size_text(f.size), f.sha256[:16]] for f in manifest.files],
+            ["file", "size", "hash"],
+            [[f.path, size_text(f.size), f"{f.algorithm}:{f.digest[:16]}"] for f in manifest.files],
         )
     )
 

@@ -8,6 +8,7 @@ from mlflow_ckpt.codec.layout import (
     check_file,
     check_format,
     check_sizes,
+    load_files,
     read_manifest,
     read_state,
     verify_files,
@@ -18,9 +19,11 @@ from mlflow_ckpt.codec.layout import (
 from mlflow_ckpt.codec.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    SINGLE_FORMAT_VERSION,
     FileEntry,
     Manifest,
     TensorEntry,
+    format_version_for,
 )
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "FORMATS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "SINGLE_FORMAT_VERSION",
     "STRUCTURE_FILE",
     "EncodedFiles",
     "FileEntry",
@@ -36,6 +40,8 @@ __all__ = [
     "check_file",
     "check_format",
     "check_sizes",
+    "format_version_for",
+    "load_files",
     "read_manifest",
     "read_state",
     "verify_files",

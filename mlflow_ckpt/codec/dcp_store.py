@@ -160,7 +160,7 @@ class StoreWriter(StorageWriter):
                     )
                     results.append(WriteResult(item.index, writer.size - offset, location))
             with self._lock:
-                self.files.append(FileEntry(name, writer.size, writer.sha256))
+                self.files.append(FileEntry(name, writer.size, writer.digest, writer.algorithm))
             return results
 
         if len(buckets) > 1:
@@ -181,7 +181,9 @@ class StoreWriter(StorageWriter):
             writer = HashingWriter(raw)
             writer.write(data)
         with self._lock:
-            self.files.append(FileEntry(METADATA_FILE, writer.size, writer.sha256))
+            self.files.append(
+                FileEntry(METADATA_FILE, writer.size, writer.digest, writer.algorithm)
+            )
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

@@ -7,7 +7,7 @@ tensors-00001-of-00002.safetensors       tensor shards, each <= max_shard_bytes
 tensors-00002-of-00002.safetensors
 manifest.json                            written last: the commit marker
 ```
-Reading verifies every listed file's size and SHA-256 before decoding anything, and checks
+Reading verifies every listed file's size and hash before decoding anything, and checks
 that the tensor files hold exactly the tensors the manifest's index announces.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from mlflow_ckpt.codec import safetensors_io, torch_io
-from mlflow_ckpt.codec.hashing import HashingWriter, sha256_file
+from mlflow_ckpt.codec.hashing import HashingWriter, hash_file, new_hash
 from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.storage import Store
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 STRUCTURE_FILE = "state.json"
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024 * 1024
+READ_CHUNK_BYTES = 32 * 1024 * 1024
 _FORMATS: dict[str, tuple[str, ModuleType]] = {
     "safetensors": (".safetensors", safetensors_io),
     "torch": (".pt", torch_io),
@@ -119,7 +122,7 @@ def write_state(
         ]
         if on_bytes is not None:
             on_bytes(writer.size)
-        return FileEntry(name, writer.size, writer.sha256), entries
+        return FileEntry(name, writer.size, writer.digest, writer.algorithm), entries
 
     numbers = range(1, len(shards) + 1)
     workers = min(store.parallel_writes, len(shards))
@@ -135,7 +138,7 @@ def write_state(
     with store.open_writer(STRUCTURE_FILE) as raw:
         writer = HashingWriter(raw)
         writer.write(encoded)
-    files.append(FileEntry(STRUCTURE_FILE, writer.size, writer.sha256))
+    files.append(FileEntry(STRUCTURE_FILE, writer.size, writer.digest, writer.algorithm))
     return EncodedFiles(tuple(files), tuple(index))
 
 
@@ -144,7 +147,7 @@ def write_file(store: Store, rel_path: str, data: bytes) -> FileEntry:
     with store.open_writer(rel_path) as raw:
         writer = HashingWriter(raw)
         writer.write(data)
-    return FileEntry(rel_path, writer.size, writer.sha256)
+    return FileEntry(rel_path, writer.size, writer.digest, writer.algorithm)
 
 
 def write_manifest(store: Store, manifest: Manifest) -> None:
@@ -239,26 +242,97 @@ def check_sizes(store: Store, manifest: Manifest, where: str) -> None:
 
 
 def check_file(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:
-    """Fetch one listed file and check its size and SHA-256; return its local path."""
+    """Fetch one listed file and check its size and hash; return its local path."""
+    path = _fetch_listed(store, entry, scratch, where)
+    digest, size = hash_file(path, entry.algorithm)
+    _check_digest(entry, size, digest, where)
+    return path
+
+
+def read_verified(store: Store, entry: FileEntry, scratch: Path, where: str) -> torch.Tensor:
+    """Read one listed file whole into memory (``uint8``) and check its size and hash there.
+
+    One pass over the bytes instead of three (hash the file, then parse it, then copy the
+    tensors out): each chunk is hashed on another thread while the next one is read, and
+    the caller decodes tensors as views of this very buffer, so what is restored is exactly
+    what was hashed.
+    """
+    path = _fetch_listed(store, entry, scratch, where)
+    digest = new_hash(entry.algorithm)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != entry.size:  # before allocating: a listed size is not trusted memory
+            _check_digest(entry, size, "", where)
+        data = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(data.numpy()).cast("B")
+        hasher: threading.Thread | None = None
+        position = 0
+        while position < size:
+            chunk = view[position : position + READ_CHUNK_BYTES]
+            filled = 0
+            while filled < len(chunk):
+                got = f.readinto(chunk[filled:])
+                if not got:
+                    _check_digest(entry, position + filled, "", where)  # shrank meanwhile
+                filled += got
+            if hasher is not None:
+                hasher.join()
+            hasher = threading.Thread(target=digest.update, args=(chunk,))
+            hasher.start()
+            position += filled
+        if hasher is not None:
+            hasher.join()
+    _check_digest(entry, size, digest.hexdigest(), where)
+    return data
+
+
+def _fetch_listed(store: Store, entry: FileEntry, scratch: Path, where: str) -> Path:
     try:
-        path = fetch_inside(store, entry.path, scratch, where)
+        return fetch_inside(store, entry.path, scratch, where)
     except FileNotFoundError as exc:
         raise CheckpointCorruptedError(
             f"{where}: file {entry.path} listed in the manifest is missing", path=entry.path
         ) from exc
-    digest, size = sha256_file(path)
-    if size != entry.size or digest != entry.sha256:
+
+
+def _check_digest(entry: FileEntry, size: int, digest: str, where: str) -> None:
+    if size != entry.size or digest != entry.digest:
         raise CheckpointCorruptedError(
             f"{where}: file {entry.path} is corrupt (size {size}, expected {entry.size}; "
-            f"sha256 {digest[:12]}..., expected {entry.sha256[:12]}...). "
+            f"{entry.algorithm} {digest[:12] or '-'}..., expected {entry.digest[:12]}...). "
             "Load an older checkpoint of the run instead.",
             path=entry.path,
         )
-    return path
+
+
+def load_files(
+    store: Store, manifest: Manifest, scratch: Path, where: str
+) -> dict[str, Path | torch.Tensor]:
+    """Fetch and verify every listed file, several at a time.
+
+    safetensors shards come back as verified in-memory buffers (see :func:`read_verified`),
+    every other file as a verified local path.
+    """
+    in_memory = {t.file for t in manifest.tensors} if manifest.format == "safetensors" else set()
+
+    def one(entry: FileEntry) -> Path | torch.Tensor:
+        if entry.path in in_memory:
+            return read_verified(store, entry, scratch, where)
+        return check_file(store, entry, scratch, where)
+
+    entries = sorted(manifest.files, key=lambda e: -e.size)  # largest first: balanced
+    workers = max(1, min(store.parallelism, len(entries)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-read") as pool:
+        futures = {e.path: pool.submit(one, e) for e in entries}
+        return {e.path: futures[e.path].result() for e in manifest.files}
+
+
+def _bytes_of(source: Path | torch.Tensor) -> bytes:
+    return source.numpy().tobytes() if isinstance(source, torch.Tensor) else source.read_bytes()
 
 
 def read_state(
-    manifest: Manifest, local: Mapping[str, Path], where: str
+    manifest: Manifest, local: Mapping[str, Path | torch.Tensor], where: str
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Decode verified files into ``(structure document, tensors by name)``."""
     if manifest.format not in _FORMATS:
@@ -266,7 +340,7 @@ def read_state(
             f"{where}: unknown tensor format {manifest.format!r} in the manifest"
         )
     try:
-        document = json.loads(local[manifest.structure_file].read_bytes())
+        document = json.loads(_bytes_of(local[manifest.structure_file]))
     except (ValueError, RecursionError) as exc:
         raise CheckpointCorruptedError(
             f"{where}: {manifest.structure_file} is not valid JSON ({exc})",
@@ -283,7 +357,11 @@ def read_state(
     for entry in manifest.tensors:
         by_file.setdefault(entry.file, []).append(entry)
     for file, entries in by_file.items():
-        loaded = module.read(local[file], where)
+        source = local[file]
+        if isinstance(source, torch.Tensor):
+            loaded, offsets = safetensors_io.read_buffer(source, file, where)
+        else:
+            loaded, offsets = module.read(source, where), module.data_offsets(source)
         expected = {e.name: e for e in entries}
         if set(loaded) != set(expected):
             raise CheckpointCorruptedError(
@@ -291,7 +369,6 @@ def read_state(
                 "that differ from the manifest's index",
                 path=file,
             )
-        offsets = module.data_offsets(local[file])
         for name, tensor in loaded.items():
             entry = expected[name]
             if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":

@@ -1,6 +1,7 @@
 """``manifest.json``: the commit marker and integrity record of one checkpoint.
 
-It is written last. It lists every file with its size and SHA-256, the tensor index (name,
+It is written last. It lists every file with its size and content hash (BLAKE3 since format
+3, SHA-256 before; the algorithm is the entry's key), the tensor index (name,
 dtype, shape, file, offset), the step/epoch/metrics and the versions that wrote it. Loading
 trusts nothing that is not listed here and re-checks everything that is, so parsing is strict:
 unknown format versions, absolute paths and ``..`` are refused before any file is opened.
@@ -13,15 +14,18 @@ import json
 import math
 import posixpath
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # the newest this version reads; single-process checkpoints still write 1
+FORMAT_VERSION = 3  # the newest this version reads
 SINGLE_FORMAT_VERSION = 1
 DISTRIBUTED_FORMAT_VERSION = 2  # adds ``world_size``, ``ranks/`` and ``shards/``
+BLAKE3_FORMAT_VERSION = 3  # files may be hashed with BLAKE3 (older readers know SHA-256 only)
+HASH_ALGORITHMS = ("blake3", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_INT = 2**63 - 1  # sizes, steps, offsets, dimensions: what an int64 holds
@@ -49,11 +53,31 @@ def check_relpath(path: str, where: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of the checkpoint."""
+    """One file of the checkpoint: its size and the hex digest of its bytes."""
 
     path: str
     size: int
-    sha256: str
+    digest: str
+    algorithm: str = "sha256"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, self.algorithm: self.digest}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> FileEntry:
+        found = [a for a in HASH_ALGORITHMS if a in data]
+        if len(found) != 1:
+            raise ValueError(
+                f"file entry {data.get('path')!r} has no single hash of {'/'.join(HASH_ALGORITHMS)}"
+            )
+        return cls(
+            check_relpath(data["path"], where), _int(data["size"]), _hex(data[found[0]]), found[0]
+        )
+
+
+def format_version_for(files: Sequence[FileEntry], base: int) -> int:
+    """The manifest format that can describe ``files``: BLAKE3 entries need format 3."""
+    return max(base, BLAKE3_FORMAT_VERSION) if any(f.algorithm == "blake3" for f in files) else base
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["files"] = [f.to_json() for f in self.files]
         data["metrics"] = {k: _float_out(v) for k, v in self.metrics.items()}
         return json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
 
@@ -141,8 +166,7 @@ class Manifest:
                 f"mlflow_ckpt understands ({FORMAT_VERSION}); upgrade mlflow_ckpt to load it."
             )
         files = tuple(
-            FileEntry(check_relpath(f["path"], where), _int(f["size"]), _sha(f["sha256"]))
-            for f in _list(data["files"], "files")
+            FileEntry.from_json(_dict(f, "file"), where) for f in _list(data["files"], "files")
         )
         listed = {f.path for f in files}
         if len(listed) != len(files):
@@ -215,9 +239,9 @@ def _str(value: Any) -> str:
     return value
 
 
-def _sha(value: Any) -> str:
+def _hex(value: Any) -> str:
     if not isinstance(value, str) or not _HEX64.match(value):
-        raise ValueError(f"not a SHA-256 hex digest: {value!r}")
+        raise ValueError(f"not a 256-bit hex digest: {value!r}")
     return value
 
 

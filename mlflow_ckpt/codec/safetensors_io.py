@@ -10,6 +10,7 @@ whose parser rejects oversized headers and overlapping or out-of-range offsets.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,80 @@ def read(path: Path, where: str) -> dict[str, torch.Tensor]:
         raise CheckpointCorruptedError(
             f"{where}: {path.name} is not a valid safetensors file ({exc})", path=path.name
         ) from exc
+
+
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+OWN_STORAGE_BELOW = 1024 * 1024
+
+
+def read_buffer(
+    data: torch.Tensor, name: str, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]:
+    """Decode a whole safetensors file already in memory (``uint8``, verified): tensors that
+    are views of ``data`` (no copy), and each one's ``(absolute offset, byte count)``.
+
+    The same checks as the safetensors library's parser, on the bytes that were hashed (not
+    a later re-read): a bounded JSON header, known dtypes, byte counts that match the
+    shapes, and data offsets that tile the body exactly, in order, without overlap.
+    """
+
+    def bad(reason: str) -> CheckpointCorruptedError:
+        return CheckpointCorruptedError(
+            f"{where}: {name} is not a valid safetensors file ({reason})", path=name
+        )
+
+    total = data.numel()
+    if total < 8:
+        raise bad("shorter than its 8-byte header length")
+    length = int.from_bytes(data[:8].numpy().tobytes(), "little")
+    if length > MAX_HEADER_BYTES or 8 + length > total:
+        raise bad(f"header length {length} is larger than the file or the 100 MB limit")
+    try:
+        header = json.loads(data[8 : 8 + length].numpy().tobytes())
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    base = 8 + length
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _CODE_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"] if isinstance(d, int) and d >= 0]
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {key!r} has no valid dtype, shape and data_offsets") from None
+        if len(shape) != len(info["shape"]) or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in (start, end)
+        ):
+            raise bad(f"entry {key!r} has a malformed shape or offsets")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * itemsize
+        if not 0 <= start <= end or end - start != nbytes:
+            raise bad(f"{key!r} spans bytes {start}-{end}, its dtype and shape need {nbytes}")
+        spans.append((start, end, key, dtype, shape, itemsize))
+    spans.sort()
+    position = 0
+    for start, end, key, *_ in spans:
+        if start != position:
+            raise bad(f"{key!r} starts at {start}, not where the previous tensor ends")
+        position = end
+    if base + position != total:
+        raise bad(f"the tensors cover {position} bytes of a {total - base}-byte body")
+    tensors: dict[str, torch.Tensor] = {}
+    offsets: dict[str, tuple[int | None, int]] = {}
+    for start, end, key, dtype, shape, itemsize in spans:
+        raw = data[base + start : base + end]
+        if (base + start) % itemsize or end - start < OWN_STORAGE_BELOW:
+            # misaligned for its dtype, or small: a tensor of its own. Some consumers
+            # (``Generator.set_state``) misread views that start inside a larger storage.
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).reshape(shape)
+        offsets[key] = (base + start, end - start)
+    return tensors, offsets
 
 
 def data_offsets(path: Path) -> dict[str, tuple[int | None, int]]:

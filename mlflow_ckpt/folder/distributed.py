@@ -39,7 +39,7 @@ from mlflow_ckpt.codec import (
     write_manifest,
     write_state,
 )
-from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION
+from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION, format_version_for
 from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.folder.writer import FolderSpec, library_versions, write_model_files
 from mlflow_ckpt.snapshot import DecodedState, Snapshot, decode_document
@@ -64,7 +64,7 @@ class RankFiles:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "files": [[f.path, f.size, f.sha256] for f in self.files],
+            "files": [[f.path, f.size, f.digest, f.algorithm] for f in self.files],
             "tensors": [
                 [t.name, t.dtype, list(t.shape), t.file, t.offset, t.nbytes] for t in self.tensors
             ],
@@ -73,7 +73,7 @@ class RankFiles:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RankFiles:
         return cls(
-            tuple(FileEntry(p, s, h) for p, s, h in data["files"]),
+            tuple(FileEntry(p, s, h, a) for p, s, h, a in data["files"]),
             tuple(TensorEntry(n, d, tuple(s), f, o, b) for n, d, s, f, o, b in data["tensors"]),
         )
 
@@ -126,18 +126,19 @@ def write_root(
     )
     model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()
+    files = (structure, *model_files, *(f for r in ranks for f in r.files))
     manifest = Manifest(
         format=spec.format,
         step=step,
         epoch=epoch,
         metrics=dict(metrics),
         created_at=time.time() if created_at is None else created_at,
-        files=(structure, *model_files, *(f for r in ranks for f in r.files)),
+        files=files,
         tensors=tuple(t for r in ranks for t in r.tensors),
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),
         versions=library_versions(),
-        format_version=DISTRIBUTED_FORMAT_VERSION,
+        format_version=format_version_for(files, DISTRIBUTED_FORMAT_VERSION),
         world_size=len(ranks),
     )
     if before_manifest is not None:

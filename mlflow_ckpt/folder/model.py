@@ -75,7 +75,7 @@ def _importable_code(loaded: LoadedFolder, files: Mapping[str, Path]) -> Path:
     The folder is named by the files' hashes: loading the same code twice reuses one
     ``sys.path`` entry, and what it holds is always what the manifest vouched for.
     """
-    digests = {f.path: f.sha256 for f in loaded.manifest.files}
+    digests = {f.path: f.digest for f in loaded.manifest.files}
     key = hashlib.sha256("".join(f"{p}:{digests[p]};" for p in sorted(files)).encode())
     root = Path(tempfile.gettempdir()) / f"mlflow-ckpt-code-{key.hexdigest()[:16]}"
     for rel, source in files.items():

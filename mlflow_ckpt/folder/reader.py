@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow_ckpt.codec import Manifest, read_manifest, read_state, verify_files
+from mlflow_ckpt.codec import Manifest, load_files, read_manifest, read_state
 from mlflow_ckpt.snapshot import DecodedState, decode_document
 from mlflow_ckpt.storage import Store
 
@@ -31,6 +31,5 @@ def read_folder(
         from mlflow_ckpt.folder.distributed import read_distributed
 
         return LoadedFolder(manifest, read_distributed(store, manifest, scratch, where))
-    local = verify_files(store, manifest, scratch, where)
-    document, tensors = read_state(manifest, local, where)
+    document, tensors = read_state(manifest, load_files(store, manifest, scratch, where), where)
     return LoadedFolder(manifest, decode_document(document, tensors, where))

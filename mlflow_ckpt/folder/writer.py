@@ -20,9 +20,11 @@ import torch
 from mlflow_ckpt._version import __version__
 from mlflow_ckpt.codec import (
     DEFAULT_MAX_SHARD_BYTES,
+    SINGLE_FORMAT_VERSION,
     STRUCTURE_FILE,
     FileEntry,
     Manifest,
+    format_version_for,
     write_file,
     write_manifest,
     write_state,
@@ -82,17 +84,19 @@ def write_folder(
     )
     model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()  # every file is in the store before the manifest commits them
+    files = (*encoded.files, *model_files)
     manifest = Manifest(
         format=spec.format,
         step=step,
         epoch=epoch,
         metrics=dict(metrics or {}),
         created_at=time.time() if created_at is None else created_at,
-        files=(*encoded.files, *model_files),
+        files=files,
         tensors=encoded.tensors,
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),
         versions=library_versions(),
+        format_version=format_version_for(files, SINGLE_FORMAT_VERSION),
     )
     if before_manifest is not None:
         before_manifest()
