@@ -21,6 +21,14 @@ def open_store(uri: str, config: TransferConfig | None = None) -> Store:
         from mlflow_ckpt.storage.gcs import GCSStore
 
         return GCSStore(uri, config)
+    if uri.startswith(("wasbs://", "wasb://")):
+        from mlflow_ckpt.storage.azure import AzureStore
+
+        return AzureStore(uri, config)
+    if uri.startswith(("mlflow-artifacts:", "http://", "https://")):
+        from mlflow_ckpt.storage.proxy import ProxyStore
+
+        return ProxyStore(uri, config)
     from mlflow_ckpt.storage.repository import RepositoryStore
 
     return RepositoryStore(uri, config)

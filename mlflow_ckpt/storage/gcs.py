@@ -1,35 +1,79 @@
-"""Google Cloud Storage uploads that leave Python's global random stream alone.
+"""Google Cloud Storage uploads from memory, as resumable uploads, without touching ``random``.
 
-google-cloud-storage uploads files under 8 MiB with a multipart request whose boundary it
-draws from the global ``random`` module. On our background thread that shifts the training
-loop's random numbers, so a run would no longer be reproducible. Streaming the file as a
-resumable upload of unknown size takes the other code path, which draws nothing; SDK-level
-retries (which jitter with the global stream too) are off: ours use a private generator.
+Every file goes up through a resumable upload session: a small file in one ``PUT``, a
+larger one in chunks sent in order (GCS resumable chunks cannot be parallel), each a
+multiple of 256 KiB except the last. Nothing is visible at the object's name until the
+last chunk arrives. google-cloud-storage's other path, the multipart request for small
+files, draws its boundary from the global ``random`` module: on our background thread that
+would shift the training loop's random numbers, so it is never used; the SDK's own retries
+(which jitter with the global stream too) are off: ours use a private generator.
 """
 
 from __future__ import annotations
 
+import mimetypes
 import posixpath
-from pathlib import Path
+from typing import Any
 
 from mlflow_ckpt.storage.repository import RepositoryStore
+from mlflow_ckpt.storage.streaming import PartSink
 
-CHUNK_BYTES = 16 * 1024 * 1024  # a multiple of 256 KiB, as GCS requires
+_DONE = (200, 201)
+_INCOMPLETE = 308  # "Resume Incomplete": the chunk was stored, send the next one
 
 
 class GCSStore(RepositoryStore):
     """``gs://bucket/path`` through google-cloud-storage, with resumable uploads only."""
 
-    def _put(self, local: Path, directory: str) -> None:
+    def _sink(self, directory: str, name: str) -> PartSink | None:
+        bucket, _, prefix = self.uri.removeprefix("gs://").partition("/")
+        return _GCSObject(bucket, posixpath.join(prefix, directory, name))
+
+
+class _GCSObject:
+    """One GCS object written through a resumable session (see :class:`.PartSink`)."""
+
+    parallel = False
+    retryable_parts = True
+
+    def __init__(self, bucket: str, name: str) -> None:
+        self._bucket = bucket
+        self._name = name
+        self._client: Any = None
+        self._session: str | None = None
+
+    def begin(self) -> None:
         from google.cloud import storage
 
-        bucket_name, _, prefix = self.uri.removeprefix("gs://").partition("/")
-        name = (
-            posixpath.join(prefix, directory, local.name)
-            if directory
-            else posixpath.join(prefix, local.name)
+        self._client = storage.Client()
+        blob = self._client.bucket(self._bucket).blob(self._name)
+        content_type = mimetypes.guess_type(self._name)[0] or "application/octet-stream"
+        self._session = blob.create_resumable_upload_session(
+            content_type=content_type, client=self._client, checksum=None, retry=None
         )
-        client = storage.Client()
-        blob = client.bucket(bucket_name).blob(name, chunk_size=CHUNK_BYTES)
-        with open(local, "rb") as f:
-            blob.upload_from_file(f, retry=None)  # size unknown: the resumable path
+
+    def put(self, data: bytes) -> None:
+        self.begin()
+        self.put_part(1, 0, data, final=True)
+
+    def put_part(self, number: int, offset: int, data: bytes, final: bool) -> None:
+        end = offset + len(data)
+        total = str(end) if final else "*"
+        span = f"bytes {offset}-{end - 1}/{total}" if data else f"bytes */{total}"
+        response = self._client._http.put(
+            self._session, data=data, headers={"Content-Range": span}, timeout=300
+        )
+        expected = _DONE if final else (_INCOMPLETE,)
+        if response.status_code not in expected:
+            response.raise_for_status()  # an error status: retried or reported as is
+            raise RuntimeError(
+                f"GCS answered {response.status_code} to chunk {number} ({span}) of "
+                f"{self._name}, expected {'/'.join(map(str, expected))}"
+            )
+
+    def complete(self, tokens: list[Any], total: int) -> None:
+        """Nothing left: the final chunk finished the upload."""
+
+    def abort(self) -> None:
+        if self._session is not None:  # cancel the session; unfinished ones expire anyway
+            self._client._http.delete(self._session, timeout=60)

@@ -1,9 +1,11 @@
 """Any store MLflow has an artifact repository for (S3, Azure, GCS, ``mlflow-artifacts:``...).
 
-Each file is staged in a local temporary folder and handed to a bounded pool of upload
-threads when its writer closes, so a remote save never needs a full local copy of the
-checkpoint: at most ``max_workers + 1`` files are on local disk at a time, and uploads
-overlap with encoding the next shard. :meth:`flush` waits for every upload; the caller
+The stores we know write each file straight from memory, in parts (see
+:mod:`mlflow_ckpt.storage.streaming`): a remote save writes no byte to local disk. Any other
+artifact repository gets each file staged in a local temporary folder and handed to a
+bounded pool of upload threads when its writer closes (at most ``max_workers + 1`` files on
+local disk at a time). Either way uploads overlap with encoding the next shard, and
+:meth:`flush` waits for every upload; the caller
 flushes before writing the manifest, so the manifest (the commit marker) is always the last
 object to appear. Transient failures are retried with backoff; permanent ones are raised at
 once as :class:`StoreError` naming the store and the likely fix.
@@ -16,7 +18,7 @@ import posixpath
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +28,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow_ckpt.storage.base import Store, StoreError
 from mlflow_ckpt.storage.retry import with_retries
 from mlflow_ckpt.storage.staging import new_staging_dir
+from mlflow_ckpt.storage.streaming import PartSink, StreamingWriter
 from mlflow_ckpt.storage.transfer import TransferConfig, explain, redact
 
 
@@ -41,6 +44,7 @@ class RepositoryStore(Store):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
         self._bar: Any = None
+        self._moved = 0
 
     @property
     def parallelism(self) -> int:
@@ -55,6 +59,59 @@ class RepositoryStore(Store):
     @contextlib.contextmanager
     def open_writer(self, rel_path: str) -> Iterator[BinaryIO]:
         directory, name = posixpath.split(rel_path)
+        sink = self._sink(directory, name)
+        if sink is None:  # a store we cannot write from memory: stage the file locally
+            with self._staged_writer(rel_path) as staged:
+                yield staged
+            return
+        writer = StreamingWriter(self, sink, rel_path, self.config.part_bytes)
+        try:
+            yield writer  # type: ignore[misc]
+        except BaseException:
+            writer.abort()
+            raise
+        future = writer.close()
+        with self._lock:
+            self._pending.append(future)
+
+    def _sink(self, directory: str, name: str) -> PartSink | None:
+        """How to write ``directory/name`` from memory; ``None``: stage it on local disk.
+
+        The stores we know (S3, Azure, GCS, ``mlflow server``) override this; any other
+        MLflow artifact repository gets the staged upload through its ``log_artifact``.
+        """
+        return None
+
+    # -- PartUploads: what a StreamingWriter needs from its store
+
+    def acquire_part(self) -> None:
+        self._slots.acquire()  # bounds the part buffers in memory
+
+    def release_part(self) -> None:
+        self._slots.release()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.config.max_workers, thread_name_prefix="mlflow-ckpt-upload"
+                )
+            return self._pool.submit(fn)
+
+    def attempt(self, fn: Callable[[], Any], action: str, retry: bool = True) -> Any:
+        if retry:
+            return self._run(fn, action)
+        try:
+            return fn()
+        except Exception as exc:
+            raise StoreError(explain(exc, action, self.uri)) from None
+
+    def progress(self, size: int) -> None:
+        self._progress("upload", size)
+
+    @contextlib.contextmanager
+    def _staged_writer(self, rel_path: str) -> Iterator[BinaryIO]:
+        directory, name = posixpath.split(rel_path)
         self._slots.acquire()  # bounds the local spool
         staging = new_staging_dir()
         handed_over = False
@@ -63,12 +120,8 @@ class RepositoryStore(Store):
             with open(local, "xb") as f:
                 yield f
             size = local.stat().st_size
+            future = self.submit(lambda: self._upload(local, directory, rel_path, size))
             with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(
-                        self.config.max_workers, thread_name_prefix="mlflow-ckpt-upload"
-                    )
-                future = self._pool.submit(self._upload, local, directory, rel_path, size)
                 self._pending.append(future)
             future.add_done_callback(lambda _: self._release(staging))
             handed_over = True
@@ -85,12 +138,14 @@ class RepositoryStore(Store):
         self._progress("upload", size)
 
     def _progress(self, label: str, size: int) -> None:
-        """Count transferred bytes on a tqdm bar, opened by the first large enough file."""
+        """Count transferred bytes on a tqdm bar, opened once enough bytes have moved."""
         with self._lock:
-            if self._bar is None and self.config.show_progress(size):
+            self._moved += size
+            if self._bar is None and self.config.show_progress(self._moved):
                 from tqdm import tqdm
 
                 self._bar = tqdm(desc=label, unit="B", unit_scale=True, leave=False)
+                size = self._moved
             if self._bar is not None:
                 self._bar.update(size)
 
@@ -108,6 +163,7 @@ class RepositoryStore(Store):
             except Exception as exc:
                 errors.append(exc)
         with self._lock:
+            self._moved = 0
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None

@@ -1,51 +1,91 @@
-"""S3 uploads as single-part PUTs, several files at a time.
+"""S3 uploads from memory: one ``PutObject`` per small file, multipart parts for larger ones.
 
-MLflow's S3 repository uploads each file with boto3's managed transfer, which splits any
-file above 8 MiB into multipart chunks. Our files are shards of bounded size (512 MiB by
-default, far below S3's 5 GiB single-PUT limit) already uploaded in parallel, and every
-byte is covered by the manifest's SHA-256: the extra requests of multipart only cost time
-(measured against a local S3 server: ~1.4x faster as single parts, four at a time). The
-client, credentials, endpoint and extra upload arguments are still MLflow's own.
+MLflow's S3 repository uploads local files with boto3's managed transfer. Our files already
+sit in memory and every byte is covered by the manifest's hash, so we write them with the
+plain S3 API instead: a file up to ``TransferConfig.part_bytes`` is one ``PutObject``, a
+larger one a multipart upload whose parts go up several at a time while the next part is
+encoded. An unfinished multipart upload is aborted, so nothing is visible at the key before
+``CompleteMultipartUpload``. The client, credentials, endpoint and extra upload arguments
+(``MLFLOW_S3_UPLOAD_EXTRA_ARGS``, bucket owner) are MLflow's own.
 """
 
 from __future__ import annotations
 
 import logging
+import mimetypes
 import posixpath
-from pathlib import Path
 from typing import Any
 
 from mlflow_ckpt.storage.repository import RepositoryStore
+from mlflow_ckpt.storage.streaming import PartSink
 
 logger = logging.getLogger(__name__)
 
-SINGLE_PART_LIMIT = 5 * 1024**3
-
-
-class _SinglePartClient:
-    """Forwards to a boto3 S3 client, with managed uploads that never go multipart."""
-
-    def __init__(self, client: Any) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        self._client = client
-        self._config = TransferConfig(multipart_threshold=SINGLE_PART_LIMIT)
-
-    def upload_file(self, **kwargs: Any) -> None:
-        self._client.upload_file(Config=self._config, **kwargs)
+# Arguments every request of one multipart upload must repeat (the others go on its start).
+_PER_PART_ARGS = (
+    "ExpectedBucketOwner",
+    "SSECustomerAlgorithm",
+    "SSECustomerKey",
+    "SSECustomerKeyMD5",
+    "RequestPayer",
+)
 
 
 class S3Store(RepositoryStore):
     """``s3://bucket/path`` through MLflow's configured boto3 client."""
 
-    def _put(self, local: Path, directory: str) -> None:
+    def _sink(self, directory: str, name: str) -> PartSink | None:
         repo = self._repo
         try:
             client = repo._get_s3_client()
             bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
-            upload = repo._upload_file
-        except AttributeError:  # another MLflow layout: use its public API
-            super()._put(local, directory)
-            return
-        key = posixpath.join(prefix, directory, local.name)
-        upload(_SinglePartClient(client), str(local), bucket, key)
+            extra: dict[str, Any] = dict(repo._bucket_owner_params)
+            extra.update(repo.get_s3_file_upload_extra_args() or {})
+        except AttributeError:  # another MLflow layout: stage the file and use its public API
+            logger.debug("MLflow's S3 repository changed shape; staging uploads locally")
+            return None
+        content_type, encoding = mimetypes.guess_type(name)
+        if content_type:
+            extra.setdefault("ContentType", content_type)
+        if encoding:
+            extra.setdefault("ContentEncoding", encoding)
+        return _S3Object(client, bucket, posixpath.join(prefix, directory, name), extra)
+
+
+class _S3Object:
+    """One S3 object written from memory (see :class:`~.streaming.PartSink`)."""
+
+    parallel = True
+    retryable_parts = True
+
+    def __init__(self, client: Any, bucket: str, key: str, extra: dict[str, Any]) -> None:
+        self._client = client
+        self._where = {"Bucket": bucket, "Key": key}
+        self._extra = extra
+        self._per_part = {k: v for k, v in extra.items() if k in _PER_PART_ARGS}
+        self._upload_id: str | None = None
+
+    def put(self, data: bytes) -> None:
+        self._client.put_object(Body=data, **self._where, **self._extra)
+
+    def begin(self) -> None:
+        reply = self._client.create_multipart_upload(**self._where, **self._extra)
+        self._upload_id = reply["UploadId"]
+
+    def put_part(self, number: int, offset: int, data: bytes, final: bool) -> dict[str, Any]:
+        reply = self._client.upload_part(
+            Body=data, PartNumber=number, UploadId=self._upload_id, **self._where, **self._per_part
+        )
+        return {"ETag": reply["ETag"], "PartNumber": number}
+
+    def complete(self, tokens: list[Any], total: int) -> None:
+        self._client.complete_multipart_upload(
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": tokens},
+            **self._where,
+            **{k: v for k, v in self._per_part.items() if not k.startswith("SSECustomer")},
+        )
+
+    def abort(self) -> None:
+        if self._upload_id is not None:
+            self._client.abort_multipart_upload(UploadId=self._upload_id, **self._where)

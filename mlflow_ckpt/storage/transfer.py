@@ -17,16 +17,22 @@ _FIXES = {
 }
 
 
+MIN_PART_BYTES = 5 * 1024 * 1024
+PART_ALIGN = 256 * 1024
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     """How checkpoint files move to and from remote stores.
 
-    ``max_workers`` files transfer in parallel (and at most ``max_workers + 1`` staged files
-    wait on local disk during a remote save). ``progress`` shows a tqdm bar for transfers
-    of at least ``progress_min_bytes``: ``None`` means "when stderr is a terminal".
+    ``max_workers`` parts or files transfer in parallel. A remote save writes from memory in
+    parts of ``part_bytes`` (a file no larger goes up in one request), with at most
+    ``max_workers + 1`` parts in memory at a time. ``progress`` shows a tqdm bar once a
+    transfer moved ``progress_min_bytes``: ``None`` means "when stderr is a terminal".
     """
 
     max_workers: int = 4
+    part_bytes: int = 32 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: bool | None = None
     progress_min_bytes: int = 64 * 1024 * 1024
@@ -34,6 +40,12 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.max_workers < 1:
             raise ValueError("max_workers must be at least 1")
+        if self.part_bytes < MIN_PART_BYTES or self.part_bytes % PART_ALIGN:
+            raise ValueError(
+                f"part_bytes must be a multiple of {PART_ALIGN} (256 KiB, as GCS requires) "
+                f"and at least {MIN_PART_BYTES} (5 MiB, S3's smallest part); "
+                f"got {self.part_bytes}"
+            )
 
     def show_progress(self, nbytes: int) -> bool:
         wanted = sys.stderr.isatty() if self.progress is None else self.progress
