@@ -214,7 +214,8 @@ def test_credentials_never_recorded(
 def test_azure_upload_of_more_than_ten_blocks(
     tracking: str, azurite_server: servers.Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 72 MiB shard goes up as 18 blocks of 4 MiB (MLflow's own multipart breaks at 10)."""
+    """A 72 MiB shard goes up from memory as 15 staged blocks of 5 MiB, committed at once
+    (MLflow's own multipart upload breaks at 10 blocks)."""
     monkeypatch.setenv(
         "AZURE_STORAGE_CONNECTION_STRING", servers.azurite_connection_string(azurite_server.port)
     )
@@ -225,7 +226,11 @@ def test_azure_upload_of_more_than_ten_blocks(
     mlflow.set_experiment(experiment_id=exp)
     big = torch.randn(18 * 1024 * 1024)  # 72 MiB: above the SDK's 64 MiB single-put limit
     with mlflow.start_run(run_name="blocks") as run:
-        with mlflow_ckpt.CheckpointManager({"big": big}, async_save=False) as mgr:
+        with mlflow_ckpt.CheckpointManager(
+            {"big": big},
+            async_save=False,
+            transfer=TransferConfig(part_bytes=5 * 1024 * 1024),
+        ) as mgr:
             mgr.save(0)
     restored = {"big": torch.empty_like(big)}
     mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)

@@ -50,17 +50,20 @@ class _AzureBlob:
 
             self._settings = ContentSettings(content_type=content_type)
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytearray) -> None:
         self._blob.upload_blob(
-            data, overwrite=True, timeout=self._timeout, content_settings=self._settings
+            bytes(data),  # the SDK takes a bytearray for an iterable of ints
+            overwrite=True,
+            timeout=self._timeout,
+            content_settings=self._settings,
         )
 
     def begin(self) -> None:
         """Blocks need no session."""
 
-    def put_part(self, number: int, offset: int, data: bytes, final: bool) -> str:
+    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> str:
         block_id = base64.b64encode(f"{number:010d}".encode()).decode()
-        self._blob.stage_block(block_id, data, length=len(data), timeout=self._timeout)
+        self._blob.stage_block(block_id, bytes(data), length=len(data), timeout=self._timeout)
         return block_id
 
     def complete(self, tokens: list[Any], total: int) -> None:

@@ -41,11 +41,11 @@ class PartSink(Protocol):
     parallel: bool
     retryable_parts: bool
 
-    def put(self, data: bytes) -> None: ...
+    def put(self, data: bytearray) -> None: ...
 
     def begin(self) -> None: ...
 
-    def put_part(self, number: int, offset: int, data: bytes, final: bool) -> Any: ...
+    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> Any: ...
 
     def complete(self, tokens: list[Any], total: int) -> None: ...
 
@@ -117,8 +117,7 @@ class StreamingWriter:
         if not self._begun:
             self._uploads.attempt(self._sink.begin, f"start the upload of {self._rel_path} to")
             self._begun = True
-        assert self._buffer is not None
-        data = bytes(memoryview(self._buffer)[: self._filled])
+        data = self._take_buffer()
         number, offset, previous = len(self._parts) + 1, self._offset, self._last_part()
         sink, uploads, rel_path = self._sink, self._uploads, self._rel_path
 
@@ -137,8 +136,16 @@ class StreamingWriter:
                 uploads.release_part()
 
         self._parts.append(uploads.submit(upload))
-        self._offset += self._filled
-        self._buffer, self._filled = None, 0
+        self._offset += len(data)
+
+    def _take_buffer(self) -> bytearray:
+        """The filled part, handed over without a copy (a bytearray is a valid body for
+        every SDK we call); the next write starts a fresh one."""
+        assert self._buffer is not None
+        data, self._buffer = self._buffer, None
+        del data[self._filled :]  # the last part: shrink in place
+        self._filled = 0
+        return data
 
     def _last_part(self) -> Future[Any] | None:
         return self._parts[-1] if self._parts else None
@@ -146,16 +153,16 @@ class StreamingWriter:
     def close(self) -> Future[Any]:
         """Queue the rest of the file and its commit; return the future that ends it."""
         if not self._parts:  # one part (or an empty file): a single request
-            data = bytes(memoryview(self._buffer)[: self._filled]) if self._buffer else b""
-            sink, uploads, rel_path, holds = self._sink, self._uploads, self._rel_path, self._buffer
-            self._buffer = None
+            holds = self._buffer is not None
+            data = self._take_buffer() if holds else bytearray()
+            sink, uploads, rel_path = self._sink, self._uploads, self._rel_path
 
             def put() -> None:
                 try:
                     uploads.attempt(lambda: sink.put(data), f"upload {rel_path} to")
                     uploads.progress(len(data))
                 finally:
-                    if holds is not None:
+                    if holds:
                         uploads.release_part()
 
             return self._uploads.submit(put)
