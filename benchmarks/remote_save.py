@@ -26,17 +26,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path.cwd()))  # the checkout under test (its mlflow_ckpt)
-sys.path.append(str(ROOT))  # this checkout's test servers
-sys.path.append(str(ROOT / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # this checkout's test servers
+sys.path.append(str(Path(__file__).resolve().parent))
 
 import boto3
 import mlflow
+from stall import build, state_bytes
 
 import mlflow_ckpt
 from mlflow_ckpt.storage import TransferConfig
-from stall import build, state_bytes
 from tests import servers
 
 

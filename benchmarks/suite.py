@@ -14,7 +14,9 @@ min / median / max of ``--repeats`` (this machine is noisy):
   ``dcp.load``;
 - **peak extra memory** of async saves (a fresh process, ``benchmarks/stall.py --memory``);
 - **MLflow cost per checkpoint**: a sync save of a tiny state in a run that already holds
-  0 / 1,000 / 10,000 committed checkpoints, and 0 / 200,000 metric points.
+  0 / 1,000 / 10,000 committed checkpoints, and 0 / 200,000 metric points; and the catalog
+  queries (``list_checkpoints``, ``latest_checkpoint``, ``best_checkpoint`` by run and by
+  experiment, ``mlflow-ckpt list``) on those runs.
 
     python benchmarks/suite.py [--params 50] [--repeats 5] [--json] [--quick]
 
@@ -201,6 +203,8 @@ def mlflow_cost(repeats: int, counts: list[int]) -> Figures:
                     manifest_sha256="0" * 64,
                 )
             out[f"save, run with {existing:,} checkpoints"] = _tiny_saves(existing, repeats * 4)
+            if existing:
+                out.update(_queries(run.info.run_id, exp, existing, repeats))
     with mlflow.start_run(run_name="cost-metrics") as run:
         from mlflow.entities import Metric
 
@@ -209,6 +213,35 @@ def mlflow_cost(repeats: int, counts: list[int]) -> Figures:
             client.log_batch(run.info.run_id, metrics=batch)
         out["save, run with 200,000 metric points"] = _tiny_saves(200_000, repeats * 4)
     return out
+
+
+def _queries(run_id: str, exp: str, existing: int, repeats: int) -> Figures:
+    """Catalog queries on a run that holds ``existing`` (+ a few) committed checkpoints."""
+    from click.testing import CliRunner
+
+    from mlflow_ckpt.cli import main as cli
+
+    listed = mlflow_ckpt.list_checkpoints(run_id)
+    assert len(listed) > existing and listed[0].step > listed[-1].step, "not all, or not in order"
+    n = f"{existing:,}"
+    runner = CliRunner()
+    return {
+        f"list_checkpoints, run with {n}": timed(
+            lambda: mlflow_ckpt.list_checkpoints(run_id), repeats
+        ),
+        f"latest_checkpoint, run with {n}": timed(
+            lambda: mlflow_ckpt.latest_checkpoint(run_id), repeats
+        ),
+        f"best_checkpoint (run), run with {n}": timed(
+            lambda: mlflow_ckpt.best_checkpoint(run_id=run_id, metric="loss"), repeats
+        ),
+        f"best_checkpoint (experiment), run with {n}": timed(
+            lambda: mlflow_ckpt.best_checkpoint(experiment_ids=[exp], metric="loss"), repeats
+        ),
+        f"mlflow-ckpt list RUN, run with {n}": timed(
+            lambda: runner.invoke(cli, ["list", run_id], catch_exceptions=False), repeats
+        ),
+    }
 
 
 def _tiny_saves(first_step: int, n: int) -> list[float]:
@@ -271,7 +304,7 @@ def table(speeds: Figures, size: int, costs: Figures, memory: str, repeats: int)
         "",
         f"peak memory: {memory}",
         "",
-        "| MLflow cost per checkpoint | ms (min / median / max) |",
+        "| MLflow cost per checkpoint, and queries | ms (min / median / max) |",
         "|---|---|",
     ]
     for name, values in costs.items():
