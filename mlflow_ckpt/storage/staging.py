@@ -1,6 +1,8 @@
 """Local staging folders for uploads, and the sweep that removes those of dead processes.
 
-A remote save stages each file in a temporary folder before its upload. A process killed
+A save to a remote store we cannot write from memory (an artifact repository other than
+S3, Azure, GCS or an ``mlflow server``) stages each file in a temporary folder before its
+upload. A process killed
 mid-save leaves its folders behind in the system temp directory; their names carry the
 owner's PID so that a later cleanup (``mlflow-ckpt gc``, or the next resume) can tell
 abandoned folders from those of a save in progress.
