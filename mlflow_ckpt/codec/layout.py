@@ -13,6 +13,7 @@ that the tensor files hold exactly the tensors the manifest's index announces.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ckpt.codec import safetensors_io, torch_io
+from mlflow_ckpt.codec import safetensors_io, torch_io, zstd_io
 from mlflow_ckpt.codec.hashing import HashingWriter, hash_bytes, hash_file
 from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
@@ -85,9 +86,17 @@ def write_state(
     format: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    compression: str | None = None,
+    compression_level: int = zstd_io.DEFAULT_LEVEL,
 ) -> EncodedFiles:
-    """Write the structure file and the tensor shards of one checkpoint to ``store``."""
+    """Write the structure file and the tensor shards of one checkpoint to ``store``.
+
+    With ``compression="zstd"`` the shards are ``.ztensors`` files (see ``zstd_io``)."""
     extension, module = _FORMATS[check_format(format)]
+    encode: Callable[[Any, Sequence[tuple[str, torch.Tensor]]], list[int | None]] = module.write
+    if compression == "zstd":
+        extension = zstd_io.EXTENSION
+        encode = functools.partial(zstd_io.write, level=compression_level)
     if format == "safetensors":
         bad = sorted(
             {str(t.dtype) for t in tensors.values() if not safetensors_io.supports(t.dtype)}
@@ -106,7 +115,7 @@ def write_state(
         name = f"tensors-{number:05d}-of-{len(shards):05d}{extension}"
         with store.open_writer(name) as raw:
             writer = HashingWriter(raw)
-            offsets = module.write(writer, items)
+            offsets = encode(writer, items)
         entries = [
             TensorEntry(
                 name=tname,
@@ -296,7 +305,7 @@ def load_files(
     safetensors shards come back as verified in-memory buffers (see :func:`read_verified`),
     every other file as a verified local path.
     """
-    in_memory = {t.file for t in manifest.tensors} if manifest.format == "safetensors" else set()
+    in_memory = {t.file for t in manifest.tensors} if _in_memory(manifest) else set()
 
     def one(entry: FileEntry) -> Path | torch.Tensor:
         if entry.path in in_memory:
@@ -308,6 +317,11 @@ def load_files(
     with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-read") as pool:
         futures = {e.path: pool.submit(one, e) for e in entries}
         return {e.path: futures[e.path].result() for e in manifest.files}
+
+
+def _in_memory(manifest: Manifest) -> bool:
+    """Whether the tensor files are decoded from verified buffers (not from a path)."""
+    return manifest.format == "safetensors" or manifest.compression is not None
 
 
 def _bytes_of(source: Path | torch.Tensor) -> bytes:
@@ -341,7 +355,11 @@ def read_state(
         by_file.setdefault(entry.file, []).append(entry)
     for file, entries in by_file.items():
         source = local[file]
-        if isinstance(source, torch.Tensor):
+        if manifest.compression == "zstd":
+            if not isinstance(source, torch.Tensor):
+                source = torch.frombuffer(bytearray(source.read_bytes()), dtype=torch.uint8)
+            loaded, offsets = zstd_io.read_buffer(source, file, where)
+        elif isinstance(source, torch.Tensor):
             loaded, offsets = safetensors_io.read_buffer(source, file, where)
         else:
             loaded, offsets = module.read(source, where), module.data_offsets(source)

@@ -21,10 +21,12 @@ from typing import Any
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 3  # the newest this version reads
+FORMAT_VERSION = 4  # the newest this version reads
 SINGLE_FORMAT_VERSION = 1
 DISTRIBUTED_FORMAT_VERSION = 2  # adds ``world_size``, ``ranks/`` and ``shards/``
 BLAKE3_FORMAT_VERSION = 3  # files may be hashed with BLAKE3 (older readers know SHA-256 only)
+COMPRESSED_FORMAT_VERSION = 4  # tensor shards may be zstd-compressed ``.ztensors`` files
+COMPRESSIONS = ("zstd",)
 HASH_ALGORITHMS = ("blake3", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -75,8 +77,13 @@ class FileEntry:
         )
 
 
-def format_version_for(files: Sequence[FileEntry], base: int) -> int:
-    """The manifest format that can describe ``files``: BLAKE3 entries need format 3."""
+def format_version_for(
+    files: Sequence[FileEntry], base: int, compression: str | None = None
+) -> int:
+    """The oldest manifest format that can describe a checkpoint: BLAKE3 entries need 3,
+    compressed shards 4 (older readers then ask for an upgrade instead of misreading)."""
+    if compression:
+        return max(base, COMPRESSED_FORMAT_VERSION)
     return max(base, BLAKE3_FORMAT_VERSION) if any(f.algorithm == "blake3" for f in files) else base
 
 
@@ -110,6 +117,7 @@ class Manifest:
     # 0 for a single-process checkpoint; else the number of ranks that wrote it (their own
     # state under ``ranks/``, the sharded tensors under ``shards/``; see folder/distributed.py)
     world_size: int = 0
+    compression: str | None = None  # "zstd": the tensor shards are ``.ztensors`` files
 
     @property
     def size_bytes(self) -> int:
@@ -205,7 +213,14 @@ class Manifest:
             },
             format_version=version,
             world_size=_int(data.get("world_size", 0)),
+            compression=_compression(data.get("compression")),
         )
+
+
+def _compression(value: Any) -> str | None:
+    if value is not None and value not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {value!r}")
+    return value
 
 
 def _int(value: Any) -> int:

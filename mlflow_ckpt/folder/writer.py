@@ -40,6 +40,8 @@ class FolderSpec:
     """How checkpoint folders are written: format, sharding, and how to rebuild the model."""
 
     format: str = "safetensors"
+    compression: str | None = None  # "zstd": shards as byte-grouped zstd blocks (.ztensors)
+    compression_level: int = 1
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     model_factory: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -81,6 +83,8 @@ def write_folder(
         snapshot.tensors,
         format=spec.format,
         max_shard_bytes=spec.max_shard_bytes,
+        compression=spec.compression,
+        compression_level=spec.compression_level,
     )
     model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()  # every file is in the store before the manifest commits them
@@ -96,7 +100,8 @@ def write_folder(
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),
         versions=library_versions(),
-        format_version=format_version_for(files, SINGLE_FORMAT_VERSION),
+        format_version=format_version_for(files, SINGLE_FORMAT_VERSION, spec.compression),
+        compression=spec.compression,
     )
     if before_manifest is not None:
         before_manifest()

@@ -60,9 +60,9 @@ class CheckpointManager:
     Also: ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state
     is skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
-    (something else logs the metrics), ``transfer``, ``max_shard_bytes``, ``code_paths``
-    (the model's code inside each checkpoint), ``timeline`` (a picture of the checkpoints
-    logged at ``close()``). The README explains each; every argument is checked first."""
+    (something else logs the metrics), ``compression="zstd"``, ``transfer``,
+    ``max_shard_bytes``, ``code_paths`` (the model's code in each checkpoint), ``timeline`` (a
+    picture logged at ``close()``). The README explains each; every argument is checked first."""
 
     def __init__(
         self,
@@ -80,6 +80,8 @@ class CheckpointManager:
         keep_every_n_steps: int | None = None,
         save_last: bool = True,
         format: str = "safetensors",
+        compression: str | None = None,
+        compression_level: int = 1,
         async_save: bool = True,
         model_factory: Callable[..., Any] | str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
@@ -190,8 +192,7 @@ class CheckpointManager:
         fired = decision.fired
         self._saver.flush_metrics()
         self._last_step, self._last_epoch = step, epoch
-        stamp = None if timestamp_ms is None else int(timestamp_ms)
-        self._saver.metrics.hold(step, clean, stamp)
+        self._saver.metrics.hold(step, clean, None if timestamp_ms is None else int(timestamp_ms))
         if fired:
             self._save(step, epoch, fired, end_of_epoch=end_of_epoch)
         return bool(fired)
@@ -209,7 +210,6 @@ class CheckpointManager:
         pending = self._saver.metrics.pending
         if pending is not None and pending.step == step:
             pending.metrics.update(clean)
-            step = pending.step
         else:
             step, epoch = self._check_step(step, epoch)
             self._saver.flush_metrics()

@@ -23,6 +23,7 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_ckpt.codec import check_format
+from mlflow_ckpt.codec.zstd_io import check_level
 from mlflow_ckpt.folder import MODEL_KEY, FolderSpec, factory_path
 from mlflow_ckpt.manager.metrics import check_metric_name
 from mlflow_ckpt.manager.retention import KeepAny, RetentionPolicy, build_policy
@@ -147,11 +148,18 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     for name, kind in (("transfer", TransferConfig), ("client", MlflowClient)):
         if args[name] is not None and not isinstance(args[name], kind):
             raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
+    distributed = _distributed_mode(args.get("distributed"))
+    spec = _folder_spec(args)
+    if spec.compression and distributed:
+        raise ValueError(
+            "compression='zstd' is not supported for distributed checkpoints yet (their "
+            "shards are written by DCP): drop compression= or pass distributed=False"
+        )
     return ManagerOptions(
-        distributed=_distributed_mode(args.get("distributed")),
+        distributed=distributed,
         triggers=_triggers(args, monitor, mode),
         retention=_retention(args, monitor, mode),
-        spec=_folder_spec(args),
+        spec=spec,
         monitor=monitor,
         mode=mode,
         async_save=args["async_save"],
@@ -319,8 +327,17 @@ def _folder_spec(args: Mapping[str, Any]) -> FolderSpec:
     for path in code_paths:
         if not Path(path).exists():
             raise ValueError(f"code path {path} does not exist (code_paths=)")
+    compression = args["compression"]
+    if compression not in (None, "zstd"):
+        raise ValueError(f"compression must be None or 'zstd', not {compression!r}")
+    if compression and args["format"] != "safetensors":
+        raise ValueError(
+            "compression='zstd' compresses safetensors shards: use format='safetensors'"
+        )
     return FolderSpec(
         format=check_format(args["format"]),
+        compression=compression,
+        compression_level=check_level(args["compression_level"]),
         max_shard_bytes=int(args["max_shard_bytes"]),
         model_factory=factory_path(args["model_factory"]),
         model_kwargs=kwargs,

@@ -1,0 +1,291 @@
+"""Compressed tensor files (``.ztensors``): byte-grouped zstd blocks, streamed, bounded memory.
+
+Floating-point weights barely compress as they are: every element's low mantissa bytes are
+noise. Their high bytes (sign and exponent) are not, so each block of a floating-point
+tensor is split into byte planes first (all first bytes, then all second bytes, ...), and
+each plane is compressed on its own or, when that does not pay (a mantissa plane), stored
+as is. Which planes pay is decided on a tensor's first block and kept for the rest, so
+noise is not compressed over and over. Blocks (4 MiB of a tensor) are compressed on several
+threads and written in order as they finish: memory holds a few blocks, never a second copy
+of the state.
+
+Layout, all little-endian::
+
+    [plane data of every block of every tensor, in order]
+    [index: JSON]  [index length: 8 bytes]  [magic: b"MLCKZST1"]
+
+The index lists each tensor's dtype, shape, and for each block its raw length and, per
+plane, ``["zstd" | "raw", stored length]``. Reading checks that the index is bounded, that
+the planes tile the data exactly, that every zstd frame announces exactly the size the
+index gives it, and that no frame claims more than zstd can produce from its size (a
+decompression bomb), all before allocating anything. Each frame carries zstd's own checksum
+of its content, so a damaged frame is caught by the decoder too, not only by the file's
+hash in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+import torch
+import zstandard
+
+from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
+from mlflow_ckpt.errors import CheckpointCorruptedError
+
+EXTENSION = ".ztensors"
+MAGIC = b"MLCKZST1"
+BLOCK_BYTES = 4 * 1024 * 1024
+MAX_INDEX_BYTES = 100 * 1024 * 1024
+# A zstd block of at most 128 KiB costs at least 4 bytes (an RLE block): no valid frame
+# expands more than this. Anything claiming more is refused unread.
+MAX_EXPANSION = 32 * 1024
+PAYS_BELOW = 0.97  # a plane is kept compressed only if that saves at least 3%
+DEFAULT_LEVEL = 1
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_PLANED = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
+
+
+def check_level(level: int) -> int:
+    """Validate a zstd compression level (negative levels are zstd's fastest)."""
+    low, high = -7, zstandard.MAX_COMPRESSION_LEVEL
+    if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
+        raise ValueError(f"compression_level={level!r} must be an integer from {low} to {high}")
+    return level
+
+
+def _planes_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if dtype in _PLANED else 1
+
+
+def _split(block: torch.Tensor, planes: int) -> list[memoryview]:
+    """The block's bytes grouped by position in the element (one view if ``planes == 1``)."""
+    if planes == 1:
+        return [memoryview(block.numpy()).cast("B")]
+    grouped = block.view(-1, planes).t().contiguous()
+    return [memoryview(grouped[i].numpy()).cast("B") for i in range(planes)]
+
+
+def _blocks(flat: torch.Tensor, planes: int) -> Iterator[torch.Tensor]:
+    step = max(planes, BLOCK_BYTES // planes * planes)
+    for start in range(0, flat.numel(), step):
+        yield flat[start : start + step]
+
+
+class _Encoder:
+    """Per-thread zstd compressors (a compressor must not be shared between threads)."""
+
+    def __init__(self, level: int) -> None:
+        self._level = level
+        self._local = threading.local()
+
+    def compress(self, data: memoryview) -> bytes:
+        compressor = getattr(self._local, "c", None)
+        if compressor is None:
+            compressor = self._local.c = zstandard.ZstdCompressor(
+                level=self._level, write_content_size=True, write_checksum=True
+            )
+        return compressor.compress(data)
+
+
+def write(
+    f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], level: int = DEFAULT_LEVEL
+) -> list[int | None]:
+    """Write ``items`` (contiguous CPU tensors) as one ``.ztensors`` file.
+
+    Offsets are not meaningful in a compressed file: the manifest records none.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+        raise RuntimeError("compressed checkpoints are written on little-endian hosts only")
+    encoder = _Encoder(level)
+    index: dict[str, Any] = {}
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-zstd") as pool:
+        for name, tensor in items:
+            planes = _planes_of(tensor.dtype)
+            flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
+            blocks: list[Any] = []
+            index[name] = {
+                "dtype": _DTYPE_CODES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "planes": planes,
+                "blocks": blocks,
+            }
+            if flat is None:
+                continue
+            pays: list[bool] | None = None  # decided on the first block
+            in_flight: list[Future[_Block]] = []
+            for block in _blocks(flat, planes):
+                if pays is None:
+                    first = _encode(encoder, block, planes, None)
+                    pays = [codec == "zstd" for codec, _ in first[1]]
+                    _emit(f, blocks, first)
+                    continue
+                in_flight.append(pool.submit(_encode, encoder, block, planes, pays))
+                if len(in_flight) > 2 * workers:  # bounded: a few blocks in memory
+                    _emit(f, blocks, in_flight.pop(0).result())
+            for future in in_flight:
+                _emit(f, blocks, future.result())
+    encoded = json.dumps(index, separators=(",", ":")).encode()
+    f.write(encoded)
+    f.write(len(encoded).to_bytes(8, "little"))
+    f.write(MAGIC)
+    return [None] * len(items)
+
+
+_Block = tuple[int, list[tuple[str, "bytes | memoryview"]]]  # raw length, encoded planes
+
+
+def _encode(encoder: _Encoder, block: torch.Tensor, planes: int, pays: list[bool] | None) -> _Block:
+    out: list[tuple[str, bytes | memoryview]] = []
+    for i, plane in enumerate(_split(block, planes)):
+        if pays is not None and not pays[i]:
+            out.append(("raw", plane))
+            continue
+        packed = encoder.compress(plane)
+        if len(packed) < PAYS_BELOW * len(plane):
+            out.append(("zstd", packed))
+        else:
+            out.append(("raw", plane))
+    return block.numel(), out
+
+
+def _emit(f: BinaryIO, blocks: list[Any], block: _Block) -> None:
+    raw_len, encoded = block
+    for _, data in encoded:
+        f.write(data)
+    blocks.append([raw_len, [[codec, len(data)] for codec, data in encoded]])
+
+
+def read_buffer(
+    data: torch.Tensor, name: str, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]:
+    """Decode a whole ``.ztensors`` file already in memory (``uint8``, verified)."""
+
+    def bad(reason: str) -> CheckpointCorruptedError:
+        return CheckpointCorruptedError(
+            f"{where}: {name} is not a valid compressed tensor file ({reason})", path=name
+        )
+
+    total = data.numel()
+    if total < 16 or data[-8:].numpy().tobytes() != MAGIC:
+        raise bad("no index at its end")
+    length = int.from_bytes(data[-16:-8].numpy().tobytes(), "little")
+    if length > min(MAX_INDEX_BYTES, total - 16):
+        raise bad(f"index length {length} is larger than the file or the 100 MB limit")
+    body = total - 16 - length
+    try:
+        index = json.loads(data[body : body + length].numpy().tobytes())
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"index is not JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise bad("index is not a JSON object")
+    plans = [_plan(key, entry, bad) for key, entry in index.items()]
+    position = 0
+    for plan in plans:
+        for _, spans in plan["blocks"]:
+            for codec, stored, raw in spans:
+                if codec == "zstd" and raw > stored * MAX_EXPANSION:
+                    raise bad(f"{plan['key']!r}: a {stored}-byte frame claims {raw} bytes")
+                position += stored
+    if position != body:
+        raise bad(f"the index covers {position} bytes of a {body}-byte body")
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    for plan in plans:
+        tensors[plan["key"]], offset = _decode(data, offset, plan, bad)
+    return tensors, {key: (None, t.numel() * t.element_size()) for key, t in tensors.items()}
+
+
+def _plan(key: str, entry: Any, bad: Any) -> dict[str, Any]:
+    try:
+        dtype = _CODE_DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        planes = entry["planes"]
+        blocks = entry["blocks"]
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise TypeError("shape")
+        if planes != _planes_of(dtype) or not isinstance(blocks, list):
+            raise TypeError("planes")
+        parsed = []
+        for raw_len, spans in blocks:
+            if not _count(raw_len) or raw_len % planes or raw_len > BLOCK_BYTES:
+                raise TypeError("block length")
+            if not isinstance(spans, list) or len(spans) != planes:
+                raise TypeError("planes of a block")
+            plane_len = raw_len // planes
+            checked = []
+            for codec, stored in spans:
+                if codec not in ("zstd", "raw") or not _count(stored):
+                    raise TypeError("plane")
+                if codec == "raw" and stored != plane_len:
+                    raise TypeError("raw plane length")
+                checked.append((codec, stored, plane_len))
+            parsed.append((raw_len, checked))
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"entry {key!r} has no valid dtype, shape, planes and blocks") from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if sum(raw for raw, _ in parsed) != nbytes:
+        raise bad(f"{key!r}: its blocks hold other than the {nbytes} bytes its shape needs")
+    return {"key": key, "dtype": dtype, "shape": shape, "planes": planes, "blocks": parsed}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _decode(
+    data: torch.Tensor, offset: int, plan: dict[str, Any], bad: Any
+) -> tuple[torch.Tensor, int]:
+    planes = plan["planes"]
+    out = torch.empty(sum(raw for raw, _ in plan["blocks"]), dtype=torch.uint8)
+    jobs = []
+    written = 0
+    for raw_len, spans in plan["blocks"]:
+        jobs.append((offset, written, raw_len, spans))
+        offset += sum(stored for _, stored, _ in spans)
+        written += raw_len
+
+    def one(job: tuple[int, int, int, list[tuple[str, int, int]]]) -> None:
+        start, target, raw_len, spans = job
+        grouped = torch.empty(raw_len, dtype=torch.uint8) if planes > 1 else None
+        at = start
+        for i, (codec, stored, plane_len) in enumerate(spans):
+            chunk = data[at : at + stored]
+            at += stored
+            if codec == "zstd":
+                frame = memoryview(chunk.numpy()).cast("B")
+                try:
+                    if zstandard.frame_content_size(frame) != plane_len:
+                        raise zstandard.ZstdError("its header gives another size")
+                    plain = zstandard.ZstdDecompressor().decompress(
+                        frame, max_output_size=plane_len
+                    )
+                except zstandard.ZstdError as exc:
+                    raise bad(f"{plan['key']!r}: a zstd frame does not decode ({exc})") from None
+                if len(plain) != plane_len:
+                    raise bad(f"{plan['key']!r}: a zstd frame decodes to {len(plain)} bytes")
+                chunk = torch.frombuffer(bytearray(plain), dtype=torch.uint8)
+            if grouped is None:
+                out[target : target + raw_len] = chunk
+            else:
+                grouped[i * plane_len : (i + 1) * plane_len] = chunk
+        if grouped is not None:
+            out[target : target + raw_len] = grouped.view(planes, -1).t().reshape(-1)
+
+    workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-unzstd") as pool:
+            list(pool.map(one, jobs))
+    else:
+        for job in jobs:
+            one(job)
+    return out.view(plan["dtype"]).reshape(plan["shape"]), offset

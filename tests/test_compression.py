@@ -1,0 +1,189 @@
+"""compression="zstd": bit-exact round trips, ratios, corrupt and hostile compressed files."""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mlflow_ckpt
+from mlflow_ckpt.catalog import export_safetensors
+from mlflow_ckpt.codec import zstd_io
+from tests.conftest import StoreUnderTest
+from tests.test_hostile import assert_untouched, folder, fresh_model, params_of, resign, save_run
+
+MB = 1024 * 1024
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    """One tensor of each dtype the format stores; the float ones span several 4 MiB blocks."""
+    torch.manual_seed(0)
+    weights = torch.randn(3 * MB + 5) * 0.02
+    state = {
+        "bf16": weights.to(torch.bfloat16),
+        "fp16": weights[: MB + 3].to(torch.float16),
+        "fp32": weights,
+        "fp64": weights[:1000].double(),
+        "c64": torch.randn(300, dtype=torch.complex64),
+        "i8": torch.randint(-128, 127, (1001,), dtype=torch.int8),
+        "u8": torch.randint(0, 255, (999,), dtype=torch.uint8),
+        "i16": torch.randint(-1000, 1000, (77,), dtype=torch.int16),
+        "i32": torch.arange(5000, dtype=torch.int32),
+        "i64": torch.arange(-3, 2 * MB, dtype=torch.int64),
+        "bool": torch.rand(333) > 0.5,
+        "zeros": torch.zeros(2 * MB),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5),
+        "strided": torch.randn(64, 32).t(),
+    }
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        if hasattr(torch, name):
+            state[name] = weights[:4097].to(getattr(torch, name))
+    return state
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_every_dtype_round_trips_bit_for_bit(tracking: str, async_save: bool) -> None:
+    state = every_dtype()
+    with mlflow.start_run(run_name="zstd") as run:
+        with mlflow_ckpt.CheckpointManager(
+            state, async_save=async_save, compression="zstd", timeline=False
+        ) as mgr:
+            mgr.save(1)
+    ckpt = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    files = sorted(p.name for p in folder(ckpt).iterdir())
+    assert [f for f in files if f.startswith("tensors-")] == ["tensors-00001-of-00001.ztensors"]
+    manifest = json.loads((folder(ckpt) / "manifest.json").read_text())
+    assert (manifest["format_version"], manifest["compression"]) == (4, "zstd")
+    raw = mlflow_ckpt.load_training_state(ckpt.uri)
+    for name, tensor in state.items():
+        got = raw[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        bits = (lambda t: t.contiguous().reshape(-1).view(torch.uint8)) if tensor.numel() else None
+        assert bits is None or torch.equal(bits(got), bits(tensor)), name
+    assert ckpt.size_bytes < sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_bf16_weights_shrink_and_noise_is_stored_as_is(tracking: str) -> None:
+    """bf16 N(0, 0.02) weights: byte planes make the exponents compress (<= 0.72x raw);
+    random bytes do not compress and are stored raw (a few bytes of index more)."""
+    torch.manual_seed(1)
+    weights = (torch.randn(8 * MB) * 0.02).to(torch.bfloat16)
+    noise = torch.randint(0, 256, (8 * MB,), dtype=torch.uint8)
+    sizes = {}
+    for name, tensor in (("weights", weights), ("noise", noise)):
+        with mlflow.start_run(run_name=name) as run:
+            with mlflow_ckpt.CheckpointManager(
+                {"t": tensor}, async_save=False, compression="zstd", timeline=False
+            ) as mgr:
+                mgr.save(0)
+        (shard,) = folder(mlflow_ckpt.latest_checkpoint(run.info.run_id)).glob("tensors-*")
+        sizes[name] = shard.stat().st_size / (tensor.numel() * tensor.element_size())
+    assert sizes["weights"] <= 0.72, sizes
+    assert 1.0 <= sizes["noise"] < 1.001, sizes
+
+
+def test_export_of_a_compressed_checkpoint_is_a_standard_safetensors_file(
+    tracking: str, tmp_path: Path
+) -> None:
+    state = {"model": fresh_model(), "big": (torch.randn(MB) * 0.02).to(torch.bfloat16)}
+    _, (ckpt,) = save_run(state=state, compression="zstd", compression_level=5)
+    out = tmp_path / "weights.safetensors"
+    export_safetensors(ckpt.uri, out, key="model")
+    loaded = load_file(str(out))  # the safetensors library itself reads it
+    expected = state["model"].state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[name], value) for name, value in expected.items())
+
+
+def _frame_plane(data: bytes) -> tuple[dict, int]:
+    """The index of a .ztensors file and where its body ends."""
+    (length,) = struct.unpack("<Q", data[-16:-8])
+    body = len(data) - 16 - length
+    return json.loads(data[body : body + length]), body
+
+
+def test_a_broken_zstd_frame_is_reported_as_corruption_naming_the_file(tracking: str) -> None:
+    """The file's hash is forged to match (so only the decoder stands in the way)."""
+    state = {"model": fresh_model(), "w": (torch.randn(MB) * 0.02).to(torch.bfloat16)}
+    _, (ckpt,) = save_run(state=state, compression="zstd")
+    (shard,) = folder(ckpt).glob("tensors-*")
+    data = bytearray(shard.read_bytes())
+    index, _ = _frame_plane(bytes(data))
+    offset = 0
+    for name in index:  # find the first zstd plane and break its frame's content
+        for _raw, spans in index[name]["blocks"]:
+            for codec, stored in spans:
+                if codec == "zstd":
+                    data[offset + stored // 2] ^= 0xFF
+                    data[offset + stored // 2 + 1] ^= 0xFF
+                    break
+                offset += stored
+            else:
+                continue
+            break
+        else:
+            continue
+        break
+    resign(folder(ckpt), {shard.name: bytes(data)})
+    target = {"model": fresh_model(7), "w": torch.zeros(MB, dtype=torch.bfloat16)}
+    before = params_of(target["model"])
+    with pytest.raises(mlflow_ckpt.CheckpointCorruptedError) as info:
+        mlflow_ckpt.load(ckpt.uri, target)
+    assert info.value.path == shard.name and shard.name in str(info.value)
+    assert_untouched(target["model"], before)
+
+
+def test_a_tiny_file_claiming_gigabytes_is_refused_before_allocating(tracking: str) -> None:
+    """A forged index says 4 GiB of float32 lie in 1,024 frames of one byte each: refused
+    from the index alone (no valid zstd frame expands 1 byte into 1 MiB)."""
+    _, (ckpt,) = save_run(state={"w": torch.zeros(10)}, compression="zstd")
+    (shard,) = folder(ckpt).glob("tensors-*")
+    blocks = [[4 * MB, [["zstd", 1]] * 4] for _ in range(1024)]
+    index = json.dumps(
+        {"w": {"dtype": "F32", "shape": [2**30], "planes": 4, "blocks": blocks}}
+    ).encode()
+    body = b"\x00" * (1024 * 4)
+    forged = body + index + struct.pack("<Q", len(index)) + zstd_io.MAGIC
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    resign(folder(ckpt), {shard.name: forged})
+    with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match="claims") as info:
+        mlflow_ckpt.load_training_state(ckpt.uri)
+    assert info.value.path == shard.name
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kb < 200 * 1024  # nothing near 4 GiB was ever touched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"compression": "lz4"}, "compression must be None or 'zstd'"),
+        ({"compression": "zstd", "format": "torch"}, "format='safetensors'"),
+        ({"compression": "zstd", "compression_level": 99}, "compression_level=99"),
+        ({"compression": "zstd", "compression_level": True}, "compression_level=True"),
+    ],
+)
+def test_bad_compression_arguments_are_refused_first(
+    tracking: str, kwargs: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        mlflow_ckpt.CheckpointManager({"w": torch.zeros(3)}, **kwargs)
+    assert mlflow.active_run() is None
+
+
+def test_compressed_checkpoints_on_every_store(store: StoreUnderTest) -> None:
+    state = {"w": (torch.randn(2 * MB) * 0.02).to(torch.bfloat16), "b": torch.arange(9)}
+    with mlflow.start_run(run_name="zstd-store") as run:
+        with mlflow_ckpt.CheckpointManager(
+            state, async_save=True, compression="zstd", timeline=False
+        ) as mgr:
+            mgr.save(3)
+    restored = {"w": torch.zeros_like(state["w"]), "b": torch.zeros(9, dtype=torch.int64)}
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
+    assert torch.equal(restored["w"], state["w"]) and torch.equal(restored["b"], state["b"])
