@@ -12,6 +12,9 @@ min / median / max of ``--repeats`` (this machine is noisy):
 - **load / resume** (``mlflow_ckpt.load`` into the live objects, every file hashed) against
   ``safetensors.torch.load_file`` of the same tensors copied into the live state, and
   ``dcp.load``;
+- **compression** (``compression="zstd"``): a sync save and a load of the same state, and
+  stored/raw ratio with compress and decompress GB/s for bf16 and fp32 weights and AdamW
+  moments (in memory, no disk);
 - **peak extra memory** of async saves (a fresh process, ``benchmarks/stall.py --memory``);
 - **MLflow cost per checkpoint**: a sync save of a tiny state in a run that already holds
   0 / 1,000 / 10,000 committed checkpoints, and 0 / 200,000 metric points; and the catalog
@@ -165,7 +168,69 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
     out["mlflow_ckpt load (resume), every file hashed"] = timed(
         lambda: mlflow_ckpt.load(uri, state), repeats
     )
+    with mlflow.start_run(run_name="zstd") as run:
+        mgr = mlflow_ckpt.CheckpointManager(
+            state, async_save=False, keep_last_n=1, timeline=False, compression="zstd"
+        )
+        mgr.save(next(step))
+        out["mlflow_ckpt sync save, compression='zstd'"] = timed(
+            lambda: mgr.save(next(step)), repeats
+        )
+        mgr.close()
+        zuri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
+    out["mlflow_ckpt load (resume), compression='zstd'"] = timed(
+        lambda: mlflow_ckpt.load(zuri, state), repeats
+    )
     return out, size
+
+
+class _Counter:
+    """A write-only sink that only counts: compression speed without the disk."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+
+def compression(repeats: int) -> dict[str, tuple[float, list[float], list[float]]]:
+    """Stored/raw ratio, compress and decompress GB/s of ``zstd_io`` on typical tensors."""
+    from mlflow_ckpt.codec import zstd_io
+
+    torch.manual_seed(0)
+    n = 32 * 1024 * 1024
+    kinds = {
+        "bf16 weights N(0, 0.02)": (torch.randn(2 * n) * 0.02).to(torch.bfloat16),
+        "fp32 weights N(0, 0.02)": torch.randn(n) * 0.02,
+        "AdamW exp_avg (fp32)": torch.randn(n) * 1e-4,
+        "AdamW exp_avg_sq (fp32)": (torch.randn(n) * 1e-4) ** 2,
+    }
+    out = {}
+    for name, tensor in kinds.items():
+        raw = tensor.numel() * tensor.element_size()
+        sink = _Counter()
+        zstd_io.write(sink, [("t", tensor)])
+        writes = timed(lambda t=tensor: zstd_io.write(_Counter(), [("t", t)]), repeats)
+        buffer = _stored(tensor)
+        reads = timed(lambda b=buffer: zstd_io.read_buffer(b, "t", "bench"), repeats)
+        out[name] = (
+            sink.size / raw,
+            [raw / 1e9 / w for w in writes],
+            [raw / 1e9 / r for r in reads],
+        )
+    return out
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    import io
+
+    from mlflow_ckpt.codec import zstd_io
+
+    f = io.BytesIO()
+    zstd_io.write(f, [("t", tensor)])
+    return torch.frombuffer(bytearray(f.getvalue()), dtype=torch.uint8)
 
 
 def state_dict_for_dcp(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -273,7 +338,14 @@ def peak_memory(params: int) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def table(speeds: Figures, size: int, costs: Figures, memory: str, repeats: int) -> str:
+def table(
+    speeds: Figures,
+    size: int,
+    costs: Figures,
+    memory: str,
+    repeats: int,
+    zstd: dict[str, tuple[float, list[float], list[float]]],
+) -> str:
     def fmt(values: list[float], unit: float = 1.0, digits: int = 3) -> str:
         vs = [v * unit for v in values]
         return f"{min(vs):.{digits}f} / {statistics.median(vs):.{digits}f} / {max(vs):.{digits}f}"
@@ -286,6 +358,10 @@ def table(speeds: Figures, size: int, costs: Figures, memory: str, repeats: int)
         "mlflow_ckpt load (resume), every file hashed": (
             "dcp.load",
             "safetensors load_file + copy into the state",
+        ),
+        "mlflow_ckpt sync save, compression='zstd'": ("mlflow_ckpt sync save",),
+        "mlflow_ckpt load (resume), compression='zstd'": (
+            "mlflow_ckpt load (resume), every file hashed",
         ),
     }
     lines = [
@@ -309,6 +385,13 @@ def table(speeds: Figures, size: int, costs: Figures, memory: str, repeats: int)
     ]
     for name, values in costs.items():
         lines.append(f"| {name} | {fmt(values, 1e3, 1)} |")
+    lines += [
+        "",
+        "| compression='zstd', level 1 | stored / raw | compress GB/s | decompress GB/s |",
+        "|---|---|---|---|",
+    ]
+    for name, (ratio, up, down) in zstd.items():
+        lines.append(f"| {name} | {ratio:.3f} | {fmt(up, 1, 2)} | {fmt(down, 1, 2)} |")
     return "\n".join(lines)
 
 
@@ -330,6 +413,7 @@ def main(argv: list[str]) -> None:
         mlflow.set_experiment("suite")
         speeds, size = speed(args.params, repeats, work)
         costs = {} if args.skip_cost else mlflow_cost(repeats, counts)
+        zstd = compression(repeats)
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
@@ -337,11 +421,17 @@ def main(argv: list[str]) -> None:
     if args.json:
         print(
             json.dumps(
-                {"state_bytes": size, "speed": speeds, "mlflow_cost": costs, "memory": memory}
+                {
+                    "state_bytes": size,
+                    "speed": speeds,
+                    "mlflow_cost": costs,
+                    "memory": memory,
+                    "compression": zstd,
+                }
             )
         )
     else:
-        print(table(speeds, size, costs, memory, repeats))
+        print(table(speeds, size, costs, memory, repeats, zstd))
 
 
 if __name__ == "__main__":

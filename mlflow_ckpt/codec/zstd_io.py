@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 import zstandard
 
@@ -66,11 +67,33 @@ def _planes_of(dtype: torch.dtype) -> int:
 
 
 def _split(block: torch.Tensor, planes: int) -> list[memoryview]:
-    """The block's bytes grouped by position in the element (one view if ``planes == 1``)."""
+    """The block's bytes grouped by position in the element (one view if ``planes == 1``).
+
+    Shifts on 16/32-bit lanes for 2 and 4 planes (a strided byte transpose runs at a
+    fraction of memory speed), NumPy's transposed copy for 8."""
+    raw = block.numpy()
     if planes == 1:
-        return [memoryview(block.numpy()).cast("B")]
-    grouped = block.view(-1, planes).t().contiguous()
-    return [memoryview(grouped[i].numpy()).cast("B") for i in range(planes)]
+        return [memoryview(raw).cast("B")]
+    if planes in (2, 4):
+        lanes = raw.view(np.uint16 if planes == 2 else np.uint32)
+        grouped = [(lanes >> (8 * i)).astype(np.uint8) for i in range(planes)]
+    else:
+        grouped = list(raw.reshape(-1, planes).T.copy())
+    return [memoryview(np.ascontiguousarray(g)).cast("B") for g in grouped]
+
+
+def _merge(grouped: np.ndarray, out: np.ndarray, planes: int) -> None:
+    """Undo :func:`_split`: ``grouped`` holds the planes one after another."""
+    planes_of = grouped.reshape(planes, -1)
+    if planes in (2, 4):
+        wide = np.uint16 if planes == 2 else np.uint32
+        lanes, shifted = out.view(wide), np.empty(out.size // planes, wide)
+        np.copyto(lanes, planes_of[0], casting="unsafe")
+        for i in range(1, planes):
+            np.left_shift(planes_of[i], 8 * i, out=shifted, dtype=wide)
+            np.bitwise_or(lanes, shifted, out=lanes)
+    else:
+        out.reshape(-1, planes)[:] = planes_of.T
 
 
 def _blocks(flat: torch.Tensor, planes: int) -> Iterator[torch.Tensor]:
@@ -257,29 +280,27 @@ def _decode(
     def one(job: tuple[int, int, int, list[tuple[str, int, int]]]) -> None:
         start, target, raw_len, spans = job
         grouped = torch.empty(raw_len, dtype=torch.uint8) if planes > 1 else None
+        dest = out[target : target + raw_len] if grouped is None else grouped
         at = start
         for i, (codec, stored, plane_len) in enumerate(spans):
             chunk = data[at : at + stored]
             at += stored
-            if codec == "zstd":
-                frame = memoryview(chunk.numpy()).cast("B")
-                try:
-                    if zstandard.frame_content_size(frame) != plane_len:
-                        raise zstandard.ZstdError("its header gives another size")
-                    plain = zstandard.ZstdDecompressor().decompress(
-                        frame, max_output_size=plane_len
-                    )
-                except zstandard.ZstdError as exc:
-                    raise bad(f"{plan['key']!r}: a zstd frame does not decode ({exc})") from None
-                if len(plain) != plane_len:
-                    raise bad(f"{plan['key']!r}: a zstd frame decodes to {len(plain)} bytes")
-                chunk = torch.frombuffer(bytearray(plain), dtype=torch.uint8)
-            if grouped is None:
-                out[target : target + raw_len] = chunk
-            else:
-                grouped[i * plane_len : (i + 1) * plane_len] = chunk
+            plane = dest[i * plane_len : (i + 1) * plane_len]
+            if codec == "raw":
+                plane.copy_(chunk)
+                continue
+            frame = memoryview(chunk.numpy()).cast("B")
+            try:
+                if zstandard.frame_content_size(frame) != plane_len:
+                    raise zstandard.ZstdError("its header gives another size")
+                with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+                    filled = reader.readinto(memoryview(plane.numpy()).cast("B"))
+                    if filled != plane_len or reader.read(1):
+                        raise zstandard.ZstdError(f"it decodes to other than {plane_len} bytes")
+            except zstandard.ZstdError as exc:
+                raise bad(f"{plan['key']!r}: a zstd frame does not decode ({exc})") from None
         if grouped is not None:
-            out[target : target + raw_len] = grouped.view(planes, -1).t().reshape(-1)
+            _merge(grouped.numpy(), out[target : target + raw_len].numpy(), planes)
 
     workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
     if workers > 1:
