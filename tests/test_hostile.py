@@ -922,6 +922,46 @@ def test_a_refusing_load_state_dict_leaves_model_and_optimizer_untouched(trackin
 # ---------------------------------------------------------------- 6. NaN / inf metrics
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_is_found_from_ordered_pages_as_from_a_full_listing(
+    tracking: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """best_checkpoint reads pages ordered by the metric in the tracking store and stops
+    early: with pages of 2, NaN/inf anywhere and ties across page ends, it answers what a
+    full listing answers (ties go to the newer step)."""
+    from mlflow_ckpt.catalog import queries
+
+    values = [5.0, math.nan, 1.0, math.inf, 1.0, -math.inf, 7.0, 1.0, math.nan, 7.0, 3.0]
+    with mlflow.start_run(run_name="ordered") as run:
+        with mlflow_ckpt.CheckpointManager(
+            {"w": torch.zeros(2)}, async_save=False, save_last=False, timeline=False
+        ) as mgr:
+            for s, v in enumerate(values):
+                mgr.save(s, {"loss": v})
+    calls = []
+    original = MlflowClient.search_logged_models
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("order_by"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(queries, "_BEST_PAGE", 2)
+    monkeypatch.setattr(MlflowClient, "search_logged_models", counted)
+    best = mlflow_ckpt.best_checkpoint(run_id=run.info.run_id, metric="loss", mode=mode)
+    pages = len(calls)
+    by_experiment = mlflow_ckpt.best_checkpoint(
+        experiment_ids=[run.info.experiment_id], metric="loss", mode=mode
+    )
+    monkeypatch.setattr(MlflowClient, "search_logged_models", original)
+    full = queries.pick_best(mlflow_ckpt.list_checkpoints(run.info.run_id), "loss", mode)
+    assert best is not None and full is not None
+    assert best.step == by_experiment.step == full.step == (7 if mode == "min" else 9)
+    assert all(
+        order == [{"field_name": "metrics.loss", "ascending": mode == "min"}] for order in calls
+    )
+    assert pages < math.ceil(len(values) / 2)  # stopped before the last page
+
+
 @pytest.mark.parametrize(
     ("mode", "values", "best_steps", "best"),
     [

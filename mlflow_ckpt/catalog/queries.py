@@ -18,6 +18,7 @@ from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.runs import get_run
 
 _PAGE = 1000
+_BEST_PAGE = 100
 
 
 def search_models(
@@ -101,17 +102,62 @@ def best_checkpoint(
         raise ValueError("give exactly one of run_id= or experiment_ids=")
     client = client or MlflowClient()
     if run_id is not None:
-        candidates = _newest_first(committed_models(client, run_id, filter_string))
+        experiments = [get_run(client, run_id).info.experiment_id]
+        clause = f"source_run_id = '{run_id}'"
+        filter_string = f"{clause} AND {filter_string}" if filter_string else clause
     else:
-        candidates = _newest_first(
-            search_models(client, list(experiment_ids or []), _committed_filter(filter_string))
-        )
+        experiments = list(experiment_ids or [])
+    allowed = None
     if run_filter:
-        experiments = list(experiment_ids or [get_run(client, run_id or "").info.experiment_id])
         runs = client.search_runs(experiments, filter_string=run_filter, max_results=50_000)
         allowed = {r.info.run_id for r in runs}
-        candidates = [c for c in candidates if c.run_id in allowed]
-    return pick_best(candidates, metric, mode)
+    return _best_by_ordered_search(
+        client, experiments, _committed_filter(filter_string), metric, mode, allowed
+    )
+
+
+def _best_by_ordered_search(
+    client: MlflowClient,
+    experiment_ids: list[str],
+    filter_string: str,
+    metric: str,
+    mode: str,
+    allowed_runs: set[str] | None,
+) -> Checkpoint | None:
+    """The best checkpoint without listing them all: pages ordered by ``metric`` in the
+    tracking store, read until the values are worse than the best finite one seen.
+
+    The store orders by the stored value; for finite values that is the true order, so once
+    a page ends on a finite value worse than the best, no later page can hold a better one
+    or a tie (ties go to the newer step, so every tie is read). NaN and infinite values,
+    wherever the store sorts them, never win; models without the metric come last.
+    """
+    order = [{"field_name": f"metrics.{metric}", "ascending": mode == "min"}]
+    sign = 1.0 if mode == "min" else -1.0
+    seen: list[Checkpoint] = []
+    token: str | None = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=order,
+            max_results=_BEST_PAGE,
+            page_token=token,
+        )
+        ckpts = [Checkpoint.from_logged_model(m) for m in page]
+        seen.extend(c for c in ckpts if allowed_runs is None or c.run_id in allowed_runs)
+        best = pick_best(seen, metric, mode)
+        token = page.token
+        if not token or not ckpts:
+            return best
+        last = ckpts[-1].metric(metric)
+        if last is None:  # models without the metric come last: nothing better follows
+            return best
+        if best is not None and math.isfinite(last):
+            value = best.metric(metric)
+            assert value is not None
+            if sign * last > sign * value:
+                return best
 
 
 def pick_best(candidates: Iterable[Checkpoint], metric: str, mode: str) -> Checkpoint | None:
