@@ -34,6 +34,8 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   nothing PENDING, partial or temporary may remain.
 * ``corrupt-distributed``: one byte flipped in a random rank's file of the newest of two
   2-rank checkpoints; a 2-rank resume must fall back to the older one exactly.
+* ``kill9-compressed`` and ``corrupt-flip-byte-compressed``: the ``kill9-async`` and
+  ``corrupt-flip-byte`` rows with ``compression="zstd"`` checkpoints.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -192,12 +194,16 @@ def run_trials(
 # ---------------------------------------------------------------- kill -9
 
 
-def kill9(bench: Bench, row: Row, trials: int, sync: bool) -> None:
+def kill9(bench: Bench, row: Row, trials: int, sync: bool, compression: str = "") -> None:
     workdir = bench.workdir(row.fault)
     uri = crashlib.prepare(workdir, bench.template_db)
-    result = crashlib.run_chain(
-        workdir, uri, trials=trials, seed=bench.seed + (1 if sync else 0), sync=sync
-    )
+    os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"] = compression  # read by tests/crash_child.py
+    try:
+        result = crashlib.run_chain(
+            workdir, uri, trials=trials, seed=bench.seed + (1 if sync else 0), sync=sync
+        )
+    finally:
+        del os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
     mlflow.set_tracking_uri(None)
     row.trials, row.survived, row.lost = result.trials, result.survived, result.lost
     row.problems += result.problems
@@ -307,14 +313,15 @@ CORRUPTIONS: dict[str, Callable[[Path, dict[str, Any], random.Random], str]] = {
 
 
 def corruption(bench: Bench, row: Row, trials: int) -> None:
-    corrupt = CORRUPTIONS[row.fault]
+    corrupt = CORRUPTIONS[row.fault.removesuffix("-compressed")]
+    compressed = {"compression": "zstd"} if row.fault.endswith("-compressed") else {}
 
     def trial(i: int) -> None:
         seed = bench.seed * 1000 + i
         rng = random.Random(f"{row.fault}-{seed}")
         # several shards, so the corruption lands in a seeded one
         _, run_id, first, (newest, older) = _two_checkpoints(
-            bench, row.fault, seed, max_shard_bytes=8 * 1024
+            bench, row.fault, seed, max_shard_bytes=8 * 1024, **compressed
         )
         folder = Path(newest.artifact_location)
         what = corrupt(folder, json.loads((folder / "manifest.json").read_text()), rng)
@@ -765,6 +772,11 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "hostile-pickle": ("refused, payload never ran", hostile_pickle),
     "diverged-state": ("never committed, last finite kept", diverged_state),
     "kill9-distributed": ("restart resumed from newest commit", kill9_distributed),
+    "kill9-compressed": (
+        "restart resumed from newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=False, compression="zstd"),
+    ),
+    "corrupt-flip-byte-compressed": ("detected, fallback to older", corruption),
     "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
 }
 

@@ -59,7 +59,9 @@ def main(argv: list[str]) -> None:
     state = build()
     mlflow.MlflowClient().get_experiment_by_name("crash")  # the tracking store is open
     _log(fd, "started")
-    opts = dict(save_every_n_steps=1, keep_last_n=3, async_save=not args.sync)
+    opts: dict[str, object] = dict(save_every_n_steps=1, keep_last_n=3, async_save=not args.sync)
+    if os.environ.get("MLFLOW_CKPT_CRASH_COMPRESSION"):  # the compressed rows of the harness
+        opts["compression"] = os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
     if args.run_file.exists():
         run_id = args.run_file.read_text().strip()
         manager = mlflow_ckpt.CheckpointManager.resume(run_id, state, force=args.force, **opts)
