@@ -187,3 +187,26 @@ def test_compressed_checkpoints_on_every_store(store: StoreUnderTest) -> None:
     restored = {"w": torch.zeros_like(state["w"]), "b": torch.zeros(9, dtype=torch.int64)}
     mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
     assert torch.equal(restored["w"], state["w"]) and torch.equal(restored["b"], state["b"])
+
+
+def test_size_is_logical_and_stored_is_what_the_store_holds(tracking: str) -> None:
+    from click.testing import CliRunner
+
+    from mlflow_ckpt.cli import main as cli
+
+    weights = (torch.randn(4 * MB) * 0.02).to(torch.bfloat16)  # 8 MiB
+    ckpts = {}
+    for compression in (None, "zstd"):
+        with mlflow.start_run(run_name=f"sizes-{compression}") as run:
+            with mlflow_ckpt.CheckpointManager(
+                {"w": weights}, async_save=False, compression=compression, timeline=False
+            ) as mgr:
+                mgr.save(0)
+        ckpts[compression] = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    plain, packed = ckpts[None], ckpts["zstd"]
+    on_disk = sum(p.stat().st_size for p in folder(packed).iterdir())
+    assert plain.size_bytes == plain.stored_bytes
+    assert packed.stored_bytes == on_disk - (folder(packed) / "manifest.json").stat().st_size
+    assert packed.size_bytes >= 8 * MB > packed.stored_bytes / 0.72
+    out = CliRunner().invoke(cli, ["list", packed.run_id]).output
+    assert "stored" in out.splitlines()[0] and "8.0MB  5.5MB" in out, out

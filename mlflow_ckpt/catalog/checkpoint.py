@@ -34,6 +34,7 @@ class Checkpoint:
     created_at: datetime
     triggers: tuple[str, ...] = ()
     pinned: str | None = None  # why retention keeps it no matter what (e.g. "pre_spike")
+    stored_bytes: int = 0  # what its files take in the store (size_bytes is the logical size)
     artifact_location: str = field(default="", repr=False, compare=False)
 
     @classmethod
@@ -60,6 +61,7 @@ class Checkpoint:
             created_at=datetime.fromtimestamp(model.creation_timestamp / 1000, tz=timezone.utc),
             triggers=tuple(x for x in t.get(tags.TRIGGER, "").split(",") if x),
             pinned=t.get(tags.PINNED) or None,
+            stored_bytes=int(t.get(tags.STORED_BYTES) or t.get(tags.SIZE_BYTES, "0") or 0),
             artifact_location=model.artifact_location,
         )
 

@@ -80,6 +80,7 @@ def commit(
     size_bytes: int,
     manifest_sha256: str,
     link_run: bool = True,
+    stored_bytes: int | None = None,
 ) -> LoggedModel:
     """Make a fully written checkpoint visible: link metrics and run, then tag it committed.
 
@@ -98,6 +99,7 @@ def commit(
         model.model_id,
         {
             tags.SIZE_BYTES: str(size_bytes),
+            tags.STORED_BYTES: str(size_bytes if stored_bytes is None else stored_bytes),
             tags.MANIFEST_SHA256: manifest_sha256,
             **({tags.VALIDATION: "passed"} if tags.VALIDATION in model.tags else {}),
             tags.STATUS: tags.COMMITTED,

@@ -52,6 +52,7 @@ def checkpoint_rows(ckpts: Sequence[Checkpoint]) -> list[list[Any]]:
             ",".join(c.triggers),
             metrics_text(c),
             size_text(c.size_bytes),
+            size_text(c.stored_bytes),
             c.pinned or "",
             c.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             c.uri,
@@ -60,7 +61,17 @@ def checkpoint_rows(ckpts: Sequence[Checkpoint]) -> list[list[Any]]:
     ]
 
 
-HEADERS = ["step", "epoch", "trigger", "metrics", "size", "pinned", "created (UTC)", "uri"]
+HEADERS = [
+    "step",
+    "epoch",
+    "trigger",
+    "metrics",
+    "size",
+    "stored",
+    "pinned",
+    "created (UTC)",
+    "uri",
+]
 
 
 @contextmanager

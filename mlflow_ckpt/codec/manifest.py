@@ -120,8 +120,19 @@ class Manifest:
     compression: str | None = None  # "zstd": the tensor shards are ``.ztensors`` files
 
     @property
-    def size_bytes(self) -> int:
+    def stored_bytes(self) -> int:
+        """What the checkpoint's files take in the store."""
         return sum(f.size for f in self.files)
+
+    @property
+    def size_bytes(self) -> int:
+        """The checkpoint's logical size: its files, with compressed tensor files counted at
+        the size of the tensors they hold (equal to :attr:`stored_bytes` uncompressed)."""
+        if not self.compression:
+            return self.stored_bytes
+        tensor_files = {t.file for t in self.tensors}
+        other = sum(f.size for f in self.files if f.path not in tensor_files)
+        return other + sum(t.nbytes for t in self.tensors)
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

@@ -119,6 +119,7 @@ def commit_model(
         metrics={**job.metrics, **score},
         timestamp_ms=job.timestamp_ms,
         size_bytes=manifest.size_bytes,
+        stored_bytes=manifest.stored_bytes,
         manifest_sha256=manifest.digest(),
     )
 
