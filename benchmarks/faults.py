@@ -782,14 +782,14 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'fault':<22} {'trials':>6} {'survived':>8} {'lost':>5}  survived means"
+    header = f"{'fault':<28} {'trials':>6} {'survived':>8} {'lost':>5}  survived means"
     print(header)
     print("-" * len(header))
     for row in rows:
         if row.skipped:
-            print(f"{row.fault:<22} {'-':>6} {'-':>8} {'-':>5}  {row.skipped}")
+            print(f"{row.fault:<28} {'-':>6} {'-':>8} {'-':>5}  {row.skipped}")
         else:
-            print(f"{row.fault:<22} {row.trials:>6} {row.survived:>8} {row.lost:>5}  {row.meaning}")
+            print(f"{row.fault:<28} {row.trials:>6} {row.survived:>8} {row.lost:>5}  {row.meaning}")
     print(
         "\nlost = a committed checkpoint became unusable or disappeared, a partial or corrupt "
         "checkpoint was silently accepted, or a payload executed."

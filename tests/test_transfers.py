@@ -42,6 +42,24 @@ def test_transient_failures_are_retried(s3_via_proxy, mode: str) -> None:
     assert torch.equal(restored["w"], torch.arange(1000, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("mode", ["drop", "503"])
+def test_multipart_uploads_survive_transient_failures(s3_via_proxy, mode: str) -> None:
+    """A 21 MiB shard in 5 MiB parts, 3 at a time, while the first connections fail: each
+    failed request (start, part or commit) is retried on its own and the checkpoint loads."""
+    big = torch.randn(21 * 1024 * 1024 // 4)
+    s3_via_proxy.set(mode, 4)
+    transfer = TransferConfig(retry=FAST_RETRY, max_workers=3, part_bytes=5 * 1024 * 1024)
+    with mlflow.start_run(run_name="parts-faults") as run:
+        with mlflow_ckpt.CheckpointManager(
+            {"big": big}, async_save=False, transfer=transfer
+        ) as mgr:
+            mgr.save(0)
+    assert s3_via_proxy.faulted == 4
+    restored = {"big": torch.zeros_like(big)}
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(run.info.run_id), restored)
+    assert torch.equal(restored["big"], big)
+
+
 def test_stalled_connection_times_out_and_is_retried(s3_via_proxy, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_S3_UPLOAD_EXTRA_ARGS", "{}")
     monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "1")
