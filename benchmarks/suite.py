@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -262,7 +263,7 @@ def mlflow_cost(repeats: int, counts: list[int]) -> Figures:
                     model,
                     run_id=run.info.run_id,
                     step=s,
-                    metrics={"loss": 1.0},
+                    metrics={"loss": random.Random(s).uniform(0.5, 2.0)},
                     timestamp_ms=1,
                     size_bytes=1,
                     manifest_sha256="0" * 64,

@@ -125,7 +125,8 @@ def _best_by_ordered_search(
     allowed_runs: set[str] | None,
 ) -> Checkpoint | None:
     """The best checkpoint without listing them all: pages ordered by ``metric`` in the
-    tracking store, read until the values are worse than the best finite one seen.
+    tracking store, read until the values are worse than the best finite one seen (a small
+    first page, which usually settles it; full pages after it, when ties run long).
 
     The store orders by the stored value; for finite values that is the true order, so once
     a page ends on a finite value worse than the best, no later page can hold a better one
@@ -141,7 +142,7 @@ def _best_by_ordered_search(
             experiment_ids,
             filter_string=filter_string,
             order_by=order,
-            max_results=_BEST_PAGE,
+            max_results=_BEST_PAGE if token is None else _PAGE,  # ties can run long
             page_token=token,
         )
         ckpts = [Checkpoint.from_logged_model(m) for m in page]
