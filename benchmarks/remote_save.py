@@ -32,7 +32,6 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 import boto3
 import mlflow
-from stall import build, state_bytes
 
 import mlflow_ckpt
 from mlflow_ckpt.storage import TransferConfig
@@ -63,6 +62,8 @@ def main(argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace, spool: Path) -> None:
+    from stall import build, state_bytes  # after mlflow_ckpt: it puts this checkout first
+
     exp = mlflow.create_experiment("remote", artifact_location="s3://bench/remote")
     mlflow.set_experiment(experiment_id=exp)
     model, opt = build(args.params)

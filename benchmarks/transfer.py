@@ -2,9 +2,10 @@
 
 Starts a real S3 server (moto) on 127.0.0.1, then in the same process:
 
-* upload: mlflow_ckpt's parallel upload of a checkpoint's files (bounded pool, one staged
-  file per worker) vs ``mlflow.log_artifacts`` of the same files (one file at a time);
-* download: mlflow_ckpt's parallel fetch + SHA-256 verification vs
+* upload: mlflow_ckpt's upload of a checkpoint's files from memory (each file in parts of
+  ``TransferConfig.part_bytes`` or one PUT, a bounded pool) vs ``mlflow.log_artifacts`` of
+  the same files (one file at a time);
+* download: mlflow_ckpt's parallel fetch + hash verification (BLAKE3) vs
   ``mlflow.artifacts.download_artifacts`` (no verification).
 
     python benchmarks/transfer.py [--mb 512] [--shard-mb 64] [--workers 4]

@@ -121,7 +121,9 @@ def test_large_files_go_up_in_parts_from_memory_and_aborted_ones_leave_nothing(
     writer fails halfway (after two parts were sent) never appears in the store."""
     from mlflow_ckpt.storage import TransferConfig, open_store
 
-    transfer = TransferConfig(max_workers=2, part_bytes=5 * 1024 * 1024)
+    transfer = TransferConfig(
+        max_workers=2, part_bytes=5 * 1024 * 1024, single_put_bytes=5 * 1024 * 1024
+    )
     state = {"big": torch.randn(23 * 1024 * 1024 // 4 + 3), "small": torch.arange(7)}
     with mlflow.start_run(run_name="parts") as run:
         with mlflow_ckpt.CheckpointManager(state, async_save=False, transfer=transfer) as mgr:
@@ -142,3 +144,25 @@ def test_large_files_go_up_in_parts_from_memory_and_aborted_ones_leave_nothing(
         raw.flush()
         assert not raw.exists("x.bin")
         assert not [k for k in store.list_keys() if "abort-probe" in k]
+
+
+def test_a_file_up_to_single_put_bytes_is_one_request_and_larger_ones_start_with_it(
+    store: StoreUnderTest, tmp_path: Path
+) -> None:
+    """With parts of 5 MiB and single requests up to 10 MiB, a 9 MiB file is gathered and sent
+    whole; a 17 MiB file goes as a 10 MiB first part and 5 MiB parts. Both read back."""
+    from mlflow_ckpt.storage import TransferConfig, open_store
+
+    mib = 1024 * 1024
+    transfer = TransferConfig(max_workers=2, part_bytes=5 * mib, single_put_bytes=10 * mib)
+    root = mlflow.get_experiment(store.experiment_id).artifact_location
+    blobs = {"small.bin": bytes(range(256)) * (9 * mib // 256), "big.bin": b"\x07" * (17 * mib)}
+    with open_store(f"{root}/single-put", transfer) as raw:
+        for name, data in blobs.items():
+            with raw.open_writer(name) as f:
+                for start in range(0, len(data), 3 * mib):  # writes that straddle parts
+                    f.write(data[start : start + 3 * mib])
+        raw.flush()
+        assert raw.list_sizes("") == {name: len(data) for name, data in blobs.items()}
+        for name, data in blobs.items():
+            assert raw.read_bytes(name, tmp_path) == data

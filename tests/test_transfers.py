@@ -48,7 +48,12 @@ def test_multipart_uploads_survive_transient_failures(s3_via_proxy, mode: str) -
     failed request (start, part or commit) is retried on its own and the checkpoint loads."""
     big = torch.randn(21 * 1024 * 1024 // 4)
     s3_via_proxy.set(mode, 4)
-    transfer = TransferConfig(retry=FAST_RETRY, max_workers=3, part_bytes=5 * 1024 * 1024)
+    transfer = TransferConfig(
+        retry=FAST_RETRY,
+        max_workers=3,
+        part_bytes=5 * 1024 * 1024,
+        single_put_bytes=5 * 1024 * 1024,
+    )
     with mlflow.start_run(run_name="parts-faults") as run:
         with mlflow_ckpt.CheckpointManager(
             {"big": big}, async_save=False, transfer=transfer
@@ -146,7 +151,9 @@ def test_remote_save_writes_nothing_to_local_disk(
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    transfer = TransferConfig(max_workers=2, part_bytes=5 * 1024 * 1024)
+    transfer = TransferConfig(
+        max_workers=2, part_bytes=5 * 1024 * 1024, single_put_bytes=5 * 1024 * 1024
+    )
     try:
         with mlflow.start_run(run_name="spool") as run:
             with mlflow_ckpt.CheckpointManager(
@@ -247,7 +254,7 @@ def test_azure_upload_of_more_than_ten_blocks(
         with mlflow_ckpt.CheckpointManager(
             {"big": big},
             async_save=False,
-            transfer=TransferConfig(part_bytes=5 * 1024 * 1024),
+            transfer=TransferConfig(part_bytes=5 * 1024 * 1024, single_put_bytes=5 * 1024 * 1024),
         ) as mgr:
             mgr.save(0)
     restored = {"big": torch.empty_like(big)}

@@ -50,7 +50,7 @@ class _AzureBlob:
 
             self._settings = ContentSettings(content_type=content_type)
 
-    def put(self, data: bytearray) -> None:
+    def put(self, data: bytes | bytearray) -> None:
         self._blob.upload_blob(
             bytes(data),  # the SDK takes a bytearray for an iterable of ints
             overwrite=True,
@@ -61,7 +61,7 @@ class _AzureBlob:
     def begin(self) -> None:
         """Blocks need no session."""
 
-    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> str:
+    def put_part(self, number: int, offset: int, data: bytes | bytearray, final: bool) -> str:
         block_id = base64.b64encode(f"{number:010d}".encode()).decode()
         self._blob.stage_block(block_id, bytes(data), length=len(data), timeout=self._timeout)
         return block_id

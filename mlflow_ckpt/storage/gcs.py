@@ -52,11 +52,11 @@ class _GCSObject:
             content_type=content_type, client=self._client, checksum=None, retry=None
         )
 
-    def put(self, data: bytearray) -> None:
+    def put(self, data: bytes | bytearray) -> None:
         self.begin()
         self.put_part(1, 0, data, final=True)
 
-    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> None:
+    def put_part(self, number: int, offset: int, data: bytes | bytearray, final: bool) -> None:
         end = offset + len(data)
         total = str(end) if final else "*"
         span = f"bytes {offset}-{end - 1}/{total}" if data else f"bytes */{total}"

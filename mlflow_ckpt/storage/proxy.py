@@ -65,7 +65,7 @@ class _ProxyFile:
         )
         augmented_raise_for_status(response)
 
-    def put(self, data: bytearray) -> None:
+    def put(self, data: bytes | bytearray) -> None:
         self._request(data)
 
     def begin(self) -> None:
@@ -96,7 +96,7 @@ class _ProxyFile:
                 if not self._thread.is_alive():
                     raise self._error or RuntimeError("the upload request ended early") from None
 
-    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> None:
+    def put_part(self, number: int, offset: int, data: bytes | bytearray, final: bool) -> None:
         self._hand_over(data)
 
     def complete(self, tokens: list[Any], total: int) -> None:

@@ -64,7 +64,9 @@ class RepositoryStore(Store):
             with self._staged_writer(rel_path) as staged:
                 yield staged
             return
-        writer = StreamingWriter(self, sink, rel_path, self.config.part_bytes)
+        writer = StreamingWriter(
+            self, sink, rel_path, self.config.part_bytes, self.config.single_put_bytes
+        )
         try:
             yield writer  # type: ignore[misc]
         except BaseException:

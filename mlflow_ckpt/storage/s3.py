@@ -65,14 +65,16 @@ class _S3Object:
         self._per_part = {k: v for k, v in extra.items() if k in _PER_PART_ARGS}
         self._upload_id: str | None = None
 
-    def put(self, data: bytearray) -> None:
+    def put(self, data: bytes | bytearray) -> None:
         self._client.put_object(Body=data, **self._where, **self._extra)
 
     def begin(self) -> None:
         reply = self._client.create_multipart_upload(**self._where, **self._extra)
         self._upload_id = reply["UploadId"]
 
-    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> dict[str, Any]:
+    def put_part(
+        self, number: int, offset: int, data: bytes | bytearray, final: bool
+    ) -> dict[str, Any]:
         reply = self._client.upload_part(
             Body=data, PartNumber=number, UploadId=self._upload_id, **self._where, **self._per_part
         )

@@ -41,11 +41,11 @@ class PartSink(Protocol):
     parallel: bool
     retryable_parts: bool
 
-    def put(self, data: bytearray) -> None: ...
+    def put(self, data: bytes | bytearray) -> None: ...
 
     def begin(self) -> None: ...
 
-    def put_part(self, number: int, offset: int, data: bytearray, final: bool) -> Any: ...
+    def put_part(self, number: int, offset: int, data: bytes | bytearray, final: bool) -> Any: ...
 
     def complete(self, tokens: list[Any], total: int) -> None: ...
 
@@ -73,11 +73,22 @@ class StreamingWriter:
     store's ``flush`` waits for them. ``abort`` drops the file.
     """
 
-    def __init__(self, uploads: PartUploads, sink: PartSink, rel_path: str, part_bytes: int):
+    def __init__(
+        self,
+        uploads: PartUploads,
+        sink: PartSink,
+        rel_path: str,
+        part_bytes: int,
+        single_put_bytes: int | None = None,
+    ) -> None:
         self._uploads = uploads
         self._sink = sink
         self._rel_path = rel_path
         self._part_bytes = part_bytes
+        self._first_bytes = max(part_bytes, single_put_bytes or part_bytes)
+        # The first part is gathered as copies of what is written (no buffer of its full
+        # size is allocated for a small file); later parts fill preallocated buffers.
+        self._gathered: list[bytes] | None = None
         self._buffer: bytearray | None = None
         self._filled = 0
         self._offset = 0  # where the current buffer starts in the file
@@ -95,15 +106,23 @@ class StreamingWriter:
         view = memoryview(data).cast("B")
         position = 0
         while position < len(view):
-            if self._buffer is None:
+            if self._buffer is None and self._gathered is None:
                 self._uploads.acquire_part()
-                self._buffer = bytearray(self._part_bytes)
                 self._filled = 0
-            elif self._filled == self._part_bytes:
+                if self._parts:
+                    self._buffer = bytearray(self._part_bytes)
+                else:
+                    self._gathered = []
+            capacity = self._part_bytes if self._gathered is None else self._first_bytes
+            if self._filled == capacity:
                 self._send(final=False)  # more bytes follow: this part is not the last
                 continue
-            n = min(len(view) - position, self._part_bytes - self._filled)
-            self._buffer[self._filled : self._filled + n] = view[position : position + n]
+            n = min(len(view) - position, capacity - self._filled)
+            if self._gathered is not None:
+                self._gathered.append(bytes(view[position : position + n]))
+            else:
+                assert self._buffer is not None
+                self._buffer[self._filled : self._filled + n] = view[position : position + n]
             self._filled += n
             position += n
         self.size += len(view)
@@ -138,12 +157,19 @@ class StreamingWriter:
         self._parts.append(uploads.submit(upload))
         self._offset += len(data)
 
-    def _take_buffer(self) -> bytearray:
-        """The filled part, handed over without a copy (a bytearray is a valid body for
+    def _holds(self) -> bool:
+        return self._buffer is not None or self._gathered is not None
+
+    def _take_buffer(self) -> bytes | bytearray:
+        """The filled part (a later one without a copy: a bytearray is a valid body for
         every SDK we call); the next write starts a fresh one."""
-        assert self._buffer is not None
-        data, self._buffer = self._buffer, None
-        del data[self._filled :]  # the last part: shrink in place
+        if self._gathered is not None:
+            data: bytes | bytearray = b"".join(self._gathered)
+            self._gathered = None
+        else:
+            assert self._buffer is not None
+            data, self._buffer = self._buffer, None
+            del data[self._filled :]  # the last part: shrink in place
         self._filled = 0
         return data
 
@@ -153,8 +179,8 @@ class StreamingWriter:
     def close(self) -> Future[Any]:
         """Queue the rest of the file and its commit; return the future that ends it."""
         if not self._parts:  # one part (or an empty file): a single request
-            holds = self._buffer is not None
-            data = self._take_buffer() if holds else bytearray()
+            holds = self._holds()
+            data = self._take_buffer() if holds else b""
             sink, uploads, rel_path = self._sink, self._uploads, self._rel_path
 
             def put() -> None:
@@ -166,11 +192,11 @@ class StreamingWriter:
                         uploads.release_part()
 
             return self._uploads.submit(put)
-        if self._buffer is not None and self._filled:
+        if self._holds() and self._filled:
             self._send(final=True)
-        elif self._buffer is not None:  # pragma: no cover - a full part is always sent lazily
+        elif self._holds():  # pragma: no cover - a full part is always sent lazily
             self._uploads.release_part()
-            self._buffer = None
+            self._buffer = self._gathered = None
         parts, sink, total = list(self._parts), self._sink, self._offset
 
         def commit() -> None:
@@ -187,9 +213,9 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Drop the file: wait for parts in flight, then abort the upload (best effort)."""
-        if self._buffer is not None:
+        if self._holds():
             self._uploads.release_part()
-            self._buffer = None
+            self._buffer = self._gathered = None
         for future in self._parts:  # their errors don't matter: the write failed already
             with contextlib.suppress(Exception):
                 future.result()

@@ -25,14 +25,18 @@ PART_ALIGN = 256 * 1024
 class TransferConfig:
     """How checkpoint files move to and from remote stores.
 
-    ``max_workers`` parts or files transfer in parallel. A remote save writes from memory in
-    parts of ``part_bytes`` (a file no larger goes up in one request), with at most
-    ``max_workers + 1`` parts in memory at a time. ``progress`` shows a tqdm bar once a
-    transfer moved ``progress_min_bytes``: ``None`` means "when stderr is a terminal".
+    ``max_workers`` parts or files transfer in parallel. A remote save writes from memory: a
+    file of up to ``single_put_bytes`` goes up in one request; a larger one in parts, the
+    first of ``single_put_bytes``, the others of ``part_bytes``, with at most
+    ``max_workers + 1`` parts in memory at a time. (Fewer, larger requests: on S3 a
+    multipart upload costs a commit that a server may pay for in proportion to the size.)
+    ``progress`` shows a tqdm bar once a transfer moved ``progress_min_bytes``: ``None``
+    means "when stderr is a terminal".
     """
 
     max_workers: int = 4
     part_bytes: int = 32 * 1024 * 1024
+    single_put_bytes: int = 128 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: bool | None = None
     progress_min_bytes: int = 64 * 1024 * 1024
@@ -45,6 +49,11 @@ class TransferConfig:
                 f"part_bytes must be a multiple of {PART_ALIGN} (256 KiB, as GCS requires) "
                 f"and at least {MIN_PART_BYTES} (5 MiB, S3's smallest part); "
                 f"got {self.part_bytes}"
+            )
+        if self.single_put_bytes < self.part_bytes or self.single_put_bytes % PART_ALIGN:
+            raise ValueError(
+                f"single_put_bytes must be a multiple of {PART_ALIGN} and at least part_bytes "
+                f"({self.part_bytes}); got {self.single_put_bytes}"
             )
 
     def show_progress(self, nbytes: int) -> bool:
