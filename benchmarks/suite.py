@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from stall import build, state_bytes
 
 import mlflow_ckpt
-from mlflow_ckpt.catalog import models
+from tests.records import committed_record
 
 Figures = dict[str, list[float]]
 
@@ -249,25 +249,8 @@ def mlflow_cost(repeats: int, counts: list[int]) -> Figures:
         with mlflow.start_run(run_name=f"cost-{existing}") as run:
             exp = run.info.experiment_id
             for s in range(existing):  # committed records, as saves leave them
-                model = models.create_pending(
-                    client,
-                    experiment_id=exp,
-                    run_id=run.info.run_id,
-                    step=s,
-                    epoch=None,
-                    triggers=("periodic",),
-                    format="safetensors",
-                )
-                models.commit(
-                    client,
-                    model,
-                    run_id=run.info.run_id,
-                    step=s,
-                    metrics={"loss": random.Random(s).uniform(0.5, 2.0)},
-                    timestamp_ms=1,
-                    size_bytes=1,
-                    manifest_sha256="0" * 64,
-                )
+                loss = random.Random(s).uniform(0.5, 2.0)
+                committed_record(client, exp, run.info.run_id, s, loss=loss)
             out[f"save, run with {existing:,} checkpoints"] = _tiny_saves(existing, repeats * 4)
             if existing:
                 out.update(_queries(run.info.run_id, exp, existing, repeats))

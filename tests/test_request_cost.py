@@ -12,6 +12,7 @@ import torch
 
 import mlflow_ckpt
 from tests import servers
+from tests.records import tracking_at
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,8 @@ def tracking_server(
     """An ``mlflow server`` (sqlite, or PostgreSQL) as the tracking URI of this test."""
     name = "proxy_server" if request.param == "sqlite" else "postgres_server"
     server = request.getfixturevalue(name)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    mlflow.set_tracking_uri(server.url)
-    try:
+    with tracking_at(server.url, monkeypatch):
         yield server
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def _saves(

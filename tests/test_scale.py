@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.catalog import models
 from mlflow_ckpt.cli import main as cli
 from tests import servers
+from tests.records import committed_record, tracking_at
 
 pytestmark = pytest.mark.slow
 N = 2000
@@ -28,34 +28,19 @@ N = 2000
 def postgres_tracking(
     postgres_server: servers.Server, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[servers.Server]:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_server.url)
-    mlflow.set_tracking_uri(postgres_server.url)
-    try:
+    with tracking_at(postgres_server.url, monkeypatch):
         yield postgres_server
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def _committed(client: MlflowClient, experiment_id: str, run_id: str, step: int) -> None:
-    """A committed checkpoint record as a save leaves it (the files do not matter here)."""
-    model = models.create_pending(
+    committed_record(
         client,
-        experiment_id=experiment_id,
-        run_id=run_id,
-        step=step,
-        epoch=None,
-        triggers=("periodic",),
-        format="safetensors",
-    )
-    models.commit(
-        client,
-        model,
-        run_id=run_id,
-        step=step,
-        metrics={"loss": abs(step - 1234) / 1000.0},
+        experiment_id,
+        run_id,
+        step,
+        loss=abs(step - 1234) / 1000.0,
         timestamp_ms=1_800_000_000_000 + step,
         size_bytes=100,
-        manifest_sha256="0" * 64,
     )
 
 
