@@ -34,7 +34,9 @@ class Checkpoint:
     created_at: datetime
     triggers: tuple[str, ...] = ()
     pinned: str | None = None  # why retention keeps it no matter what (e.g. "pre_spike")
-    stored_bytes: int = 0  # what its files take in the store (size_bytes is the logical size)
+    stored_bytes: int = 0  # what it added to the store (size_bytes is the logical size)
+    # Incremental checkpoints: the groups of the run's shared area whose bytes it references.
+    shared: tuple[str, ...] = ()
     artifact_location: str = field(default="", repr=False, compare=False)
 
     @classmethod
@@ -62,6 +64,7 @@ class Checkpoint:
             triggers=tuple(x for x in t.get(tags.TRIGGER, "").split(",") if x),
             pinned=t.get(tags.PINNED) or None,
             stored_bytes=int(t.get(tags.STORED_BYTES) or t.get(tags.SIZE_BYTES, "0") or 0),
+            shared=tuple(g for g in t.get(tags.SHARED, "").split(",") if g),
             artifact_location=model.artifact_location,
         )
 

@@ -55,8 +55,9 @@ def delete_checkpoint(client: MlflowClient, model_id: str) -> bool:
 def _delete_files(model: LoggedModel, store: Store | None = None) -> None:
     store = store or open_store(model.artifact_location)
     store.delete_all()
-    if isinstance(store, LocalStore):
-        _remove_empty(Path(store.root).parent)  # MLflow leaves models/<id>/ behind
+    own = getattr(store, "own", store)  # a save's routed store: its own folder
+    if isinstance(own, LocalStore):
+        _remove_empty(Path(own.root).parent)  # MLflow leaves models/<id>/ behind
 
 
 def remove_files(model: LoggedModel, store: Store | None = None) -> bool:

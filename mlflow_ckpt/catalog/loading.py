@@ -67,4 +67,4 @@ def load_model(
     """
     model = resolve(uri_or_checkpoint, client or MlflowClient())
     with open_store(model.artifact_location) as store:
-        return load_folder_model(store, describe(model), model.tags.get(tags.MANIFEST_SHA256))
+        return load_folder_model(store, describe(model), tags.manifest_digests(model.tags))

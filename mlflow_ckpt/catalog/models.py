@@ -81,6 +81,7 @@ def commit(
     manifest_sha256: str,
     link_run: bool = True,
     stored_bytes: int | None = None,
+    shared_groups: Sequence[str] = (),
 ) -> LoggedModel:
     """Make a fully written checkpoint visible: link metrics and run, then tag it committed.
 
@@ -101,6 +102,7 @@ def commit(
             tags.SIZE_BYTES: str(size_bytes),
             tags.STORED_BYTES: str(size_bytes if stored_bytes is None else stored_bytes),
             tags.MANIFEST_SHA256: manifest_sha256,
+            **({tags.SHARED: ",".join(shared_groups)} if shared_groups else {}),
             **({tags.VALIDATION: "passed"} if tags.VALIDATION in model.tags else {}),
             tags.STATUS: tags.COMMITTED,
         },

@@ -22,6 +22,7 @@ from mlflow_ckpt.catalog.queries import list_checkpoints
 from mlflow_ckpt.catalog.resolve import describe, resolve
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
 from mlflow_ckpt.codec.hashing import hash_file
+from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.folder import LoadedFolder, read_folder
 from mlflow_ckpt.storage import open_store
@@ -35,7 +36,7 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
         tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch,
     ):
         try:
-            return read_folder(store, Path(scratch), where, model.tags.get(tags.MANIFEST_SHA256))
+            return read_folder(store, Path(scratch), where, tags.manifest_digests(model.tags))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
@@ -95,9 +96,7 @@ def verify_checkpoint(
     problems: list[CheckpointCorruptedError] = []
     with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
         try:
-            manifest = read_manifest(
-                store, Path(scratch), where, model.tags.get(tags.MANIFEST_SHA256)
-            )
+            manifest = read_manifest(store, Path(scratch), where, tags.manifest_digests(model.tags))
         except FileNotFoundError:
             return [
                 CheckpointCorruptedError(f"{where}: manifest.json is missing", path="manifest.json")
@@ -106,6 +105,7 @@ def verify_checkpoint(
             return [exc]
         except CheckpointError as exc:  # a newer format: it cannot be checked, so it fails
             return [_as_problem(exc, MANIFEST_NAME)]
+        store = with_shared(store, manifest)
         for entry in manifest.files:
             try:
                 local = check_file(store, entry, Path(scratch), where)

@@ -116,6 +116,7 @@ def recover_pending(client: MlflowClient, run: Run) -> list[str]:
             timestamp_ms=int(manifest.created_at * 1000),
             size_bytes=manifest.size_bytes,
             stored_bytes=manifest.stored_bytes,
+            shared_groups=manifest.shared_groups,
             manifest_sha256=manifest_digest(model),
             link_run=model.model_id not in linked,
         )

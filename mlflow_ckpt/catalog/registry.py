@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.detach import make_self_contained
 from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.snapshot import preserved_python_rng
 
@@ -25,11 +26,14 @@ def promote(
 
     ``mlflow.pyfunc.load_model(f"models:/{name}@{alias}")`` then serves exactly that
     checkpoint. Promoted checkpoints are never deleted by retention (MLflow tags the
-    LoggedModel ``mlflow.modelVersions`` and the registry downloads from its files).
+    LoggedModel ``mlflow.modelVersions`` and the registry downloads from its files). An
+    incremental checkpoint first becomes self-contained: the bytes it shares with other
+    checkpoints of its run are copied into its own folder, so the version outlives the run.
     """
     client = client or MlflowClient()
     model = resolve(checkpoint_or_uri, client)
     with preserved_python_rng():
+        make_self_contained(client, model)
         version = mlflow.register_model(
             f"models:/{model.model_id}",
             registered_model_name,

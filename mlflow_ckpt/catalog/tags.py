@@ -14,6 +14,11 @@ SIZE_BYTES = "mlflow_ckpt.size_bytes"  # logical: the state's bytes, uncompresse
 STORED_BYTES = "mlflow_ckpt.stored_bytes"  # what its files take in the store
 FORMAT_VERSION = "mlflow_ckpt.format_version"
 MANIFEST_SHA256 = "mlflow_ckpt.manifest_sha256"
+# While a promotion rewrites a checkpoint's manifest (self-contained): the new one's digest.
+MANIFEST_SHA256_NEXT = "mlflow_ckpt.manifest_sha256_next"
+# On an incremental checkpoint: the shared groups (model IDs, comma-separated) whose bytes in
+# the run's shared area it references; what keeps those groups from being deleted.
+SHARED = "mlflow_ckpt.shared"
 RUN_RESUMES = "mlflow_ckpt.resumes"
 RUN_RESUMED_FROM = "mlflow_ckpt.resumed_from"
 # On a run: the first step whose state held NaN/inf and was therefore not committed.
@@ -44,3 +49,10 @@ DELETING = "deleting"
 
 # Set by MLflow on a LoggedModel that a registered model version points to.
 MODEL_VERSIONS = "mlflow.modelVersions"
+
+
+def manifest_digests(model_tags: dict[str, str]) -> tuple[str, ...]:
+    """The manifest digests a checkpoint's tags accept (two while a promotion rewrites it)."""
+    return tuple(
+        d for d in (model_tags.get(MANIFEST_SHA256), model_tags.get(MANIFEST_SHA256_NEXT)) if d
+    )

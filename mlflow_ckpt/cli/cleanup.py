@@ -8,10 +8,11 @@ from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import describe, models, resolve, tags
 from mlflow_ckpt.catalog.runs import get_run
+from mlflow_ckpt.catalog.shared import shared_area_uri, sweep_shared
 from mlflow_ckpt.cli.group import main
 from mlflow_ckpt.cli.output import errors
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.manager.ownership import take_run
+from mlflow_ckpt.manager.ownership import RunClaim, take_run
 from mlflow_ckpt.manager.retention import apply_retention, build_policy
 
 
@@ -59,33 +60,54 @@ def gc(
     client = MlflowClient()
     with errors():
         run = get_run(client, run_id)
-        _clean_interrupted(client, run, force=force, dry_run=dry_run)
-        if policy is None:
-            return
-        result = apply_retention(client, run_id, policy, dry_run=dry_run)
+        claim = _clean_interrupted(client, run, force=force, dry_run=dry_run)
+        try:
+            result = apply_retention(client, run_id, policy, dry_run=dry_run) if policy else None
+            # The run's shared area: only as its writer (or to show what would go).
+            swept = (
+                sweep_shared(
+                    client,
+                    run_id,
+                    run.info.experiment_id,
+                    shared_area_uri(run.info.artifact_uri),
+                    dry_run=dry_run,
+                )
+                if claim is not None or dry_run
+                else None
+            )
+        finally:
+            if claim is not None:
+                claim.release()
     verb = "would delete" if dry_run else "deleted"
-    for ckpt in result.deleted:
-        click.echo(f"{verb:>12} step {ckpt.step:<8} {ckpt.uri}")
-    for ckpt in result.protected:
-        why = f"pinned: {ckpt.pinned}" if ckpt.pinned else "registered"
-        click.echo(f"{'protected':>12} step {ckpt.step:<8} {ckpt.uri} (kept, {why})")
-    click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
+    if result is not None:
+        for ckpt in result.deleted:
+            click.echo(f"{verb:>12} step {ckpt.step:<8} {ckpt.uri}")
+        for ckpt in result.protected:
+            why = f"pinned: {ckpt.pinned}" if ckpt.pinned else "registered"
+            click.echo(f"{'protected':>12} step {ckpt.step:<8} {ckpt.uri} (kept, {why})")
+        click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
+    if swept:
+        click.echo(f"shared area: {verb} {len(swept)} group(s) no kept checkpoint references")
 
 
-def _clean_interrupted(client: MlflowClient, run: Run, *, force: bool, dry_run: bool) -> None:
+def _clean_interrupted(
+    client: MlflowClient, run: Run, *, force: bool, dry_run: bool
+) -> RunClaim | None:
+    """Recover interrupted saves as the run's writer; the claim is returned held (``None``
+    with ``dry_run`` or when a live writer keeps the run)."""
     if dry_run:
-        return
+        return None
     # Clean up as the run's writer: no save can start (or be adopted twice) meanwhile.
     try:
         claim = take_run(client, run, force=force, sweep=True)
     except WriterConflictError as exc:
-        click.echo(f"{exc} Its in-flight saves are left alone.")
-        return
-    claim.release()
+        click.echo(f"{exc} Its in-flight saves and the run's shared area are left alone.")
+        return None
     click.echo(
         f"interrupted saves: {len(claim.adopted)} adopted, {len(claim.swept)} failed save(s) "
         "removed"
     )
+    return claim
 
 
 @main.command()

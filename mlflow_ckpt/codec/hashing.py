@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import blake3
+import torch
 
 CHUNK_BYTES = 16 * 1024 * 1024
 PARALLEL_MIN_BYTES = 1024 * 1024
@@ -94,3 +95,11 @@ def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[str, int]
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def hash_tensor(tensor: torch.Tensor, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    """Hex digest of a tensor's raw bytes (row-major), whatever its dtype."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return hash_bytes(b"", algorithm)
+    return hash_bytes(flat.view(torch.uint8).numpy(), algorithm)

@@ -28,9 +28,10 @@ import torch
 
 from mlflow_ckpt.codec import safetensors_io, torch_io, zstd_io
 from mlflow_ckpt.codec.hashing import HashingWriter, hash_bytes, hash_file
-from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry
+from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry, is_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
-from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage import Store, TransferConfig, open_store
+from mlflow_ckpt.storage.routed import RoutedStore
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,33 @@ def write_state(
     """Write the structure file and the tensor shards of one checkpoint to ``store``.
 
     With ``compression="zstd"`` the shards are ``.ztensors`` files (see ``zstd_io``)."""
+    shards = write_shards(
+        store,
+        tensors,
+        format=format,
+        max_shard_bytes=max_shard_bytes,
+        on_bytes=on_bytes,
+        compression=compression,
+        compression_level=compression_level,
+    )
+    return EncodedFiles((*shards.files, write_structure(store, document)), shards.tensors)
+
+
+def write_shards(
+    store: Store,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    format: str,
+    directory: str = "",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+    compression: str | None = None,
+    compression_level: int = zstd_io.DEFAULT_LEVEL,
+    digests: Mapping[str, str] | None = None,
+) -> EncodedFiles:
+    """Write ``tensors`` as shard files (under ``directory``, if given) of at most
+    ``max_shard_bytes`` each, several at once where the store allows; ``digests`` (tensor
+    hashes the caller computed) go into the index."""
     extension, module = _FORMATS[check_format(format)]
     encode: Callable[[Any, Sequence[tuple[str, torch.Tensor]]], list[int | None]] = module.write
     if compression == "zstd":
@@ -106,13 +134,13 @@ def write_state(
                 f"safetensors cannot store tensors of dtype {', '.join(bad)}; "
                 "use format='torch' for this state."
             )
-    files: list[FileEntry] = []
-    index: list[TensorEntry] = []
     shards = plan_shards(tensors, max_shard_bytes)
+    folder = f"{directory.rstrip('/')}/" if directory else ""
+    digests = digests or {}
 
     def write_shard(number: int) -> tuple[FileEntry, list[TensorEntry]]:
         items = shards[number - 1]
-        name = f"tensors-{number:05d}-of-{len(shards):05d}{extension}"
+        name = f"{folder}tensors-{number:05d}-of-{len(shards):05d}{extension}"
         with store.open_writer(name) as raw:
             writer = HashingWriter(raw)
             offsets = encode(writer, items)
@@ -124,6 +152,7 @@ def write_state(
                 file=name,
                 offset=offset,
                 nbytes=tensor.numel() * tensor.element_size(),
+                digest=digests.get(tname),
             )
             for (tname, tensor), offset in zip(items, offsets, strict=True)
         ]
@@ -138,15 +167,26 @@ def write_state(
             written = list(pool.map(write_shard, numbers))  # in shard order; first error raised
     else:
         written = [write_shard(n) for n in numbers]
+    files: list[FileEntry] = []
+    index: list[TensorEntry] = []
     for entry, entries in written:
         files.append(entry)
         index.extend(entries)
-    encoded = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
-    with store.open_writer(STRUCTURE_FILE) as raw:
-        writer = HashingWriter(raw)
-        writer.write(encoded)
-    files.append(FileEntry(STRUCTURE_FILE, writer.size, writer.digest, writer.algorithm))
     return EncodedFiles(tuple(files), tuple(index))
+
+
+def write_structure(store: Store, document: Mapping[str, Any]) -> FileEntry:
+    """Write the state's structure (JSON; tensors are references by name)."""
+    encoded = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    return write_file(store, STRUCTURE_FILE, encoded)
+
+
+def with_shared(store: Store, manifest: Manifest, config: TransferConfig | None = None) -> Store:
+    """``store`` (a checkpoint's folder) seen together with the run's shared area its
+    manifest references, if any: how every reader reaches ``@shared/`` files."""
+    if manifest.shared_uri is None or isinstance(store, RoutedStore):
+        return store
+    return RoutedStore(store, open_store(manifest.shared_uri, config))
 
 
 def write_file(store: Store, rel_path: str, data: bytes) -> FileEntry:
@@ -163,21 +203,24 @@ def write_manifest(store: Store, manifest: Manifest) -> None:
 
 
 def read_manifest(
-    store: Store, scratch: Path, where: str, expected_sha256: str | None = None
+    store: Store, scratch: Path, where: str, expected_sha256: str | Sequence[str] | None = None
 ) -> Manifest:
     """Fetch and parse the manifest; ``FileNotFoundError`` if the save never committed.
 
-    ``expected_sha256`` is the digest the catalog recorded at commit (when there is one):
-    the manifest vouches for every other file, so nothing vouches for it but the catalog.
+    ``expected_sha256`` is the digest the catalog recorded at commit (when there is one; two
+    while a promotion rewrites the manifest): the manifest vouches for every other file, so
+    nothing vouches for it but the catalog.
     """
     path = fetch_inside(store, MANIFEST_NAME, scratch, where)
     data = path.read_bytes()
-    if expected_sha256:
+    accepted = [expected_sha256] if isinstance(expected_sha256, str) else expected_sha256
+    accepted = [d for d in accepted or () if d]
+    if accepted:
         actual = hashlib.sha256(data).hexdigest()
-        if actual != expected_sha256:
+        if actual not in accepted:
             raise CheckpointCorruptedError(
                 f"{where}: {MANIFEST_NAME} was modified after the checkpoint was committed "
-                f"(sha256 {actual[:12]}..., recorded {expected_sha256[:12]}...). Its file list "
+                f"(sha256 {actual[:12]}..., recorded {accepted[0][:12]}...). Its file list "
                 "can no longer be trusted; restore the original or delete the checkpoint.",
                 path=MANIFEST_NAME,
             )
@@ -193,9 +236,8 @@ def fetch_inside(store: Store, rel_path: str, scratch: Path, where: str) -> Path
     """
     path = store.fetch(rel_path, scratch)
     bases = [scratch]
-    root = getattr(store, "root", None)
-    if isinstance(root, Path):
-        bases.append(root)
+    roots = getattr(store, "roots", None) or [getattr(store, "root", None)]
+    bases.extend(r for r in roots if isinstance(r, Path))
     resolved = path.resolve()
     inside = any(resolved.is_relative_to(base.resolve()) for base in bases)
     if path.is_symlink() or not inside or not resolved.is_file():
@@ -364,6 +406,9 @@ def read_state(
         else:
             loaded, offsets = module.read(source, where), module.data_offsets(source)
         expected = {e.name: e for e in entries}
+        if is_shared(file):  # an earlier checkpoint's file: it may hold tensors since changed
+            loaded = {k: v for k, v in loaded.items() if k in expected}
+            offsets = {k: v for k, v in offsets.items() if k in expected}
         if set(loaded) != set(expected):
             raise CheckpointCorruptedError(
                 f"{where}: {file} holds tensors {sorted(set(loaded) ^ set(expected))[:5]} "

@@ -21,12 +21,16 @@ from typing import Any
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 4  # the newest this version reads
+FORMAT_VERSION = 5  # the newest this version reads
 SINGLE_FORMAT_VERSION = 1
 DISTRIBUTED_FORMAT_VERSION = 2  # adds ``world_size``, ``ranks/`` and ``shards/``
 BLAKE3_FORMAT_VERSION = 3  # files may be hashed with BLAKE3 (older readers know SHA-256 only)
 COMPRESSED_FORMAT_VERSION = 4  # tensor shards may be zstd-compressed ``.ztensors`` files
+INCREMENTAL_FORMAT_VERSION = 5  # files under ``@shared/``: the run's shared tensor files
 COMPRESSIONS = ("zstd",)
+# A file path starting with this lives in the run's shared area (``Manifest.shared_uri``),
+# not in the checkpoint's own folder: bytes that later checkpoints of the run reference.
+SHARED_PREFIX = "@shared/"
 HASH_ALGORITHMS = ("blake3", "sha256")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -34,7 +38,9 @@ MAX_INT = 2**63 - 1  # sizes, steps, offsets, dimensions: what an int64 holds
 
 
 def check_relpath(path: str, where: str) -> str:
-    """Return ``path`` if it is a plain relative POSIX path inside the checkpoint folder."""
+    """Return ``path`` if it is a plain relative POSIX path inside the checkpoint folder
+    (or, after :data:`SHARED_PREFIX`, inside the run's shared area)."""
+    inner = path.removeprefix(SHARED_PREFIX) if isinstance(path, str) else path
     if (
         not isinstance(path, str)
         or not path
@@ -42,8 +48,10 @@ def check_relpath(path: str, where: str) -> str:
         or "\\" in path
         or ":" in path
         or _CONTROL.search(path)
-        or any(part in ("", ".", "..") for part in path.split("/"))
-        or posixpath.normpath(path) != path
+        or not inner
+        or any(part in ("", ".", "..") for part in inner.split("/"))
+        or posixpath.normpath(inner) != inner
+        or inner.startswith("@")
     ):
         raise CheckpointCorruptedError(
             f"{where}: file name {path!r} is not a plain relative path inside the checkpoint; "
@@ -77,11 +85,24 @@ class FileEntry:
         )
 
 
+def is_shared(path: str) -> bool:
+    """Whether a listed file lives in the run's shared area (see :data:`SHARED_PREFIX`)."""
+    return path.startswith(SHARED_PREFIX)
+
+
+def shared_group(path: str) -> str:
+    """The group (the model ID of the checkpoint that wrote it) of a shared file's path."""
+    return path.removeprefix(SHARED_PREFIX).split("/", 1)[0]
+
+
 def format_version_for(
     files: Sequence[FileEntry], base: int, compression: str | None = None
 ) -> int:
     """The oldest manifest format that can describe a checkpoint: BLAKE3 entries need 3,
-    compressed shards 4 (older readers then ask for an upgrade instead of misreading)."""
+    compressed shards 4, shared files 5 (older readers then ask for an upgrade instead of
+    misreading)."""
+    if any(is_shared(f.path) for f in files):
+        return max(base, INCREMENTAL_FORMAT_VERSION)
     if compression:
         return max(base, COMPRESSED_FORMAT_VERSION)
     return max(base, BLAKE3_FORMAT_VERSION) if any(f.algorithm == "blake3" for f in files) else base
@@ -97,6 +118,9 @@ class TensorEntry:
     file: str
     offset: int | None
     nbytes: int
+    # BLAKE3 of the tensor's raw bytes, when the save computed it (incremental saves compare
+    # it with the next save's bytes; the file's own hash is what verifies a load).
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,18 +142,32 @@ class Manifest:
     # state under ``ranks/``, the sharded tensors under ``shards/``; see folder/distributed.py)
     world_size: int = 0
     compression: str | None = None  # "zstd": the tensor shards are ``.ztensors`` files
+    # Incremental checkpoints: the run's shared area, which holds the ``@shared/`` files
+    # (``<group>/<name>``, the group being the model ID of the checkpoint that wrote them).
+    shared_uri: str | None = None
+    shared_group: str | None = None  # the group this checkpoint wrote, if it wrote one
 
     @property
     def stored_bytes(self) -> int:
-        """What the checkpoint's files take in the store."""
-        return sum(f.size for f in self.files)
+        """What this checkpoint added to the store: its own files and the shared files it
+        wrote (shared files written by earlier checkpoints are only referenced)."""
+        return sum(
+            f.size
+            for f in self.files
+            if not is_shared(f.path) or shared_group(f.path) == self.shared_group
+        )
+
+    @property
+    def shared_groups(self) -> tuple[str, ...]:
+        """The shared groups this checkpoint needs (sorted): what keeps them alive."""
+        return tuple(sorted({shared_group(f.path) for f in self.files if is_shared(f.path)}))
 
     @property
     def size_bytes(self) -> int:
-        """The checkpoint's logical size: its files, with compressed tensor files counted at
-        the size of the tensors they hold (equal to :attr:`stored_bytes` uncompressed)."""
-        if not self.compression:
-            return self.stored_bytes
+        """The checkpoint's logical size: its files, with tensor files counted at the size
+        of the tensors it takes from them (compressed or shared files hold other sizes)."""
+        if not self.compression and not self.shared_groups:
+            return sum(f.size for f in self.files)
         tensor_files = {t.file for t in self.tensors}
         other = sum(f.size for f in self.files if f.path not in tensor_files)
         return other + sum(t.nbytes for t in self.tensors)
@@ -151,6 +189,12 @@ class Manifest:
         data = asdict(self)
         data["files"] = [f.to_json() for f in self.files]
         data["metrics"] = {k: _float_out(v) for k, v in self.metrics.items()}
+        for key in ("shared_uri", "shared_group"):  # absent from non-incremental manifests
+            if data[key] is None:
+                del data[key]
+        for tensor in data["tensors"]:
+            if tensor["digest"] is None:
+                del tensor["digest"]
         return json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -198,6 +242,7 @@ class Manifest:
                 file=check_relpath(t["file"], where),
                 offset=None if t["offset"] is None else _int(t["offset"]),
                 nbytes=_int(t["nbytes"]),
+                digest=None if t.get("digest") is None else _hex(t["digest"]),
             )
             for t in _list(data["tensors"], "tensors")
         )
@@ -225,7 +270,17 @@ class Manifest:
             format_version=version,
             world_size=_int(data.get("world_size", 0)),
             compression=_compression(data.get("compression")),
+            shared_uri=_shared_uri(data.get("shared_uri"), files),
+            shared_group=None if data.get("shared_group") is None else _str(data["shared_group"]),
         )
+
+
+def _shared_uri(value: Any, files: Sequence[FileEntry]) -> str | None:
+    if value is None:
+        if any(is_shared(f.path) for f in files):
+            raise ValueError("files under @shared/ are listed but no shared_uri")
+        return None
+    return _str(value)
 
 
 def _compression(value: Any) -> str | None:

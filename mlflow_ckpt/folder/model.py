@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def build_model(
 
 
 def load_folder_model(
-    store: Store, where: str, manifest_sha256: str | None = None
+    store: Store, where: str, manifest_sha256: str | Sequence[str] | None = None
 ) -> torch.nn.Module:
     """Verify the checkpoint folder in ``store`` and rebuild its network from it."""
     with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch:

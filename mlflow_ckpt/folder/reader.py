@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_ckpt.codec import Manifest, load_files, read_manifest, read_state
+from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.snapshot import DecodedState, decode_document
 from mlflow_ckpt.storage import Store
 
@@ -19,7 +21,7 @@ class LoadedFolder:
 
 
 def read_folder(
-    store: Store, scratch: Path, where: str, manifest_sha256: str | None = None
+    store: Store, scratch: Path, where: str, manifest_sha256: str | Sequence[str] | None = None
 ) -> LoadedFolder:
     """Verify every file of the folder against its manifest, then decode the state.
 
@@ -27,6 +29,7 @@ def read_folder(
     :class:`~mlflow_ckpt.CheckpointCorruptedError` naming the first bad file.
     """
     manifest = read_manifest(store, scratch, where, manifest_sha256)
+    store = with_shared(store, manifest)  # an incremental checkpoint's shared files
     if manifest.world_size:  # written by several ranks: assemble the full state
         from mlflow_ckpt.folder.distributed import read_distributed
 

@@ -30,9 +30,11 @@ from mlflow_ckpt.codec import (
     write_state,
 )
 from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.folder.incremental import Base, write_incremental
 from mlflow_ckpt.folder.mlmodel import CODE_DIR, mlmodel_yaml
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage.routed import RoutedStore
 
 
 @dataclass(frozen=True)
@@ -71,21 +73,39 @@ def write_folder(
     triggers: Sequence[str] = (),
     created_at: float | None = None,
     before_manifest: Callable[[], None] | None = None,
+    base: Base | None = None,
 ) -> Manifest:
     """Write one complete checkpoint folder into ``store``; the manifest goes last.
 
     ``before_manifest`` runs once every other file is stored, right before the commit
-    marker: the manager checks there that it still owns the run.
+    marker: the manager checks there that it still owns the run. When ``store`` is a
+    :class:`RoutedStore` (the folder plus the run's shared area) the save is incremental:
+    only what changed since ``base`` is written (see :mod:`.incremental`).
     """
-    encoded = write_state(
-        store,
-        snapshot.document,
-        snapshot.tensors,
-        format=spec.format,
-        max_shard_bytes=spec.max_shard_bytes,
-        compression=spec.compression,
-        compression_level=spec.compression_level,
-    )
+    shared_uri = shared_group = None
+    if isinstance(store, RoutedStore):
+        encoded, wrote_shared = write_incremental(
+            store,
+            snapshot,
+            base,
+            model_id=model_id,
+            format=spec.format,
+            max_shard_bytes=spec.max_shard_bytes,
+            compression=spec.compression,
+            compression_level=spec.compression_level,
+        )
+        shared_uri = store.shared.uri
+        shared_group = model_id if wrote_shared else None
+    else:
+        encoded = write_state(
+            store,
+            snapshot.document,
+            snapshot.tensors,
+            format=spec.format,
+            max_shard_bytes=spec.max_shard_bytes,
+            compression=spec.compression,
+            compression_level=spec.compression_level,
+        )
     model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()  # every file is in the store before the manifest commits them
     files = (*encoded.files, *model_files)
@@ -102,6 +122,8 @@ def write_folder(
         versions=library_versions(),
         format_version=format_version_for(files, SINGLE_FORMAT_VERSION, spec.compression),
         compression=spec.compression,
+        shared_uri=shared_uri,
+        shared_group=shared_group,
     )
     if before_manifest is not None:
         before_manifest()

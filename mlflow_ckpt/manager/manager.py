@@ -60,7 +60,8 @@ class CheckpointManager:
     Also: ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state
     is skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
-    (something else logs the metrics), ``compression="zstd"``, ``transfer``,
+    (something else logs the metrics), ``incremental`` (write only what changed; default),
+    ``compression="zstd"``, ``transfer``,
     ``max_shard_bytes``, ``code_paths`` (the model's code in each checkpoint), ``timeline`` (a
     picture logged at ``close()``). The README explains each; every argument is checked first."""
 
@@ -80,6 +81,7 @@ class CheckpointManager:
         keep_every_n_steps: int | None = None,
         save_last: bool = True,
         format: str = "safetensors",
+        incremental: bool = True,
         compression: str | None = None,
         compression_level: int = 1,
         async_save: bool = True,
@@ -305,16 +307,7 @@ class CheckpointManager:
         self.experiment_id: str = session.experiment_id
         self._session = session
         self._policies = StepPolicies(options, session.ranks)
-        self._saver = Saver(
-            state,
-            options,
-            session.client,  # type: ignore[arg-type]
-            run_id=self.run_id,
-            experiment_id=self.experiment_id,
-            lease=session.claim.lease if session.claim is not None else None,
-            nonfinite_step=session.nonfinite_step,
-            ranks=session.ranks,
-        )
+        self._saver = Saver(state, options, session)
         self.start_step = 0
         self.start_epoch = 0
         self.resumed_from: Checkpoint | None = None
@@ -336,8 +329,8 @@ class CheckpointManager:
         """After a resume: carry on from the restored checkpoint (counters, triggers, metrics)."""
         chosen = point.checkpoint
         if chosen is not None:
-            self.resumed_from = self._saver.last_checkpoint = chosen
-            self._saver.last_saved_step = self._last_step = chosen.step
+            self.resumed_from = chosen
+            self._last_step = self._saver.resumed(chosen, point.manifest)
             self.start_step, self.start_epoch = point.start_step, point.start_epoch
             self._last_epoch = point.last_epoch
         self._policies.load_state_dict(point.manager_state)

@@ -64,6 +64,9 @@ class ManagerOptions:
     transfer: TransferConfig | None
     client: MlflowClient | None
     distributed: bool = False  # every rank builds a manager; sharded state through DCP
+    # Write only what changed since the previous checkpoint (single-process saves; DCP
+    # writes distributed checkpoints whole).
+    incremental: bool = True
 
     @property
     def format(self) -> str:
@@ -149,6 +152,8 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         if args[name] is not None and not isinstance(args[name], kind):
             raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
     distributed = _distributed_mode(args.get("distributed"))
+    if not isinstance(args["incremental"], bool):
+        raise TypeError(f"incremental must be True or False, not {args['incremental']!r}")
     spec = _folder_spec(args)
     if spec.compression and distributed:
         raise ValueError(
@@ -157,6 +162,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         )
     return ManagerOptions(
         distributed=distributed,
+        incremental=args["incremental"] and not distributed,
         triggers=_triggers(args, monitor, mode),
         retention=_retention(args, monitor, mode),
         spec=spec,

@@ -23,6 +23,7 @@ from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import discard_failed
 from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
+from mlflow_ckpt.catalog.shared import delete_groups
 from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import (
     CheckpointVerificationError,
@@ -30,10 +31,12 @@ from mlflow_ckpt.errors import (
     WriterConflictError,
 )
 from mlflow_ckpt.folder import FolderSpec, write_folder
+from mlflow_ckpt.folder.incremental import Base
 from mlflow_ckpt.manager.verification import VerificationFailed, Verify, verify_stored
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.snapshot.sharded import ShardedSnapshot
 from mlflow_ckpt.storage import Store, TransferConfig, open_store, redact
+from mlflow_ckpt.storage.routed import RoutedStore
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class WriteTarget:
     writer_id: str = ""
     log_metrics: bool = True  # False: something else (MLflow's autolog) logs the run's metrics
     verify: Verify = "size"  # what is checked after the manifest is stored, before the commit
+    shared_uri: str | None = None  # incremental saves: the run's shared area
 
 
 @dataclass
@@ -69,6 +73,7 @@ class SaveJob:
     # holds only the rest of this rank's state), and the progress rank 0 records.
     sharded: ShardedSnapshot | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    base: Base | None = None  # incremental saves: the checkpoint whose shared bytes it reuses
 
 
 def _intact(job: SaveJob) -> str:
@@ -120,12 +125,13 @@ def commit_model(
         timestamp_ms=job.timestamp_ms,
         size_bytes=manifest.size_bytes,
         stored_bytes=manifest.stored_bytes,
+        shared_groups=manifest.shared_groups,
         manifest_sha256=manifest.digest(),
     )
 
 
-def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
-    """Write one checkpoint and commit it; return its record."""
+def write_checkpoint(target: WriteTarget, job: SaveJob) -> tuple[Checkpoint, Manifest]:
+    """Write one checkpoint and commit it; return its record and manifest."""
     client = target.client
     started = time.perf_counter()
     try:
@@ -138,6 +144,8 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         ) from exc
     location = model.artifact_location
     store = open_store(location, target.transfer)
+    if target.shared_uri is not None:  # incremental: lasting bytes go to the shared area
+        store = RoutedStore(store, open_store(target.shared_uri, target.transfer))
     where = f"{model.model_id} (run {target.run_id}, step {job.step})"
     try:
         if target.check_writer is not None:
@@ -154,6 +162,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
             triggers=job.triggers,
             created_at=job.timestamp_ms / 1000,
             before_manifest=target.check_writer,
+            base=job.base,
         )
         score = verify_stored(store, manifest, target.verify, where)
     except VerificationFailed as exc:
@@ -203,7 +212,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> Checkpoint:
         manifest.size_bytes / 1e6,
         time.perf_counter() - started,
     )
-    return Checkpoint.from_logged_model(committed)
+    return Checkpoint.from_logged_model(committed), manifest
 
 
 def log_unsaved_metrics(
@@ -226,4 +235,5 @@ def _discard(target: WriteTarget, model: LoggedModel, store: Store) -> None:
     """
     with contextlib.suppress(Exception):
         store.close()
-    discard_failed(target.client, model, store)
+    if discard_failed(target.client, model, store) and target.shared_uri is not None:
+        delete_groups(target.shared_uri, [model.model_id], target.transfer)  # never referenced

@@ -8,6 +8,7 @@ only then is the run reopened and the resume recorded on it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, VerifiedCheckpoint, describe, newest_verified
 from mlflow_ckpt.catalog.recovery import logged_pairs
+from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
 
@@ -70,12 +72,14 @@ class ResumePoint:
     last_epoch: int | None = None
     manager_state: dict[str, Any] = field(default_factory=dict)  # triggers, spike watch
     resumes: int = 1  # this resume included
+    manifest: Manifest | None = None  # the restored checkpoint's (what the next save references)
 
     @classmethod
     def of(cls, verified: VerifiedCheckpoint | None) -> ResumePoint:
         if verified is None:
             return cls()
-        return cls.of_progress(verified.checkpoint, verified.loaded.decoded.progress)
+        point = cls.of_progress(verified.checkpoint, verified.loaded.decoded.progress)
+        return dataclasses.replace(point, manifest=verified.loaded.manifest)
 
     @classmethod
     def of_progress(cls, checkpoint: Checkpoint, progress: Mapping[str, Any]) -> ResumePoint:

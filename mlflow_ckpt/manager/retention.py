@@ -10,7 +10,7 @@ before a loss spike), and if MLflow cannot be asked, nothing is deleted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_pinned, is_registered
 from mlflow_ckpt.catalog.queries import committed_models
+from mlflow_ckpt.catalog.shared import release_groups
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +190,19 @@ class RunRetention:
     """
 
     def __init__(
-        self, client: MlflowClient, run_id: str, experiment_id: str, policy: RetentionPolicy
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        policy: RetentionPolicy,
+        shared_uri: str | None = None,
+        protected_groups: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.policy = policy
+        # Incremental saves: the run's shared area, and the groups the next save may use.
+        self.shared_uri = shared_uri
+        self.protected_groups = protected_groups
         self._known: dict[str, Checkpoint] | None = None
         self._protected: set[str] = set()
 
@@ -220,4 +230,11 @@ class RunRetention:
         for ckpt in result.deleted:
             self._known.pop(ckpt.model_id, None)
         self._protected.update(c.model_id for c in result.protected)
+        if self.shared_uri is not None and result.deleted:
+            release_groups(
+                self.shared_uri,
+                {g for c in result.deleted for g in c.shared},
+                (c.shared for c in self._known.values()),
+                self.protected_groups(),
+            )
         return result

@@ -20,15 +20,17 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, models, tags
 from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
+from mlflow_ckpt.catalog.shared import shared_area_uri, sweep_shared
 from mlflow_ckpt.catalog.timeline import NONFINITE_METRIC
+from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointVerificationError,
     CheckpointWriteError,
     NonFiniteStateError,
 )
+from mlflow_ckpt.folder.incremental import Base
 from mlflow_ckpt.manager.distributed_write import first_nonfinite_everywhere, write_distributed
-from mlflow_ckpt.manager.lease import WriterLease
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.pipeline import (
@@ -38,10 +40,11 @@ from mlflow_ckpt.manager.pipeline import (
     write_checkpoint,
 )
 from mlflow_ckpt.manager.policies import Decision
-from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.retention import RunRetention, apply_retention
+from mlflow_ckpt.manager.session import Session
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
+from mlflow_ckpt.snapshot.changes import History
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
@@ -51,18 +54,17 @@ logger = logging.getLogger(__name__)
 class Saver:
     """Runs the saves and metric logging of one manager."""
 
-    def __init__(
-        self,
-        state: Mapping[str, Any],
-        options: ManagerOptions,
-        client: MlflowClient,
-        *,
-        run_id: str,
-        experiment_id: str,
-        lease: WriterLease | None,
-        nonfinite_step: str | None = None,
-        ranks: RankGroup | None = None,
-    ) -> None:
+    def __init__(self, state: Mapping[str, Any], options: ManagerOptions, session: Session) -> None:
+        client: MlflowClient = session.client  # type: ignore[assignment] # None off rank 0
+        run_id, experiment_id, ranks = session.run_id, session.experiment_id, session.ranks
+        lease = session.claim.lease if session.claim is not None else None
+        # Incremental saves keep lasting bytes in the run's shared area (catalog.shared).
+        self.shared_uri = (
+            shared_area_uri(session.run.info.artifact_uri)
+            if options.incremental and ranks is None and session.run is not None
+            else None
+        )
+        self.base: Base | None = None  # the newest checkpoint the next save may reference
         self.state = state
         self.ranks = ranks
         # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
@@ -81,13 +83,16 @@ class Saver:
             writer_id=lease.owner if lease is not None else "",
             log_metrics=options.log_metrics,
             verify=options.verify,
+            shared_uri=self.shared_uri,
         )
         self.metrics = StepMetrics(
             client, run_id, enabled=options.log_metrics and client is not None
         )
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
         self.retention = (
-            RunRetention(client, run_id, experiment_id, options.retention)
+            RunRetention(
+                client, run_id, experiment_id, options.retention, self.shared_uri, self._protected
+            )
             if options.retention is not None and client is not None
             else None
         )
@@ -96,7 +101,7 @@ class Saver:
         self.last_checkpoint: Checkpoint | None = None
         self.last_saved_step: int | None = None
         self.last_save_time = time.monotonic()
-        self._nonfinite_step = nonfinite_step  # the run's tag: the first step refused so far
+        self._nonfinite_step = session.nonfinite_step  # the first step refused so far
 
     def save(
         self,
@@ -128,7 +133,12 @@ class Saver:
         copy = self.worker is not None
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
-        snapshot = take_snapshot(self.own_state, progress, copy=copy, buffers=self.buffers)
+        history = None
+        if self.shared_uri is not None:
+            history = self.base.history() if self.base is not None else History()
+        snapshot = take_snapshot(
+            self.own_state, progress, copy=copy, buffers=self.buffers, history=history
+        )
         sharded = (
             take_sharded(self.state, self.sharded, copy=copy, buffers=self.buffers)
             if self.ranks
@@ -144,6 +154,7 @@ class Saver:
             previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
             sharded=sharded,
             progress=progress,
+            base=self.base,
         )
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
@@ -223,14 +234,38 @@ class Saver:
         if error is not None:
             self._failed(error)
 
+    def resumed(self, checkpoint: Checkpoint, manifest: Manifest | None) -> int:
+        """Carry on from ``checkpoint`` (restored by a resume): the next save follows it and,
+        when incremental, references its shared bytes. Returns its step."""
+        self.last_checkpoint = checkpoint
+        self.last_saved_step = checkpoint.step
+        usable = manifest is not None and manifest.shared_uri in (None, self.shared_uri)
+        if self.shared_uri is not None and usable:  # (never another run's shared area)
+            self.base = Base(checkpoint.model_id, manifest, {})  # type: ignore[arg-type]
+        return checkpoint.step
+
+    def _protected(self) -> tuple[str, ...]:
+        """Shared groups the next save may reference: never deleted meanwhile."""
+        return self.base.manifest.shared_groups if self.base is not None else ()
+
     def final_retention(self) -> None:
-        """At ``close()``: one retention pass over a fresh listing of the run."""
+        """At ``close()``: one retention pass over a fresh listing of the run, then a sweep
+        of the run's shared area (groups left by failed saves or deleted checkpoints)."""
         if self.retention is not None:
             apply_retention(
                 self.client,
                 self.run_id,
                 self.retention.policy,
                 experiment_id=self.target.experiment_id,
+            )
+        if self.shared_uri is not None and self.client is not None:
+            sweep_shared(
+                self.client,
+                self.run_id,
+                self.target.experiment_id,
+                self.shared_uri,
+                protect=self._protected(),
+                config=self.options.transfer,
             )
 
     def stop(self) -> None:
@@ -262,11 +297,14 @@ class Saver:
                 self._refuse_nonfinite(job, tensor)
                 return
         try:
-            self.last_checkpoint = (
-                write_checkpoint(self.target, job)
-                if self.ranks is None
-                else write_distributed(self.target, job, self.ranks)
-            )
+            if self.ranks is None:
+                self.last_checkpoint, manifest = write_checkpoint(self.target, job)
+                if self.shared_uri is not None:
+                    changes = job.snapshot.changes
+                    seen = changes.seen if changes is not None else {}
+                    self.base = Base(self.last_checkpoint.model_id, manifest, seen)
+            else:
+                self.last_checkpoint = write_distributed(self.target, job, self.ranks)
         except CheckpointVerificationError:
             raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:

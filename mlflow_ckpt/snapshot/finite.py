@@ -25,9 +25,10 @@ def first_nonfinite(snapshot: Snapshot) -> str | None:
 
     The random streams and the progress record (whose metrics may be NaN) do not count.
     """
+    reused = snapshot.changes.reused if snapshot.changes is not None else frozenset()
     for name, tensor in snapshot.tensors.items():
-        if name.startswith((RNG_PATH, PROGRESS_PATH)):
-            continue
+        if name.startswith((RNG_PATH, PROGRESS_PATH)) or name in reused:
+            continue  # reused: checked when first saved, unchanged since
         if (tensor.is_floating_point() or tensor.is_complex()) and not _finite(tensor):
             return name
     return None

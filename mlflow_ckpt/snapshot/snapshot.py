@@ -20,6 +20,7 @@ from mlflow_ckpt.errors import (
     StateMismatchError,
     StateSerializationError,
 )
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
@@ -36,6 +37,9 @@ class Snapshot:
 
     document: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    # Incremental saves: what was seen of each tensor, and which are reused uncopied
+    # (``tensors`` then holds the live tensor, never to be read).
+    changes: Changes | None = None
 
     @property
     def nbytes(self) -> int:
@@ -83,11 +87,13 @@ def take_snapshot(
     include_rng: bool = True,
     copy: bool = True,
     buffers: HostBuffers | None = None,
+    history: History | None = None,
 ) -> Snapshot:
     """Copy ``state`` (plus the global RNG streams and ``progress``) into host memory.
 
     ``copy=False`` shares CPU tensors with the live state: only for a save that completes
-    before training touches them again.
+    before training touches them again. ``history`` (incremental saves: what the snapshot
+    of the newest checkpoint saw) lets frozen, unchanged parameters go uncopied.
     """
     for name in state:
         if not isinstance(name, str) or not name or name == RNG_PATH:
@@ -95,7 +101,8 @@ def take_snapshot(
                 f"state key {name!r} is not allowed: use non-empty strings other than {RNG_PATH!r}"
             )
     copier = _HostCopier(copy, buffers)
-    sink = TensorSink(copier)
+    tracker = ChangeTracker(state, history) if history is not None else None
+    sink = TensorSink(copier, tracker.observe if tracker is not None else None)
     encoded = {name: encode(obj, name, sink) for name, obj in state.items()}
     document: dict[str, Any] = {
         "version": DOCUMENT_VERSION,
@@ -105,7 +112,7 @@ def take_snapshot(
     if include_rng:
         document["rng"] = encode(capture_rng(), RNG_PATH, sink)
     copier.finish()
-    return Snapshot(document, sink.tensors)
+    return Snapshot(document, sink.tensors, Changes.of(tracker) if tracker is not None else None)
 
 
 @dataclass(frozen=True)

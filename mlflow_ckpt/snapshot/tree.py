@@ -32,8 +32,15 @@ class TensorSink:
     copy for snapshots; identity when the caller already owns the data).
     """
 
-    def __init__(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        copy: Callable[[torch.Tensor], torch.Tensor],
+        observe: Callable[[str, torch.Tensor, tuple[Any, ...]], bool] | None = None,
+    ) -> None:
         self._copy = copy
+        # Incremental saves: told every tensor; True = the previous save's bytes stand, so
+        # the live tensor is kept uncopied (it is never read; see snapshot.changes).
+        self._observe = observe
         self._seen: dict[tuple[Any, ...], str] = {}
         # Originals stay referenced until encoding ends: a temporary (a generator's
         # get_state()) freed early could hand its address to the next tensor, which would
@@ -62,7 +69,11 @@ class TensorSink:
         while name in self.tensors:
             counter += 1
             name = f"{path}#{counter}"
-        self.tensors[name] = self._copy(tensor)
+        reused = identity[0] != 0 and self._observe is not None
+        if reused and self._observe(name, tensor, identity):  # type: ignore[misc]
+            self.tensors[name] = tensor.detach()
+        else:
+            self.tensors[name] = self._copy(tensor)
         if identity[0] != 0:
             self._seen[identity] = name
             self._originals.append(tensor)

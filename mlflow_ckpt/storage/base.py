@@ -63,6 +63,13 @@ class Store(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list file sizes")
 
+    def list_folders(self, directory: str = "") -> list[str]:
+        """Names of the sub-folders directly in ``directory`` ("" = the folder).
+
+        How the run's shared area finds groups that no checkpoint references any more.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list folders")
+
     @abc.abstractmethod
     def delete_all(self) -> None:
         """Delete every file of this folder (best effort on stores without folders)."""

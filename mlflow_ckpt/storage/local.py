@@ -95,5 +95,11 @@ class LocalStore(Store):
             return {}
         return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
 
+    def list_folders(self, directory: str = "") -> list[str]:
+        folder = self._path(directory) if directory else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
     def delete_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -206,5 +206,9 @@ class RepositoryStore(Store):
         listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
         return {posixpath.basename(i.path): int(i.file_size or 0) for i in listing if not i.is_dir}
 
+    def list_folders(self, directory: str = "") -> list[str]:
+        listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in listing if i.is_dir)
+
     def delete_all(self) -> None:
         self._run(self._repo.delete_artifacts, "delete")

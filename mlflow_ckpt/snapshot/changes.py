@@ -1,0 +1,115 @@
+"""Which tensors of the state cannot have changed since the previous save.
+
+An incremental save writes only bytes that changed. Finding out means hashing every tensor,
+except for one kind that PyTorch vouches for: a frozen parameter (``requires_grad=False``)
+whose version counter has not moved. Every in-place write through the tensor (or through
+``state_dict()``'s detached view of it, which shares the counter) bumps that counter, so a
+frozen backbone is neither copied at snapshot time nor hashed: the new checkpoint references
+the bytes the previous one stored. A write through ``param.data`` is invisible to the
+counter; nobody writes frozen weights that way, and trainable tensors, which optimizers may
+update through ``.data``, are always compared by content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlflow_ckpt.snapshot.stateful import unwrap_module
+
+Identity = tuple[Any, ...]
+# What a snapshot saw of one tensor: its identity (storage, offset, shape, stride, dtype,
+# device) and its version counter (None where the tensor has none, e.g. inference tensors).
+Seen = tuple[Identity, int | None]
+
+
+def identity_of(tensor: torch.Tensor) -> Identity:
+    """Which memory ``tensor`` is a view of, and how (equal for ``p`` and ``p.detach()``)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+        str(tensor.device),
+    )
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter, ``None`` where it has none."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # inference tensors do not track versions
+        return None
+
+
+def frozen_identities(state: Mapping[str, Any]) -> set[Identity]:
+    """Identities of the frozen parameters of every module in ``state``."""
+    frozen: set[Identity] = set()
+    for obj in state.values():
+        module = unwrap_module(obj)
+        if isinstance(module, torch.nn.Module):
+            frozen.update(identity_of(p) for p in module.parameters() if not p.requires_grad)
+    return frozen
+
+
+@dataclass(frozen=True)
+class History:
+    """What the snapshot behind the newest committed checkpoint saw, and which of its
+    tensors that checkpoint keeps in the run's shared area (only those can be referenced)."""
+
+    seen: Mapping[str, Seen] = field(default_factory=dict)
+    shared: frozenset[str] = frozenset()
+
+
+class ChangeTracker:
+    """Decides, tensor by tensor while a snapshot is taken, what can be reused unread."""
+
+    def __init__(self, state: Mapping[str, Any], history: History) -> None:
+        self.frozen_ids = frozen_identities(state)
+        self.history = history
+        self.seen: dict[str, Seen] = {}
+        self.frozen: set[str] = set()
+        self.reused: set[str] = set()
+
+    def observe(self, name: str, tensor: torch.Tensor, identity: Identity) -> bool:
+        """Record ``tensor`` under ``name``; whether its bytes are those of the previous
+        save (a frozen parameter, same memory, version unchanged), so it needs no copy."""
+        seen = (identity, version_of(tensor))
+        self.seen[name] = seen
+        if identity not in self.frozen_ids:
+            return False
+        self.frozen.add(name)
+        unchanged = (
+            seen[1] is not None
+            and self.history.seen.get(name) == seen
+            and name in self.history.shared
+        )
+        if unchanged:
+            self.reused.add(name)
+        return unchanged
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a snapshot learned for an incremental save (see :class:`ChangeTracker`)."""
+
+    seen: dict[str, Seen]
+    frozen: frozenset[str]  # frozen parameters
+    reused: frozenset[str]  # frozen and unchanged: not copied, the previous bytes stand
+
+    @classmethod
+    def of(cls, tracker: ChangeTracker) -> Changes:
+        return cls(dict(tracker.seen), frozenset(tracker.frozen), frozenset(tracker.reused))
+
+    def unchanged_since(self, previous: Mapping[str, Seen], names: Iterable[str]) -> set[str]:
+        """Of ``names``, those whose memory and version counter did not move (not proof
+        that the bytes are equal: a write through ``.data`` is not counted)."""
+        return {
+            n
+            for n in names
+            if n in self.seen and self.seen[n][1] is not None and previous.get(n) == self.seen[n]
+        }
