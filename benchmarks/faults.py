@@ -36,6 +36,10 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   2-rank checkpoints; a 2-rank resume must fall back to the older one exactly.
 * ``kill9-compressed`` and ``corrupt-flip-byte-compressed``: the ``kill9-async`` and
   ``corrupt-flip-byte`` rows with ``compression="zstd"`` checkpoints.
+* ``kill9-incremental``: the ``kill9-async`` row with a frozen first layer (edited in place
+  every 5 steps): saves reference its bytes in the run's shared area, retention releases
+  groups no kept checkpoint references; at the end the shared area must hold exactly the
+  groups the checkpoints reference.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -194,16 +198,27 @@ def run_trials(
 # ---------------------------------------------------------------- kill -9
 
 
-def kill9(bench: Bench, row: Row, trials: int, sync: bool, compression: str = "") -> None:
+def kill9(
+    bench: Bench,
+    row: Row,
+    trials: int,
+    sync: bool,
+    compression: str = "",
+    frozen: bool = False,
+) -> None:
     workdir = bench.workdir(row.fault)
     uri = crashlib.prepare(workdir, bench.template_db)
-    os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"] = compression  # read by tests/crash_child.py
-    try:
-        result = crashlib.run_chain(
-            workdir, uri, trials=trials, seed=bench.seed + (1 if sync else 0), sync=sync
-        )
-    finally:
-        del os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
+    env = {"MLFLOW_CKPT_CRASH_COMPRESSION": compression}  # read by tests/crash_child.py
+    if frozen:
+        env["MLFLOW_CKPT_CRASH_FROZEN"] = "1"
+    result = crashlib.run_chain(
+        workdir,
+        uri,
+        trials=trials,
+        seed=bench.seed + (1 if sync else 0),
+        sync=sync,
+        child_env=env,
+    )
     mlflow.set_tracking_uri(None)
     row.trials, row.survived, row.lost = result.trials, result.survived, result.lost
     row.problems += result.problems
@@ -777,6 +792,10 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
         lambda b, r, n: kill9(b, r, n, sync=False, compression="zstd"),
     ),
     "corrupt-flip-byte-compressed": ("detected, fallback to older", corruption),
+    "kill9-incremental": (
+        "restart resumed from newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=False, frozen=True),
+    ),
     "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
 }
 

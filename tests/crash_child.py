@@ -39,10 +39,16 @@ def _log(fd: int, line: str) -> None:
     os.write(fd, f"{line}\n".encode())
 
 
+FROZEN = bool(os.environ.get("MLFLOW_CKPT_CRASH_FROZEN"))  # the incremental rows
+FROZEN_EVERY = 5  # steps between in-place edits of the frozen layer (a new shared group)
+
+
 def build() -> dict[str, object]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if FROZEN:  # a frozen first layer: later saves reference its bytes in the shared area
+        model[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return {"model": model, "optimizer": opt, "data": torch.Generator().manual_seed(5)}
 
 
@@ -86,6 +92,9 @@ def main(argv: list[str]) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if FROZEN and step % FROZEN_EVERY == 0:
+            with torch.no_grad():  # a deterministic edit: resumed runs redo it identically
+                model[0].bias.mul_(0.5)
         manager.step(step, {"loss": loss.item()})
         last = manager.last_checkpoint
         if last is not None and last.step > reported:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,9 +62,10 @@ def _lines(log: Path) -> list[str]:
 class Zygote:
     """A warm ``tests.crash_child --zygote`` that forks one training process per trial."""
 
-    def __init__(self, workdir: Path, uri: str) -> None:
+    def __init__(self, workdir: Path, uri: str, child_env: Mapping[str, str] | None = None) -> None:
         env = dict(
             os.environ,
+            **(child_env or {}),
             MLFLOW_TRACKING_URI=uri,
             MLFLOW_EXPERIMENT_NAME="crash",
             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -110,9 +112,13 @@ def run_chain(
     seed: int,
     sync: bool,
     max_delay_s: float = 1.5,
+    child_env: Mapping[str, str] | None = None,
 ) -> ChainResult:
-    """Kill and restart a training ``trials`` times, then finish it and check the run."""
-    zygote = Zygote(workdir, uri)
+    """Kill and restart a training ``trials`` times, then finish it and check the run.
+
+    ``child_env``: extra environment of the training processes (see tests/crash_child.py).
+    """
+    zygote = Zygote(workdir, uri, child_env)
     try:
         return _chain(zygote, workdir, uri, trials, seed, sync, max_delay_s)
     finally:
@@ -216,8 +222,31 @@ def _finish(
     leftovers = [p for p in (workdir / "artifacts").rglob(f"*{TEMP_MARKER}*")]
     if leftovers:
         result.problems.append(f"temporary files left: {leftovers[:5]}")
+    _check_shared_area(client, run_id, result)
     live = {c.model_id for c in checkpoints}
     for folder in (workdir / "artifacts" / "models").iterdir():
         if folder.name not in live and any(p.is_file() for p in folder.rglob("*")):
             status = client.get_logged_model(folder.name).tags.get(tags.STATUS)
             result.problems.append(f"files of {status} checkpoint {folder.name} remain")
+
+
+def _check_shared_area(client: MlflowClient, run_id: str, result: ChainResult) -> None:
+    """Incremental saves: the run's shared area holds exactly the groups that the run's
+    checkpoints reference: none lost (they verified above), none left unreferenced."""
+    from mlflow_ckpt.catalog import tags
+    from mlflow_ckpt.catalog.queries import search_models
+    from mlflow_ckpt.catalog.shared import references, shared_area_uri
+    from mlflow_ckpt.storage import local_path_of
+
+    run = client.get_run(run_id)
+    area = local_path_of(shared_area_uri(run.info.artifact_uri))
+    on_disk = {p.name for p in area.iterdir() if p.is_dir()} if area and area.is_dir() else set()
+    models = search_models(client, [run.info.experiment_id], f"source_run_id = '{run_id}'")
+    wanted: set[str] = set()
+    for model in models:
+        if model.tags.get(tags.STATUS) == tags.COMMITTED:
+            wanted |= references(model)
+    if on_disk != wanted:
+        result.problems.append(
+            f"shared area holds {sorted(on_disk)}, checkpoints reference {sorted(wanted)}"
+        )
