@@ -10,7 +10,8 @@ Run on a machine with CUDA (CI has none; this is a manual check):
    async snapshot (pinned host buffers, non-blocking copies, one synchronize) against a
    whole sync save, ``torch.save`` + ``mlflow.log_artifact``, and
    ``torch.distributed.checkpoint.save`` (single process), all to local disk (each keeps
-   only its newest checkpoint, as a long run would).
+   only its newest checkpoint, as a long run would). The state does not change between
+   these saves, so they run with ``incremental=False`` (in training every weight changes).
 
     python benchmarks/cuda.py [--params 300] [--repeats 3] [--out results.json]
 """
@@ -131,7 +132,9 @@ def bench_stall(params_millions: int, repeats: int, workdir: Path) -> dict[str, 
     state = {"model": model, "optimizer": opt}
     results: dict[str, object] = {"state_gb": nbytes / 1e9}
     with mlflow.start_run(run_name="cuda-stall-async"):
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=True, save_last=False, keep_last_n=1)
+        mgr = mlflow_ckpt.CheckpointManager(
+            state, incremental=False, async_save=True, save_last=False, keep_last_n=1
+        )
         step = iter(range(10**6))
         blocked = []
         for _ in range(repeats):
@@ -144,7 +147,9 @@ def bench_stall(params_millions: int, repeats: int, workdir: Path) -> dict[str, 
         mgr.close()
     results["mlflow_ckpt_async_blocks_s"] = statistics.median(blocked)
     with mlflow.start_run(run_name="cuda-stall-sync"):
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=False, save_last=False, keep_last_n=1)
+        mgr = mlflow_ckpt.CheckpointManager(
+            state, incremental=False, async_save=False, save_last=False, keep_last_n=1
+        )
         step = iter(range(10**6))
         results["mlflow_ckpt_sync_s"] = _timed(lambda: mgr.save(next(step)), repeats)
         mgr.close()
@@ -157,7 +162,7 @@ def bench_stall(params_millions: int, repeats: int, workdir: Path) -> dict[str, 
     try:
         with mlflow.start_run(run_name="cuda-stall-sync-serial"):
             mgr = mlflow_ckpt.CheckpointManager(
-                state, async_save=False, save_last=False, keep_last_n=1
+                state, incremental=False, async_save=False, save_last=False, keep_last_n=1
             )
             step = iter(range(10**6))
             results["mlflow_ckpt_sync_serial_s"] = _timed(lambda: mgr.save(next(step)), repeats)

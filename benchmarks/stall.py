@@ -9,7 +9,10 @@ variant in its own MLflow run against a fresh sqlite store with local artifacts:
 * the usual recipe: ``torch.save`` of model + optimizer, then ``mlflow.log_artifact``;
 * ``mlflow.pytorch.log_model`` (weights only, and it still takes longer).
 
-Prints absolute times and ratios against the usual recipe, and the peak resident memory an
+The state does not change between these saves, so the managers run with
+``incremental=False``: in training every weight changes and an incremental save writes it
+all; here it would only reference the previous bytes. Prints absolute times and ratios
+against the usual recipe, and the peak resident memory an
 async save adds to the process, as a multiple of the state's size.
 
     python benchmarks/stall.py [--params 50] [--repeats 3]
@@ -104,7 +107,7 @@ def main(argv: list[str]) -> None:
 
     # --- mlflow_ckpt, async: what save() blocks is the snapshot; the rest is background.
     with mlflow.start_run(run_name="async"):
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=True)
+        mgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=True)
         mgr.save(next(step))  # warm-up: first-save imports and allocations
         mgr.wait()
         stalls, totals = [], []
@@ -134,7 +137,7 @@ def main(argv: list[str]) -> None:
     targets.clear()  # give the memory back before the other variants run
 
     with mlflow.start_run(run_name="sync"):
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=False)
+        mgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=False)
         mgr.save(next(step))
         results["sync"] = statistics.median(timed(lambda: mgr.save(next(step)), args.repeats))
         mgr.close()
@@ -196,7 +199,7 @@ def _measure_memory(
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("memory-benchmark")
     with mlflow.start_run(run_name="async-memory"):
-        mgr = mlflow_ckpt.CheckpointManager({"model": model, "optimizer": opt})
+        mgr = mlflow_ckpt.CheckpointManager({"model": model, "optimizer": opt}, incremental=False)
         baseline = rss_kb()
         if not reset_peak_rss():
             print("peak memory: /proc/self/clear_refs is not writable here; not measured")

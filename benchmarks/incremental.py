@@ -1,0 +1,134 @@
+"""Incremental checkpoints of a fine-tune: bytes each save adds, and what a save costs.
+
+A frozen backbone (``--backbone-mb`` of fp32 weights, ``requires_grad=False``) under a
+small trainable head with AdamW: the backbone is >= 90% of the checkpoint's bytes. The
+same training is saved ``--saves`` times with ``incremental=True`` (the default) and with
+``incremental=False``, sync and async, into a local store with sqlite tracking. Reported:
+
+* bytes each checkpoint added, read from the store's listing (its folder plus the shared
+  group it wrote), and the later ones as a fraction of the first (target <= 0.12);
+* the median time of a later sync save, and of the training stall of a later async save,
+  against the same figure with ``incremental=False``.
+
+    python benchmarks/incremental.py [--backbone-mb 400] [--saves 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path.cwd()))  # the checkout under test (its mlflow_ckpt)
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+
+import mlflow_ckpt
+from mlflow_ckpt.catalog.shared import shared_area_uri
+from mlflow_ckpt.storage import open_store
+
+WIDTH = 4096
+
+
+class FineTune(torch.nn.Module):
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(*(torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers)))
+        self.backbone.requires_grad_(False)
+        self.head = torch.nn.Linear(WIDTH, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def added_bytes(ckpt: mlflow_ckpt.Checkpoint, area: str) -> int:
+    """What a checkpoint added to the store, from the store's listing."""
+    own = open_store(ckpt.artifact_location).list_sizes("")
+    shared = open_store(area).list_sizes(ckpt.model_id)
+    return sum(v for k, v in own.items() if k != "manifest.json") + sum(shared.values())
+
+
+def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = FineTune(layers)
+    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    x = torch.randn(16, WIDTH)
+    times = []
+    with mlflow.start_run(run_name=f"inc-{incremental}-{async_save}") as run:
+        with mlflow_ckpt.CheckpointManager(
+            {"model": model, "optimizer": opt},
+            incremental=incremental,
+            async_save=async_save,
+            timeline=False,
+            save_last=False,
+        ) as mgr:
+            for step in range(saves):
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mgr.wait()  # time the save (or the stall) alone, not the previous one
+                started = time.perf_counter()
+                mgr.save(step)
+                times.append(time.perf_counter() - started)
+    area = shared_area_uri(MlflowClient().get_run(run.info.run_id).info.artifact_uri)
+    ckpts = sorted(mlflow_ckpt.list_checkpoints(run.info.run_id), key=lambda c: c.step)
+    return {
+        "added": [added_bytes(c, area) for c in ckpts],
+        "tagged": [c.stored_bytes for c in ckpts],
+        "size": ckpts[0].size_bytes,
+        "later_s": statistics.median(times[1:]),
+        "first_s": times[0],
+    }
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone-mb", type=int, default=400)
+    parser.add_argument("--saves", type=int, default=6)
+    args = parser.parse_args(argv)
+    layers = max(1, round(args.backbone_mb * 1e6 / ((WIDTH * WIDTH + WIDTH) * 4)))
+    work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-incremental-"))
+    os.chdir(work)
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    mlflow.set_experiment("incremental")
+    results = {
+        (inc, mode): one(layers, args.saves, incremental=inc, async_save=mode == "async")
+        for mode in ("sync", "async")
+        for inc in (True, False)
+    }
+    frozen = layers * (WIDTH * WIDTH + WIDTH) * 4
+    size = results[(True, "sync")]["size"]
+    assert isinstance(size, int)
+    print(
+        f"state: {size / 1e6:.0f} MB, frozen backbone {frozen / 1e6:.0f} MB ({frozen / size:.1%})"
+    )
+    for mode in ("sync", "async"):
+        inc, full = results[(True, mode)], results[(False, mode)]
+        added = inc["added"]
+        assert isinstance(added, list) and added == inc["tagged"], (added, inc["tagged"])
+        later = max(added[1:]) / added[0]
+        label = "save" if mode == "sync" else "stall"
+        print(
+            f"{mode:>5}: first checkpoint added {added[0] / 1e6:.1f} MB, later ones "
+            f"{', '.join(f'{a / 1e6:.1f}' for a in added[1:])} MB: at most {later:.3f}x the "
+            f"first (target <= 0.12); incremental=False adds "
+            f"{statistics.median(full['added']) / 1e6:.1f} MB each"  # type: ignore[arg-type]
+        )
+        ratio = float(inc["later_s"]) / float(full["later_s"])  # type: ignore[arg-type]
+        print(
+            f"       later {label}: {float(inc['later_s']):.3f} s vs {float(full['later_s']):.3f} s"  # type: ignore[arg-type]
+            f" with incremental=False ({ratio:.2f}x); first {label} "
+            f"{float(inc['first_s']):.3f} s vs {float(full['first_s']):.3f} s"  # type: ignore[arg-type]
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
