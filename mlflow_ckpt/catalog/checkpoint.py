@@ -37,6 +37,7 @@ class Checkpoint:
     stored_bytes: int = 0  # what it added to the store (size_bytes is the logical size)
     # Incremental checkpoints: the groups of the run's shared area whose bytes it references.
     shared: tuple[str, ...] = ()
+    tier: str = "hot"  # "archive": moved to the store's cold class (or recompressed) in place
     artifact_location: str = field(default="", repr=False, compare=False)
 
     @classmethod
@@ -65,6 +66,7 @@ class Checkpoint:
             pinned=t.get(tags.PINNED) or None,
             stored_bytes=int(t.get(tags.STORED_BYTES) or t.get(tags.SIZE_BYTES, "0") or 0),
             shared=tuple(g for g in t.get(tags.SHARED, "").split(",") if g),
+            tier=t.get(tags.TIER) or tags.HOT,
             artifact_location=model.artifact_location,
         )
 

@@ -4,18 +4,12 @@ A registered model version must outlive the run it came from: ``models:/name@ali
 to keep loading after every other checkpoint of the run, or the run itself, is deleted and
 ``mlflow gc`` has run. So before registering, the tensors a checkpoint takes from the run's
 shared area are written into its own folder (``promoted/``, exactly those tensors), and its
-manifest is rewritten to list them there.
-
-The manifest is the commit record, and its digest is in the catalog, so the rewrite is a
-small protocol that a crash at any point leaves loadable: the new digest is tagged first
-(``manifest_sha256_next``; readers accept either), then the manifest is replaced, then the
-tags are settled and the shared references dropped. Running it again finishes the job.
+manifest is swapped for one listing them there (crash-safe: see :mod:`.rewrite`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -25,17 +19,9 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.resolve import describe
-from mlflow_ckpt.catalog.runs import get_logged_model
-from mlflow_ckpt.codec import (
-    MANIFEST_NAME,
-    SINGLE_FORMAT_VERSION,
-    format_version_for,
-    load_files,
-    read_manifest,
-    read_state,
-    write_manifest,
-)
-from mlflow_ckpt.codec.layout import with_shared, write_shards
+from mlflow_ckpt.catalog.rewrite import reencode, settle, swap_manifest
+from mlflow_ckpt.codec import read_manifest
+from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import is_shared
 from mlflow_ckpt.storage import open_store
 
@@ -56,49 +42,29 @@ def make_self_contained(client: MlflowClient, model: LoggedModel) -> bool:
     ):
         scratch = Path(tmp)
         manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
-        if manifest.shared_groups:
-            shared_files = [f for f in manifest.files if is_shared(f.path)]
-            shared_tensors = [t for t in manifest.tensors if is_shared(t.file)]
-            structure = manifest.file(manifest.structure_file)
-            part = dataclasses.replace(
-                manifest, files=(*shared_files, structure), tensors=tuple(shared_tensors)
-            )
-            store = with_shared(own, manifest)
-            _, tensors = read_state(part, load_files(store, part, scratch, where), where)
-            written = write_shards(
-                own,
-                tensors,
-                format=manifest.format,
-                directory=PROMOTED_DIR,
-                compression=manifest.compression,
-                digests={t.name: t.digest for t in shared_tensors if t.digest},
-            )
-            files = (*(f for f in manifest.files if not is_shared(f.path)), *written.files)
-            manifest = dataclasses.replace(
-                manifest,
-                files=files,
-                tensors=(
-                    *(t for t in manifest.tensors if not is_shared(t.file)),
-                    *written.tensors,
-                ),
-                shared_uri=None,
-                shared_group=None,
-                format_version=format_version_for(
-                    files, SINGLE_FORMAT_VERSION, manifest.compression
-                ),
-            )
-            client.set_logged_model_tags(
-                model.model_id, {tags.MANIFEST_SHA256_NEXT: manifest.digest()}
-            )
-            write_manifest(own, manifest)
-            own.flush()
-        stored = hashlib.sha256(own.read_bytes(MANIFEST_NAME, scratch)).hexdigest()
-    client.set_logged_model_tags(
-        model.model_id,
-        {tags.MANIFEST_SHA256: stored, tags.STORED_BYTES: str(manifest.stored_bytes)},
-    )
-    for key in (tags.SHARED, tags.MANIFEST_SHA256_NEXT):
-        if key in get_logged_model(client, model.model_id).tags:
-            client.delete_logged_model_tag(model.model_id, key)
+        if not manifest.shared_groups:  # a promotion a crash interrupted: finish it
+            settle(client, model.model_id, own, scratch, drop_tags=[tags.SHARED])
+            return True
+        new = reencode(
+            manifest,
+            {f.path for f in manifest.files if is_shared(f.path)},
+            source=with_shared(own, manifest),
+            target=own,
+            scratch=scratch,
+            where=where,
+            directory=PROMOTED_DIR,
+            compression=manifest.compression,
+        )
+        new = dataclasses.replace(new, shared_uri=None, shared_group=None)
+        swap_manifest(
+            client,
+            model.model_id,
+            own,
+            manifest,
+            new,
+            scratch,
+            set_tags={tags.STORED_BYTES: str(new.stored_bytes)},
+            drop_tags=[tags.SHARED],
+        )
     logger.info("Made checkpoint %s self-contained (its shared tensors copied in)", where)
     return True

@@ -47,6 +47,14 @@ RUN_MONITOR = "mlflow_ckpt.monitor"
 RUN_MODE = "mlflow_ckpt.mode"
 DELETING = "deleting"
 
+# The cold tier: a checkpoint moved to the store's cold class (or recompressed) in place.
+TIER = "mlflow_ckpt.tier"
+HOT = "hot"
+ARCHIVE = "archive"
+STORAGE_CLASS = "mlflow_ckpt.storage_class"  # the class its files were moved to
+# Archived by recompression (stores without classes): the compression it had before.
+ARCHIVED_FROM = "mlflow_ckpt.archived_from"
+
 # Set by MLflow on a LoggedModel that a registered model version points to.
 MODEL_VERSIONS = "mlflow.modelVersions"
 

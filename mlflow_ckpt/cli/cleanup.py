@@ -13,7 +13,7 @@ from mlflow_ckpt.cli.group import main
 from mlflow_ckpt.cli.output import errors
 from mlflow_ckpt.errors import WriterConflictError
 from mlflow_ckpt.manager.ownership import RunClaim, take_run
-from mlflow_ckpt.manager.retention import apply_retention, build_policy
+from mlflow_ckpt.manager.retention import ArchiveAfterN, apply_retention, build_policy
 
 
 @main.command()
@@ -21,6 +21,11 @@ from mlflow_ckpt.manager.retention import apply_retention, build_policy
 @click.option("--keep-last", type=click.IntRange(min=1), help="Keep the N newest.")
 @click.option("--keep-best", type=click.IntRange(min=1), help="Keep the N best by --metric.")
 @click.option("--keep-every", type=click.IntRange(min=1), help="Keep steps N-1, 2N-1, ...")
+@click.option(
+    "--archive-after",
+    type=click.IntRange(min=1),
+    help="Archive milestones (--keep-every) older than the N newest checkpoints, in place.",
+)
 @click.option("--metric", help="Metric for --keep-best (value at each checkpoint's step).")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
@@ -34,6 +39,7 @@ def gc(
     keep_last: int | None,
     keep_best: int | None,
     keep_every: int | None,
+    archive_after: int | None,
     metric: str | None,
     mode: str,
     dry_run: bool,
@@ -57,12 +63,19 @@ def gc(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc).replace("monitor=", "--metric")) from exc
+    if archive_after is not None and keep_every is None:
+        raise click.UsageError("--archive-after archives the milestones --keep-every keeps")
+    archive = ArchiveAfterN(archive_after) if archive_after is not None else None
     client = MlflowClient()
     with errors():
         run = get_run(client, run_id)
         claim = _clean_interrupted(client, run, force=force, dry_run=dry_run)
         try:
-            result = apply_retention(client, run_id, policy, dry_run=dry_run) if policy else None
+            result = (
+                apply_retention(client, run_id, policy, dry_run=dry_run, archive=archive)
+                if policy
+                else None
+            )
             # The run's shared area: only as its writer (or to show what would go).
             swept = (
                 sweep_shared(
@@ -85,6 +98,9 @@ def gc(
         for ckpt in result.protected:
             why = f"pinned: {ckpt.pinned}" if ckpt.pinned else "registered"
             click.echo(f"{'protected':>12} step {ckpt.step:<8} {ckpt.uri} (kept, {why})")
+        for ckpt in result.archived:
+            verb_a = "would archive" if dry_run else "archived"
+            click.echo(f"{verb_a:>12} step {ckpt.step:<8} {ckpt.uri}")
         click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
     if swept:
         click.echo(f"shared area: {verb} {len(swept)} group(s) no kept checkpoint references")

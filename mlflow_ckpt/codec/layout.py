@@ -347,7 +347,7 @@ def load_files(
     safetensors shards come back as verified in-memory buffers (see :func:`read_verified`),
     every other file as a verified local path.
     """
-    in_memory = {t.file for t in manifest.tensors} if _in_memory(manifest) else set()
+    in_memory = {t.file for t in manifest.tensors if _in_memory(manifest, t.file)}
 
     def one(entry: FileEntry) -> Path | torch.Tensor:
         if entry.path in in_memory:
@@ -361,9 +361,9 @@ def load_files(
         return {e.path: futures[e.path].result() for e in manifest.files}
 
 
-def _in_memory(manifest: Manifest) -> bool:
-    """Whether the tensor files are decoded from verified buffers (not from a path)."""
-    return manifest.format == "safetensors" or manifest.compression is not None
+def _in_memory(manifest: Manifest, file: str) -> bool:
+    """Whether a tensor file is decoded from a verified buffer (not from a path)."""
+    return manifest.format == "safetensors" or file.endswith(zstd_io.EXTENSION)
 
 
 def _bytes_of(source: Path | torch.Tensor) -> bytes:
@@ -397,7 +397,7 @@ def read_state(
         by_file.setdefault(entry.file, []).append(entry)
     for file, entries in by_file.items():
         source = local[file]
-        if manifest.compression == "zstd":
+        if file.endswith(zstd_io.EXTENSION):  # (archived or incremental: mixed files)
             if not isinstance(source, torch.Tensor):
                 source = torch.frombuffer(bytearray(source.read_bytes()), dtype=torch.uint8)
             loaded, offsets = zstd_io.read_buffer(source, file, where)

@@ -56,14 +56,15 @@ class CheckpointManager:
     (only rank 0 needs a run; ``distributed=False``: rank 0 alone, single-process format).
     When to save: ``save_every_n_*``, ``monitor``/``mode`` and/or ``triggers=[...]`` (objects
     with ``name`` and ``fires(info)``). What to keep: ``keep_*`` and/or ``retention=`` (an
-    object with ``keep(checkpoints)``); a checkpoint survives if any rule keeps it.
-    Also: ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state
-    is skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
+    object with ``keep(checkpoints)``); a checkpoint survives if any rule keeps it;
+    ``archive_after_n`` moves old milestones to the store's cold tier in place. Also:
+    ``on_error="warn"`` (train through failed saves), ``nonfinite`` (a NaN/inf state is
+    skipped, raised or saved), ``verify`` (``"size"``, ``"hash"`` or ``validate(model)``
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
     (something else logs the metrics), ``incremental`` (write only what changed; default),
-    ``compression="zstd"``, ``transfer``,
-    ``max_shard_bytes``, ``code_paths`` (the model's code in each checkpoint), ``timeline`` (a
-    picture logged at ``close()``). The README explains each; every argument is checked first."""
+    ``compression="zstd"``, ``transfer``, ``max_shard_bytes``, ``code_paths`` (the model's
+    code in each checkpoint), ``timeline`` (a picture logged at ``close()``). The README
+    explains each; every argument is checked first."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class CheckpointManager:
         keep_last_n: int | None = None,
         keep_best_n: int | None = None,
         keep_every_n_steps: int | None = None,
+        archive_after_n: int | None = None,
         save_last: bool = True,
         format: str = "safetensors",
         incremental: bool = True,

@@ -26,7 +26,14 @@ from mlflow_ckpt.codec import check_format
 from mlflow_ckpt.codec.zstd_io import check_level
 from mlflow_ckpt.folder import MODEL_KEY, FolderSpec, factory_path
 from mlflow_ckpt.manager.metrics import check_metric_name
-from mlflow_ckpt.manager.retention import KeepAny, RetentionPolicy, build_policy
+from mlflow_ckpt.manager.retention import (
+    ArchiveAfterN,
+    KeepAny,
+    KeepEveryNSteps,
+    RetentionPolicy,
+    build_policy,
+    policy_members,
+)
 from mlflow_ckpt.manager.triggers import (
     BestMetric,
     EveryNEpochs,
@@ -67,6 +74,7 @@ class ManagerOptions:
     # Write only what changed since the previous checkpoint (single-process saves; DCP
     # writes distributed checkpoints whole).
     incremental: bool = True
+    archive: ArchiveAfterN | None = None  # retention's third outcome (archive_after_n=)
 
     @property
     def format(self) -> str:
@@ -113,7 +121,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     mode, monitor = args["mode"], args["monitor"]
     for name in ("save_every_n_steps", "save_every_n_epochs", "max_shard_bytes"):
         _positive(name, args[name], int)
-    for name in ("keep_last_n", "keep_best_n", "keep_every_n_steps"):
+    for name in ("keep_last_n", "keep_best_n", "keep_every_n_steps", "archive_after_n"):
         _positive(name, args[name], int)
     if args["save_every_n_seconds"] != "auto":
         _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
@@ -160,11 +168,14 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
             "compression='zstd' is not supported for distributed checkpoints yet (their "
             "shards are written by DCP): drop compression= or pass distributed=False"
         )
+    retention = _retention(args, monitor, mode)
+    archive = _archive(args, retention)
     return ManagerOptions(
+        archive=archive,
         distributed=distributed,
         incremental=args["incremental"] and not distributed,
         triggers=_triggers(args, monitor, mode),
-        retention=_retention(args, monitor, mode),
+        retention=retention,
         spec=spec,
         monitor=monitor,
         mode=mode,
@@ -306,6 +317,22 @@ def _retention(args: Mapping[str, Any], monitor: str | None, mode: str) -> Reten
     if given is None or shorthand is None:
         return given or shorthand
     return KeepAny((given, shorthand))
+
+
+def _archive(args: Mapping[str, Any], retention: RetentionPolicy | None) -> ArchiveAfterN | None:
+    """``archive_after_n=K``: milestones older than the K newest go to the cold tier."""
+    n = args["archive_after_n"]
+    if n is None:
+        return None
+    archive = ArchiveAfterN(n)
+    if retention is None or not any(
+        isinstance(p, KeepEveryNSteps) for p in policy_members(retention)
+    ):
+        raise ValueError(
+            "archive_after_n archives the milestones that keep_every_n_steps keeps: pass "
+            "keep_every_n_steps= too (or a retention= holding KeepEveryNSteps)"
+        )
+    return archive
 
 
 def _verify(args: Mapping[str, Any]) -> Verify:

@@ -9,13 +9,16 @@ before a loss spike), and if MLflow cannot be asked, nothing is deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from mlflow import MlflowClient
 
+from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog.archive import archive_checkpoint
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import delete_checkpoint, is_pinned, is_registered
 from mlflow_ckpt.catalog.queries import committed_models
@@ -94,6 +97,42 @@ class KeepAny:
         return kept
 
 
+@dataclass(frozen=True)
+class ArchiveAfterN:
+    """Retention's third outcome, beside keep and delete: **archive**.
+
+    A checkpoint kept *only* as a milestone (by :class:`KeepEveryNSteps`, not by any other
+    rule) and older than the ``n`` newest checkpoints is moved to the store's cold class in
+    place (see :mod:`mlflow_ckpt.catalog.archive`): it stays listed and loadable, and costs
+    less to keep.
+    """
+
+    n: int
+
+    def archive(self, checkpoints: Sequence[Checkpoint], policy: RetentionPolicy) -> set[str]:
+        """Model IDs of the checkpoints of ``checkpoints`` to be archived under ``policy``."""
+        members = list(policy_members(policy))
+        milestones = [p for p in members if isinstance(p, KeepEveryNSteps)]
+        if not milestones:
+            return set()
+        kept = set().union(*(p.keep(checkpoints) for p in milestones))
+        for other in members:
+            if not isinstance(other, KeepEveryNSteps):
+                kept -= set(other.keep(checkpoints))
+        newest = sorted(checkpoints, key=lambda c: (c.step, c.created_at), reverse=True)
+        kept -= {c.model_id for c in newest[: self.n]}
+        return {c.model_id for c in checkpoints if c.model_id in kept and c.tier != tags.ARCHIVE}
+
+
+def policy_members(policy: RetentionPolicy) -> Iterator[RetentionPolicy]:
+    """The rules a policy is the union of (nested ``KeepAny`` flattened)."""
+    if isinstance(policy, KeepAny):
+        for member in policy.policies:
+            yield from policy_members(member)
+    else:
+        yield policy
+
+
 def build_policy(
     *,
     keep_last_n: int | None = None,
@@ -124,6 +163,7 @@ class RetentionResult:
     kept: list[Checkpoint] = field(default_factory=list)
     deleted: list[Checkpoint] = field(default_factory=list)
     protected: list[Checkpoint] = field(default_factory=list)
+    archived: list[Checkpoint] = field(default_factory=list)  # (also in ``kept``)
 
 
 def apply_retention(
@@ -133,8 +173,10 @@ def apply_retention(
     *,
     dry_run: bool = False,
     experiment_id: str | None = None,
+    archive: ArchiveAfterN | None = None,
 ) -> RetentionResult:
-    """Delete the committed checkpoints of ``run_id`` that ``policy`` does not keep."""
+    """Delete the committed checkpoints of ``run_id`` that ``policy`` does not keep (and
+    archive those ``archive`` names)."""
     try:
         models = committed_models(client, run_id, experiment_id=experiment_id)
     except Exception as exc:  # fail safe: never delete on a partial view
@@ -142,7 +184,7 @@ def apply_retention(
         return RetentionResult()
     checkpoints = [Checkpoint.from_logged_model(m) for m in models]
     protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
-    return enforce(client, checkpoints, protected, policy, dry_run=dry_run)
+    return enforce(client, checkpoints, protected, policy, dry_run=dry_run, archive=archive)
 
 
 def enforce(
@@ -152,6 +194,7 @@ def enforce(
     policy: RetentionPolicy,
     *,
     dry_run: bool = False,
+    archive: ArchiveAfterN | None = None,
 ) -> RetentionResult:
     """Delete those of ``checkpoints`` that ``policy`` does not keep (never the newest, nor
     one in ``protected``; ``delete_checkpoint`` re-checks registration and pins itself)."""
@@ -175,7 +218,24 @@ def enforce(
                 result.kept.append(ckpt)
                 continue
             (result.deleted if deleted else result.protected).append(ckpt)
+    if archive is not None:
+        chosen = archive.archive(result.kept, policy) - protected
+        for ckpt in result.kept:
+            if ckpt.model_id in chosen:
+                _archive(client, ckpt, result, dry_run)
     return result
+
+
+def _archive(client: MlflowClient, ckpt: Checkpoint, result: RetentionResult, dry: bool) -> None:
+    if dry:
+        result.archived.append(ckpt)
+        return
+    try:
+        archive_checkpoint(ckpt, client=client)
+    except Exception as exc:  # stays hot; the next pass tries again
+        logger.warning("Could not archive checkpoint %s: %s", ckpt.uri, exc)
+        return
+    result.archived.append(dataclasses.replace(ckpt, tier=tags.ARCHIVE))
 
 
 class RunRetention:
@@ -197,9 +257,11 @@ class RunRetention:
         policy: RetentionPolicy,
         shared_uri: str | None = None,
         protected_groups: Callable[[], Collection[str]] = tuple,
+        archive: ArchiveAfterN | None = None,
     ) -> None:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.policy = policy
+        self.archive = archive
         # Incremental saves: the run's shared area, and the groups the next save may use.
         self.shared_uri = shared_uri
         self.protected_groups = protected_groups
@@ -226,9 +288,17 @@ class RunRetention:
                 return RetentionResult()
             self._known = {m.model_id: Checkpoint.from_logged_model(m) for m in models}
             self._protected = {m.model_id for m in models if is_registered(m) or is_pinned(m)}
-        result = enforce(self.client, list(self._known.values()), self._protected, self.policy)
+        result = enforce(
+            self.client,
+            list(self._known.values()),
+            self._protected,
+            self.policy,
+            archive=self.archive,
+        )
         for ckpt in result.deleted:
             self._known.pop(ckpt.model_id, None)
+        for ckpt in result.archived:
+            self._known[ckpt.model_id] = ckpt
         self._protected.update(c.model_id for c in result.protected)
         if self.shared_uri is not None and result.deleted:
             release_groups(

@@ -91,7 +91,13 @@ class Saver:
         self.worker = BackgroundWorker(f"mlflow-ckpt-{run_id[:8]}") if options.async_save else None
         self.retention = (
             RunRetention(
-                client, run_id, experiment_id, options.retention, self.shared_uri, self._protected
+                client,
+                run_id,
+                experiment_id,
+                options.retention,
+                self.shared_uri,
+                self._protected,
+                options.archive,
             )
             if options.retention is not None and client is not None
             else None
@@ -257,6 +263,7 @@ class Saver:
                 self.run_id,
                 self.retention.policy,
                 experiment_id=self.target.experiment_id,
+                archive=self.options.archive,
             )
         if self.shared_uri is not None and self.client is not None:
             sweep_shared(

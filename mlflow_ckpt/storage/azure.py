@@ -23,6 +23,25 @@ logger = logging.getLogger(__name__)
 class AzureStore(RepositoryStore):
     """``wasbs://container@account.blob.core.windows.net/path``."""
 
+    cold_class = "Cool"  # online tiers: read at once ("Archive" would need a rehydration)
+    hot_class = "Hot"
+
+    def _blob(self, rel_path: str) -> Any:
+        repo = self._repo
+        container, _, prefix, _ = repo.parse_wasbs_uri(repo.artifact_uri)
+        return repo.client.get_blob_client(container, posixpath.join(prefix, rel_path))
+
+    def set_storage_class(self, rel_path: str, storage_class: str) -> None:
+        blob = self._blob(rel_path)
+        self._run(
+            lambda: blob.set_standard_blob_tier(storage_class),
+            f"move {rel_path} to {storage_class} in",
+        )
+
+    def storage_class(self, rel_path: str) -> str:
+        blob = self._blob(rel_path)
+        return str(self._run(blob.get_blob_properties, "read").blob_tier)
+
     def _sink(self, directory: str, name: str) -> PartSink | None:
         repo = self._repo
         try:

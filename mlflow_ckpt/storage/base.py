@@ -70,6 +70,23 @@ class Store(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list folders")
 
+    # Storage classes (the cold tier). Stores that have them name their classes; others
+    # (a local folder, an ``mlflow server``) archive by recompressing instead.
+    cold_class: str | None = None  # the default class of archived checkpoints
+    hot_class: str | None = None  # the class an unarchived checkpoint goes back to
+
+    def set_storage_class(self, rel_path: str, storage_class: str) -> None:
+        """Move one file to ``storage_class`` in place (its name and bytes stay)."""
+        raise NotImplementedError(f"{type(self).__name__} has no storage classes")
+
+    def storage_class(self, rel_path: str) -> str:
+        """The storage class (S3), access tier (Azure) or class (GCS) of one file."""
+        raise NotImplementedError(f"{type(self).__name__} has no storage classes")
+
+    def delete(self, rel_path: str) -> None:
+        """Delete one file (no error if it is already gone)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete single files")
+
     @abc.abstractmethod
     def delete_all(self) -> None:
         """Delete every file of this folder (best effort on stores without folders)."""

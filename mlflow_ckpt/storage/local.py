@@ -101,5 +101,9 @@ class LocalStore(Store):
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
+    def delete(self, rel_path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(rel_path).unlink()
+
     def delete_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -210,5 +210,9 @@ class RepositoryStore(Store):
         listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in listing if i.is_dir)
 
+    def delete(self, rel_path: str) -> None:
+        if self.exists(rel_path):
+            self._run(lambda: self._repo.delete_artifacts(rel_path), f"delete {rel_path} from")
+
     def delete_all(self) -> None:
         self._run(self._repo.delete_artifacts, "delete")

@@ -34,6 +34,30 @@ _PER_PART_ARGS = (
 class S3Store(RepositoryStore):
     """``s3://bucket/path`` through MLflow's configured boto3 client."""
 
+    # Glacier Instant Retrieval: cheap storage, still read at once (no restore step)
+    cold_class = "GLACIER_IR"
+    hot_class = "STANDARD"
+
+    def _object(self, rel_path: str) -> tuple[Any, str, str]:
+        repo = self._repo
+        bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
+        return repo._get_s3_client(), bucket, posixpath.join(prefix, rel_path)
+
+    def set_storage_class(self, rel_path: str, storage_class: str) -> None:
+        client, bucket, key = self._object(rel_path)
+        source = {"Bucket": bucket, "Key": key}
+        # A copy onto itself: boto3's managed copy (multipart beyond 8 MiB, so past S3's
+        # 5 GB single-copy limit too) keeps the metadata and sets the new class.
+        self._run(
+            lambda: client.copy(source, bucket, key, ExtraArgs={"StorageClass": storage_class}),
+            f"move {rel_path} to {storage_class} in",
+        )
+
+    def storage_class(self, rel_path: str) -> str:
+        client, bucket, key = self._object(rel_path)
+        head = self._run(lambda: client.head_object(Bucket=bucket, Key=key), "read")
+        return str(head.get("StorageClass") or "STANDARD")  # S3 omits it for STANDARD
+
     def _sink(self, directory: str, name: str) -> PartSink | None:
         repo = self._repo
         try:
