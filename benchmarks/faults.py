@@ -40,6 +40,9 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   every 5 steps): saves reference its bytes in the run's shared area, retention releases
   groups no kept checkpoint references; at the end the shared area must hold exactly the
   groups the checkpoints reference.
+* ``kill9-archive``: the ``kill9-sync`` row keeping every 4th step as a milestone and
+  archiving those older than the newest (``archive_after_n=1``: recompressed in place, a
+  manifest swap), so kills also land in the middle of an archive.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -205,12 +208,15 @@ def kill9(
     sync: bool,
     compression: str = "",
     frozen: bool = False,
+    archive: bool = False,
 ) -> None:
     workdir = bench.workdir(row.fault)
     uri = crashlib.prepare(workdir, bench.template_db)
     env = {"MLFLOW_CKPT_CRASH_COMPRESSION": compression}  # read by tests/crash_child.py
     if frozen:
         env["MLFLOW_CKPT_CRASH_FROZEN"] = "1"
+    if archive:
+        env["MLFLOW_CKPT_CRASH_ARCHIVE"] = "1"
     result = crashlib.run_chain(
         workdir,
         uri,
@@ -795,6 +801,10 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "kill9-incremental": (
         "restart resumed from newest commit",
         lambda b, r, n: kill9(b, r, n, sync=False, frozen=True),
+    ),
+    "kill9-archive": (
+        "restart resumed from newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=True, archive=True),
     ),
     "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
 }

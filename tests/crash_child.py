@@ -66,6 +66,8 @@ def main(argv: list[str]) -> None:
     mlflow.MlflowClient().get_experiment_by_name("crash")  # the tracking store is open
     _log(fd, "started")
     opts: dict[str, object] = dict(save_every_n_steps=1, keep_last_n=3, async_save=not args.sync)
+    if os.environ.get("MLFLOW_CKPT_CRASH_ARCHIVE"):  # milestones recompressed in place
+        opts.update(keep_every_n_steps=4, archive_after_n=1)
     if os.environ.get("MLFLOW_CKPT_CRASH_COMPRESSION"):  # the compressed rows of the harness
         opts["compression"] = os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
     if args.run_file.exists():

@@ -7,6 +7,9 @@ Modes, applied to the first ``count`` connections (later ones pass through):
 * ``403``   - answer ``HTTP/1.1 403 Forbidden`` (a permanent error, never retried);
 * ``stall`` - accept and never answer (the client's timeout must fire).
 
+``record=True`` keeps every byte sent upstream (``sent``): what a client really asked, for
+requests an emulator accepts but does not act on.
+
 ``down()`` takes the endpoint off the network: the listening socket closes (new connections
 are refused) and every open connection is cut, as when a server dies. ``down_after(n)`` does
 that once ``n`` bytes went upstream, i.e. in the middle of an upload; ``up()`` listens again on
@@ -31,7 +34,10 @@ _RESPONSES = {
 class FaultProxy:
     """Listens on 127.0.0.1 and forwards to ``target_port``, faulting the first connections."""
 
-    def __init__(self, target_port: int, mode: str = "pass", count: int = 0) -> None:
+    def __init__(
+        self, target_port: int, mode: str = "pass", count: int = 0, record: bool = False
+    ) -> None:
+        self.sent: bytearray | None = bytearray() if record else None
         self.target_port = target_port
         self.mode = mode
         self.remaining = count
@@ -78,9 +84,11 @@ class FaultProxy:
         with self._lock:
             self._down_after = self.upstream_bytes + nbytes
 
-    def _sent_upstream(self, n: int) -> None:
+    def _sent_upstream(self, data: bytes) -> None:
         with self._lock:
-            self.upstream_bytes += n
+            self.upstream_bytes += len(data)
+            if self.sent is not None:
+                self.sent += data
             trip = self._down_after is not None and self.upstream_bytes >= self._down_after
         if trip:
             self.down()
@@ -142,13 +150,13 @@ class FaultProxy:
 
 
 def _pipe(
-    src: socket.socket, dst: socket.socket, count: Callable[[int], None] | None = None
+    src: socket.socket, dst: socket.socket, count: Callable[[bytes], None] | None = None
 ) -> None:
     try:
         while data := src.recv(1 << 16):
             dst.sendall(data)
             if count is not None:
-                count(len(data))
+                count(data)
     except OSError:
         pass
     finally:
@@ -158,8 +166,8 @@ def _pipe(
 
 
 @contextlib.contextmanager
-def fault_proxy(target_port: int) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(target_port)
+def fault_proxy(target_port: int, record: bool = False) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(target_port, record=record)
     try:
         yield proxy
     finally:

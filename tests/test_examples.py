@@ -64,3 +64,15 @@ def test_distributed_fsdp_example(tmp_path: Path) -> None:
     assert "plain process: full state dict of step 29: {'0.weight': [64, 20]" in out
     assert "plain process: pyfunc predicted (4, 3) for 4 samples" in out
     assert "workflowType=machine_learning" in out
+
+
+@pytest.mark.slow
+def test_fine_tune_frozen_example(tmp_path: Path) -> None:
+    out = run_example("fine_tune_frozen.py", tmp_path)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    tiers = {int(r[0]): r[3] for r in rows if len(r) == 4}
+    assert tiers == {119: "hot", 114: "hot", 79: "archive", 39: "archive"}, out
+    later = [float(r[2]) for r in rows if len(r) == 4]
+    assert max(later) < 0.12 * float(rows[0][1]), out  # each adds < 12% of the state
+    assert "promoted to fine-tuned-demo version 1 (@champion), now self-contained" in out
+    assert "restored step 114" in out

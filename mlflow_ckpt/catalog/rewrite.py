@@ -29,7 +29,7 @@ from mlflow_ckpt.codec import (
     read_state,
     write_manifest,
 )
-from mlflow_ckpt.codec.layout import write_shards
+from mlflow_ckpt.codec.shards import write_shards
 from mlflow_ckpt.storage import Store
 
 logger = logging.getLogger(__name__)

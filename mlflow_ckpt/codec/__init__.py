@@ -4,7 +4,6 @@ from mlflow_ckpt.codec.layout import (
     DEFAULT_MAX_SHARD_BYTES,
     FORMATS,
     STRUCTURE_FILE,
-    EncodedFiles,
     check_file,
     check_format,
     check_sizes,
@@ -12,9 +11,7 @@ from mlflow_ckpt.codec.layout import (
     read_manifest,
     read_state,
     verify_files,
-    write_file,
     write_manifest,
-    write_state,
 )
 from mlflow_ckpt.codec.manifest import (
     FORMAT_VERSION,
@@ -25,6 +22,7 @@ from mlflow_ckpt.codec.manifest import (
     TensorEntry,
     format_version_for,
 )
+from mlflow_ckpt.codec.shards import EncodedFiles, write_file, write_state
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

@@ -33,8 +33,8 @@ import torch
 
 from mlflow_ckpt.codec import EncodedFiles, FileEntry, Manifest, TensorEntry
 from mlflow_ckpt.codec.hashing import hash_tensor
-from mlflow_ckpt.codec.layout import write_shards, write_structure
 from mlflow_ckpt.codec.manifest import SHARED_PREFIX, is_shared, shared_group
+from mlflow_ckpt.codec.shards import write_shards, write_structure
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.snapshot.changes import History, Seen
 from mlflow_ckpt.storage import Store
