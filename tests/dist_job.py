@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the wrapped model")
     parser.add_argument("--on-error", default="raise")
     parser.add_argument("--artifact-root")
+    parser.add_argument("--compression", help='"zstd": compressed chunks and rank files')
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -146,6 +147,7 @@ def main() -> None:
         "on_error": args.on_error,
         "model_factory": "tests.dist_job:build_model",
         "timeline": False,
+        "compression": args.compression,
     }
     if args.resume:
         mgr = mlflow_ckpt.CheckpointManager.resume(args.resume, state, **options)

@@ -6,6 +6,7 @@ many MLflow clients it built...) under ``--out``; the tests compare those files.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,42 @@ def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tm
         assert [r["cursor_rank"] for r in got] == [min(r, 1) if r < 2 else 0 for r in range(world)]
         assert all(r["clients"] == 0 for r in got[1:])
         assert all(r["lr"] == saved[0]["lr"] and r["scheduler_epoch"] == 4 for r in got)
+
+
+def test_compressed_fsdp2_checkpoint_resumes_on_three_ranks_and_in_a_plain_process(
+    tracking: str, tmp_path: Path
+):
+    args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
+    torchrun(2, tmp_path / "plain", *args)
+    torchrun(2, tmp_path / "save", *args, "--compression", "zstd")
+    run_id = run_id_of(tmp_path / "save")
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    plain = mlflow_ckpt.latest_checkpoint(run_id_of(tmp_path / "plain"))
+    assert ckpt is not None and plain is not None and ckpt.step == plain.step == 3
+    # the logical size, whatever the encoding (metadata.json names each chunk's codec too)
+    assert abs(ckpt.size_bytes - plain.size_bytes) < 512 and ckpt.stored_bytes != plain.stored_bytes
+    folder = Path(ckpt.artifact_location)
+    meta = json.loads((folder / "shards" / "metadata.json").read_text())
+    chunks = [c for t in meta["tensors"].values() for c in t["chunks"]]
+    assert chunks and all(c["codec"] == "zstd" for c in chunks)
+    assert json.loads((folder / "manifest.json").read_text())["compression"] == "zstd"
+    assert list(folder.glob("ranks/*/*.ztensors"))  # each rank's own tensors too
+    expected = load_file(tmp_path / "save" / "saved-3.safetensors")
+    out = tmp_path / "resume-3"
+    torchrun(3, out, "--strategy", "fsdp2", "--steps", "4", "--resume", run_id)
+    assert_same(expected, load_file(out / "final.safetensors"))
+    state = mlflow_ckpt.load_training_state(ckpt.uri)
+    for key, value in expected.items():
+        parts = key.split("/")
+        if parts[0] == "model":
+            assert torch.equal(state["model"][parts[1]], value), key
+    assert CliRunner().invoke(cli, ["verify", run_id]).exit_code == 0
+    shard = next(folder.glob("shards/rank-00001-*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["verify", ckpt.uri])
+    assert result.exit_code == 1 and shard.name in result.output
 
 
 def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path):

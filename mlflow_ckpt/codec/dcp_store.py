@@ -12,6 +12,9 @@ shards/rank-00001-00.bin     ... by rank 1
 shards/metadata.json         every tensor's dtype, global shape and chunks, and where each
                              chunk's bytes lie (file, offset, length) - plain JSON
 ```
+With ``compression="zstd"`` each chunk is stored as a small ``.ztensors`` blob (byte planes,
+checksummed zstd frames: :mod:`.zstd_io`) at its offset, marked ``"codec": "zstd"`` in the
+metadata; it is decoded (with every bomb check) and its shape checked before use.
 Every file is written through ``Store.open_writer`` (atomic, on every store) and hashed
 while it is written; the :class:`FileEntry` list goes into the checkpoint's manifest. On
 load every file is verified against the manifest before a byte of it is used.
@@ -50,6 +53,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from mlflow_ckpt.codec import zstd_io
 from mlflow_ckpt.codec.hashing import HashingWriter
 from mlflow_ckpt.codec.layout import check_file
 from mlflow_ckpt.codec.manifest import FileEntry, check_relpath
@@ -57,6 +61,7 @@ from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.storage import Store
 
 SHARDS_DIR = "shards"
+CHUNK_NAME = "chunk"  # the one tensor of a compressed chunk's blob
 METADATA_FILE = f"{SHARDS_DIR}/metadata.json"
 METADATA_VERSION = 1
 
@@ -67,9 +72,10 @@ class ChunkLocation:
 
     file: str
     offset: int
-    length: int
+    length: int  # stored bytes (the raw size unless compressed)
     sizes: tuple[int, ...]
     dtype: torch.dtype
+    codec: str | None = None  # "zstd": a .ztensors blob holding the chunk
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -113,10 +119,12 @@ class StoreWriter(StorageWriter):
     wrote (the coordinator's includes ``metadata.json``).
     """
 
-    def __init__(self, store: Store | None) -> None:
+    def __init__(self, store: Store | None, compression: str | None = None, level: int = 1) -> None:
         super().__init__()
         self.store = store  # None: this rank could not open the store (it still takes part)
+        self.compression, self.level = compression, level
         self.files: list[FileEntry] = []
+        self.raw_bytes = 0  # what the chunks this rank wrote hold, uncompressed
         self._lock = threading.Lock()
 
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -150,17 +158,29 @@ class StoreWriter(StorageWriter):
             results = []
             with store.open_writer(name) as raw:
                 writer = HashingWriter(raw)
+                raw_bytes = 0
                 for item in items:
                     tensor = planner.resolve_data(item)
                     assert isinstance(tensor, torch.Tensor)
                     offset = writer.size
-                    writer.write(_bytes_of(tensor))
+                    if self.compression == "zstd":
+                        chunk = tensor.detach().cpu().contiguous()
+                        zstd_io.write(writer, [(CHUNK_NAME, chunk)], level=self.level)
+                    else:
+                        writer.write(_bytes_of(tensor))
+                    raw_bytes += tensor.numel() * tensor.element_size()
                     location = ChunkLocation(
-                        name, offset, writer.size - offset, tuple(tensor.shape), tensor.dtype
+                        name,
+                        offset,
+                        writer.size - offset,
+                        tuple(tensor.shape),
+                        tensor.dtype,
+                        self.compression,
                     )
                     results.append(WriteResult(item.index, writer.size - offset, location))
             with self._lock:
                 self.files.append(FileEntry(name, writer.size, writer.digest, writer.algorithm))
+                self.raw_bytes += raw_bytes
             return results
 
         if len(buckets) > 1:
@@ -209,6 +229,7 @@ def metadata_to_json(metadata: Metadata, locations: Mapping[MetadataIndex, Any])
                     "file": where.file,
                     "offset": where.offset,
                     "length": where.length,
+                    **({"codec": where.codec} if where.codec else {}),
                 }
             )
         tensors[fqn] = {
@@ -253,11 +274,14 @@ def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[Metadata
                 for s in sizes:
                     n *= s
                 offset, length = _ints([c["offset"], c["length"]], "offset/length")
-                if length != n:
+                codec = c.get("codec")
+                if codec not in (None, "zstd"):
+                    raise ValueError(f"chunk of {fqn!r} has unknown codec {codec!r}")
+                if codec is None and length != n:
                     raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
                 chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
                 locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
-                    check_relpath(c["file"], where), offset, length, sizes, dtype
+                    check_relpath(c["file"], where), offset, length, sizes, dtype, codec
                 )
             state[fqn] = TensorStorageMetadata(
                 TensorProperties(dtype=dtype), torch.Size(size), chunks
@@ -346,11 +370,7 @@ class StoreReader(StorageReader):
                             f"{item.storage_index.fqn!r}",
                             path=name,
                         )
-                    chunk = (
-                        torch.frombuffer(raw, dtype=where.dtype).reshape(where.sizes)
-                        if raw
-                        else torch.empty(where.sizes, dtype=where.dtype)
-                    )
+                    chunk = self._chunk(raw, where, name, item.storage_index.fqn)
                     piece = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
                     if target.size() != piece.size():
                         raise CheckpointCorruptedError(
@@ -362,6 +382,24 @@ class StoreReader(StorageReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def _chunk(self, raw: bytearray, where: ChunkLocation, name: str, fqn: str) -> torch.Tensor:
+        """The chunk stored in ``raw``: its bytes, or its decoded ``.ztensors`` blob."""
+        if where.codec == "zstd":
+            decoded, _ = zstd_io.read_buffer(
+                torch.frombuffer(raw, dtype=torch.uint8), name, self.where
+            )
+            chunk = decoded.get(CHUNK_NAME)
+            if chunk is None or chunk.dtype != where.dtype or tuple(chunk.shape) != where.sizes:
+                raise CheckpointCorruptedError(
+                    f"{self.where}: the compressed chunk of {fqn!r} in {name} does not hold "
+                    f"a {where.dtype} tensor of shape {list(where.sizes)}",
+                    path=name,
+                )
+            return chunk
+        if not raw:
+            return torch.empty(where.sizes, dtype=where.dtype)
+        return torch.frombuffer(raw, dtype=where.dtype).reshape(where.sizes)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

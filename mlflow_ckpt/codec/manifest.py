@@ -146,6 +146,9 @@ class Manifest:
     # (``<group>/<name>``, the group being the model ID of the checkpoint that wrote them).
     shared_uri: str | None = None
     shared_group: str | None = None  # the group this checkpoint wrote, if it wrote one
+    # The logical size when the files cannot tell it (a compressed distributed checkpoint:
+    # its DCP chunks are not in the tensor index).
+    logical_bytes: int | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -166,6 +169,8 @@ class Manifest:
     def size_bytes(self) -> int:
         """The checkpoint's logical size: its files, with tensor files counted at the size
         of the tensors it takes from them (compressed or shared files hold other sizes)."""
+        if self.logical_bytes is not None:
+            return self.logical_bytes
         if not self.compression and not self.shared_groups:
             return sum(f.size for f in self.files)
         tensor_files = {t.file for t in self.tensors}
@@ -189,7 +194,7 @@ class Manifest:
         data = asdict(self)
         data["files"] = [f.to_json() for f in self.files]
         data["metrics"] = {k: _float_out(v) for k, v in self.metrics.items()}
-        for key in ("shared_uri", "shared_group"):  # absent from non-incremental manifests
+        for key in ("shared_uri", "shared_group", "logical_bytes"):  # absent unless needed
             if data[key] is None:
                 del data[key]
         for tensor in data["tensors"]:
@@ -272,6 +277,9 @@ class Manifest:
             compression=_compression(data.get("compression")),
             shared_uri=_shared_uri(data.get("shared_uri"), files),
             shared_group=None if data.get("shared_group") is None else _str(data["shared_group"]),
+            logical_bytes=None
+            if data.get("logical_bytes") is None
+            else _int(data["logical_bytes"]),
         )
 
 

@@ -61,9 +61,11 @@ class RankFiles:
 
     files: tuple[FileEntry, ...]
     tensors: tuple[TensorEntry, ...]
+    shard_bytes: int = 0  # what its DCP chunks hold, uncompressed
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "shard_bytes": self.shard_bytes,
             "files": [[f.path, f.size, f.digest, f.algorithm] for f in self.files],
             "tensors": [
                 [t.name, t.dtype, list(t.shape), t.file, t.offset, t.nbytes] for t in self.tensors
@@ -75,6 +77,7 @@ class RankFiles:
         return cls(
             tuple(FileEntry(p, s, h, a) for p, s, h, a in data["files"]),
             tuple(TensorEntry(n, d, tuple(s), f, o, b) for n, d, s, f, o, b in data["tensors"]),
+            int(data.get("shard_bytes", 0)),
         )
 
 
@@ -87,6 +90,8 @@ def write_rank_files(store: Store, rank: int, own: Snapshot, spec: FolderSpec) -
         own.tensors,
         format=spec.format,
         max_shard_bytes=spec.max_shard_bytes,
+        compression=spec.compression,
+        compression_level=spec.compression_level,
     )
     return RankFiles(
         tuple(replace(f, path=f"{prefix}/{f.path}") for f in encoded.files),
@@ -138,14 +143,28 @@ def write_root(
         structure_file=STRUCTURE_FILE,
         triggers=tuple(triggers),
         versions=library_versions(),
-        format_version=format_version_for(files, DISTRIBUTED_FORMAT_VERSION),
+        format_version=format_version_for(files, DISTRIBUTED_FORMAT_VERSION, spec.compression),
         world_size=len(ranks),
+        compression=spec.compression,
     )
+    if spec.compression:  # compressed chunks: the files no longer tell the logical size
+        manifest = replace(manifest, logical_bytes=_logical_bytes(manifest, ranks))
     if before_manifest is not None:
         before_manifest()
     write_manifest(store, manifest)
     store.flush()
     return manifest
+
+
+def _logical_bytes(manifest: Manifest, ranks: Sequence[RankFiles]) -> int:
+    """Every file at its uncompressed size: the chunks' raw bytes, the tensors' bytes."""
+    tensor_files = {t.file for t in manifest.tensors}
+    other = sum(
+        f.size
+        for f in manifest.files
+        if f.path not in tensor_files and not f.path.startswith("shards/rank-")
+    )
+    return other + sum(t.nbytes for t in manifest.tensors) + sum(r.shard_bytes for r in ranks)
 
 
 def rank_manifest(manifest: Manifest, rank: int) -> Manifest:

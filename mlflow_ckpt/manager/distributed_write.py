@@ -98,10 +98,11 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     except BaseException as exc:
         error = exc
     try:
-        shards = _save_shards(store, job, ranks)  # collective: taken part in even after a failure
+        # collective: taken part in even after a failure
+        shards, raw = _save_shards(store, job, ranks, target)
         if store is not None:
             store.flush()
-        own = RankFiles((*own.files, *shards), own.tensors)
+        own = RankFiles((*own.files, *shards), own.tensors, raw)
     except BaseException as exc:
         error = error or exc
     report = {"error": None if error is None else reason(error), "files": own.to_json()}
@@ -125,21 +126,24 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     raise kind(outcome["error"]) from error
 
 
-def _save_shards(store: Any, job: SaveJob, ranks: RankGroup) -> list[Any]:
+def _save_shards(
+    store: Any, job: SaveJob, ranks: RankGroup, target: WriteTarget
+) -> tuple[list[Any], int]:
     import torch.distributed.checkpoint as dcp
 
     from mlflow_ckpt.codec.dcp_store import StoreWriter
 
     assert job.sharded is not None
-    writer = StoreWriter(store)
+    spec = target.spec
+    writer = StoreWriter(store, spec.compression, spec.compression_level)
     try:
         dcp.save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)
     except BaseException as exc:
         mine = own_failure(exc, ranks.rank)
         if mine is not None:
             raise mine from exc
-        return []  # another rank failed: it reports its own error
-    return list(writer.files)
+        return [], 0  # another rank failed: it reports its own error
+    return list(writer.files), writer.raw_bytes
 
 
 def own_failure(exc: BaseException, rank: int) -> BaseException | None:

@@ -163,11 +163,6 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     if not isinstance(args["incremental"], bool):
         raise TypeError(f"incremental must be True or False, not {args['incremental']!r}")
     spec = _folder_spec(args)
-    if spec.compression and distributed:
-        raise ValueError(
-            "compression='zstd' is not supported for distributed checkpoints yet (their "
-            "shards are written by DCP): drop compression= or pass distributed=False"
-        )
     retention = _retention(args, monitor, mode)
     archive = _archive(args, retention)
     return ManagerOptions(
