@@ -107,11 +107,14 @@ def main() -> None:
     parser.add_argument("--on-error", default="raise")
     parser.add_argument("--artifact-root")
     parser.add_argument("--compression", help='"zstd": compressed chunks and rank files')
+    parser.add_argument("--freeze-first", action="store_true", help="a frozen first layer")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model()
+    if args.freeze_first:  # its chunks never change: incremental saves reference them
+        model[0].requires_grad_(False)
     torch.manual_seed(1234 + rank)  # per-rank dropout streams
     if args.strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh

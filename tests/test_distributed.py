@@ -16,10 +16,13 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 import mlflow_ckpt
+from mlflow_ckpt.catalog.shared import shared_area_uri
 from mlflow_ckpt.cli import main as cli
+from mlflow_ckpt.storage import local_path_of
 from tests import servers
 from tests.conftest import ROOT, StoreUnderTest
 from tests.distlib import JOB, reports, torchrun
@@ -95,6 +98,50 @@ def test_compressed_fsdp2_checkpoint_resumes_on_three_ranks_and_in_a_plain_proce
     shard.write_bytes(bytes(data))
     result = CliRunner().invoke(cli, ["verify", ckpt.uri])
     assert result.exit_code == 1 and shard.name in result.output
+
+
+def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
+    tracking: str, tmp_path: Path, run_child
+):
+    args = ("--strategy", "fsdp2", "--steps", "8", "--save-every", "2", "--freeze-first")
+    torchrun(2, tmp_path / "save", *args, "--keep-last", "2")
+    run_id = run_id_of(tmp_path / "save")
+    kept = mlflow_ckpt.list_checkpoints(run_id)
+    assert [c.step for c in kept] == [7, 5]
+    # step 3 found the frozen layer's chunks unchanged and moved them to the shared area;
+    # steps 5 and 7 reference them there (step 3 itself was deleted by retention)
+    assert kept[0].shared == kept[1].shared and len(kept[0].shared) == 1
+    assert kept[0].shared[0] not in {c.model_id for c in kept}
+    area = local_path_of(shared_area_uri(MlflowClient().get_run(run_id).info.artifact_uri))
+    assert area is not None and {p.name for p in area.iterdir()} == set(kept[0].shared)
+    folder = Path(kept[0].artifact_location)
+    own = [p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    assert kept[0].stored_bytes == sum(p.stat().st_size for p in own)  # referenced: not added
+    meta = json.loads((folder / "shards" / "metadata.json").read_text())
+    frozen = next(t for name, t in meta["tensors"].items() if name.endswith("0.weight"))["chunks"]
+    assert frozen and all(c["file"].startswith("@shared/") for c in frozen)
+    expected = load_file(tmp_path / "save" / "saved-7.safetensors")
+    out = tmp_path / "resume-3"
+    torchrun(3, out, *args, "--resume", run_id)
+    assert_same(expected, load_file(out / "final.safetensors"))
+    assert CliRunner().invoke(cli, ["verify", run_id]).exit_code == 0
+    # promoted: the shard files it referenced are copied in; it outlives its collected run
+    latest = mlflow_ckpt.list_checkpoints(run_id)[0]
+    mlflow_ckpt.promote(latest, "dist-incremental", alias="champion")
+    assert not mlflow_ckpt.list_checkpoints(run_id)[0].shared
+    client = MlflowClient()
+    for other in mlflow_ckpt.list_checkpoints(run_id)[1:]:
+        client.delete_logged_model(other.model_id)
+    client.delete_run(run_id)
+    run_child("mlflow", "gc", "--backend-store-uri", tracking)
+    assert not area.exists()
+    state = mlflow_ckpt.load_training_state("models:/dist-incremental@champion")
+    model_keys = {
+        k.split("/")[1]: v
+        for k, v in load_file(out / "final.safetensors").items()
+        if k.startswith("model/")
+    }
+    assert all(torch.equal(state["model"][k], v) for k, v in model_keys.items())
 
 
 def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path):

@@ -23,6 +23,7 @@ from mlflow_ckpt.catalog.rewrite import reencode, settle, swap_manifest
 from mlflow_ckpt.codec import read_manifest
 from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import is_shared
+from mlflow_ckpt.folder.distributed import copy_shared_shards
 from mlflow_ckpt.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -45,17 +46,21 @@ def make_self_contained(client: MlflowClient, model: LoggedModel) -> bool:
         if not manifest.shared_groups:  # a promotion a crash interrupted: finish it
             settle(client, model.model_id, own, scratch, drop_tags=[tags.SHARED])
             return True
-        new = reencode(
-            manifest,
-            {f.path for f in manifest.files if is_shared(f.path)},
-            source=with_shared(own, manifest),
-            target=own,
-            scratch=scratch,
-            where=where,
-            directory=PROMOTED_DIR,
-            compression=manifest.compression,
-        )
-        new = dataclasses.replace(new, shared_uri=None, shared_group=None)
+        source = with_shared(own, manifest)
+        if manifest.world_size:  # DCP shard files: copied, and their metadata re-pointed
+            new = copy_shared_shards(own, source, manifest, scratch, where)
+        else:
+            new = reencode(
+                manifest,
+                {f.path for f in manifest.files if is_shared(f.path)},
+                source=source,
+                target=own,
+                scratch=scratch,
+                where=where,
+                directory=PROMOTED_DIR,
+                compression=manifest.compression,
+            )
+            new = dataclasses.replace(new, shared_uri=None, shared_group=None)
         swap_manifest(
             client,
             model.model_id,

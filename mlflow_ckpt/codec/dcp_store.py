@@ -10,8 +10,11 @@ to a file system, and hash nothing. So this module is the storage half:
 shards/rank-00000-00.bin     raw tensor bytes written by rank 0 (one file per writer thread)
 shards/rank-00001-00.bin     ... by rank 1
 shards/metadata.json         every tensor's dtype, global shape and chunks, and where each
-                             chunk's bytes lie (file, offset, length) - plain JSON
+                             chunk's bytes lie - plain JSON (see :mod:`.dcp_metadata`)
 ```
+Incremental saves hash every chunk: one unchanged since the previous checkpoint is
+referenced where that one stored it in the run's shared area (``@shared/<model id>/``), or
+written there so the next save can; changed chunks go to the checkpoint's own ``shards/``.
 With ``compression="zstd"`` each chunk is stored as a small ``.ztensors`` blob (byte planes,
 checksummed zstd frames: :mod:`.zstd_io`) at its offset, marked ``"codec": "zstd"`` in the
 metadata; it is decoded (with every bomb check) and its shape checked before use.
@@ -22,12 +25,10 @@ load every file is verified against the manifest before a byte of it is used.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,8 @@ import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
 from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
     MetadataIndex,
     StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -54,28 +52,21 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from mlflow_ckpt.codec import zstd_io
-from mlflow_ckpt.codec.hashing import HashingWriter
+from mlflow_ckpt.codec.dcp_metadata import (
+    CHUNK_NAME,
+    METADATA_FILE,
+    SHARDS_DIR,
+    ChunkBase,
+    ChunkLocation,
+    chunk_key,
+    metadata_from_json,
+    metadata_to_json,
+)
+from mlflow_ckpt.codec.hashing import HashingWriter, hash_tensor
 from mlflow_ckpt.codec.layout import check_file
-from mlflow_ckpt.codec.manifest import FileEntry, check_relpath
+from mlflow_ckpt.codec.manifest import FileEntry, is_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.storage import Store
-
-SHARDS_DIR = "shards"
-CHUNK_NAME = "chunk"  # the one tensor of a compressed chunk's blob
-METADATA_FILE = f"{SHARDS_DIR}/metadata.json"
-METADATA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ChunkLocation:
-    """Where the bytes of one saved chunk lie, and its shape (to rebuild it on load)."""
-
-    file: str
-    offset: int
-    length: int  # stored bytes (the raw size unless compressed)
-    sizes: tuple[int, ...]
-    dtype: torch.dtype
-    codec: str | None = None  # "zstd": a .ztensors blob holding the chunk
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -119,12 +110,25 @@ class StoreWriter(StorageWriter):
     wrote (the coordinator's includes ``metadata.json``).
     """
 
-    def __init__(self, store: Store | None, compression: str | None = None, level: int = 1) -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        compression: str | None = None,
+        level: int = 1,
+        *,
+        shared_dir: str | None = None,
+        base: ChunkBase | None = None,
+    ) -> None:
         super().__init__()
         self.store = store  # None: this rank could not open the store (it still takes part)
         self.compression, self.level = compression, level
+        # Incremental saves: a chunk whose hash matches the previous checkpoint's is
+        # referenced where it lies (in the run's shared area) or rewritten under
+        # ``shared_dir`` (a routed store's ``@shared/<model id>``), so the next one can.
+        self.shared_dir, self.base = shared_dir, base
         self.files: list[FileEntry] = []
-        self.raw_bytes = 0  # what the chunks this rank wrote hold, uncompressed
+        self.raw_bytes = 0  # what this rank's chunks hold, uncompressed (referenced too)
+        self.written: ChunkBase = ChunkBase({}, {})  # the next save's base
         self._lock = threading.Lock()
 
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -151,8 +155,41 @@ class StoreWriter(StorageWriter):
                     f"state entry {item.index.fqn!r} is not a tensor; only tensors go through "
                     "the sharded path (everything else is stored as JSON)"
                 )
-        buckets = _balance(list(plan.items), _writers(store))
-        names = [f"{SHARDS_DIR}/{plan.storage_data}-{i:02d}.bin" for i in range(len(buckets))]
+        tensors: dict[int, torch.Tensor] = {}
+        digests: dict[int, str] = {}
+        own_items, lasting, results = list(plan.items), [], []
+        if self.shared_dir is not None:
+            own_items = []
+            for item in plan.items:
+                tensor = planner.resolve_data(item)
+                assert isinstance(tensor, torch.Tensor)
+                tensors[id(item)] = tensor
+                digests[id(item)] = hash_tensor(tensor)
+                before = self.base.chunks.get(chunk_key(item.index)) if self.base else None
+                same = (
+                    before is not None
+                    and before.digest == digests[id(item)]
+                    and before.sizes == tuple(tensor.shape)
+                    and before.dtype == tensor.dtype
+                )
+                if same and before is not None and is_shared(before.file):
+                    results.append(WriteResult(item.index, before.length, before))
+                    self.raw_bytes += tensor.numel() * tensor.element_size()
+                    self._written(item.index, before, self.base.files[before.file])  # type: ignore[union-attr]
+                elif same:
+                    lasting.append(item)  # unchanged since the last save: the shared area
+                else:
+                    own_items.append(item)
+        groups = [
+            (f"{SHARDS_DIR}/{plan.storage_data}", own_items),
+            (f"{self.shared_dir}/{plan.storage_data}", lasting),
+        ]
+        jobs = [
+            (f"{stem}-{i:02d}.bin", bucket)
+            for stem, items in groups
+            if items
+            for i, bucket in enumerate(_balance(items, _writers(store)))
+        ]
 
         def write(name: str, items: list[WriteItem]) -> list[WriteResult]:
             results = []
@@ -160,7 +197,9 @@ class StoreWriter(StorageWriter):
                 writer = HashingWriter(raw)
                 raw_bytes = 0
                 for item in items:
-                    tensor = planner.resolve_data(item)
+                    tensor = tensors.get(id(item))
+                    if tensor is None:
+                        tensor = planner.resolve_data(item)
                     assert isinstance(tensor, torch.Tensor)
                     offset = writer.size
                     if self.compression == "zstd":
@@ -176,21 +215,33 @@ class StoreWriter(StorageWriter):
                         tuple(tensor.shape),
                         tensor.dtype,
                         self.compression,
+                        digests.get(id(item)),
                     )
                     results.append(WriteResult(item.index, writer.size - offset, location))
+            entry = FileEntry(name, writer.size, writer.digest, writer.algorithm)
             with self._lock:
-                self.files.append(FileEntry(name, writer.size, writer.digest, writer.algorithm))
+                self.files.append(entry)
                 self.raw_bytes += raw_bytes
+                for result in results:
+                    self._written(result.index, result.storage_data, entry)
             return results
 
-        if len(buckets) > 1:
-            with ThreadPoolExecutor(len(buckets), thread_name_prefix="mlflow-ckpt-dcp") as pool:
-                parts = list(pool.map(write, names, buckets))
+        if len(jobs) > 1:
+            with ThreadPoolExecutor(len(jobs), thread_name_prefix="mlflow-ckpt-dcp") as pool:
+                parts = [results, *pool.map(lambda job: write(*job), jobs)]
         else:
-            parts = [write(n, b) for n, b in zip(names, buckets, strict=True)]
+            parts = [results, *(write(*job) for job in jobs)]
         future: Future[list[WriteResult]] = Future()
         future.set_result([r for part in parts for r in part])
         return future
+
+    def _written(self, index: MetadataIndex, location: ChunkLocation, entry: FileEntry) -> None:
+        """Record where a chunk of this save lies (for the next save's comparison)."""
+        self.written.chunks[chunk_key(index)] = location
+        if entry.path not in self.written.files:
+            self.written.files[entry.path] = entry
+            if entry not in self.files and is_shared(entry.path):
+                self.files.append(entry)  # a referenced file: listed in this manifest too
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator: write ``metadata.json`` (JSON, never pickle)."""
@@ -211,89 +262,6 @@ class StoreWriter(StorageWriter):
 
     def storage_meta(self) -> StorageMeta | None:
         return None
-
-
-def metadata_to_json(metadata: Metadata, locations: Mapping[MetadataIndex, Any]) -> str:
-    """Serialize what a load needs from DCP's metadata: tensors, chunks, byte locations."""
-    tensors: dict[str, Any] = {}
-    for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        if not isinstance(md, TensorStorageMetadata):
-            raise StateSerializationError(f"state entry {fqn!r} is not a tensor")
-        chunks = []
-        for chunk in md.chunks:
-            where = locations[MetadataIndex(fqn, chunk.offsets)]
-            chunks.append(
-                {
-                    "offsets": list(chunk.offsets),
-                    "sizes": list(chunk.sizes),
-                    "file": where.file,
-                    "offset": where.offset,
-                    "length": where.length,
-                    **({"codec": where.codec} if where.codec else {}),
-                }
-            )
-        tensors[fqn] = {
-            "dtype": str(md.properties.dtype).removeprefix("torch."),
-            "size": list(md.size),
-            "chunks": chunks,
-        }
-    return json.dumps({"version": METADATA_VERSION, "tensors": tensors}, sort_keys=True)
-
-
-def _dtype(name: Any) -> torch.dtype:
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return value
-
-
-def _ints(values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-    ):
-        raise ValueError(f"{what} is not a list of non-negative integers")
-    return tuple(values)
-
-
-def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[MetadataIndex, Any]]:
-    """Parse ``metadata.json`` strictly into DCP's ``Metadata`` and the chunk locations."""
-    try:
-        doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("version") != METADATA_VERSION:
-            raise ValueError(f"unknown metadata version {doc.get('version')!r}")
-        state: dict[str, Any] = {}
-        locations: dict[MetadataIndex, Any] = {}
-        for fqn, md in doc["tensors"].items():
-            dtype, size = _dtype(md["dtype"]), _ints(md["size"], "size")
-            chunks = []
-            for c in md["chunks"]:
-                offsets, sizes = _ints(c["offsets"], "offsets"), _ints(c["sizes"], "sizes")
-                if len(offsets) != len(size) or len(sizes) != len(size):
-                    raise ValueError(f"chunk of {fqn!r} has the wrong number of dimensions")
-                n = dtype.itemsize
-                for s in sizes:
-                    n *= s
-                offset, length = _ints([c["offset"], c["length"]], "offset/length")
-                codec = c.get("codec")
-                if codec not in (None, "zstd"):
-                    raise ValueError(f"chunk of {fqn!r} has unknown codec {codec!r}")
-                if codec is None and length != n:
-                    raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
-                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
-                    check_relpath(c["file"], where), offset, length, sizes, dtype, codec
-                )
-            state[fqn] = TensorStorageMetadata(
-                TensorProperties(dtype=dtype), torch.Size(size), chunks
-            )
-    except CheckpointCorruptedError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointCorruptedError(
-            f"{where}: {METADATA_FILE} is malformed ({type(exc).__name__}: {exc})",
-            path=METADATA_FILE,
-        ) from exc
-    return Metadata(state_dict_metadata=state, storage_data=locations), locations
 
 
 class StoreReader(StorageReader):
@@ -330,7 +298,10 @@ class StoreReader(StorageReader):
         pass
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        data = self._local(METADATA_FILE).read_bytes()
+        # A promoted (self-contained) checkpoint lists a rewritten metadata file instead.
+        listed = [p for p in self.files if p.startswith(f"{SHARDS_DIR}/metadata")]
+        name = METADATA_FILE if METADATA_FILE in self.files or len(listed) != 1 else listed[0]
+        data = self._local(name).read_bytes()
         metadata, self.locations = metadata_from_json(data, self.where)
         return metadata
 

@@ -5,7 +5,7 @@ MLmodel
 state.json                       rank 0: the progress, and the structure of the sharded
                                  state dicts (modules, optimizers) with tensor references
 shards/rank-00000-00.bin ...     the sharded tensors, written by every rank in parallel
-shards/metadata.json             where each saved chunk lies (JSON; see codec/dcp_store.py)
+shards/metadata.json             where each saved chunk lies (JSON; see codec/dcp_metadata.py)
 ranks/00000/state.json           rank 0's own state: RNG streams, sampler, scheduler, extras
 ranks/00000/tensors-...          ... and its tensors
 ranks/00001/...                  rank 1's
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,20 @@ from mlflow_ckpt.codec import (
     FileEntry,
     Manifest,
     TensorEntry,
+    check_file,
     read_state,
     verify_files,
     write_file,
     write_manifest,
     write_state,
 )
-from mlflow_ckpt.codec.manifest import DISTRIBUTED_FORMAT_VERSION, format_version_for
+from mlflow_ckpt.codec.hashing import HashingWriter
+from mlflow_ckpt.codec.manifest import (
+    DISTRIBUTED_FORMAT_VERSION,
+    format_version_for,
+    is_shared,
+    shared_group,
+)
 from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.folder.writer import FolderSpec, library_versions, write_model_files
 from mlflow_ckpt.snapshot import DecodedState, Snapshot, decode_document
@@ -117,8 +124,11 @@ def write_root(
     triggers: Sequence[str],
     created_at: float | None = None,
     before_manifest: Any = None,
+    shared_uri: str | None = None,
 ) -> Manifest:
-    """On rank 0, once every rank wrote its files: ``state.json``, ``MLmodel``, manifest."""
+    """On rank 0, once every rank wrote its files: ``state.json``, ``MLmodel``, manifest.
+
+    With ``shared_uri`` (incremental saves) ranks may list files of the run's shared area."""
     root = {
         "version": ROOT_VERSION,
         "world_size": len(ranks),
@@ -131,7 +141,8 @@ def write_root(
     )
     model_files = write_model_files(store, spec, model_id=model_id, run_id=run_id)
     store.flush()
-    files = (structure, *model_files, *(f for r in ranks for f in r.files))
+    files = (structure, *model_files, *_unique(f for r in ranks for f in r.files))
+    shared = [f for f in files if is_shared(f.path)]
     manifest = Manifest(
         format=spec.format,
         step=step,
@@ -146,8 +157,10 @@ def write_root(
         format_version=format_version_for(files, DISTRIBUTED_FORMAT_VERSION, spec.compression),
         world_size=len(ranks),
         compression=spec.compression,
+        shared_uri=shared_uri if shared else None,
+        shared_group=model_id if any(shared_group(f.path) == model_id for f in shared) else None,
     )
-    if spec.compression:  # compressed chunks: the files no longer tell the logical size
+    if spec.compression or shared:  # the files no longer tell the logical size
         manifest = replace(manifest, logical_bytes=_logical_bytes(manifest, ranks))
     if before_manifest is not None:
         before_manifest()
@@ -156,13 +169,21 @@ def write_root(
     return manifest
 
 
+def _unique(files: Iterable[FileEntry]) -> list[FileEntry]:
+    """Each file once (ranks may all reference the same shared file)."""
+    seen: dict[str, FileEntry] = {}
+    for entry in files:
+        seen.setdefault(entry.path, entry)
+    return list(seen.values())
+
+
 def _logical_bytes(manifest: Manifest, ranks: Sequence[RankFiles]) -> int:
     """Every file at its uncompressed size: the chunks' raw bytes, the tensors' bytes."""
     tensor_files = {t.file for t in manifest.tensors}
     other = sum(
         f.size
         for f in manifest.files
-        if f.path not in tensor_files and not f.path.startswith("shards/rank-")
+        if f.path not in tensor_files and not f.path.rpartition("/")[2].startswith("rank-")
     )
     return other + sum(t.nbytes for t in manifest.tensors) + sum(r.shard_bytes for r in ranks)
 
@@ -221,7 +242,7 @@ def read_rank(
 
 
 def shard_files(manifest: Manifest) -> dict[str, FileEntry]:
-    return {f.path: f for f in manifest.files if f.path.startswith("shards/")}
+    return {f.path: f for f in manifest.files if f.path.startswith("shards/") or is_shared(f.path)}
 
 
 def read_distributed(store: Store, manifest: Manifest, scratch: Path, where: str) -> DecodedState:
@@ -248,3 +269,46 @@ def read_distributed(store: Store, manifest: Manifest, scratch: Path, where: str
     for name, kind in root.sharded.items():
         state[name] = StatefulValue(STATE_DICT, dicts[name]) if kind == MODULE else dicts[name]
     return DecodedState(state, own.rng, root.progress, sharded=root.sharded)
+
+
+def copy_shared_shards(
+    own: Store, store: Store, manifest: Manifest, scratch: Path, where: str
+) -> Manifest:
+    """A distributed checkpoint made self-contained: the shard files it references in the
+    run's shared area copied (verified) into ``shards/``, and ``metadata.json`` rewritten
+    to point there under a new name (the old one stays valid until the manifest swap).
+
+    ``store`` reads the checkpoint (its folder and the shared area), ``own`` is written."""
+    from mlflow_ckpt.codec.dcp_metadata import METADATA_FILE, SELF_CONTAINED_METADATA
+
+    renamed: dict[str, str] = {}
+    copies: list[FileEntry] = []
+    for entry in manifest.files:
+        if not is_shared(entry.path):
+            continue
+        new = f"shards/{shared_group(entry.path)}-{entry.path.rpartition('/')[2]}"
+        local = check_file(store, entry, scratch, where)
+        with local.open("rb") as source, own.open_writer(new) as raw:
+            writer = HashingWriter(raw, entry.algorithm)
+            while chunk := source.read(16 * 1024 * 1024):
+                writer.write(chunk)
+        copies.append(FileEntry(new, writer.size, writer.digest, writer.algorithm))
+        renamed[entry.path] = new
+    old_meta = manifest.file(METADATA_FILE)
+    doc = json.loads(check_file(store, old_meta, scratch, where).read_bytes())
+    for tensor in doc["tensors"].values():
+        for chunk in tensor["chunks"]:
+            chunk["file"] = renamed.get(chunk["file"], chunk["file"])
+    meta = write_file(own, SELF_CONTAINED_METADATA, json.dumps(doc, sort_keys=True).encode())
+    files = (
+        *(f for f in manifest.files if not is_shared(f.path) and f.path != METADATA_FILE),
+        *copies,
+        meta,
+    )
+    return replace(
+        manifest,
+        files=files,
+        shared_uri=None,
+        shared_group=None,
+        format_version=format_version_for(files, DISTRIBUTED_FORMAT_VERSION, manifest.compression),
+    )

@@ -34,6 +34,7 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, list_checkpoints, models, resolve, tags
 from mlflow_ckpt.codec import read_manifest
+from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import Manifest
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
 from mlflow_ckpt.folder.distributed import read_rank, read_root, shard_files
@@ -74,7 +75,7 @@ def _candidates(client: MlflowClient | None, run_id: str, ranks: RankGroup) -> l
             listed.append(
                 {
                     "checkpoint": checkpoint_to_json(ckpt),
-                    "sha256": model.tags.get(tags.MANIFEST_SHA256),
+                    "sha256": list(tags.manifest_digests(model.tags)),
                 }
             )
     return ranks.broadcast(listed, group=ranks.control, what=f"listing checkpoints of {run_id}")
@@ -103,6 +104,7 @@ def restore_distributed(
             error: BaseException | None = None
             try:  # 1. read and check everything this rank needs
                 manifest = read_manifest(store, scratch, where, candidate["sha256"])
+                store = with_shared(store, manifest)  # incremental: chunks in the shared area
                 root, own, reader, live = _prepare(store, manifest, scratch, where, state, ranks)
                 saved = {
                     name: (md.properties.dtype, tuple(md.size))

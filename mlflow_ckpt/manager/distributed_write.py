@@ -19,11 +19,13 @@ import contextlib
 import dataclasses
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow_ckpt.catalog import models
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
 from mlflow_ckpt.catalog.deletion import discard_failed
+from mlflow_ckpt.catalog.shared import delete_groups
+from mlflow_ckpt.codec.manifest import SHARED_PREFIX
 from mlflow_ckpt.errors import (
     CheckpointVerificationError,
     CheckpointWriteError,
@@ -42,6 +44,10 @@ from mlflow_ckpt.manager.ranks import RankError, RankGroup
 from mlflow_ckpt.manager.verification import VerificationFailed, verify_stored
 from mlflow_ckpt.snapshot import Snapshot, first_nonfinite
 from mlflow_ckpt.storage import open_store, redact
+from mlflow_ckpt.storage.routed import RoutedStore
+
+if TYPE_CHECKING:
+    from mlflow_ckpt.codec.dcp_metadata import ChunkBase
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +78,11 @@ def first_nonfinite_everywhere(job: SaveJob, ranks: RankGroup) -> str | None:
     return next((f"{name} (rank {r})" for r, name in enumerate(reports) if name), None)
 
 
-def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Checkpoint:
-    """Run this rank's part of one distributed save; return the committed checkpoint."""
+def write_distributed(
+    target: WriteTarget, job: SaveJob, ranks: RankGroup
+) -> tuple[Checkpoint, ChunkBase | None]:
+    """Run this rank's part of one distributed save; return the committed checkpoint and,
+    for incremental saves, where this rank's chunks now lie (the next save's base)."""
     group = ranks.commit
     what = f"saving step {job.step} of run {target.run_id}"
     created: dict[str, Any] = {}
@@ -81,25 +90,34 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     if ranks.is_leader:
         try:
             model = create_model(target, job)
-            created = {"model_id": model.model_id, "location": model.artifact_location}
+            created = {
+                "model_id": model.model_id,
+                "location": model.artifact_location,
+                "shared_uri": target.shared_uri,  # rank 0 knows the run: every rank needs it
+            }
         except Exception as exc:
             log_unsaved_metrics(target, job)
             created = {"error": f"could not create its LoggedModel: {reason(exc)}"}
     created = ranks.broadcast(created, group=group, what=what)
     if "error" in created:
         raise CheckpointWriteError(f"{what.capitalize()} failed on rank 0: {created['error']}")
-    location = created["location"]
+    location, shared_uri = created["location"], created.get("shared_uri")
     error: BaseException | None = None
     own = RankFiles((), ())
     store: Any = None
+    writer: Any = None
     try:  # every failure below is reported, never raised early: the others would wait
         store = open_store(location, target.transfer)
+        if shared_uri is not None:  # incremental: unchanged chunks in the run's shared area
+            store = RoutedStore(store, open_store(shared_uri, target.transfer))
         own = write_rank_files(store, ranks.rank, job.snapshot, target.spec)
     except BaseException as exc:
         error = exc
     try:
         # collective: taken part in even after a failure
-        shards, raw = _save_shards(store, job, ranks, target)
+        shared_dir = f"{SHARED_PREFIX}{created['model_id']}" if shared_uri else None
+        writer = _save_shards(store, job, ranks, target, shared_dir)
+        shards, raw = (list(writer.files), writer.raw_bytes) if writer else ([], 0)
         if store is not None:
             store.flush()
         own = RankFiles((*own.files, *shards), own.tensors, raw)
@@ -116,34 +134,43 @@ def write_distributed(target: WriteTarget, job: SaveJob, ranks: RankGroup) -> Ch
     outcome: dict[str, Any] = {}
     if ranks.is_leader:
         assert model is not None
-        outcome = _commit_or_discard(target, job, model, store, reports, failed, location)
+        outcome = _commit_or_discard(
+            target, job, model, store, reports, failed, location, shared_uri
+        )
     outcome = ranks.broadcast(outcome, group=group, what=what)
     with contextlib.suppress(Exception):
         store.close()
     if "checkpoint" in outcome:
-        return checkpoint_from_json(outcome["checkpoint"])
+        base = writer.written if writer is not None and shared_uri is not None else None
+        return checkpoint_from_json(outcome["checkpoint"]), base
     kind = CheckpointVerificationError if outcome.get("invalid") else CheckpointWriteError
     raise kind(outcome["error"]) from error
 
 
 def _save_shards(
-    store: Any, job: SaveJob, ranks: RankGroup, target: WriteTarget
-) -> tuple[list[Any], int]:
+    store: Any, job: SaveJob, ranks: RankGroup, target: WriteTarget, shared_dir: str | None
+) -> Any:
     import torch.distributed.checkpoint as dcp
 
     from mlflow_ckpt.codec.dcp_store import StoreWriter
 
     assert job.sharded is not None
     spec = target.spec
-    writer = StoreWriter(store, spec.compression, spec.compression_level)
+    writer = StoreWriter(
+        store,
+        spec.compression,
+        spec.compression_level,
+        shared_dir=shared_dir,
+        base=job.chunk_base,
+    )
     try:
         dcp.save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)
     except BaseException as exc:
         mine = own_failure(exc, ranks.rank)
         if mine is not None:
             raise mine from exc
-        return [], 0  # another rank failed: it reports its own error
-    return list(writer.files), writer.raw_bytes
+        return None  # another rank failed: it reports its own error
+    return writer
 
 
 def own_failure(exc: BaseException, rank: int) -> BaseException | None:
@@ -165,6 +192,7 @@ def _commit_or_discard(
     reports: list[dict[str, Any]],
     failed: dict[int, str],
     location: str,
+    shared_uri: str | None,
 ) -> dict[str, Any]:
     """On rank 0: the manifest and the commit when every rank succeeded, else the cleanup."""
     intact = (
@@ -174,7 +202,7 @@ def _commit_or_discard(
     )
     where = f"{model.model_id} (run {target.run_id}, step {job.step})"
     if failed:
-        _discard(target, model, store)
+        _discard(target, model, store, shared_uri)
         log_unsaved_metrics(target, job)
         detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         return {
@@ -198,6 +226,7 @@ def _commit_or_discard(
             triggers=job.triggers,
             created_at=job.timestamp_ms / 1000,
             before_manifest=target.check_writer,
+            shared_uri=shared_uri,
         )
         score = verify_stored(store, manifest, target.verify, where)
     except VerificationFailed as exc:
@@ -209,7 +238,7 @@ def _commit_or_discard(
             f"{redact(location)} but failed verification ({exc}); it is tagged invalid; {intact}.",
         }
     except BaseException as exc:
-        _discard(target, model, store)
+        _discard(target, model, store, shared_uri)
         if not isinstance(exc, WriterConflictError):
             log_unsaved_metrics(target, job)
         return {
@@ -237,7 +266,7 @@ def _commit_or_discard(
     return {"checkpoint": checkpoint_to_json(Checkpoint.from_logged_model(committed))}
 
 
-def _discard(target: WriteTarget, model: Any, store: Any) -> None:
+def _discard(target: WriteTarget, model: Any, store: Any, shared_uri: str | None) -> None:
     """Remove a failed save (its files, then its LoggedModel); what cannot be removed now
     stays pending or failed, and the next resume or ``mlflow-ckpt gc`` removes it."""
     try:
@@ -245,6 +274,7 @@ def _discard(target: WriteTarget, model: Any, store: Any) -> None:
             store = open_store(model.artifact_location, target.transfer)
         with contextlib.suppress(Exception):
             store.close()
-        discard_failed(target.client, model, store)
+        if discard_failed(target.client, model, store) and shared_uri is not None:
+            delete_groups(shared_uri, [model.model_id], target.transfer)  # never referenced
     except Exception as exc:
         logger.warning("Could not remove failed checkpoint %s yet: %s", model.model_id, exc)

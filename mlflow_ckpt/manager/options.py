@@ -71,8 +71,7 @@ class ManagerOptions:
     transfer: TransferConfig | None
     client: MlflowClient | None
     distributed: bool = False  # every rank builds a manager; sharded state through DCP
-    # Write only what changed since the previous checkpoint (single-process saves; DCP
-    # writes distributed checkpoints whole).
+    # Write only what changed since the previous checkpoint (distributed saves: by chunk).
     incremental: bool = True
     archive: ArchiveAfterN | None = None  # retention's third outcome (archive_after_n=)
 
@@ -168,7 +167,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     return ManagerOptions(
         archive=archive,
         distributed=distributed,
-        incremental=args["incremental"] and not distributed,
+        incremental=args["incremental"],
         triggers=_triggers(args, monitor, mode),
         retention=retention,
         spec=spec,

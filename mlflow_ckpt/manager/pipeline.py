@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -32,6 +32,9 @@ from mlflow_ckpt.errors import (
 )
 from mlflow_ckpt.folder import FolderSpec, write_folder
 from mlflow_ckpt.folder.incremental import Base
+
+if TYPE_CHECKING:
+    from mlflow_ckpt.codec.dcp_metadata import ChunkBase
 from mlflow_ckpt.manager.verification import VerificationFailed, Verify, verify_stored
 from mlflow_ckpt.snapshot import Snapshot
 from mlflow_ckpt.snapshot.sharded import ShardedSnapshot
@@ -74,6 +77,7 @@ class SaveJob:
     sharded: ShardedSnapshot | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     base: Base | None = None  # incremental saves: the checkpoint whose shared bytes it reuses
+    chunk_base: ChunkBase | None = None  # the same for this rank's chunks (distributed)
 
 
 def _intact(job: SaveJob) -> str:

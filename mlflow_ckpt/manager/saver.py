@@ -14,7 +14,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 
@@ -48,6 +48,9 @@ from mlflow_ckpt.snapshot.changes import History
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
+if TYPE_CHECKING:  # (DCP is imported only by distributed saves)
+    from mlflow_ckpt.codec.dcp_metadata import ChunkBase
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,12 +62,14 @@ class Saver:
         run_id, experiment_id, ranks = session.run_id, session.experiment_id, session.ranks
         lease = session.claim.lease if session.claim is not None else None
         # Incremental saves keep lasting bytes in the run's shared area (catalog.shared).
+        # (Distributed: rank 0 knows it and hands it to the other ranks at each save.)
         self.shared_uri = (
             shared_area_uri(session.run.info.artifact_uri)
-            if options.incremental and ranks is None and session.run is not None
+            if options.incremental and session.run is not None
             else None
         )
         self.base: Base | None = None  # the newest checkpoint the next save may reference
+        self.chunk_base: ChunkBase | None = None  # distributed: this rank's previous chunks
         self.state = state
         self.ranks = ranks
         # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
@@ -140,7 +145,7 @@ class Saver:
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
         history = None
-        if self.shared_uri is not None:
+        if self.shared_uri is not None and self.ranks is None:
             history = self.base.history() if self.base is not None else History()
         snapshot = take_snapshot(
             self.own_state, progress, copy=copy, buffers=self.buffers, history=history
@@ -161,6 +166,7 @@ class Saver:
             sharded=sharded,
             progress=progress,
             base=self.base,
+            chunk_base=self.chunk_base,
         )
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
@@ -252,6 +258,8 @@ class Saver:
 
     def _protected(self) -> tuple[str, ...]:
         """Shared groups the next save may reference: never deleted meanwhile."""
+        if self.ranks is not None:  # every rank's chunks of the newest checkpoint
+            return self.last_checkpoint.shared if self.last_checkpoint is not None else ()
         return self.base.manifest.shared_groups if self.base is not None else ()
 
     def final_retention(self) -> None:
@@ -311,7 +319,9 @@ class Saver:
                     seen = changes.seen if changes is not None else {}
                     self.base = Base(self.last_checkpoint.model_id, manifest, seen)
             else:
-                self.last_checkpoint = write_distributed(self.target, job, self.ranks)
+                self.last_checkpoint, self.chunk_base = write_distributed(
+                    self.target, job, self.ranks
+                )
         except CheckpointVerificationError:
             raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:

@@ -22,9 +22,11 @@ class PrefixStore(Store):
         super().__init__(f"{inner.uri.rstrip('/')}/{prefix}")
         self.inner = inner
         self.prefix = prefix.strip("/")
-        root = getattr(inner, "root", None)
-        if isinstance(root, Path):
-            self.root = root / self.prefix  # lets readers check files lie inside the folder
+        # Local roots (a routed store has two) let readers check files lie inside the folder.
+        roots = getattr(inner, "roots", None) or [getattr(inner, "root", None)]
+        self.roots = [r / self.prefix for r in roots if isinstance(r, Path)]
+        if self.roots:
+            self.root = self.roots[0]
 
     def _path(self, rel_path: str) -> str:
         return f"{self.prefix}/{rel_path}" if rel_path else self.prefix

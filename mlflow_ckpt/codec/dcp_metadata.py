@@ -1,0 +1,148 @@
+"""The JSON side of a DCP save: where each chunk of each tensor lies, and its hash.
+
+``shards/metadata.json`` replaces DCP's pickled ``.metadata``: every tensor's dtype, global
+shape and chunks, and for each chunk its file, offset, stored length, codec (``"zstd"``
+when compressed) and BLAKE3 hash (incremental saves compare it with the next save's chunk).
+Parsing is strict: unknown versions, codecs, paths outside the checkpoint and lengths that
+do not match a chunk's shape are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import Metadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from mlflow_ckpt.codec.manifest import FileEntry, check_relpath
+from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+
+SHARDS_DIR = "shards"
+CHUNK_NAME = "chunk"  # the one tensor of a compressed chunk's blob
+METADATA_FILE = f"{SHARDS_DIR}/metadata.json"
+SELF_CONTAINED_METADATA = f"{SHARDS_DIR}/metadata-self-contained.json"
+METADATA_VERSION = 1
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where the bytes of one saved chunk lie, and its shape (to rebuild it on load)."""
+
+    file: str
+    offset: int
+    length: int  # stored bytes (the raw size unless compressed)
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    codec: str | None = None  # "zstd": a .ztensors blob holding the chunk
+    digest: str | None = None  # BLAKE3 of the chunk's raw bytes (incremental saves)
+
+
+@dataclass
+class ChunkBase:
+    """What one rank's chunks were in the previous checkpoint: where each lies and its
+    hash, and the entries of those files (an incremental save references them)."""
+
+    chunks: dict[tuple[str, tuple[int, ...]], ChunkLocation]
+    files: dict[str, FileEntry]
+
+
+def chunk_key(index: MetadataIndex) -> tuple[str, tuple[int, ...]]:
+    return index.fqn, tuple(index.offset or ())
+
+
+def metadata_to_json(metadata: Metadata, locations: Mapping[MetadataIndex, Any]) -> str:
+    """Serialize what a load needs from DCP's metadata: tensors, chunks, byte locations."""
+    tensors: dict[str, Any] = {}
+    for fqn, md in sorted(metadata.state_dict_metadata.items()):
+        if not isinstance(md, TensorStorageMetadata):
+            raise StateSerializationError(f"state entry {fqn!r} is not a tensor")
+        chunks = []
+        for chunk in md.chunks:
+            where = locations[MetadataIndex(fqn, chunk.offsets)]
+            chunks.append(
+                {
+                    "offsets": list(chunk.offsets),
+                    "sizes": list(chunk.sizes),
+                    "file": where.file,
+                    "offset": where.offset,
+                    "length": where.length,
+                    **({"codec": where.codec} if where.codec else {}),
+                    **({"blake3": where.digest} if where.digest else {}),
+                }
+            )
+        tensors[fqn] = {
+            "dtype": str(md.properties.dtype).removeprefix("torch."),
+            "size": list(md.size),
+            "chunks": chunks,
+        }
+    return json.dumps({"version": METADATA_VERSION, "tensors": tensors}, sort_keys=True)
+
+
+def _dtype(name: Any) -> torch.dtype:
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return value
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise ValueError(f"{what} is not a list of non-negative integers")
+    return tuple(values)
+
+
+def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[MetadataIndex, Any]]:
+    """Parse ``metadata.json`` strictly into DCP's ``Metadata`` and the chunk locations."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != METADATA_VERSION:
+            raise ValueError(f"unknown metadata version {doc.get('version')!r}")
+        state: dict[str, Any] = {}
+        locations: dict[MetadataIndex, Any] = {}
+        for fqn, md in doc["tensors"].items():
+            dtype, size = _dtype(md["dtype"]), _ints(md["size"], "size")
+            chunks = []
+            for c in md["chunks"]:
+                offsets, sizes = _ints(c["offsets"], "offsets"), _ints(c["sizes"], "sizes")
+                if len(offsets) != len(size) or len(sizes) != len(size):
+                    raise ValueError(f"chunk of {fqn!r} has the wrong number of dimensions")
+                n = dtype.itemsize
+                for s in sizes:
+                    n *= s
+                offset, length = _ints([c["offset"], c["length"]], "offset/length")
+                codec = c.get("codec")
+                if codec not in (None, "zstd"):
+                    raise ValueError(f"chunk of {fqn!r} has unknown codec {codec!r}")
+                if codec is None and length != n:
+                    raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
+                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                digest = c.get("blake3")
+                if digest is not None and not _HEX64.match(str(digest)):
+                    raise ValueError(f"chunk of {fqn!r} has a malformed hash")
+                locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
+                    check_relpath(c["file"], where), offset, length, sizes, dtype, codec, digest
+                )
+            state[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype), torch.Size(size), chunks
+            )
+    except CheckpointCorruptedError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {METADATA_FILE} is malformed ({type(exc).__name__}: {exc})",
+            path=METADATA_FILE,
+        ) from exc
+    return Metadata(state_dict_metadata=state, storage_data=locations), locations
