@@ -58,6 +58,27 @@ def train_step(state: dict[str, object]) -> None:
     opt.step()
 
 
+def fine_tune_run(run_name: str, steps: int = 3, **manager_kwargs: object) -> tuple[str, FrozenNet]:
+    """Train the fine-tune ``steps`` steps in a new run, saving each (sync); return the run
+    ID and the trained model."""
+    state = fine_tune()
+    model = state["model"]
+    assert isinstance(model, FrozenNet)
+    with mlflow.start_run(run_name=run_name) as run:
+        with mlflow_ckpt.CheckpointManager(
+            state,
+            save_every_n_steps=1,
+            model_factory="tests.test_incremental:FrozenNet",
+            async_save=False,
+            timeline=False,
+            **manager_kwargs,  # type: ignore[arg-type]
+        ) as mgr:
+            for step in range(steps):
+                train_step(state)
+                mgr.step(step)
+    return run.info.run_id, model
+
+
 def copy_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -229,23 +250,9 @@ def test_retention_and_mlflow_gc_never_lose_a_referenced_byte(tracking: str, run
 def test_pyfunc_and_mlflow_models_predict_after_predecessors_are_collected(
     tracking: str, run_child, tmp_path: Path
 ) -> None:
-    state = fine_tune()
-    model = state["model"]
-    assert isinstance(model, FrozenNet)
-    with mlflow.start_run(run_name="serve") as run:
-        with mlflow_ckpt.CheckpointManager(
-            state,
-            save_every_n_steps=1,
-            keep_last_n=1,
-            model_factory="tests.test_incremental:FrozenNet",
-            async_save=False,
-            timeline=False,
-        ) as mgr:
-            for step in range(3):
-                train_step(state)
-                mgr.step(step)
+    run_id, model = fine_tune_run("serve", keep_last_n=1)
     run_child("mlflow", "gc", "--backend-store-uri", tracking)
-    (ckpt,) = mlflow_ckpt.list_checkpoints(run.info.run_id)
+    (ckpt,) = mlflow_ckpt.list_checkpoints(run_id)
     assert ckpt.shared and ckpt.shared[0] != ckpt.model_id  # its backbone: step 0's group
     batch = np.random.default_rng(0).standard_normal((2, 1024)).astype(np.float32)
     expected = model.eval()(torch.from_numpy(batch)).detach().numpy()
@@ -265,21 +272,8 @@ def test_pyfunc_and_mlflow_models_predict_after_predecessors_are_collected(
 def test_a_promoted_checkpoint_outlives_its_deleted_and_collected_run(
     tracking: str, run_child
 ) -> None:
-    state = fine_tune()
-    model = state["model"]
-    assert isinstance(model, FrozenNet)
-    with mlflow.start_run(run_name="promote") as run:
-        with mlflow_ckpt.CheckpointManager(
-            state,
-            save_every_n_steps=1,
-            model_factory="tests.test_incremental:FrozenNet",
-            async_save=False,
-            timeline=False,
-        ) as mgr:
-            for step in range(3):
-                train_step(state)
-                mgr.step(step)
-    latest = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    run_id, model = fine_tune_run("promote")
+    latest = mlflow_ckpt.latest_checkpoint(run_id)
     assert latest is not None and latest.shared
     mlflow_ckpt.promote(latest, "fine-tuned", alias="champion")
     client = MlflowClient()
@@ -289,11 +283,11 @@ def test_a_promoted_checkpoint_outlives_its_deleted_and_collected_run(
         (Path(latest.artifact_location) / "manifest.json").read_text(), "test"
     )
     assert manifest.shared_uri is None and not manifest.shared_groups
-    for other in mlflow_ckpt.list_checkpoints(run.info.run_id)[1:]:
+    area = local_path_of(shared_area_uri(run_artifact_uri(run_id)))
+    for other in mlflow_ckpt.list_checkpoints(run_id)[1:]:
         client.delete_logged_model(other.model_id)
-    client.delete_run(run.info.run_id)
+    client.delete_run(run_id)
     run_child("mlflow", "gc", "--backend-store-uri", tracking)
-    area = local_path_of(shared_area_uri(run.info.artifact_uri))
     assert area is not None and not area.exists()  # the run's artifacts are gone
     batch = np.ones((2, 1024), dtype=np.float32)
     expected = model.eval()(torch.from_numpy(batch)).detach().numpy()

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.resolve import describe, resolve
-from mlflow_ckpt.catalog.rewrite import reencode, settle, swap_manifest
-from mlflow_ckpt.codec import MANIFEST_NAME, Manifest, read_manifest
+from mlflow_ckpt.catalog.resolve import resolve
+from mlflow_ckpt.catalog.rewrite import open_committed, reencode, settle, swap_manifest
+from mlflow_ckpt.codec import MANIFEST_NAME, Manifest
 from mlflow_ckpt.codec.manifest import is_shared
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.storage import Store, open_store
+from mlflow_ckpt.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +51,8 @@ def archive_checkpoint(
     """Move one checkpoint to the cold tier in place; return how (a class, or "zstd-N")."""
     client = client or MlflowClient()
     model = resolve(checkpoint_or_uri, client)
-    where = describe(model)
-    with (
-        open_store(model.artifact_location) as own,
-        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-archive-") as tmp,
-    ):
-        scratch = Path(tmp)
-        manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
+    with open_committed(model, "archive") as opened:
+        own, scratch, manifest, where = opened.own, opened.scratch, opened.manifest, opened.where
         if own.cold_class is not None:
             chosen = storage_class or own.cold_class
             for path in _own_files(manifest):
@@ -86,13 +80,8 @@ def unarchive_checkpoint(
     """Bring an archived checkpoint back to the hot tier (its class, or its encoding)."""
     client = client or MlflowClient()
     model = resolve(checkpoint_or_uri, client)
-    where = describe(model)
-    with (
-        open_store(model.artifact_location) as own,
-        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-unarchive-") as tmp,
-    ):
-        scratch = Path(tmp)
-        manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
+    with open_committed(model, "unarchive") as opened:
+        own, scratch, manifest, where = opened.own, opened.scratch, opened.manifest, opened.where
         if tags.STORAGE_CLASS in model.tags and own.hot_class is not None:
             for path in _own_files(manifest):
                 own.set_storage_class(path, own.hot_class)

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import tags
-from mlflow_ckpt.catalog.resolve import describe
-from mlflow_ckpt.catalog.rewrite import reencode, settle, swap_manifest
-from mlflow_ckpt.codec import read_manifest
+from mlflow_ckpt.catalog.rewrite import open_committed, reencode, settle, swap_manifest
 from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import is_shared
 from mlflow_ckpt.folder.distributed import copy_shared_shards
-from mlflow_ckpt.storage import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +31,8 @@ def make_self_contained(client: MlflowClient, model: LoggedModel) -> bool:
     any. Raises :class:`~mlflow_ckpt.CheckpointCorruptedError` if they do not verify."""
     if not model.tags.get(tags.SHARED) and not model.tags.get(tags.MANIFEST_SHA256_NEXT):
         return False
-    where = describe(model)
-    with (
-        open_store(model.artifact_location) as own,
-        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-promote-") as tmp,
-    ):
-        scratch = Path(tmp)
-        manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
+    with open_committed(model, "promote") as opened:
+        own, scratch, manifest, where = opened.own, opened.scratch, opened.manifest, opened.where
         if not manifest.shared_groups:  # a promotion a crash interrupted: finish it
             settle(client, model.model_id, own, scratch, drop_tags=[tags.SHARED])
             return True

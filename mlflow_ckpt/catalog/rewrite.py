@@ -10,15 +10,20 @@ lists are deleted last; a crash leaves them as unlisted leftovers, never as a mi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Collection, Mapping
+import tempfile
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import tags
+from mlflow_ckpt.catalog.resolve import describe
 from mlflow_ckpt.catalog.runs import get_logged_model
 from mlflow_ckpt.codec import (
     MANIFEST_NAME,
@@ -26,13 +31,38 @@ from mlflow_ckpt.codec import (
     Manifest,
     format_version_for,
     load_files,
+    read_manifest,
     read_state,
     write_manifest,
 )
 from mlflow_ckpt.codec.shards import write_shards
-from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage import Store, open_store
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A committed checkpoint opened for a rewrite: its folder, a scratch directory and its
+    manifest (checked against the catalog's digests)."""
+
+    own: Store
+    scratch: Path
+    manifest: Manifest
+    where: str
+
+
+@contextlib.contextmanager
+def open_committed(model: LoggedModel, purpose: str) -> Iterator[Opened]:
+    """Open ``model``'s folder and read its manifest; closed (scratch removed) on exit."""
+    where = describe(model)
+    with (
+        open_store(model.artifact_location) as own,
+        tempfile.TemporaryDirectory(prefix=f"mlflow-ckpt-{purpose}-") as tmp,
+    ):
+        scratch = Path(tmp)
+        manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
+        yield Opened(own, scratch, manifest, where)
 
 
 def reencode(

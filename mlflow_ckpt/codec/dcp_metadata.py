@@ -10,7 +10,6 @@ do not match a chunk's shape are refused.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from mlflow_ckpt.codec.manifest import FileEntry, check_relpath
+from mlflow_ckpt.codec.manifest import FileEntry, check_hex, check_relpath
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 
 SHARDS_DIR = "shards"
@@ -32,7 +31,6 @@ CHUNK_NAME = "chunk"  # the one tensor of a compressed chunk's blob
 METADATA_FILE = f"{SHARDS_DIR}/metadata.json"
 SELF_CONTAINED_METADATA = f"{SHARDS_DIR}/metadata-self-contained.json"
 METADATA_VERSION = 1
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -129,9 +127,7 @@ def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[Metadata
                 if codec is None and length != n:
                     raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
                 chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                digest = c.get("blake3")
-                if digest is not None and not _HEX64.match(str(digest)):
-                    raise ValueError(f"chunk of {fqn!r} has a malformed hash")
+                digest = None if c.get("blake3") is None else check_hex(c["blake3"])
                 locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
                     check_relpath(c["file"], where), offset, length, sizes, dtype, codec, digest
                 )

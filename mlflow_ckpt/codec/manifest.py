@@ -81,7 +81,10 @@ class FileEntry:
                 f"file entry {data.get('path')!r} has no single hash of {'/'.join(HASH_ALGORITHMS)}"
             )
         return cls(
-            check_relpath(data["path"], where), _int(data["size"]), _hex(data[found[0]]), found[0]
+            check_relpath(data["path"], where),
+            _int(data["size"]),
+            check_hex(data[found[0]]),
+            found[0],
         )
 
 
@@ -247,7 +250,7 @@ class Manifest:
                 file=check_relpath(t["file"], where),
                 offset=None if t["offset"] is None else _int(t["offset"]),
                 nbytes=_int(t["nbytes"]),
-                digest=None if t.get("digest") is None else _hex(t["digest"]),
+                digest=None if t.get("digest") is None else check_hex(t["digest"]),
             )
             for t in _list(data["tensors"], "tensors")
         )
@@ -328,7 +331,8 @@ def _str(value: Any) -> str:
     return value
 
 
-def _hex(value: Any) -> str:
+def check_hex(value: Any) -> str:
+    """``value`` if it is a 256-bit lowercase hex digest (else ``ValueError``)."""
     if not isinstance(value, str) or not _HEX64.match(value):
         raise ValueError(f"not a 256-bit hex digest: {value!r}")
     return value
