@@ -19,7 +19,7 @@ from mlflow_ckpt.catalog.archive import archive_checkpoint, unarchive_checkpoint
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.codec import MANIFEST_NAME, Manifest
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage import TEMP_MARKER, open_store
 from tests.conftest import StoreUnderTest
 from tests.faultproxy import fault_proxy
 
@@ -163,7 +163,11 @@ def test_an_interrupted_recompression_still_loads_and_is_finished_by_a_rerun(
     fresh = Net()
     mlflow_ckpt.load(ckpt, {"model": fresh})  # the new manifest, accepted by its digest
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    # what a kill in the middle of writing a file leaves (a local store's temporary name)
+    leftover = Path(ckpt.artifact_location) / "archive" / f"{TEMP_MARKER}tensors.x.1.ab"
+    leftover.write_bytes(b"partial")
     archive_checkpoint(ckpt)
+    assert not leftover.exists()
     settled = MlflowClient().get_logged_model(ckpt.model_id).tags
     assert settled[tags.TIER] == tags.ARCHIVE and tags.MANIFEST_SHA256_NEXT not in settled
     assert CliRunner().invoke(cli, ["verify", ckpt.uri]).exit_code == 0

@@ -36,7 +36,7 @@ from mlflow_ckpt.codec import (
     write_manifest,
 )
 from mlflow_ckpt.codec.shards import write_shards
-from mlflow_ckpt.storage import Store, open_store
+from mlflow_ckpt.storage import TEMP_MARKER, Store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,20 @@ def swap_manifest(
             own.delete(entry.path)
 
 
+def _remove_temporary(own: Store, manifest: Manifest) -> None:
+    """Delete local temporary files (a killed writer's) in the folders the manifest lists
+    files in. Remote stores have none: their objects appear whole or not at all."""
+    folders = {"", *(p.rpartition("/")[0] for p in (f.path for f in manifest.files))}
+    for folder in sorted(f for f in folders if not f.startswith("@")):
+        try:
+            names = own.list_sizes(folder)
+        except NotImplementedError:
+            return
+        for name in names:
+            if name.startswith(TEMP_MARKER):
+                own.delete(f"{folder}/{name}" if folder else name)
+
+
 def settle(
     client: MlflowClient,
     model_id: str,
@@ -139,8 +153,11 @@ def settle(
     drop_tags: Collection[str] = (),
 ) -> None:
     """Record the stored manifest's digest as the checkpoint's and finish the tags (also
-    what finishes a swap a crash interrupted)."""
-    digest = hashlib.sha256(own.read_bytes(MANIFEST_NAME, scratch)).hexdigest()
+    what finishes a swap a crash interrupted), then remove the temporary files a rewrite
+    killed mid-file left in the folder."""
+    data = own.read_bytes(MANIFEST_NAME, scratch)
+    _remove_temporary(own, Manifest.from_json(data, model_id))
+    digest = hashlib.sha256(data).hexdigest()
     client.set_logged_model_tags(model_id, {tags.MANIFEST_SHA256: digest, **(set_tags or {})})
     present = get_logged_model(client, model_id).tags
     for key in (tags.MANIFEST_SHA256_NEXT, *drop_tags):
