@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlflow
 
 import mlflow_ckpt
+from mlflow_ckpt.codec import dcp_store
 
 
 def build_model() -> torch.nn.Module:
@@ -169,8 +170,18 @@ def main() -> None:
         timer = threading.Timer(args.kill_after, os.kill, (os.getpid(), signal.SIGKILL))
         timer.daemon = True
         timer.start()
+    hashed: list[int] = []  # elements hashed by the chunk writer (frozen: first save only)
+    real_hash = dcp_store.hash_tensor
+
+    def counting_hash(tensor: torch.Tensor) -> str:
+        hashed.append(tensor.numel())
+        return real_hash(tensor)
+
+    dcp_store.hash_tensor = counting_hash  # type: ignore[assignment]
     errors: list[str] = []
     saved_full: dict[int, dict[str, torch.Tensor]] = {}
+    hashed_per_save: list[int] = []
+    saved_models: list[str] = []
     for step in range(mgr.start_step, args.steps):
         if args.kill_rank == rank and args.kill_step == step:
             kill_when_writing(Path.cwd())
@@ -189,6 +200,10 @@ def main() -> None:
             mgr.step(step, metrics={"loss": loss.item(), "rank_loss": float(rank)})
             if args.async_save:
                 mgr.wait()
+            if due and mgr.last_checkpoint is not None:
+                hashed_per_save.append(sum(hashed))
+                hashed.clear()
+                saved_models.append(mgr.last_checkpoint.model_id)
         except mlflow_ckpt.CheckpointError as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
             break
@@ -222,6 +237,13 @@ def main() -> None:
         "clients": len(clients),
         "last": mgr.last_checkpoint.uri if mgr.last_checkpoint else None,
         "rng": torch.rand(1).item(),
+        "hashed_per_save": hashed_per_save,
+        "saved_models": saved_models,
+        "frozen_local_numel": sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel()
+            for p in model.parameters()
+            if not p.requires_grad
+        ),
     }
     (args.out / f"rank-{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()

@@ -104,14 +104,19 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     tracking: str, tmp_path: Path, run_child
 ):
     args = ("--strategy", "fsdp2", "--steps", "8", "--save-every", "2", "--freeze-first")
-    torchrun(2, tmp_path / "save", *args, "--keep-last", "2")
+    torchrun(2, tmp_path / "save", *args, "--keep-last", "2", "--async-save")
     run_id = run_id_of(tmp_path / "save")
     kept = mlflow_ckpt.list_checkpoints(run_id)
     assert [c.step for c in kept] == [7, 5]
-    # step 3 found the frozen layer's chunks unchanged and moved them to the shared area;
-    # steps 5 and 7 reference them there (step 3 itself was deleted by retention)
-    assert kept[0].shared == kept[1].shared and len(kept[0].shared) == 1
-    assert kept[0].shared[0] not in {c.model_id for c in kept}
+    # the first save (step 1) wrote the frozen layer's chunks straight to the shared area;
+    # steps 3, 5 and 7 reference them there, neither copied at snapshot time nor hashed
+    # (step 1 itself was deleted by retention)
+    saved = reports(tmp_path / "save")
+    assert kept[0].shared == kept[1].shared == (saved[0]["saved_models"][0],)
+    for rank in saved:
+        first, *later = rank["hashed_per_save"]
+        assert rank["frozen_local_numel"] > 0 and len(later) == 3
+        assert later == [first - rank["frozen_local_numel"]] * 3, rank
     area = local_path_of(shared_area_uri(MlflowClient().get_run(run_id).info.artifact_uri))
     assert area is not None and {p.name for p in area.iterdir()} == set(kept[0].shared)
     folder = Path(kept[0].artifact_location)

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from mlflow_ckpt.codec.manifest import FileEntry, check_hex, check_relpath
+from mlflow_ckpt.codec.manifest import FileEntry, check_hex, check_relpath, is_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 
 SHARDS_DIR = "shards"
@@ -53,6 +53,14 @@ class ChunkBase:
 
     chunks: dict[tuple[str, tuple[int, ...]], ChunkLocation]
     files: dict[str, FileEntry]
+
+    def shared_names(self) -> frozenset[str]:
+        """Tensors every chunk of which (on this rank) lies in the run's shared area: only
+        those can be referenced by a later save without being read."""
+        names: dict[str, bool] = {}
+        for (fqn, _), location in self.chunks.items():
+            names[fqn] = names.get(fqn, True) and is_shared(location.file)
+        return frozenset(name for name, shared in names.items() if shared)
 
 
 def chunk_key(index: MetadataIndex) -> tuple[str, tuple[int, ...]]:

@@ -12,9 +12,11 @@ shards/rank-00001-00.bin     ... by rank 1
 shards/metadata.json         every tensor's dtype, global shape and chunks, and where each
                              chunk's bytes lie - plain JSON (see :mod:`.dcp_metadata`)
 ```
-Incremental saves hash every chunk: one unchanged since the previous checkpoint is
+Incremental saves reference the chunks of frozen parameters untouched since the previous
+save unread; they hash every other chunk. One unchanged since the previous checkpoint is
 referenced where that one stored it in the run's shared area (``@shared/<model id>/``), or
-written there so the next save can; changed chunks go to the checkpoint's own ``shards/``.
+written there so the next save can (a frozen one goes there at once); changed chunks go to
+the checkpoint's own ``shards/``.
 With ``compression="zstd"`` each chunk is stored as a small ``.ztensors`` blob (byte planes,
 checksummed zstd frames: :mod:`.zstd_io`) at its offset, marked ``"codec": "zstd"`` in the
 metadata; it is decoded (with every bomb check) and its shape checked before use.
@@ -75,18 +77,20 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def _nbytes(item: WriteItem) -> int:
+    """The raw size of the chunk a write item stands for (from the plan, without its data)."""
+    props = item.tensor_data
+    if props is None:
+        return 0
+    n = 1
+    for d in props.chunk.sizes:
+        n *= d
+    return n * props.properties.dtype.itemsize
+
+
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     """Split write items into ``bins`` files of similar size (largest first, greedy)."""
-
-    def size(item: WriteItem) -> int:
-        props = item.tensor_data
-        if props is None:
-            return 0
-        n = 1
-        for d in props.size:
-            n *= d
-        return n * props.properties.dtype.itemsize
-
+    size = _nbytes
     buckets: list[list[WriteItem]] = [[] for _ in range(max(1, bins))]
     filled = [0] * len(buckets)
     for item in sorted(items, key=size, reverse=True):
@@ -118,14 +122,16 @@ class StoreWriter(StorageWriter):
         *,
         shared_dir: str | None = None,
         base: ChunkBase | None = None,
+        frozen: frozenset[str] = frozenset(),
+        reused: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.store = store  # None: this rank could not open the store (it still takes part)
         self.compression, self.level = compression, level
-        # Incremental saves: a chunk whose hash matches the previous checkpoint's is
-        # referenced where it lies (in the run's shared area) or rewritten under
-        # ``shared_dir`` (a routed store's ``@shared/<model id>``), so the next one can.
+        # Incremental saves (see the module's docstring): ``shared_dir`` is a routed store's
+        # ``@shared/<model id>``; ``reused``: frozen with the same memory and version.
         self.shared_dir, self.base = shared_dir, base
+        self.frozen, self.reused = frozen, reused
         self.files: list[FileEntry] = []
         self.raw_bytes = 0  # what this rank's chunks hold, uncompressed (referenced too)
         self.written: ChunkBase = ChunkBase({}, {})  # the next save's base
@@ -161,11 +167,21 @@ class StoreWriter(StorageWriter):
         if self.shared_dir is not None:
             own_items = []
             for item in plan.items:
+                before = self.base.chunks.get(chunk_key(item.index)) if self.base else None
+                if (
+                    item.index.fqn in self.reused
+                    and before is not None
+                    and is_shared(before.file)
+                    and item.tensor_data is not None
+                    and before.sizes == tuple(item.tensor_data.chunk.sizes)
+                    and before.dtype == item.tensor_data.properties.dtype
+                ):  # frozen and untouched: referenced unread, unhashed
+                    self._reference(item, before, results, _nbytes(item))
+                    continue
                 tensor = planner.resolve_data(item)
                 assert isinstance(tensor, torch.Tensor)
                 tensors[id(item)] = tensor
                 digests[id(item)] = hash_tensor(tensor)
-                before = self.base.chunks.get(chunk_key(item.index)) if self.base else None
                 same = (
                     before is not None
                     and before.digest == digests[id(item)]
@@ -173,11 +189,9 @@ class StoreWriter(StorageWriter):
                     and before.dtype == tensor.dtype
                 )
                 if same and before is not None and is_shared(before.file):
-                    results.append(WriteResult(item.index, before.length, before))
-                    self.raw_bytes += tensor.numel() * tensor.element_size()
-                    self._written(item.index, before, self.base.files[before.file])  # type: ignore[union-attr]
-                elif same:
-                    lasting.append(item)  # unchanged since the last save: the shared area
+                    self._reference(item, before, results, tensor.numel() * tensor.element_size())
+                elif same or item.index.fqn in self.frozen:
+                    lasting.append(item)  # unchanged since the last save, or frozen: shared
                 else:
                     own_items.append(item)
         groups = [
@@ -234,6 +248,15 @@ class StoreWriter(StorageWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result([r for part in parts for r in part])
         return future
+
+    def _reference(
+        self, item: WriteItem, before: ChunkLocation, results: list[WriteResult], nbytes: int
+    ) -> None:
+        """Record a chunk of this save as the bytes the base stored in the shared area."""
+        assert self.base is not None
+        results.append(WriteResult(item.index, before.length, before))
+        self.raw_bytes += nbytes
+        self._written(item.index, before, self.base.files[before.file])
 
     def _written(self, index: MetadataIndex, location: ChunkLocation, entry: FileEntry) -> None:
         """Record where a chunk of this save lies (for the next save's comparison)."""

@@ -156,12 +156,15 @@ def _save_shards(
 
     assert job.sharded is not None
     spec = target.spec
+    changes = job.sharded.changes
     writer = StoreWriter(
         store,
         spec.compression,
         spec.compression_level,
         shared_dir=shared_dir,
         base=job.chunk_base,
+        frozen=changes.frozen if changes is not None else frozenset(),
+        reused=changes.reused if changes is not None else frozenset(),
     )
     try:
         dcp.save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)

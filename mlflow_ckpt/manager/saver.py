@@ -44,7 +44,7 @@ from mlflow_ckpt.manager.retention import RunRetention, apply_retention
 from mlflow_ckpt.manager.session import Session
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
-from mlflow_ckpt.snapshot.changes import History
+from mlflow_ckpt.snapshot.changes import History, Seen
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
@@ -70,6 +70,7 @@ class Saver:
         )
         self.base: Base | None = None  # the newest checkpoint the next save may reference
         self.chunk_base: ChunkBase | None = None  # distributed: this rank's previous chunks
+        self.chunk_seen: dict[str, Seen] = {}  # ... and what that save's snapshot saw
         self.state = state
         self.ranks = ranks
         # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
@@ -150,11 +151,15 @@ class Saver:
         snapshot = take_snapshot(
             self.own_state, progress, copy=copy, buffers=self.buffers, history=history
         )
-        sharded = (
-            take_sharded(self.state, self.sharded, copy=copy, buffers=self.buffers)
-            if self.ranks
-            else None
-        )
+        sharded = None
+        if self.ranks:
+            sharded_history = None
+            if self.options.incremental:  # (rank 0 alone knows the shared area's URI)
+                names = self.chunk_base.shared_names() if self.chunk_base else frozenset()
+                sharded_history = History(self.chunk_seen, names)
+            sharded = take_sharded(
+                self.state, self.sharded, copy=copy, buffers=self.buffers, history=sharded_history
+            )
         job = SaveJob(
             snapshot=snapshot,
             step=step,
@@ -322,6 +327,8 @@ class Saver:
                 self.last_checkpoint, self.chunk_base = write_distributed(
                     self.target, job, self.ranks
                 )
+                changes = job.sharded.changes if job.sharded is not None else None
+                self.chunk_seen = changes.seen if changes is not None else {}
         except CheckpointVerificationError:
             raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:

@@ -46,13 +46,23 @@ def version_of(tensor: torch.Tensor) -> int | None:
         return None
 
 
+def local_of(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters), the tensor itself otherwise:
+    the memory and version counter a snapshot can actually observe."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def frozen_identities(state: Mapping[str, Any]) -> set[Identity]:
-    """Identities of the frozen parameters of every module in ``state``."""
+    """Identities of the frozen parameters (their local shards) of every module in ``state``."""
     frozen: set[Identity] = set()
     for obj in state.values():
         module = unwrap_module(obj)
         if isinstance(module, torch.nn.Module):
-            frozen.update(identity_of(p) for p in module.parameters() if not p.requires_grad)
+            frozen.update(
+                identity_of(local_of(p)) for p in module.parameters() if not p.requires_grad
+            )
     return frozen
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError, StateSerializationError
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, identity_of, local_of
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode
 
@@ -65,12 +66,20 @@ def _state_dicts(state: Mapping[str, Any], entries: Mapping[str, str]) -> dict[s
 
 
 class _FlatSink(TensorSink):
-    """Names every tensor by its path, keeps DTensors as they are (DCP plans them)."""
+    """Names every tensor by its path, keeps DTensors as they are (DCP plans them).
+
+    Incremental saves: a frozen parameter whose local shard did not change since the
+    previous save is kept uncopied (see :mod:`.changes`); the writer references its chunks
+    without reading them."""
 
     def add(self, path: str, tensor: torch.Tensor) -> str:
         if path in self.tensors:
             raise StateSerializationError(f"two tensors of the state are both named {path!r}")
-        self.tensors[path] = self._copy(tensor)
+        local = local_of(tensor)
+        if self._observe is not None and self._observe(path, local, identity_of(local)):
+            self.tensors[path] = tensor.detach()
+        else:
+            self.tensors[path] = self._copy(tensor)
         return path
 
 
@@ -106,6 +115,7 @@ class ShardedSnapshot:
     entries: dict[str, str]
     document: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    changes: Changes | None = None  # incremental saves: frozen and unchanged tensors
 
 
 def take_sharded(
@@ -114,15 +124,24 @@ def take_sharded(
     *,
     copy: bool,
     buffers: HostBuffers | None = None,
+    history: History | None = None,
 ) -> ShardedSnapshot:
     """Collect the sharded entries of ``state``; ``copy`` makes host copies (async saves),
-    into ``buffers`` (the previous snapshot's memory) when given."""
-    sink = _FlatSink((lambda t: _host_copy(t, buffers)) if copy else (lambda t: t.detach()))
+    into ``buffers`` (the previous snapshot's memory) when given. ``history`` (incremental
+    saves: what the previous save saw) lets frozen, unchanged parameters go uncopied."""
+    tracker = (
+        ChangeTracker({k: state[k] for k in entries}, history) if history is not None else None
+    )
+    sink = _FlatSink(
+        (lambda t: _host_copy(t, buffers)) if copy else (lambda t: t.detach()),
+        tracker.observe if tracker is not None else None,
+    )
     dicts = _state_dicts(state, entries)
     document = {name: encode(sd, name, sink) for name, sd in dicts.items()}
     if any(t.device.type == "cuda" for t in sink.tensors.values()) and copy:
         torch.cuda.synchronize()
-    return ShardedSnapshot(dict(entries), document, sink.tensors)
+    changes = Changes.of(tracker) if tracker is not None else None
+    return ShardedSnapshot(dict(entries), document, sink.tensors, changes)
 
 
 def empty_targets(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
