@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--artifact-root")
     parser.add_argument("--compression", help='"zstd": compressed chunks and rank files')
     parser.add_argument("--freeze-first", action="store_true", help="a frozen first layer")
+    parser.add_argument("--break-resume-rank", type=int, help="a bug in reading, on this rank")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -153,6 +154,13 @@ def main() -> None:
         "timeline": False,
         "compression": args.compression,
     }
+    if args.break_resume_rank == rank:  # a programming error, not a damaged checkpoint
+        from mlflow_ckpt.manager import distributed_resume
+
+        def broken(*a: object, **k: object) -> None:
+            raise AttributeError("injected bug in read_rank")
+
+        distributed_resume.read_rank = broken  # type: ignore[assignment]
     if args.resume:
         mgr = mlflow_ckpt.CheckpointManager.resume(args.resume, state, **options)
     else:

@@ -149,6 +149,34 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     assert all(torch.equal(state["model"][k], v) for k, v in model_keys.items())
 
 
+def test_resume_skips_only_a_damaged_checkpoint_and_the_same_way_on_every_rank(
+    tracking: str, tmp_path: Path
+):
+    args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
+    torchrun(2, tmp_path / "save", *args)
+    run_id = run_id_of(tmp_path / "save")
+    newest, older = mlflow_ckpt.list_checkpoints(run_id)
+    # a bug while reading on rank 1 is raised on both ranks, never hidden by resuming older
+    broken = torchrun(
+        2, tmp_path / "bug", *args, "--resume", run_id, "--break-resume-rank", "1", check=False
+    )
+    assert broken.returncode != 0
+    assert "injected bug in read_rank" in broken.stderr and "Skipping" not in broken.stderr
+    assert reports(tmp_path / "bug") == []  # no rank went on to train
+    status = MlflowClient().get_logged_model(newest.model_id).tags["mlflow_ckpt.status"]
+    assert status == "committed"
+    # a flipped byte in rank 1's shard of the newest: both ranks skip it and resume the older
+    shard = next(Path(newest.artifact_location).glob("shards/rank-00001-*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = torchrun(2, tmp_path / "resume", *args, "--resume", run_id)
+    assert f"Skipping checkpoint {newest.uri} (step {newest.step})" in resumed.stderr
+    assert [r["start_step"] for r in reports(tmp_path / "resume")] == [older.step + 1] * 2
+    tags = MlflowClient().get_logged_model(newest.model_id).tags
+    assert tags["mlflow_ckpt.status"] == "corrupt"
+
+
 def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path):
     torchrun(2, tmp_path / "save", "--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
     run_id = run_id_of(tmp_path / "save")

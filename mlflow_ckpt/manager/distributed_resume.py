@@ -36,7 +36,11 @@ from mlflow_ckpt.catalog import Checkpoint, list_checkpoints, models, resolve, t
 from mlflow_ckpt.codec import read_manifest
 from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import Manifest
-from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError
+from mlflow_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+)
 from mlflow_ckpt.folder.distributed import read_rank, read_root, shard_files
 from mlflow_ckpt.manager.distributed_write import (
     checkpoint_from_json,
@@ -56,6 +60,14 @@ from mlflow_ckpt.snapshot.sharded import (
 from mlflow_ckpt.storage import open_store
 
 logger = logging.getLogger(__name__)
+
+
+# Errors that make a checkpoint unreadable (it is then skipped, as in one process).
+_SKIPPABLE = {
+    CheckpointCorruptedError.__name__,
+    CheckpointNotFoundError.__name__,
+    FileNotFoundError.__name__,
+}
 
 
 @dataclass(frozen=True)
@@ -122,12 +134,17 @@ def restore_distributed(
                     error = own_failure(exc, ranks.rank)
                 ranks.agree(error, group=ranks.control, what=f"loading {where}")
             except RankError as exc:
-                if isinstance(error, CheckpointError) and not isinstance(
-                    error, CheckpointCorruptedError
-                ):
-                    raise error from exc  # the state does not fit: no older one will either
-                if "StateMismatchError" in str(exc):
-                    raise CheckpointError(str(exc)) from exc
+                # The same decision on every rank (the error kinds are everyone's): only a
+                # damaged or missing checkpoint sends the job on to an older one, as in one
+                # process; a state that does not fit, a dead rank, an unreachable store or
+                # a bug would fail on the older ones too, or hide behind them.
+                if not exc.kinds or not set(exc.kinds.values()) <= _SKIPPABLE:
+                    if error is not None:
+                        raise error from exc
+                    raise CheckpointError(
+                        f"Resuming run {run_id} from {where} failed on another rank; nothing "
+                        f"was restored: {exc}"
+                    ) from exc
                 _skip(client, ckpt, run_id, exc, ranks)
                 continue
             # 3. apply, now that every rank has everything
@@ -171,12 +188,12 @@ def _prepare(
 
 
 def _skip(
-    client: MlflowClient | None, ckpt: Checkpoint, run_id: str, exc: Exception, ranks: RankGroup
+    client: MlflowClient | None, ckpt: Checkpoint, run_id: str, exc: RankError, ranks: RankGroup
 ) -> None:
     message = f"Skipping checkpoint {ckpt.uri} (step {ckpt.step}) of run {run_id}: {exc}"
     if ranks.is_leader:
         warnings.warn(message, stacklevel=4)
-        if client is not None and "CheckpointCorruptedError" in str(exc):
+        if client is not None and CheckpointCorruptedError.__name__ in exc.kinds.values():
             models.mark_corrupt(client, ckpt.model_id)
     else:
         logger.warning("%s", message)

@@ -20,7 +20,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +37,15 @@ T = TypeVar("T")
 
 
 class RankError(CheckpointError):
-    """A rank could not take part (it failed, died or timed out)."""
+    """A rank could not take part (it failed, died or timed out).
+
+    ``kinds``: the type name of each failed rank's error (:meth:`RankGroup.agree`), the same
+    on every rank, so every rank takes the same decision on it; empty when a rank died or
+    timed out."""
+
+    def __init__(self, message: str, kinds: Mapping[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.kinds = dict(kinds or {})
 
 
 @dataclass
@@ -122,9 +130,12 @@ class RankGroup:
     def agree(self, error: BaseException | None, *, group: Any, what: str) -> None:
         """Every rank reports whether its part of ``what`` worked; if any failed, every rank
         raises :class:`RankError` naming the ranks that failed and why."""
-        report = None if error is None else f"{type(error).__name__}: {error}"
+        report = None if error is None else [type(error).__name__, str(error)]
         reports = self.all_gather(report, group=group, what=what)
         failed = {r: m for r, m in enumerate(reports) if m is not None}
         if failed:
-            detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-            raise RankError(f"{what} failed on rank {', '.join(map(str, failed))} ({detail})")
+            detail = "; ".join(f"rank {r}: {kind}: {m}" for r, (kind, m) in failed.items())
+            raise RankError(
+                f"{what} failed on rank {', '.join(map(str, failed))} ({detail})",
+                {r: kind for r, (kind, _) in failed.items()},
+            )
