@@ -7,7 +7,12 @@ while the saves run: the peak of bytes in it and every name that appeared there 
 reported (a save that stages its files locally shows them; one that writes from memory
 shows nothing).
 
-    python benchmarks/remote_save.py [--params 50] [--repeats 3]
+    python benchmarks/remote_save.py [--params 50] [--repeats 3] [--load]
+
+``--load`` adds a load comparison: the same state saved once plain and once with
+``compression="zstd"``, each loaded back from S3 ``--repeats`` times (``mlflow_ckpt.load``
+into the live objects, every file hashed). Over a network the bytes not sent count; from a
+local page cache (``benchmarks/suite.py``) only the decoding does.
 
 Run it from another checkout (``git worktree``) to compare with an older version: it only
 uses the public API.
@@ -32,6 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 import boto3
 import mlflow
+import torch
 
 import mlflow_ckpt
 from mlflow_ckpt.storage import TransferConfig
@@ -45,6 +51,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--part-mb", type=int, help="TransferConfig.part_bytes, in MiB")
     parser.add_argument("--workers", type=int, default=4, help="TransferConfig.max_workers")
     parser.add_argument("--shard-mb", type=int, default=512, help="max_shard_bytes, in MiB")
+    parser.add_argument("--load", action="store_true", help="compressed vs plain load from S3")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-remote-"))
     spool = work / "tmp"
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace, spool: Path) -> None:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         for step in range(1, args.repeats + 1):
+            touch(model, opt)  # as training does: an incremental save then writes it all
             start = time.perf_counter()
             mgr.save(step)
             times.append(time.perf_counter() - start)
@@ -112,6 +120,41 @@ def run(args: argparse.Namespace, spool: Path) -> None:
         f"{min(times):.2f} / {statistics.median(times):.2f} / {max(times):.2f}"
     )
     print(f"peak bytes in the temp dir during the saves: {peak[0]}; names seen: {sorted(seen)}")
+    if args.load:
+        compare_loads({"model": model, "optimizer": opt}, args.repeats)
+
+
+def touch(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Change every weight and moment in place, as a training step does between saves."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(v for s in opt.state.values() for v in s.values())]:
+            if tensor.is_floating_point() and tensor.dim() > 0:
+                tensor.add_(1e-7)
+
+
+def compare_loads(state: dict[str, object], repeats: int) -> None:
+    """Load the same state from S3, saved plain and compressed (``compression="zstd"``)."""
+    medians = {}
+    for compression in (None, "zstd"):
+        with mlflow.start_run(run_name=f"load-{compression}") as run:
+            mgr = mlflow_ckpt.CheckpointManager(
+                state, async_save=False, timeline=False, compression=compression
+            )
+            mgr.save(0)
+            mgr.close()
+        ckpt = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mlflow_ckpt.load(ckpt.uri, state)
+            times.append(time.perf_counter() - start)
+        medians[compression] = statistics.median(times)
+        print(
+            f"load from S3, compression={compression!r}: {ckpt.stored_bytes / 1e6:.0f} MB "
+            f"stored, seconds (min / median / max of {repeats}): "
+            f"{min(times):.2f} / {medians[compression]:.2f} / {max(times):.2f}"
+        )
+    print(f"compressed load / plain load (medians): {medians['zstd'] / medians[None]:.2f}x")
 
 
 if __name__ == "__main__":
