@@ -246,6 +246,11 @@ def main() -> None:
         "last": mgr.last_checkpoint.uri if mgr.last_checkpoint else None,
         "rng": torch.rand(1).item(),
         "hashed_per_save": hashed_per_save,
+        "last_shared": (
+            list(mgr.last_checkpoint.shared)
+            if mgr.last_checkpoint and isinstance(mgr.last_checkpoint.shared, tuple)
+            else None
+        ),
         "saved_models": saved_models,
         "frozen_local_numel": sum(
             (p.to_local() if hasattr(p, "to_local") else p).numel()

@@ -113,6 +113,7 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     # (step 1 itself was deleted by retention)
     saved = reports(tmp_path / "save")
     assert kept[0].shared == kept[1].shared == (saved[0]["saved_models"][0],)
+    assert [r["last_shared"] for r in saved] == [list(kept[0].shared)] * 2  # tuples, too
     for rank in saved:
         first, *later = rank["hashed_per_save"]
         assert rank["frozen_local_numel"] > 0 and len(later) == 3

@@ -62,6 +62,7 @@ def checkpoint_from_json(data: dict[str, Any]) -> Checkpoint:
     data = dict(data)
     data["created_at"] = datetime.fromisoformat(data["created_at"])
     data["triggers"] = tuple(data.get("triggers") or ())
+    data["shared"] = tuple(data.get("shared") or ())  # JSON made the tuples lists
     return Checkpoint(**data)
 
 
