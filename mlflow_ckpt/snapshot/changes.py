@@ -49,6 +49,8 @@ def version_of(tensor: torch.Tensor) -> int | None:
 def local_of(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2's parameters), the tensor itself otherwise:
     the memory and version counter a snapshot can actually observe."""
+    if not torch.distributed.is_available():  # builds without torch.distributed
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
