@@ -37,7 +37,6 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 import boto3
 import mlflow
-import torch
 
 import mlflow_ckpt
 from mlflow_ckpt.storage import TransferConfig
@@ -69,7 +68,7 @@ def main(argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace, spool: Path) -> None:
-    from stall import build, state_bytes  # after mlflow_ckpt: it puts this checkout first
+    from stall import build, state_bytes, touch  # after mlflow_ckpt: it puts this checkout first
 
     exp = mlflow.create_experiment("remote", artifact_location="s3://bench/remote")
     mlflow.set_experiment(experiment_id=exp)
@@ -122,14 +121,6 @@ def run(args: argparse.Namespace, spool: Path) -> None:
     print(f"peak bytes in the temp dir during the saves: {peak[0]}; names seen: {sorted(seen)}")
     if args.load:
         compare_loads({"model": model, "optimizer": opt}, args.repeats)
-
-
-def touch(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Change every weight and moment in place, as a training step does between saves."""
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *(v for s in opt.state.values() for v in s.values())]:
-            if tensor.is_floating_point() and tensor.dim() > 0:
-                tensor.add_(1e-7)
 
 
 def compare_loads(state: dict[str, object], repeats: int) -> None:

@@ -49,6 +49,15 @@ def build(params_millions: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]
     return model, opt
 
 
+def touch(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What happens between two saves in training: every weight and moment changes in
+    place (an incremental save then writes them all, as it would for real)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(v for s in opt.state.values() for v in s.values())]:
+            if tensor.is_floating_point() and tensor.dim() > 0:
+                tensor.add_(1e-7)
+
+
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for entry in opt.state.values():

@@ -90,13 +90,12 @@ def _nbytes(item: WriteItem) -> int:
 
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     """Split write items into ``bins`` files of similar size (largest first, greedy)."""
-    size = _nbytes
     buckets: list[list[WriteItem]] = [[] for _ in range(max(1, bins))]
     filled = [0] * len(buckets)
-    for item in sorted(items, key=size, reverse=True):
+    for item in sorted(items, key=_nbytes, reverse=True):
         i = filled.index(min(filled))
         buckets[i].append(item)
-        filled[i] += size(item)
+        filled[i] += _nbytes(item)
     return [b for b in buckets if b]
 
 
