@@ -225,6 +225,11 @@ def start_mlflow_proxy(
     return _server(name, cmd, port, "/health", env=env, timeout=120)
 
 
+def backend_of(server: Server) -> str:
+    """The tracking database behind an ``mlflow server`` (its ``--backend-store-uri``)."""
+    return server.cmd[server.cmd.index("--backend-store-uri") + 1]
+
+
 # ---------------------------------------------------------------- PostgreSQL (a real database)
 
 
