@@ -87,9 +87,10 @@ def _merge(planes: list[torch.Tensor], out: torch.Tensor) -> None:
     """Undo :func:`_split`: interleave the planes back into ``out`` (contiguous ``uint8``).
 
     One ``numpy.stack`` along a new last axis writes each element's bytes in place, on the
-    calling thread only. (``torch.stack`` is as fast alone, but spreads over torch's OpenMP
-    threads, which then spin against the zstd threads decoding beside it: measured 1.5x
-    slower in a load. Shift-and-OR passes ran at a third of this speed.)"""
+    calling thread only. (``torch.stack`` alone is faster, but it spreads over torch's
+    OpenMP threads, which then spin against the zstd threads decoding beside it:
+    ``read_buffer`` took twice as long with it. Shift-and-OR passes ran at a third of the
+    speed.)"""
     np.stack([p.numpy() for p in planes], axis=1, out=out.numpy().reshape(-1, len(planes)))
 
 
