@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError, StateSerializationError
-from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, identity_of, local_of
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, local_of
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode
 
@@ -75,11 +75,7 @@ class _FlatSink(TensorSink):
     def add(self, path: str, tensor: torch.Tensor) -> str:
         if path in self.tensors:
             raise StateSerializationError(f"two tensors of the state are both named {path!r}")
-        local = local_of(tensor)
-        if self._observe is not None and self._observe(path, local, identity_of(local)):
-            self.tensors[path] = tensor.detach()
-        else:
-            self.tensors[path] = self._copy(tensor)
+        self._keep(path, tensor, local_of(tensor))
         return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
+from mlflow_ckpt.snapshot.changes import identity_of
 from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
 
 Json = Any
@@ -54,14 +55,7 @@ class TensorSink:
                 f"state[{path!r}] is a {tensor.layout} / quantized / meta tensor, which cannot "
                 "be checkpointed; convert it to a dense tensor in state_dict()."
             )
-        identity = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-            str(tensor.device),
-        )
+        identity = identity_of(tensor)
         if identity[0] != 0 and identity in self._seen:
             return self._seen[identity]
         name = path
@@ -69,15 +63,25 @@ class TensorSink:
         while name in self.tensors:
             counter += 1
             name = f"{path}#{counter}"
-        reused = identity[0] != 0 and self._observe is not None
-        if reused and self._observe(name, tensor, identity):  # type: ignore[misc]
-            self.tensors[name] = tensor.detach()
-        else:
-            self.tensors[name] = self._copy(tensor)
+        self._keep(name, tensor, tensor)
         if identity[0] != 0:
             self._seen[identity] = name
             self._originals.append(tensor)
         return name
+
+    def _keep(self, name: str, tensor: torch.Tensor, observed: torch.Tensor) -> None:
+        """Store ``tensor`` under ``name``: uncopied if the observer says the previous
+        save's bytes of ``observed`` (the memory a snapshot sees: a DTensor's local shard)
+        still stand, copied otherwise."""
+        identity = identity_of(observed)
+        if (
+            identity[0] != 0
+            and self._observe is not None
+            and self._observe(name, observed, identity)
+        ):
+            self.tensors[name] = tensor.detach()
+        else:
+            self.tensors[name] = self._copy(tensor)
 
 
 def encode(obj: Any, path: str, sink: TensorSink) -> Json:
