@@ -37,12 +37,17 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
 * ``kill9-compressed`` and ``corrupt-flip-byte-compressed``: the ``kill9-async`` and
   ``corrupt-flip-byte`` rows with ``compression="zstd"`` checkpoints.
 * ``kill9-incremental``: the ``kill9-async`` row with a frozen first layer (edited in place
-  every 5 steps): saves reference its bytes in the run's shared area, retention releases
-  groups no kept checkpoint references; at the end the shared area must hold exactly the
-  groups the checkpoints reference.
+  every 5 steps) and a milestone every 6 steps (written self-contained, the save after it
+  starting a new group): saves reference its bytes in the run's shared area, retention
+  releases groups no kept checkpoint references; at the end the shared area must hold
+  exactly the groups the checkpoints reference.
 * ``kill9-archive``: the ``kill9-sync`` row keeping every 4th step as a milestone and
   archiving those older than the newest (``archive_after_n=1``: recompressed in place, a
   manifest swap), so kills also land in the middle of an archive.
+* ``corrupt-shared-incremental``: incremental saves of a net with a frozen layer and a
+  milestone every 3 steps; one bit flipped in the shared group the newest checkpoint wrote.
+  Resume must fall back to the newest milestone (self-contained) exactly, tag the damaged
+  checkpoint corrupt, and a checkpoint referencing another group must still load.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -95,7 +100,8 @@ from safetensors.torch import load_file
 import mlflow_ckpt
 from mlflow_ckpt.catalog import resolve
 from mlflow_ckpt.catalog.reader import verify_checkpoint
-from mlflow_ckpt.storage import RetryPolicy, TransferConfig
+from mlflow_ckpt.catalog.shared import shared_area_uri
+from mlflow_ckpt.storage import RetryPolicy, TransferConfig, local_path_of
 from mlflow_ckpt.storage.local import TEMP_MARKER
 from tests import crashlib, servers, tinydisk
 from tests.conftest import BUCKET, _aws_kwargs, s3_env
@@ -384,6 +390,82 @@ def corruption(bench: Bench, row: Row, trials: int) -> None:
         mlflow_ckpt.load(older, _net(seed + 3))  # the older one still loads
 
     run_trials(row, trials, trial)
+
+
+def corrupt_shared(bench: Bench, row: Row, trials: int) -> None:
+    """Incremental saves of a net with a frozen first layer, one per step (0-6), the last 3
+    kept and a milestone every 3 steps (2 and 5, self-contained); sync and async alternate.
+    One bit is flipped in a random file of the shared group the newest checkpoint (step 6)
+    wrote. Survived: loading step 6 raises ``CheckpointCorruptedError`` and leaves the target
+    untouched, resume falls back to the milestone of step 5 exactly and tags step 6 corrupt,
+    and step 4 (another group) still loads."""
+
+    def trial(i: int) -> None:
+        seed = bench.seed * 1000 + i
+        rng = random.Random(f"{row.fault}-{seed}")
+        exp = bench.tracking(bench.workdir(row.fault))
+        state = _net(seed)
+        frozen = _frozen_first_layer(state)
+        weights = {}
+        with mlflow.start_run(experiment_id=exp) as run:
+            with mlflow_ckpt.CheckpointManager(
+                frozen, keep_last_n=3, keep_every_n_steps=3, async_save=i % 2 == 1
+            ) as mgr:
+                for step in range(7):
+                    _train_step(frozen)
+                    mgr.save(step, {"loss": 1.0 / (step + 1)})
+                    weights[step] = _weights(frozen)
+        run_id = run.info.run_id
+        kept = {c.step: c for c in mlflow_ckpt.list_checkpoints(run_id)}
+        if sorted(kept) != [2, 4, 5, 6]:
+            raise Failed(f"setup: expected checkpoints 2, 4, 5, 6, got {sorted(kept)}")
+        newest, milestone = kept[6], kept[5]
+        if milestone.shared or newest.shared != (newest.model_id,):
+            raise Lost(f"milestone 5 references {milestone.shared}, step 6 {newest.shared}")
+        area = local_path_of(shared_area_uri(MlflowClient().get_run(run_id).info.artifact_uri))
+        assert area is not None
+        victim = rng.choice(sorted(p for p in (area / newest.model_id).rglob("*") if p.is_file()))
+        data = bytearray(victim.read_bytes())
+        pos = rng.randrange(len(data))
+        data[pos] ^= 1 << rng.randrange(8)
+        victim.write_bytes(bytes(data))
+        what = f"flipped a bit of byte {pos} of shared {victim.name}"
+
+        target = _frozen_first_layer(_net(seed + 1))
+        before = _weights(target)
+        try:
+            mlflow_ckpt.load(newest, target)
+        except mlflow_ckpt.CheckpointCorruptedError:
+            pass
+        else:
+            raise Lost(f"{what}: load accepted the corrupt checkpoint")
+        if not _same(target, before):
+            raise Lost(f"{what}: a failed load changed the target's weights")
+        fresh = _frozen_first_layer(_net(seed + 2))
+        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
+        try:
+            got = mgr.resumed_from.step if mgr.resumed_from else None
+        finally:
+            mgr.close()
+            mlflow.end_run()
+        if got != 5 or not _same(fresh, weights[5]):
+            raise Lost(f"{what}: resume restored step {got}, not the milestone of step 5")
+        status = MlflowClient().get_logged_model(newest.model_id).tags.get("mlflow_ckpt.status")
+        if status != "corrupt":
+            raise Failed(f"{what}: the corrupt checkpoint is tagged status={status!r}")
+        other = _frozen_first_layer(_net(seed + 3))
+        mlflow_ckpt.load(kept[4], other)  # its group is another one
+        if not _same(other, weights[4]):
+            raise Lost(f"{what}: step 4 no longer restores its own weights")
+
+    run_trials(row, trials, trial)
+
+
+def _frozen_first_layer(state: dict[str, Any]) -> dict[str, Any]:
+    model = state["model"]
+    model[0].requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"model": model, "opt": torch.optim.AdamW(trainable, lr=1e-2)}
 
 
 # ---------------------------------------------------------------- full disk
@@ -807,6 +889,7 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
         lambda b, r, n: kill9(b, r, n, sync=True, archive=True),
     ),
     "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
+    "corrupt-shared-incremental": ("detected, fallback to milestone", corrupt_shared),
 }
 
 

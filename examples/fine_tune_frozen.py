@@ -5,8 +5,10 @@
 Uses MLflow's default store (``sqlite:///mlflow.db``). The backbone (about 94% of the
 checkpoint's bytes) is frozen, so after the first checkpoint each save writes only the head
 and its optimizer state; the backbone's bytes are written once, into the run's shared area,
-and referenced by every later checkpoint. Retention keeps the 2 newest checkpoints and a
-milestone every 40 steps; milestones older than the newest are archived in place (on this
+and referenced by later checkpoints. Retention keeps the 2 newest checkpoints and a
+milestone every 60 steps. A milestone is written whole, referencing nothing, so it stays a
+fallback should a shared file ever be damaged (the save after it writes the backbone into
+the shared area again); milestones older than the newest are archived in place (on this
 local store: recompressed). The best checkpoint is then promoted, which copies the shared
 bytes into its own folder so the registered version outlives the run.
 """
@@ -53,10 +55,10 @@ def main() -> None:
     with mlflow.start_run(run_name="fine-tune") as run:
         with mlflow_ckpt.CheckpointManager(
             {"model": model, "optimizer": opt, "data": data},
-            save_every_n_steps=20,
+            save_every_n_steps=10,
             monitor="val_loss",
             keep_last_n=2,
-            keep_every_n_steps=40,
+            keep_every_n_steps=60,
             archive_after_n=1,
             async_save=True,
         ) as manager:

@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int)
     parser.add_argument("--kill-after", type=float, help="seconds into training (--kill-rank)")
     parser.add_argument("--keep-last", type=int)
+    parser.add_argument("--keep-every", type=int, help="milestones: kept forever, self-contained")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the wrapped model")
     parser.add_argument("--on-error", default="raise")
@@ -149,6 +150,7 @@ def main() -> None:
         "save_every_n_steps": args.save_every,
         "async_save": args.async_save,
         "keep_last_n": args.keep_last,
+        "keep_every_n_steps": args.keep_every,
         "on_error": args.on_error,
         "model_factory": "tests.dist_job:build_model",
         "timeline": False,

@@ -153,10 +153,13 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
 def test_resume_skips_only_a_damaged_checkpoint_and_the_same_way_on_every_rank(
     tracking: str, tmp_path: Path
 ):
-    args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
-    torchrun(2, tmp_path / "save", *args)
+    args = ("--strategy", "fsdp2", "--steps", "6", "--save-every", "2", "--freeze-first")
+    torchrun(2, tmp_path / "save", *args, "--keep-every", "4")  # a milestone at step 3
     run_id = run_id_of(tmp_path / "save")
-    newest, older = mlflow_ckpt.list_checkpoints(run_id)
+    newest, older = mlflow_ckpt.list_checkpoints(run_id)  # (retention deleted step 1)
+    # the milestone is self-contained; the save after it keeps the frozen layer's chunks in
+    # a new group of its own
+    assert older.step == 3 and older.shared == () and newest.shared == (newest.model_id,)
     # a bug while reading on rank 1 is raised on both ranks, never hidden by resuming older
     broken = torchrun(
         2, tmp_path / "bug", *args, "--resume", run_id, "--break-resume-rank", "1", check=False
@@ -166,8 +169,11 @@ def test_resume_skips_only_a_damaged_checkpoint_and_the_same_way_on_every_rank(
     assert reports(tmp_path / "bug") == []  # no rank went on to train
     status = MlflowClient().get_logged_model(newest.model_id).tags["mlflow_ckpt.status"]
     assert status == "committed"
-    # a flipped byte in rank 1's shard of the newest: both ranks skip it and resume the older
-    shard = next(Path(newest.artifact_location).glob("shards/rank-00001-*.bin"))
+    # a flipped byte in rank 1's shared chunks of the newest: both ranks skip it and resume
+    # the milestone, which does not reference them
+    area = local_path_of(shared_area_uri(MlflowClient().get_run(run_id).info.artifact_uri))
+    assert area is not None
+    shard = next((area / newest.model_id).glob("rank-00001-*.bin"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -247,6 +247,63 @@ def test_retention_and_mlflow_gc_never_lose_a_referenced_byte(tracking: str, run
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in expected.items())  # type: ignore[union-attr]
 
 
+def test_milestones_are_self_contained_so_a_damaged_shared_file_leaves_one_to_resume(
+    tracking: str,
+) -> None:
+    state = fine_tune()
+    model = state["model"]
+    assert isinstance(model, FrozenNet)
+    saved = {}
+    with mlflow.start_run(run_name="milestones") as run:
+        with mlflow_ckpt.CheckpointManager(
+            state,
+            save_every_n_steps=1,
+            keep_last_n=2,
+            keep_every_n_steps=3,  # milestones: steps 2 and 5
+            async_save=True,  # the milestone's snapshot copies the frozen tensors too
+            timeline=False,
+        ) as mgr:
+            for step in range(7):
+                train_step(state)
+                mgr.step(step)
+                saved[step] = copy_of(model)
+    run_id = run.info.run_id
+    kept = {c.step: c for c in mlflow_ckpt.list_checkpoints(run_id)}
+    assert sorted(kept) == [2, 5, 6]
+    for milestone in (kept[2], kept[5]):  # written whole, referencing no shared file
+        assert milestone.shared == () and milestone.stored_bytes >= milestone.size_bytes
+        assert stored_bytes_in_store(milestone) == milestone.stored_bytes
+    # the save after a milestone starts a new group; the groups of steps 0 and 3 are gone
+    assert kept[6].shared == (kept[6].model_id,)
+    assert shared_groups_on_disk(run_id) == {kept[6].model_id}
+    assert kept[6].stored_bytes > 0.9 * kept[5].stored_bytes  # the backbone, once more
+    # one flipped byte in the backbone's shared file: only step 6 references it
+    area = local_path_of(shared_area_uri(run_artifact_uri(run_id)))
+    assert area is not None
+    (damaged,) = [p for p in (area / kept[6].model_id).rglob("*") if p.is_file()]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    out = CliRunner().invoke(cli, ["verify", run_id])
+    assert out.exit_code == 1 and damaged.name in out.output, out.output
+    resumed = fine_tune(seed=3)
+    with pytest.warns(UserWarning, match=f"Skipping checkpoint {kept[6].uri}"):
+        with mlflow_ckpt.CheckpointManager.resume(
+            run_id, resumed, async_save=False, timeline=False
+        ) as mgr:
+            assert mgr.resumed_from is not None and mgr.resumed_from.step == 5
+            assert mgr.start_step == 6
+            got = resumed["model"].state_dict()  # type: ignore[union-attr]
+            assert all(torch.equal(got[k], v) for k, v in saved[5].items())
+            train_step(resumed)
+            mgr.save(6)  # from the milestone: a new group again, not the damaged one
+    newest = mlflow_ckpt.latest_checkpoint(run_id)
+    assert newest is not None and newest.step == 6 and newest.model_id != kept[6].model_id
+    assert newest.shared == (newest.model_id,)
+    fresh = fine_tune(seed=4)["model"]
+    mlflow_ckpt.load(newest, {"model": fresh})
+
+
 def test_pyfunc_and_mlflow_models_predict_after_predecessors_are_collected(
     tracking: str, run_child, tmp_path: Path
 ) -> None:

@@ -94,7 +94,8 @@ def write_distributed(
             created = {
                 "model_id": model.model_id,
                 "location": model.artifact_location,
-                "shared_uri": target.shared_uri,  # rank 0 knows the run: every rank needs it
+                # rank 0 knows the run: every rank needs it (none for a milestone)
+                "shared_uri": None if job.self_contained else target.shared_uri,
             }
         except Exception as exc:
             log_unsaved_metrics(target, job)

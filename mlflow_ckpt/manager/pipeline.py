@@ -78,6 +78,8 @@ class SaveJob:
     progress: dict[str, Any] = field(default_factory=dict)
     base: Base | None = None  # incremental saves: the checkpoint whose shared bytes it reuses
     chunk_base: ChunkBase | None = None  # the same for this rank's chunks (distributed)
+    # A milestone of an incremental run: written whole into its own folder, no shared file.
+    self_contained: bool = False
 
 
 def _intact(job: SaveJob) -> str:
@@ -148,7 +150,8 @@ def write_checkpoint(target: WriteTarget, job: SaveJob) -> tuple[Checkpoint, Man
         ) from exc
     location = model.artifact_location
     store = open_store(location, target.transfer)
-    if target.shared_uri is not None:  # incremental: lasting bytes go to the shared area
+    if target.shared_uri is not None and not job.self_contained:
+        # incremental: lasting bytes go to the shared area (a milestone keeps them all)
         store = RoutedStore(store, open_store(target.shared_uri, target.transfer))
     where = f"{model.model_id} (run {target.run_id}, step {job.step})"
     try:

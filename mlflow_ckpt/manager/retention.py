@@ -76,12 +76,17 @@ class KeepBestN:
 
 @dataclass(frozen=True)
 class KeepEveryNSteps:
-    """Keep forever the checkpoints of steps ``n-1, 2n-1, ...`` (milestones)."""
+    """Keep forever the checkpoints of steps ``n-1, 2n-1, ...`` (milestones).
+
+    Incremental saves write a milestone self-contained (see :func:`is_milestone`)."""
 
     n: int
 
     def keep(self, checkpoints: Sequence[Checkpoint]) -> set[str]:
-        return {c.model_id for c in checkpoints if (c.step + 1) % self.n == 0}
+        return {c.model_id for c in checkpoints if self.keeps_step(c.step)}
+
+    def keeps_step(self, step: int) -> bool:
+        return (step + 1) % self.n == 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,21 @@ class ArchiveAfterN:
         newest = sorted(checkpoints, key=lambda c: (c.step, c.created_at), reverse=True)
         kept -= {c.model_id for c in newest[: self.n]}
         return {c.model_id for c in checkpoints if c.model_id in kept and c.tier != tags.ARCHIVE}
+
+
+def is_milestone(policy: RetentionPolicy | None, step: int) -> bool:
+    """Whether ``policy`` keeps the checkpoint of ``step`` forever (``keep_every_n_steps``).
+
+    Incremental saves write such a checkpoint whole into its own folder, referencing no
+    shared file, and the save after it starts a new shared group. A damaged shared file
+    then affects only the checkpoints since the newest milestone, and resume falls back to
+    that milestone: without this, every checkpoint of a run would reference the group its
+    first save wrote, and one flipped byte there would leave nothing to resume from."""
+    if policy is None:
+        return False
+    return any(
+        isinstance(p, KeepEveryNSteps) and p.keeps_step(step) for p in policy_members(policy)
+    )
 
 
 def policy_members(policy: RetentionPolicy) -> Iterator[RetentionPolicy]:

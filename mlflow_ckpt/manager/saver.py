@@ -40,7 +40,7 @@ from mlflow_ckpt.manager.pipeline import (
     write_checkpoint,
 )
 from mlflow_ckpt.manager.policies import Decision
-from mlflow_ckpt.manager.retention import RunRetention, apply_retention
+from mlflow_ckpt.manager.retention import RunRetention, apply_retention, is_milestone
 from mlflow_ckpt.manager.session import Session
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
@@ -145,9 +145,12 @@ class Saver:
         copy = self.worker is not None
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
+        # A milestone of an incremental run references nothing and is copied whole: no
+        # frozen tensor is reused unread (retention.is_milestone says why).
+        whole = self.options.incremental and is_milestone(self.options.retention, step)
         history = None
         if self.shared_uri is not None and self.ranks is None:
-            history = self.base.history() if self.base is not None else History()
+            history = self.base.history() if self.base is not None and not whole else History()
         snapshot = take_snapshot(
             self.own_state, progress, copy=copy, buffers=self.buffers, history=history
         )
@@ -155,7 +158,9 @@ class Saver:
         if self.ranks:
             sharded_history = None
             if self.options.incremental:  # (rank 0 alone knows the shared area's URI)
-                names = self.chunk_base.shared_names() if self.chunk_base else frozenset()
+                names: frozenset[str] = frozenset()
+                if self.chunk_base is not None and not whole:
+                    names = self.chunk_base.shared_names()
                 sharded_history = History(self.chunk_seen, names)
             sharded = take_sharded(
                 self.state, self.sharded, copy=copy, buffers=self.buffers, history=sharded_history
@@ -170,8 +175,9 @@ class Saver:
             previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
             sharded=sharded,
             progress=progress,
-            base=self.base,
-            chunk_base=self.chunk_base,
+            base=None if whole else self.base,
+            chunk_base=None if whole else self.chunk_base,
+            self_contained=whole,
         )
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
