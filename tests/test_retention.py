@@ -16,6 +16,7 @@ from mlflow_ckpt.manager.retention import (
     KeepEveryNSteps,
     KeepLastN,
     apply_retention,
+    is_milestone,
 )
 
 
@@ -70,6 +71,10 @@ def test_policies_compose_and_newest_is_always_kept(tracking: str) -> None:
     assert {steps[m] for m in KeepBestN(1, "loss", "max").keep(ckpts)} == {5}
     assert {steps[m] for m in KeepEveryNSteps(3).keep(ckpts)} == {2, 5}
     policy = KeepAny((KeepBestN(1, "loss"), KeepEveryNSteps(3)))
+    # what incremental saves write self-contained: the steps a nested KeepEveryNSteps keeps
+    nested = KeepAny((KeepLastN(1), policy))
+    assert [s for s in range(7) if is_milestone(nested, s)] == [2, 5]
+    assert not any(is_milestone(p, 2) for p in (None, KeepLastN(3), KeepBestN(1, "loss")))
     result = apply_retention(MlflowClient(), run_id, policy, dry_run=True)
     assert sorted(c.step for c in result.deleted) == [0, 3, 4]
     assert len(mlflow_ckpt.list_checkpoints(run_id)) == 6  # dry run deleted nothing
