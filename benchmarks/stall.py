@@ -16,6 +16,12 @@ against the usual recipe, and the peak resident memory an
 async save adds to the process, as a multiple of the state's size.
 
     python benchmarks/stall.py [--params 50] [--repeats 3]
+
+``--archive SECONDS`` measures instead the stall of async saves while old milestones are
+archived (``keep_every_n_steps=2, archive_after_n=1`` on the local store: each archive
+recompresses a whole milestone), with SECONDS of "training" (a sleep) between saves, long
+enough for a save's own write but not for the archive after it. Before archiving became a
+job of its own, each such save waited for the archive.
 """
 
 from __future__ import annotations
@@ -94,9 +100,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", type=int, default=50, help="millions of parameters")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--archive", type=float, metavar="SECONDS", help="see the docstring")
     args = parser.parse_args(argv)
     if args.memory:
         measure_memory(args.params)
+        return
+    if args.archive is not None:
+        measure_archive_stall(args.params, args.repeats, args.archive)
         return
     torch.manual_seed(0)
     model, opt = build(args.params)
@@ -185,6 +195,39 @@ def main(argv: list[str]) -> None:
     # Memory in a fresh process: freed snapshot buffers that the allocator keeps would
     # otherwise hide in this process's baseline.
     subprocess.run([sys.executable, __file__, "--memory", "--params", str(args.params)], check=True)
+
+
+def measure_archive_stall(params_millions: int, repeats: int, between: float) -> None:
+    """Stalls of async saves that follow a save whose retention archived a milestone."""
+    torch.manual_seed(0)
+    model, opt = build(params_millions)
+    state = {"model": model, "optimizer": opt}
+    print(f"model + AdamW state {state_bytes(model, opt) / 1e6:.0f} MB; {between} s between saves")
+    work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-"))
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    mlflow.set_experiment("archive-stall")
+    stalls = []
+    with mlflow.start_run(run_name="archive"):
+        mgr = mlflow_ckpt.CheckpointManager(
+            state, keep_last_n=1, keep_every_n_steps=2, archive_after_n=1, timeline=False
+        )
+        for step in range(3 + 2 * repeats):  # milestones: 1, 3, ...; archived after 2, 4, ...
+            touch(model, opt)
+            start = time.perf_counter()
+            mgr.save(step)
+            if step >= 3 and step % 2 == 1:  # the save after one that archived a milestone
+                stalls.append(time.perf_counter() - start)
+            time.sleep(between)
+        start = time.perf_counter()
+        mgr.close()
+        closing = time.perf_counter() - start
+        tiers = [c.tier for c in mlflow_ckpt.list_checkpoints(mgr.run_id)]
+    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"stall of a save after an archive: min {min(stalls):.3f} / median "
+        f"{statistics.median(stalls):.3f} / max {max(stalls):.3f} s over {len(stalls)} saves"
+    )
+    print(f"close(): {closing:.3f} s; tiers at the end: {tiers}")
 
 
 def measure_memory(params_millions: int) -> None:

@@ -239,11 +239,24 @@ def enforce(
                 continue
             (result.deleted if deleted else result.protected).append(ckpt)
     if archive is not None:
-        chosen = archive.archive(result.kept, policy) - protected
-        for ckpt in result.kept:
-            if ckpt.model_id in chosen:
-                _archive(client, ckpt, result, dry_run)
+        archive_due(client, result, protected, policy, archive, dry_run=dry_run)
     return result
+
+
+def archive_due(
+    client: MlflowClient,
+    result: RetentionResult,
+    protected: set[str],
+    policy: RetentionPolicy,
+    archive: ArchiveAfterN,
+    *,
+    dry_run: bool = False,
+) -> None:
+    """Archive those of ``result.kept`` that ``archive`` names (never a protected one)."""
+    chosen = archive.archive(result.kept, policy) - protected
+    for ckpt in result.kept:
+        if ckpt.model_id in chosen:
+            _archive(client, ckpt, result, dry_run)
 
 
 def _archive(client: MlflowClient, ckpt: Checkpoint, result: RetentionResult, dry: bool) -> None:
@@ -293,7 +306,9 @@ class RunRetention:
         if self._known is not None:
             self._known[ckpt.model_id] = ckpt
 
-    def apply(self) -> RetentionResult:
+    def apply(self, *, archive: bool = True) -> RetentionResult:
+        """Delete what the policy does not keep; archive what is due unless ``archive`` is
+        false (the manager archives in a job of its own: see :meth:`archive_due`)."""
         if self._known is None:
             try:
                 models = committed_models(
@@ -313,12 +328,11 @@ class RunRetention:
             list(self._known.values()),
             self._protected,
             self.policy,
-            archive=self.archive,
+            archive=self.archive if archive else None,
         )
         for ckpt in result.deleted:
             self._known.pop(ckpt.model_id, None)
-        for ckpt in result.archived:
-            self._known[ckpt.model_id] = ckpt
+        self._note_archived(result)
         self._protected.update(c.model_id for c in result.protected)
         if self.shared_uri is not None and result.deleted:
             release_groups(
@@ -328,3 +342,20 @@ class RunRetention:
                 self.protected_groups(),
             )
         return result
+
+    def archive_due(self) -> None:
+        """Archive the milestones that are due, as of the last :meth:`apply`.
+
+        Recompressing a milestone on a local store takes seconds per GB, so the manager
+        runs this as a background job of its own, after the save's job: the next snapshot
+        waits for the save, never for the archiving."""
+        if self.archive is None or self._known is None:
+            return
+        result = RetentionResult(kept=list(self._known.values()))
+        archive_due(self.client, result, self._protected, self.policy, self.archive)
+        self._note_archived(result)
+
+    def _note_archived(self, result: RetentionResult) -> None:
+        assert self._known is not None
+        for ckpt in result.archived:
+            self._known[ckpt.model_id] = ckpt

@@ -182,6 +182,8 @@ class Saver:
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
         self._run(lambda: self._write(job), is_save=True)
+        if self.retention is not None and self.options.archive is not None:
+            self._run(self.retention.archive_due, is_save=False)  # not awaited by snapshots
         return time.perf_counter() - started
 
     def follow(self, step: int, decision: Decision) -> None:
@@ -344,7 +346,7 @@ class Saver:
         del job
         if self.retention is not None:
             self.retention.committed(self.last_checkpoint)
-            self.retention.apply()
+            self.retention.apply(archive=False)  # archived by the job after this one
 
     def _refuse_nonfinite(self, job: SaveJob, tensor: str) -> None:
         """Leave a diverged state uncommitted: warn (``"skip"``) or raise (``"raise"``).
