@@ -38,7 +38,8 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   ``corrupt-flip-byte`` rows with ``compression="zstd"`` checkpoints.
 * ``kill9-incremental``: the ``kill9-async`` row with a frozen first layer (edited in place
   every 5 steps) and a milestone every 6 steps (written self-contained, the save after it
-  starting a new group): saves reference its bytes in the run's shared area, retention
+  starting a new group; archived, by a background job, once older than the 2 newest
+  checkpoints): saves reference its bytes in the run's shared area, retention
   releases groups no kept checkpoint references; at the end the shared area must hold
   exactly the groups the checkpoints reference.
 * ``kill9-archive``: the ``kill9-sync`` row keeping every 4th step as a milestone and

@@ -68,8 +68,9 @@ def main(argv: list[str]) -> None:
     opts: dict[str, object] = dict(save_every_n_steps=1, keep_last_n=3, async_save=not args.sync)
     if os.environ.get("MLFLOW_CKPT_CRASH_ARCHIVE"):  # milestones recompressed in place
         opts.update(keep_every_n_steps=4, archive_after_n=1)
-    if FROZEN:  # self-contained milestones: kills land while groups start and are released
-        opts.update(keep_every_n_steps=6)
+    if FROZEN:  # self-contained milestones, archived by a background job of their own:
+        # kills land while groups start and are released, and while milestones are archived
+        opts.update(keep_every_n_steps=6, archive_after_n=2)
     if os.environ.get("MLFLOW_CKPT_CRASH_COMPRESSION"):  # the compressed rows of the harness
         opts["compression"] = os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
     if args.run_file.exists():

@@ -1,9 +1,9 @@
 """kill -9 at random moments, async and sync: every restart resumes from the newest commit.
 
 The async chain saves incrementally with a frozen layer (edited every few steps) and keeps
-self-contained milestones, so kills also land while saves reference shared bytes, while a
-milestone is written whole (the save after it starting a new group) and while retention
-releases old groups; its final
+self-contained milestones that a background job archives, so kills also land while saves
+reference shared bytes, while a milestone is written whole (the save after it starting a
+new group) or archived, and while retention releases old groups; its final
 check includes the run's shared area holding exactly what the checkpoints reference. The
 sync chain keeps milestones and archives old ones (a manifest swap), so kills land there.
 
