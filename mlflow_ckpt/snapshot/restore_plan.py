@@ -134,13 +134,13 @@ def _plan(
             plan.mismatched.append(f"{path} (length or type differs from the checkpoint)")
             return
         if isinstance(target, tuple) and assign is not None:
-            plan.checked.append(lambda: assign(value))  # immutable: replaced as a whole
+            plan.checked.append(lambda: assign(owned(value)))  # immutable: replaced whole
             return
         for i, (item, saved) in enumerate(zip(target, value, strict=True)):
             sub = _assigner(target, i) if isinstance(target, MutableSequence) else None
             _plan(item, saved, f"{path}/{i}", plan, sub)
     elif assign is not None:
-        plan.checked.append(lambda: assign(value))
+        plan.checked.append(lambda: assign(owned(value)))
     elif target != value:
         plan.mismatched.append(f"{path} (an immutable value that differs from the checkpoint)")
 
@@ -171,9 +171,34 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
             plan.mismatched.append(f"{path} ({kind} state cannot be applied: {problem})")
             return
     elif kind == STATE_DICT:
-        plan.unchecked.append((path, lambda: apply_stateful(target, kind, saved)))
+        plan.unchecked.append((path, lambda: apply_stateful(target, kind, owned(saved))))
         return
-    plan.checked.append(lambda: apply_stateful(target, kind, saved))
+    if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
+        plan.checked.append(lambda: apply_stateful(target, kind, saved))
+    else:  # an optimizer keeps the tensors it is given
+        plan.checked.append(lambda: apply_stateful(target, kind, owned(saved)))
+
+
+def owned(value: Any) -> Any:
+    """``value`` with each tensor that is a view into a larger buffer replaced by a copy.
+
+    Decoded tensors are views of the verified file they were read from (mapped from the
+    page cache when large). Objects that keep the tensors they are given, an optimizer's
+    moments say, would keep that whole file alive, and the first in-place write to a view of
+    a privately mapped file pays a copy-on-write fault for every page: measured here, the
+    first AdamW step after loading a 604 MB checkpoint took 1.04 s instead of 0.10 s. A
+    copy now costs less than that. Tensors that own exactly their memory (a compressed
+    checkpoint's, decoded into fresh buffers) are passed as they are."""
+    if isinstance(value, torch.Tensor):
+        whole = value.numel() * value.element_size()
+        return value if value.untyped_storage().nbytes() == whole else value.clone()
+    if type(value) is dict:
+        return {key: owned(item) for key, item in value.items()}
+    if type(value) is list:
+        return [owned(item) for item in value]
+    if type(value) is tuple:
+        return tuple(owned(item) for item in value)
+    return value
 
 
 def _without_wrapper_prefix(saved: Any, expected: set[str]) -> Any:
