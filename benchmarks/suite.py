@@ -12,6 +12,8 @@ min / median / max of ``--repeats`` (this machine is noisy):
 - **load / resume** (``mlflow_ckpt.load`` into the live objects, every file hashed) against
   ``safetensors.torch.load_file`` of the same tensors copied into the live state, and
   ``dcp.load``;
+- **load + first AdamW step**: a resume is over once training runs at full speed again,
+  so the first optimizer step after each load counts too (plain and compressed);
 - **compression** (``compression="zstd"``): a sync save and a load of the same state, and
   stored/raw ratio with compress and decompress GB/s for bf16 and fp32 weights and AdamW
   moments (in memory, no disk);
@@ -186,6 +188,19 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
     out["mlflow_ckpt load (resume), compression='zstd'"] = timed(
         lambda: mlflow_ckpt.load(zuri, state), repeats
     )
+
+    def load_and_step(target: str) -> Callable[[], None]:
+        def run() -> None:  # (the gradients of build()'s backward pass are still there)
+            mlflow_ckpt.load(target, state)
+            opt.step()
+
+        return run
+
+    out["mlflow_ckpt load + first AdamW step"] = timed(load_and_step(uri), repeats)
+    out["mlflow_ckpt load + first AdamW step, compression='zstd'"] = timed(
+        load_and_step(zuri), repeats
+    )
+    out["AdamW step (steady)"] = timed(opt.step, repeats)
     return out, size
 
 
@@ -350,6 +365,9 @@ def table(
         "mlflow_ckpt sync save, compression='zstd'": ("mlflow_ckpt sync save",),
         "mlflow_ckpt load (resume), compression='zstd'": (
             "mlflow_ckpt load (resume), every file hashed",
+        ),
+        "mlflow_ckpt load + first AdamW step, compression='zstd'": (
+            "mlflow_ckpt load + first AdamW step",
         ),
     }
     lines = [

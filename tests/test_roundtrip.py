@@ -287,3 +287,24 @@ def test_a_loaded_optimizer_owns_its_moments(tracking: str, compression: str | N
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     for live, saved in zip(fresh_opt.state.values(), opt.state.values(), strict=True):
         assert all(torch.equal(live[k], saved[k]) for k in saved)
+
+    # a rollback into the same optimizer: its moments are restored in place, no new memory
+    def moment_memory() -> list[int]:
+        # (the first layer's moments: views of the mapped file when read; tensors under
+        # safetensors_io.OWN_STORAGE_BELOW are decoded into memory of their own, adopted)
+        return [
+            t.data_ptr()
+            for s in fresh_opt.state.values()
+            for t in s.values()
+            if t.numel() >= 512 * 512
+        ]
+
+    before = moment_memory()
+    assert len(before) == 2
+    fresh(torch.randn(2, 512)).sum().backward()
+    fresh_opt.step()
+    mlflow_ckpt.load(mlflow_ckpt.latest_checkpoint(mgr.run_id), {"optimizer": fresh_opt})
+    if compression is None:  # (decoded moments own fresh memory: they are adopted)
+        assert moment_memory() == before
+    for live, saved in zip(fresh_opt.state.values(), opt.state.values(), strict=True):
+        assert all(torch.equal(live[k], saved[k]) for k in saved)

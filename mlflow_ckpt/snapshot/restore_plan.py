@@ -175,7 +175,9 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         return
     if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
         plan.checked.append(lambda: apply_stateful(target, kind, saved))
-    else:  # an optimizer keeps the tensors it is given
+    elif isinstance(target, torch.optim.Optimizer):  # it keeps the tensors it is given
+        plan.checked.append(lambda: apply_stateful(target, kind, _into_live(target, saved)))
+    else:
         plan.checked.append(lambda: apply_stateful(target, kind, owned(saved)))
 
 
@@ -190,8 +192,7 @@ def owned(value: Any) -> Any:
     copy now costs less than that. Tensors that own exactly their memory (a compressed
     checkpoint's, decoded into fresh buffers) are passed as they are."""
     if isinstance(value, torch.Tensor):
-        whole = value.numel() * value.element_size()
-        return value if value.untyped_storage().nbytes() == whole else value.clone()
+        return value if _owns(value) else value.clone()
     if type(value) is dict:
         return {key: owned(item) for key, item in value.items()}
     if type(value) is list:
@@ -342,3 +343,37 @@ def _hyper_mismatch(current: Any, saved: Any) -> str | None:
     if ok:
         return None
     return f"checkpoint holds {saved!r:.40}, the optimizer has {current!r:.40}"
+
+
+def _owns(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def _into_live(opt: torch.optim.Optimizer, saved: Any) -> Any:
+    """The state_dict to load into ``opt`` (already checked), without views of a file.
+
+    Where ``opt`` already holds a tensor for the same slot (a rollback within a run, or a
+    second load), a saved view is copied into it: no new memory. Elsewhere :func:`owned`
+    copies it, as for a fresh optimizer."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in saved["state"].items():
+        param = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+        live = opt.state.get(param, {}) if param is not None else {}
+        if type(entry) is not dict or not live:
+            state[index] = owned(entry)
+            continue
+        state[index] = {key: _reuse(live.get(key), value) for key, value in entry.items()}
+    return {**saved, "state": state}
+
+
+def _reuse(live: Any, value: Any) -> Any:
+    if (
+        isinstance(value, torch.Tensor)
+        and isinstance(live, torch.Tensor)
+        and not _owns(value)
+        and _owns(live)
+        and (live.shape, live.dtype, live.device) == (value.shape, value.dtype, value.device)
+    ):
+        return live.copy_(value)
+    return owned(value)
