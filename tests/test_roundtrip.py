@@ -262,6 +262,19 @@ def test_temporary_tensors_are_never_mistaken_for_shared_ones(tracking: str) -> 
     assert torch.equal(raw["_rng"]["torch"], expected_torch)
 
 
+class Shadow:
+    """A user's object that keeps the tensor it is given (an EMA of the weights, say)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"shadow": self.tensor}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensor = state["shadow"]
+
+
 @pytest.mark.parametrize("compression", [None, "zstd"], ids=["plain", "zstd"])
 def test_a_loaded_optimizer_owns_its_moments(tracking: str, compression: str | None) -> None:
     """An optimizer keeps the tensors it is given. Views into the (mapped) tensor file would
@@ -273,14 +286,20 @@ def test_a_loaded_optimizer_owns_its_moments(tracking: str, compression: str | N
     opt.step()
     with mlflow.start_run(run_name="owned"):
         with mlflow_ckpt.CheckpointManager(
-            {"model": model, "optimizer": opt}, async_save=False, compression=compression
+            {"model": model, "optimizer": opt, "ema": Shadow(torch.randn(512 * 512))},
+            async_save=False,
+            compression=compression,
         ) as mgr:
             mgr.save(0)
     fresh = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    ema = Shadow(torch.zeros(1))
     mlflow_ckpt.load(
-        mlflow_ckpt.latest_checkpoint(mgr.run_id), {"model": fresh, "optimizer": fresh_opt}
+        mlflow_ckpt.latest_checkpoint(mgr.run_id),
+        {"model": fresh, "optimizer": fresh_opt, "ema": ema},
     )
+    assert ema.tensor.shape == (512 * 512,)
+    assert ema.tensor.untyped_storage().nbytes() == ema.tensor.numel() * 4
     moments = [t for s in fresh_opt.state.values() for t in s.values() if torch.is_tensor(t)]
     assert len(moments) == 3 * len(list(fresh.parameters()))  # step, exp_avg, exp_avg_sq
     for tensor in moments:

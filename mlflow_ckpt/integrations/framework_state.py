@@ -56,6 +56,8 @@ class HeldState:
     it would hold a second copy of the weights and optimizer for the rest of training).
     """
 
+    keeps_loaded_tensors = False  # restore need not copy what load_state_dict ignores
+
     def __init__(self, provider: Callable[[], Mapping[str, Any]]) -> None:
         self._provider = provider
 
