@@ -172,8 +172,10 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
             return
     elif kind == STATE_DICT:
         # (an object may say it keeps nothing it is given: no copies for it)
-        given = owned(saved) if getattr(target, "keeps_loaded_tensors", True) else saved
-        plan.unchecked.append((path, lambda: apply_stateful(target, kind, given)))
+        keeps = getattr(target, "keeps_loaded_tensors", True)
+        plan.unchecked.append(
+            (path, lambda: apply_stateful(target, kind, owned(saved) if keeps else saved))
+        )
         return
     if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
         plan.checked.append(lambda: apply_stateful(target, kind, saved))
@@ -361,23 +363,26 @@ def _into_live(opt: torch.optim.Optimizer, saved: Any) -> Any:
     copies it, as for a fresh optimizer."""
     params = [p for group in opt.param_groups for p in group["params"]]
     state = {}
+    used: set[int] = set()  # a tensor two slots share (a custom optimizer's) is filled once
     for index, entry in saved["state"].items():
         param = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
         live = opt.state.get(param, {}) if param is not None else {}
         if type(entry) is not dict or not live:
             state[index] = owned(entry)
             continue
-        state[index] = {key: _reuse(live.get(key), value) for key, value in entry.items()}
+        state[index] = {key: _reuse(live.get(key), value, used) for key, value in entry.items()}
     return {**saved, "state": state}
 
 
-def _reuse(live: Any, value: Any) -> Any:
+def _reuse(live: Any, value: Any, used: set[int]) -> Any:
     if (
         isinstance(value, torch.Tensor)
         and isinstance(live, torch.Tensor)
         and not _owns(value)
         and _owns(live)
         and (live.shape, live.dtype, live.device) == (value.shape, value.dtype, value.device)
+        and live.data_ptr() not in used
     ):
+        used.add(live.data_ptr())
         return live.copy_(value)
     return owned(value)
