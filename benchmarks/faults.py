@@ -767,6 +767,21 @@ def _dist_job_leftovers(root: Path, run_id: str) -> list[str]:
     return problems
 
 
+def _job_failure(stderr: str) -> str:
+    """What a failed ``torchrun`` job said: each rank's Python exception or native abort
+    (``terminate called``, gloo errors) first, torchrun's own summary after. The summary
+    alone names a signal, not its cause."""
+    lines = stderr.splitlines()
+    causes = [
+        line
+        for i, line in enumerate(lines)
+        if "terminate called" in line
+        or "what():" in line
+        or (line and not line.startswith(" ") and "Error" in line and i + 1 < len(lines))
+    ]
+    return "\n".join([*causes[-12:], "...", stderr[-1500:]])
+
+
 def kill9_distributed(bench: Bench, row: Row, trials: int) -> None:
     """A 2-rank FSDP2 job (``torchrun``) saving every step loses one rank to SIGKILL at a
     seeded random moment (torchrun then stops the job). Survived: a 2-rank resume continues
@@ -793,7 +808,7 @@ def kill9_distributed(bench: Bench, row: Row, trials: int) -> None:
         resume = ["--steps", until, "--save-every", "1", "--resume", run_id]
         second = torchrun(2, workdir / "second", *resume, check=False)
         if second.returncode != 0:
-            raise Failed(f"the resumed job failed: {second.stderr[-1500:]}")
+            raise Failed(f"the resumed job failed: {_job_failure(second.stderr)}")
         starts = {r["start_step"] for r in reports(workdir / "second")}
         expected = committed[0] + 1 if committed else 0
         listed = {c.step for c in mlflow_ckpt.list_checkpoints(run_id)}
@@ -836,7 +851,7 @@ def corrupt_distributed(bench: Bench, row: Row, trials: int) -> None:
         victim.write_bytes(bytes(data))
         second = torchrun(2, workdir / "second", "--steps", "2", "--resume", run_id, check=False)
         if second.returncode != 0:
-            raise Failed(f"the resumed job failed: {second.stderr[-1500:]}")
+            raise Failed(f"the resumed job failed: {_job_failure(second.stderr)}")
         if {r["start_step"] for r in reports(workdir / "second")} != {older.step + 1}:
             raise Lost(f"did not fall back to step {older.step} after {victim.name} was damaged")
         expected = load_file(workdir / "first" / f"saved-{older.step}.safetensors")
