@@ -287,6 +287,16 @@ def _two_checkpoints(
     return workdir, run.info.run_id, first, ckpts
 
 
+def _resumed_step(run_id: str, state: dict[str, Any]) -> int | None:
+    """Resume ``run_id`` into ``state`` and close again; the step it resumed from."""
+    mgr = mlflow_ckpt.CheckpointManager.resume(run_id, state, save_last=False)
+    try:
+        return mgr.resumed_from.step if mgr.resumed_from else None
+    finally:
+        mgr.close()
+        mlflow.end_run()
+
+
 def _flip_byte(folder: Path, manifest: dict[str, Any], rng: random.Random) -> str:
     shard = rng.choice(sorted(folder.glob("tensors-*")))
     data = bytearray(shard.read_bytes())
@@ -372,13 +382,8 @@ def corruption(bench: Bench, row: Row, trials: int) -> None:
             raise Lost(f"{what}: verify_checkpoint reported no problem")
 
         fresh = _net(seed + 2)
-        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
-        try:
-            got = mgr.resumed_from.step if mgr.resumed_from else None
-            listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
-        finally:
-            mgr.close()
-            mlflow.end_run()
+        got = _resumed_step(run_id, fresh)
+        listed = [c.step for c in mlflow_ckpt.list_checkpoints(run_id)]
         if got != 0:
             raise Lost(f"{what}: resume picked step {got}, expected the fallback to step 0")
         if not _same(fresh, first):
@@ -443,12 +448,7 @@ def corrupt_shared(bench: Bench, row: Row, trials: int) -> None:
         if not _same(target, before):
             raise Lost(f"{what}: a failed load changed the target's weights")
         fresh = _frozen_first_layer(_net(seed + 2))
-        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
-        try:
-            got = mgr.resumed_from.step if mgr.resumed_from else None
-        finally:
-            mgr.close()
-            mlflow.end_run()
+        got = _resumed_step(run_id, fresh)
         if got != 5 or not _same(fresh, weights[5]):
             raise Lost(f"{what}: resume restored step {got}, not the milestone of step 5")
         status = MlflowClient().get_logged_model(newest.model_id).tags.get("mlflow_ckpt.status")
@@ -680,12 +680,7 @@ def hostile_pickle(bench: Bench, row: Row, trials: int) -> None:
             if marker.exists():
                 raise Lost(f"{what}: the payload executed during {name}")
         fresh = _net(seed + 2)
-        mgr = mlflow_ckpt.CheckpointManager.resume(run_id, fresh, save_last=False)
-        try:
-            got = mgr.resumed_from.step if mgr.resumed_from else None
-        finally:
-            mgr.close()
-            mlflow.end_run()
+        got = _resumed_step(run_id, fresh)
         if marker.exists():
             raise Lost(f"{what}: the payload executed during resume")
         if got != 0 or not _same(fresh, first):
