@@ -306,9 +306,9 @@ class RunRetention:
         if self._known is not None:
             self._known[ckpt.model_id] = ckpt
 
-    def apply(self, *, archive: bool = True) -> RetentionResult:
-        """Delete what the policy does not keep; archive what is due unless ``archive`` is
-        false (the manager archives in a job of its own: see :meth:`archive_due`)."""
+    def apply(self) -> RetentionResult:
+        """Delete what the policy does not keep (archiving is :meth:`archive_due`, a job of
+        its own)."""
         if self._known is None:
             try:
                 models = committed_models(
@@ -328,11 +328,9 @@ class RunRetention:
             list(self._known.values()),
             self._protected,
             self.policy,
-            archive=self.archive if archive else None,
         )
         for ckpt in result.deleted:
             self._known.pop(ckpt.model_id, None)
-        self._note_archived(result)
         self._protected.update(c.model_id for c in result.protected)
         if self.shared_uri is not None and result.deleted:
             release_groups(
@@ -353,9 +351,5 @@ class RunRetention:
             return
         result = RetentionResult(kept=list(self._known.values()))
         archive_due(self.client, result, self._protected, self.policy, self.archive)
-        self._note_archived(result)
-
-    def _note_archived(self, result: RetentionResult) -> None:
-        assert self._known is not None
         for ckpt in result.archived:
             self._known[ckpt.model_id] = ckpt

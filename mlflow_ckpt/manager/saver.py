@@ -346,7 +346,7 @@ class Saver:
         del job
         if self.retention is not None:
             self.retention.committed(self.last_checkpoint)
-            self.retention.apply(archive=False)  # archived by the job after this one
+            self.retention.apply()  # (archived by the job after this one)
 
     def _refuse_nonfinite(self, job: SaveJob, tensor: str) -> None:
         """Leave a diverged state uncommitted: warn (``"skip"``) or raise (``"raise"``).
