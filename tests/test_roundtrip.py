@@ -275,6 +275,20 @@ class Shadow:
         self.tensor = state["shadow"]
 
 
+class ShadowModel:
+    """An EMA that keeps a module's state_dict as given: an ``OrderedDict`` with
+    ``_metadata``, which must come back the same kind and own its tensors."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.weights = module.state_dict()
+
+    def state_dict(self) -> dict[str, object]:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, collections.OrderedDict]) -> None:
+        self.weights = state["weights"]
+
+
 @pytest.mark.parametrize("compression", [None, "zstd"], ids=["plain", "zstd"])
 def test_a_loaded_optimizer_owns_its_moments(tracking: str, compression: str | None) -> None:
     """An optimizer keeps the tensors it is given. Views into the (mapped) tensor file would
@@ -286,20 +300,31 @@ def test_a_loaded_optimizer_owns_its_moments(tracking: str, compression: str | N
     opt.step()
     with mlflow.start_run(run_name="owned"):
         with mlflow_ckpt.CheckpointManager(
-            {"model": model, "optimizer": opt, "ema": Shadow(torch.randn(512 * 512))},
+            {
+                "model": model,
+                "optimizer": opt,
+                "ema": Shadow(torch.randn(512 * 512)),
+                "ema_model": ShadowModel(model),
+            },
             async_save=False,
             compression=compression,
         ) as mgr:
             mgr.save(0)
     fresh = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    ema = Shadow(torch.zeros(1))
+    ema, ema_model = Shadow(torch.zeros(1)), ShadowModel(torch.nn.Linear(1, 1))
     mlflow_ckpt.load(
         mlflow_ckpt.latest_checkpoint(mgr.run_id),
-        {"model": fresh, "optimizer": fresh_opt, "ema": ema},
+        {"model": fresh, "optimizer": fresh_opt, "ema": ema, "ema_model": ema_model},
     )
     assert ema.tensor.shape == (512 * 512,)
     assert ema.tensor.untyped_storage().nbytes() == ema.tensor.numel() * 4
+    assert type(ema_model.weights) is collections.OrderedDict
+    assert ema_model.weights._metadata == model.state_dict()._metadata
+    for name, tensor in model.state_dict().items():
+        kept = ema_model.weights[name]
+        assert torch.equal(kept, tensor), name
+        assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size(), name
     moments = [t for s in fresh_opt.state.values() for t in s.values() if torch.is_tensor(t)]
     assert len(moments) == 3 * len(list(fresh.parameters()))  # step, exp_avg, exp_avg_sq
     for tensor in moments:

@@ -12,6 +12,7 @@ and optimizer are still untouched.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,8 +200,11 @@ def owned(value: Any) -> Any:
     ``keeps_loaded_tensors = False`` does too."""
     if isinstance(value, torch.Tensor):
         return value if _owns(value) else value.clone()
-    if type(value) is dict:
-        return {key: owned(item) for key, item in value.items()}
+    if type(value) in (dict, OrderedDict):  # the mappings the decoder builds
+        out = type(value)((key, owned(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):  # (a module's state_dict, kept by an EMA say)
+            out._metadata = value._metadata  # type: ignore[attr-defined]
+        return out
     if type(value) is list:
         return [owned(item) for item in value]
     if type(value) is tuple:
