@@ -289,7 +289,7 @@ class StoreWriter(StorageWriter):
 class StoreReader(StorageReader):
     """Reads a DCP save back from a :class:`Store`, verifying each file before using it.
 
-    ``files`` are the manifest's entries: a file is fetched and its size and SHA-256 checked
+    ``files`` are the manifest's entries: a file is fetched and its size and hash checked
     once, the first time a chunk in it is needed.
     """
 

@@ -117,7 +117,7 @@ def verify_files(
     where: str,
     paths: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Fetch the listed files (all by default) and check each one's size and SHA-256.
+    """Fetch the listed files (all by default) and check each one's size and hash.
 
     Returns local paths by relative name. Raises :class:`CheckpointCorruptedError` naming
     the first file that is missing or differs.

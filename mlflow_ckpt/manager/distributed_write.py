@@ -3,7 +3,7 @@
 1. Rank 0 creates the pending LoggedModel; every rank learns its folder.
 2. Every rank writes its own state under ``ranks/<rank>/`` and its shards through DCP
    (``dcp.save`` on our commit group plans who writes which replicated tensor).
-3. Every rank reports its files (sizes, SHA-256) or its error to every rank.
+3. Every rank reports its files (sizes, hashes) or its error to every rank.
 4. Rank 0 writes ``state.json``, ``MLmodel`` and the manifest, verifies and commits, or, if
    any rank failed, discards the folder; every rank learns the outcome.
 
