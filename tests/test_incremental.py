@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -302,6 +303,24 @@ def test_milestones_are_self_contained_so_a_damaged_shared_file_leaves_one_to_re
     assert newest.shared == (newest.model_id,)
     fresh = fine_tune(seed=4)["model"]
     mlflow_ckpt.load(newest, {"model": fresh})
+
+
+def test_milestones_so_close_that_every_save_is_whole_are_warned_about_once(
+    tracking: str,
+) -> None:
+    """Milestones at steps 1, 3, 5 with one save between: every save is written whole."""
+    with pytest.warns(UserWarning, match="steps 1 and 3 are both milestones") as caught:
+        run_id, _ = fine_tune_run("close milestones", steps=6, keep_every_n_steps=2)
+    assert [str(w.message) for w in caught].count(str(caught[0].message)) == 1
+    assert sum("both milestones" in str(w.message) for w in caught) == 1  # not again at 5
+    assert all(c.shared == () for c in mlflow_ckpt.list_checkpoints(run_id))  # (as it said)
+    # two saves between milestones (steps 2 and 5): the save between them reuses bytes
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run_id, _ = fine_tune_run("spaced", steps=6, keep_every_n_steps=3, keep_last_n=6)
+    assert not [w for w in seen if "milestones" in str(w.message)]
+    by_step = {c.step: c for c in mlflow_ckpt.list_checkpoints(run_id)}
+    assert by_step[4].stored_bytes < 0.2 * by_step[4].size_bytes
 
 
 def test_pyfunc_and_mlflow_models_predict_after_predecessors_are_collected(

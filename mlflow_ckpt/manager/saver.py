@@ -32,6 +32,7 @@ from mlflow_ckpt.errors import (
 from mlflow_ckpt.folder.incremental import Base
 from mlflow_ckpt.manager.distributed_write import first_nonfinite_everywhere, write_distributed
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
+from mlflow_ckpt.manager.milestones import Milestones
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.pipeline import (
     SaveJob,
@@ -40,7 +41,7 @@ from mlflow_ckpt.manager.pipeline import (
     write_checkpoint,
 )
 from mlflow_ckpt.manager.policies import Decision
-from mlflow_ckpt.manager.retention import RunRetention, apply_retention, is_milestone
+from mlflow_ckpt.manager.retention import RunRetention, apply_retention
 from mlflow_ckpt.manager.session import Session
 from mlflow_ckpt.manager.worker import BackgroundWorker
 from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
@@ -69,6 +70,7 @@ class Saver:
             else None
         )
         self.base: Base | None = None  # the newest checkpoint the next save may reference
+        self.milestones = Milestones(options.retention, options.incremental, run_id)
         self.chunk_base: ChunkBase | None = None  # distributed: this rank's previous chunks
         self.chunk_seen: dict[str, Seen] = {}  # ... and what that save's snapshot saw
         self.state = state
@@ -147,7 +149,7 @@ class Saver:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
         # A milestone of an incremental run references nothing and is copied whole: no
         # frozen tensor is reused unread (retention.is_milestone says why).
-        whole = self.options.incremental and is_milestone(self.options.retention, step)
+        whole = self.milestones.whole(step)
         history = None
         if self.shared_uri is not None and self.ranks is None:
             history = self.base.history() if self.base is not None and not whole else History()
