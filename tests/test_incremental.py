@@ -179,6 +179,82 @@ def test_frozen_parameters_are_neither_copied_nor_hashed_until_they_change(
     assert torch.equal(restored.backbone[0].bias, model.backbone[0].bias)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_the_first_save_after_a_resume_reads_no_frozen_parameter(
+    tracking: str, monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    """The restore leaves the checkpoint's bytes in the frozen backbone: the next save
+    references them unread, as after a save of its own; an edit in between is still seen."""
+    run_id, _ = fine_tune_run("before resume", steps=2)
+    hashed: list[str] = []
+    real = incremental.hash_tensor
+    monkeypatch.setattr(
+        incremental, "hash_tensor", lambda t: hashed.append(f"{tuple(t.shape)}") or real(t)
+    )
+    state = fine_tune(seed=5)
+    model = state["model"]
+    assert isinstance(model, FrozenNet)
+    backbone_shapes = {f"{tuple(p.shape)}" for p in model.backbone.parameters()}
+    with mlflow_ckpt.CheckpointManager.resume(
+        run_id, state, async_save=async_save, timeline=False
+    ) as mgr:
+        train_step(state)
+        mgr.save(2)
+        mgr.wait()
+        after_resume = list(hashed)
+        with torch.no_grad():
+            model.backbone[2].bias.mul_(2.0)  # type: ignore[index]
+        train_step(state)
+        mgr.save(3)
+    assert not backbone_shapes & set(after_resume), after_resume  # not read at all
+    ckpts = {c.step: c for c in mlflow_ckpt.list_checkpoints(run_id)}
+    assert ckpts[2].shared == ckpts[1].shared  # the backbone, referenced where it lies
+    assert ckpts[2].stored_bytes < 0.12 * ckpts[0].stored_bytes
+    assert "(1024,)" in hashed[len(after_resume) :]  # the edited bias is compared again
+    restored = fine_tune(seed=7)["model"]
+    assert isinstance(restored, FrozenNet)
+    mlflow_ckpt.load(ckpts[3], {"model": restored})
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+    mlflow_ckpt.load(ckpts[2], {"model": restored})  # before the edit
+    edited = model.backbone[2].bias  # type: ignore[index]
+    assert torch.equal(restored.backbone[2].bias * 2.0, edited)  # type: ignore[index]
+    assert torch.equal(restored.backbone[0].weight, model.backbone[0].weight)  # type: ignore[index]
+
+
+class KeepsItsBackbone(FrozenNet):
+    """Loads its head only: the backbone keeps the weights it was built with."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def]
+        head = {k: v for k, v in state_dict.items() if k.startswith("head.")}
+        return super().load_state_dict(head, strict=False, assign=assign)
+
+
+def test_a_frozen_parameter_the_restore_did_not_write_is_read_at_the_next_save(
+    tracking: str,
+) -> None:
+    """Only what the restore wrote holds the checkpoint's bytes: a backbone its module
+    declined to load is compared and stored, never referenced under the same names."""
+    run_id, _ = fine_tune_run("before resume", steps=2)
+    torch.manual_seed(5)
+    model = KeepsItsBackbone()
+    state = {
+        "model": model,
+        "optimizer": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+    }
+    with mlflow_ckpt.CheckpointManager.resume(
+        run_id, state, async_save=False, timeline=False
+    ) as mgr:
+        train_step(state)
+        mgr.save(2)
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    assert ckpt is not None and ckpt.step == 2
+    restored = fine_tune(seed=7)["model"]
+    mlflow_ckpt.load(ckpt, {"model": restored})
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+
+
 def test_unchanged_tensors_are_found_by_content_also_after_a_resume(tracking: str) -> None:
     table = torch.randn(2 * MB)  # 8 MiB, never changes, not a module parameter
     state = {"table": table, "w": torch.zeros(100)}

@@ -142,8 +142,7 @@ class CheckpointManager:
         try:
             if session.ranks is None:
                 assert session.client is not None
-                verified = restore_newest(session.client, run_id, state, strict=strict)
-                point = ResumePoint.of(verified)
+                point = restore_newest(session.client, run_id, state, strict=strict)
             else:
                 restored = restore_distributed(
                     session.client, run_id, state, session.ranks, strict=strict
@@ -332,7 +331,7 @@ class CheckpointManager:
         chosen = point.checkpoint
         if chosen is not None:
             self.resumed_from = chosen
-            self._last_step = self._saver.resumed(chosen, point.manifest)
+            self._last_step = self._saver.resumed(chosen, point.manifest, point.frozen)
             self.start_step, self.start_epoch = point.start_step, point.start_epoch
             self._last_epoch = point.last_epoch
         self._policies.load_state_dict(point.manager_state)

@@ -21,6 +21,8 @@ from mlflow_ckpt.catalog.recovery import logged_pairs
 from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
+from mlflow_ckpt.snapshot.changes import Seen
+from mlflow_ckpt.snapshot.snapshot import frozen_as_is
 
 
 def check_no_other_run(run_id: str) -> None:
@@ -35,19 +37,24 @@ def check_no_other_run(run_id: str) -> None:
 
 def restore_newest(
     client: MlflowClient, run_id: str, state: Mapping[str, Any], *, strict: bool
-) -> VerifiedCheckpoint | None:
+) -> ResumePoint:
     """Restore the newest checkpoint of ``run_id`` that verifies into ``state`` (and the
-    global random streams); ``None`` (and nothing changed) when the run has none."""
+    global random streams); an empty point (and nothing changed) when the run has none."""
     verified = newest_verified(run_id, client)
-    if verified is not None:
-        restore(
-            verified.loaded.decoded,
-            state,
-            strict=strict,
-            restore_rng_streams=True,
-            where=describe(verified.model),
-        )
-    return verified
+    if verified is None:
+        return ResumePoint()
+    before = frozen_as_is(state)
+    restore(
+        verified.loaded.decoded,
+        state,
+        strict=strict,
+        restore_rng_streams=True,
+        where=describe(verified.model),
+    )
+    # Frozen parameters the restore wrote now hold the checkpoint's bytes. Only those: a
+    # module whose own load_state_dict skips some keeps other bytes under the same names.
+    written = {n: seen for n, seen in frozen_as_is(state).items() if before.get(n) != seen}
+    return dataclasses.replace(ResumePoint.of(verified), frozen=written)
 
 
 def reopen_run(run_id: str) -> None:
@@ -73,6 +80,7 @@ class ResumePoint:
     manager_state: dict[str, Any] = field(default_factory=dict)  # triggers, spike watch
     resumes: int = 1  # this resume included
     manifest: Manifest | None = None  # the restored checkpoint's (what the next save references)
+    frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters it restored
 
     @classmethod
     def of(cls, verified: VerifiedCheckpoint | None) -> ResumePoint:

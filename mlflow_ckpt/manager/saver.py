@@ -147,9 +147,7 @@ class Saver:
         copy = self.worker is not None
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
-        # A milestone of an incremental run references nothing and is copied whole: no
-        # frozen tensor is reused unread (retention.is_milestone says why).
-        whole = self.milestones.whole(step)
+        whole = self.milestones.whole(step)  # copied whole, referencing nothing (see there)
         history = None
         if self.shared_uri is not None and self.ranks is None:
             history = self.base.history() if self.base is not None and not whole else History()
@@ -261,14 +259,17 @@ class Saver:
         if error is not None:
             self._failed(error)
 
-    def resumed(self, checkpoint: Checkpoint, manifest: Manifest | None) -> int:
-        """Carry on from ``checkpoint`` (restored by a resume): the next save follows it and,
-        when incremental, references its shared bytes. Returns its step."""
+    def resumed(
+        self, checkpoint: Checkpoint, manifest: Manifest | None, frozen: Mapping[str, Seen]
+    ) -> int:
+        """Carry on from ``checkpoint``, just restored: the next save follows it and, when
+        incremental, references its shared bytes, unread for the ``frozen`` parameters the
+        restore wrote (as the restore left them). Returns its step."""
         self.last_checkpoint = checkpoint
         self.last_saved_step = checkpoint.step
         usable = manifest is not None and manifest.shared_uri in (None, self.shared_uri)
         if self.shared_uri is not None and usable:  # (never another run's shared area)
-            self.base = Base(checkpoint.model_id, manifest, {})  # type: ignore[arg-type]
+            self.base = Base(checkpoint.model_id, manifest, frozen)  # type: ignore[arg-type]
         return checkpoint.step
 
     def _protected(self) -> tuple[str, ...]:
@@ -330,8 +331,7 @@ class Saver:
             if self.ranks is None:
                 self.last_checkpoint, manifest = write_checkpoint(self.target, job)
                 if self.shared_uri is not None:
-                    changes = job.snapshot.changes
-                    seen = changes.seen if changes is not None else {}
+                    seen = job.snapshot.changes.seen if job.snapshot.changes else {}
                     self.base = Base(self.last_checkpoint.model_id, manifest, seen)
             else:
                 self.last_checkpoint, self.chunk_base = write_distributed(

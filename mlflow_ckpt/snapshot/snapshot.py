@@ -20,10 +20,11 @@ from mlflow_ckpt.errors import (
     StateMismatchError,
     StateSerializationError,
 )
-from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
+from mlflow_ckpt.snapshot.stateful import unwrap_module
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
 
 DOCUMENT_VERSION = 1
@@ -113,6 +114,25 @@ def take_snapshot(
         document["rng"] = encode(capture_rng(), RNG_PATH, sink)
     copier.finish()
     return Snapshot(document, sink.tensors, Changes.of(tracker) if tracker is not None else None)
+
+
+def frozen_as_is(state: Mapping[str, Any]) -> dict[str, Seen]:
+    """What a snapshot taken now would see of the frozen parameters in ``state`` (their
+    memory and version counters, by tensor name), copying nothing, not even from a GPU.
+
+    Right after a restore the frozen parameters hold the checkpoint's own bytes (a module
+    copies in every saved tensor of its name), just as they hold the saved bytes right
+    after a save. Handing this to the next incremental save lets it reference the frozen
+    backbone unread until a version counter moves; without it, the first save after a
+    resume copies and hashes every frozen byte to find them unchanged."""
+    tracker = ChangeTracker(state, History())
+    sink = TensorSink(lambda tensor: tensor, tracker.observe)
+    for name, obj in state.items():
+        # Only modules have parameters; another object's state_dict() may be costly (a
+        # framework's whole checkpoint), so it is not called. Names are take_snapshot's.
+        if isinstance(unwrap_module(obj), torch.nn.Module):
+            encode(obj, name, sink)
+    return {name: tracker.seen[name] for name in tracker.frozen}
 
 
 @dataclass(frozen=True)
