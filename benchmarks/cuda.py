@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -208,12 +209,15 @@ def main(argv: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-cuda-"))
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
     mlflow.set_experiment("cuda")
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "resume": check_cuda_resume(),
-        "stall": bench_stall(args.params, args.repeats, workdir),
-    }
+    try:
+        report = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "resume": check_cuda_resume(),
+            "stall": bench_stall(args.params, args.repeats, workdir),
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -126,11 +127,21 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     layers = max(1, round(args.backbone_mb * 1e6 / ((WIDTH * WIDTH + WIDTH) * 4)))
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-incremental-"))
+    cwd = os.getcwd()
     os.chdir(work)
+    try:
+        report(layers, args.saves, work)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)  # several GB of checkpoints
+
+
+def report(layers: int, saves: int, work: Path) -> None:
+    """Run the fine-tune every way in ``work`` and print the figures."""
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("incremental")
     results = {
-        (inc, mode): one(layers, args.saves, incremental=inc, async_save=mode == "async")
+        (inc, mode): one(layers, saves, incremental=inc, async_save=mode == "async")
         for mode in ("sync", "async")
         for inc in (True, False)
     }

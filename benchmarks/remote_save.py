@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
         run(args, spool)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, spool: Path) -> None:

@@ -13,7 +13,9 @@ min / median / max of ``--repeats`` (this machine is noisy):
   ``safetensors.torch.load_file`` of the same tensors copied into the live state, and
   ``dcp.load``;
 - **load + first AdamW step**: a resume is over once training runs at full speed again,
-  so the first optimizer step after each load counts too (plain and compressed);
+  so the first optimizer step after each load counts too (plain and compressed): into the
+  live objects (a rollback), and into a new model and optimizer built just before (the
+  usual resume: the optimizer has no moments yet, so they need new memory either way);
 - **compression** (``compression="zstd"``): a sync save and a load of the same state, and
   stored/raw ratio with compress and decompress GB/s for bf16 and fp32 weights and AdamW
   moments (in memory, no disk);
@@ -200,6 +202,26 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
     out["mlflow_ckpt load + first AdamW step, compression='zstd'"] = timed(
         load_and_step(zuri), repeats
     )
+    new: dict[str, Any] = {}
+
+    def new_objects() -> None:  # what a resuming process builds before it loads
+        new.clear()
+        net = torch.nn.Sequential(*(torch.nn.Linear(m.in_features, m.out_features) for m in model))
+        net(torch.randn(2, net[0].in_features)).sum().backward()
+        new.update(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-4))
+
+    def resume_and_step(target: str) -> Callable[[], None]:
+        def run() -> None:
+            mlflow_ckpt.load(target, new)
+            new["optimizer"].step()
+
+        return run
+
+    out["... into a new model and optimizer"] = timed(resume_and_step(uri), repeats, new_objects)
+    out["... into a new model and optimizer, compression='zstd'"] = timed(
+        resume_and_step(zuri), repeats, new_objects
+    )
+    new.clear()
     out["AdamW step (steady)"] = timed(opt.step, repeats)
     return out, size
 
@@ -368,6 +390,9 @@ def table(
         ),
         "mlflow_ckpt load + first AdamW step, compression='zstd'": (
             "mlflow_ckpt load + first AdamW step",
+        ),
+        "... into a new model and optimizer, compression='zstd'": (
+            "... into a new model and optimizer",
         ),
     }
     lines = [
