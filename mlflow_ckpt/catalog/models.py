@@ -52,7 +52,7 @@ def create_pending(
     }
     return client.create_logged_model(
         experiment_id=experiment_id,
-        name=f"checkpoint-step-{step}",
+        name=tags.model_name(step),
         source_run_id=run_id,
         model_type=tags.MODEL_TYPE,
         params=described,

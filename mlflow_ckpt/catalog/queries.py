@@ -74,9 +74,56 @@ def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list
 
 
 def latest_checkpoint(run_id: str, *, client: MlflowClient | None = None) -> Checkpoint | None:
-    """The committed checkpoint of a run with the highest step, or ``None``."""
-    ckpts = list_checkpoints(run_id, client=client)
-    return ckpts[0] if ckpts else None
+    """The committed checkpoint of a run with the highest step, or ``None``.
+
+    Without listing the run: MLflow orders LoggedModels by attributes, not by tags, and the
+    step is a tag. But a checkpoint's name is ``checkpoint-step-<step>``, an attribute, and
+    among names of one length name order is step order. So three requests for one model
+    each, at any number of checkpoints (see :func:`_latest_by_name`); the run is listed in
+    full only where that reasoning does not hold.
+    """
+    client = client or MlflowClient()
+    experiment_id = get_run(client, run_id).info.experiment_id
+    try:
+        return _latest_by_name(client, run_id, experiment_id)
+    except _ListInstead:
+        ckpts = _newest_first(committed_models(client, run_id, experiment_id=experiment_id))
+        return ckpts[0] if ckpts else None
+
+
+class _ListInstead(Exception):
+    """Names that do not tell the highest step: the run is listed instead."""
+
+
+_NEWER_FIRST = {"field_name": "creation_timestamp", "ascending": False}
+
+
+def _latest_by_name(client: MlflowClient, run_id: str, experiment_id: str) -> Checkpoint | None:
+    """The newest checkpoint's step gives the name length to look at; one request makes sure
+    that no longer name exists (if one does, steps went down at some point); one orders the
+    names of that length (ties: the newer checkpoint)."""
+
+    def first(name_like: str | None, order: list[dict[str, object]]) -> Checkpoint | None:
+        clause = f"source_run_id = '{run_id}'"
+        if name_like is not None:
+            clause += f" AND name LIKE '{tags.NAME_PREFIX}{name_like}'"
+        page = client.search_logged_models(
+            [experiment_id], filter_string=_committed_filter(clause), order_by=order, max_results=1
+        )
+        if not page:
+            return None
+        ckpt = Checkpoint.from_logged_model(page[0])
+        if page[0].name != tags.model_name(ckpt.step):  # (none should differ)
+            raise _ListInstead
+        return ckpt
+
+    newest = first(None, [_NEWER_FIRST])
+    if newest is None:
+        return None
+    digits = len(str(newest.step))
+    if first("_" * (digits + 1) + "%", [_NEWER_FIRST]) is not None:
+        raise _ListInstead
+    return first("_" * digits, [{"field_name": "name", "ascending": False}, _NEWER_FIRST])
 
 
 def best_checkpoint(

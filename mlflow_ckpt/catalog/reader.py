@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.queries import list_checkpoints
+from mlflow_ckpt.catalog.queries import latest_checkpoint, list_checkpoints
 from mlflow_ckpt.catalog.resolve import describe, resolve
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
 from mlflow_ckpt.codec.hashing import hash_file
@@ -59,7 +59,7 @@ def newest_verified(run_id: str, client: MlflowClient) -> VerifiedCheckpoint | N
     Each one that fails is skipped with a warning naming it and the bad file; a corrupt one
     is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
     """
-    for ckpt in list_checkpoints(run_id, client=client):
+    for ckpt in _newest_first(run_id, client):
         try:
             model = resolve(ckpt, client)
             loaded = read_checkpoint(model)
@@ -73,6 +73,19 @@ def newest_verified(run_id: str, client: MlflowClient) -> VerifiedCheckpoint | N
             continue
         return VerifiedCheckpoint(ckpt, model, loaded)
     return None
+
+
+def _newest_first(run_id: str, client: MlflowClient) -> Iterator[Checkpoint]:
+    """The run's committed checkpoints, newest step first, listed only if the newest fails
+    (a resume of a run of 10,000 checkpoints then costs three small requests, not ten
+    pages)."""
+    newest = latest_checkpoint(run_id, client=client)
+    if newest is None:
+        return
+    yield newest
+    for ckpt in list_checkpoints(run_id, client=client):
+        if ckpt.model_id != newest.model_id:
+            yield ckpt
 
 
 def manifest_digest(model: LoggedModel) -> str:

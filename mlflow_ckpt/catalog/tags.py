@@ -39,6 +39,16 @@ INVALID_REASON = "mlflow_ckpt.invalid_reason"
 VALIDATION = "mlflow_ckpt.validation"
 
 MODEL_TYPE = "mlflow_ckpt.checkpoint"
+# Every checkpoint's LoggedModel name: NAME_PREFIX + its step (queries.latest_checkpoint
+# orders by it). Steps are non-negative integers.
+NAME_PREFIX = "checkpoint-step-"
+
+
+def model_name(step: int) -> str:
+    """The LoggedModel name of the checkpoint of ``step``."""
+    return f"{NAME_PREFIX}{step}"
+
+
 # On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.
 PINNED = "mlflow_ckpt.pinned"
 PRE_SPIKE = "pre_spike"
