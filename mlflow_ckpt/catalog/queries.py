@@ -83,12 +83,24 @@ def latest_checkpoint(run_id: str, *, client: MlflowClient | None = None) -> Che
     full only where that reasoning does not hold.
     """
     client = client or MlflowClient()
-    experiment_id = get_run(client, run_id).info.experiment_id
+    return newest_committed(client, run_id, get_run(client, run_id).info.experiment_id)
+
+
+def newest_committed(client: MlflowClient, run_id: str, experiment_id: str) -> Checkpoint | None:
+    """:func:`latest_checkpoint` where the run's experiment is known (no ``get_run``: it
+    loads every LoggedModel output of the run, 0.25 s at 10,000 checkpoints)."""
     try:
         return _latest_by_name(client, run_id, experiment_id)
     except _ListInstead:
-        ckpts = _newest_first(committed_models(client, run_id, experiment_id=experiment_id))
+        ckpts = committed_checkpoints(client, run_id, experiment_id)
         return ckpts[0] if ckpts else None
+
+
+def committed_checkpoints(
+    client: MlflowClient, run_id: str, experiment_id: str
+) -> list[Checkpoint]:
+    """:func:`list_checkpoints` where the run's experiment is known."""
+    return _newest_first(committed_models(client, run_id, experiment_id=experiment_id))
 
 
 class _ListInstead(Exception):

@@ -18,8 +18,9 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
-from mlflow_ckpt.catalog.queries import latest_checkpoint, list_checkpoints
+from mlflow_ckpt.catalog.queries import committed_checkpoints, newest_committed
 from mlflow_ckpt.catalog.resolve import describe, resolve
+from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.codec import MANIFEST_NAME, FileEntry, check_file, read_manifest
 from mlflow_ckpt.codec.hashing import hash_file
 from mlflow_ckpt.codec.layout import with_shared
@@ -53,13 +54,16 @@ class VerifiedCheckpoint:
     loaded: LoadedFolder
 
 
-def newest_verified(run_id: str, client: MlflowClient) -> VerifiedCheckpoint | None:
+def newest_verified(
+    run_id: str, client: MlflowClient, experiment_id: str | None = None
+) -> VerifiedCheckpoint | None:
     """The newest committed checkpoint of ``run_id`` whose files verify, or ``None``.
 
     Each one that fails is skipped with a warning naming it and the bad file; a corrupt one
     is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
     """
-    for ckpt in _newest_first(run_id, client):
+    experiment_id = experiment_id or get_run(client, run_id).info.experiment_id
+    for ckpt in _newest_first(client, run_id, experiment_id):
         try:
             model = resolve(ckpt, client)
             loaded = read_checkpoint(model)
@@ -75,15 +79,15 @@ def newest_verified(run_id: str, client: MlflowClient) -> VerifiedCheckpoint | N
     return None
 
 
-def _newest_first(run_id: str, client: MlflowClient) -> Iterator[Checkpoint]:
+def _newest_first(client: MlflowClient, run_id: str, experiment_id: str) -> Iterator[Checkpoint]:
     """The run's committed checkpoints, newest step first, listed only if the newest fails
     (a resume of a run of 10,000 checkpoints then costs three small requests, not ten
     pages)."""
-    newest = latest_checkpoint(run_id, client=client)
+    newest = newest_committed(client, run_id, experiment_id)
     if newest is None:
         return
     yield newest
-    for ckpt in list_checkpoints(run_id, client=client):
+    for ckpt in committed_checkpoints(client, run_id, experiment_id):
         if ckpt.model_id != newest.model_id:
             yield ckpt
 

@@ -142,7 +142,9 @@ class CheckpointManager:
         try:
             if session.ranks is None:
                 assert session.client is not None
-                point = restore_newest(session.client, run_id, state, strict=strict)
+                point = restore_newest(
+                    session.client, run_id, session.experiment_id, state, strict=strict
+                )
             else:
                 restored = restore_distributed(
                     session.client, run_id, state, session.ranks, strict=strict

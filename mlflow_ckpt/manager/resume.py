@@ -36,11 +36,16 @@ def check_no_other_run(run_id: str) -> None:
 
 
 def restore_newest(
-    client: MlflowClient, run_id: str, state: Mapping[str, Any], *, strict: bool
+    client: MlflowClient,
+    run_id: str,
+    experiment_id: str,
+    state: Mapping[str, Any],
+    *,
+    strict: bool,
 ) -> ResumePoint:
     """Restore the newest checkpoint of ``run_id`` that verifies into ``state`` (and the
     global random streams); an empty point (and nothing changed) when the run has none."""
-    verified = newest_verified(run_id, client)
+    verified = newest_verified(run_id, client, experiment_id)
     if verified is None:
         return ResumePoint()
     before = frozen_as_is(state)
