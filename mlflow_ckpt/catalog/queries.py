@@ -43,9 +43,17 @@ def _committed_filter(extra: str | None = None) -> str:
 
 
 def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
-    ckpts = [Checkpoint.from_logged_model(m) for m in models]
-    ckpts.sort(key=lambda c: (c.step, c.created_at), reverse=True)
-    return ckpts
+    return [ckpt for ckpt, _ in newest_first_with_models(models)]
+
+
+def newest_first_with_models(
+    models: Iterable[LoggedModel],
+) -> list[tuple[Checkpoint, LoggedModel]]:
+    """Checkpoint records of ``models``, newest step first (ties: the newer), each with its
+    LoggedModel (whose tags hold what a reader checks, with no request per checkpoint)."""
+    pairs = [(Checkpoint.from_logged_model(m), m) for m in models]
+    pairs.sort(key=lambda pair: (pair[0].step, pair[0].created_at), reverse=True)
+    return pairs
 
 
 def committed_models(

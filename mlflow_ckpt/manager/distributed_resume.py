@@ -32,7 +32,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from mlflow_ckpt.catalog import Checkpoint, list_checkpoints, models, resolve, tags
+from mlflow_ckpt.catalog import Checkpoint, models, tags
+from mlflow_ckpt.catalog.queries import committed_models, newest_first_with_models
 from mlflow_ckpt.codec import read_manifest
 from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.codec.manifest import Manifest
@@ -82,8 +83,8 @@ def _candidates(client: MlflowClient | None, run_id: str, ranks: RankGroup) -> l
     listed: list[Any] = []
     if ranks.is_leader:
         assert client is not None
-        for ckpt in list_checkpoints(run_id, client=client):
-            model = resolve(ckpt, client)
+        # (one listing: the manifest digests are in the listed models' tags)
+        for ckpt, model in newest_first_with_models(committed_models(client, run_id)):
             listed.append(
                 {
                     "checkpoint": checkpoint_to_json(ckpt),
