@@ -58,10 +58,21 @@ def added_bytes(ckpt: mlflow_ckpt.Checkpoint, area: str) -> int:
     return sum(v for k, v in own.items() if k != "manifest.json") + sum(shared.values())
 
 
-def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict[str, object]:
-    torch.manual_seed(0)
+def fine_tune(layers: int, seed: int) -> tuple[FineTune, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
     model = FineTune(layers)
-    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    return model, torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+
+
+def train_step(model: FineTune, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict[str, object]:
+    model, opt = fine_tune(layers, seed=0)
     x = torch.randn(16, WIDTH)
     times = []
     with mlflow.start_run(run_name=f"inc-{incremental}-{async_save}") as run:
@@ -73,10 +84,7 @@ def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict
             save_last=False,
         ) as mgr:
             for step in range(saves):
-                loss = model(x).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                train_step(model, opt, x)
                 mgr.wait()  # time the save (or the stall) alone, not the previous one
                 started = time.perf_counter()
                 mgr.save(step)
@@ -97,9 +105,7 @@ def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict
 def after_resume(run_id: str, layers: int, area: str, *, async_save: bool) -> tuple[float, int]:
     """Resume ``run_id`` into a new model, train one step, time the first save (or stall);
     return it and the bytes that save added."""
-    torch.manual_seed(1)
-    model = FineTune(layers)
-    opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    model, opt = fine_tune(layers, seed=1)
     with mlflow_ckpt.CheckpointManager.resume(
         run_id,
         {"model": model, "optimizer": opt},
@@ -107,10 +113,7 @@ def after_resume(run_id: str, layers: int, area: str, *, async_save: bool) -> tu
         timeline=False,
         save_last=False,
     ) as mgr:
-        loss = model(torch.randn(16, WIDTH)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, torch.randn(16, WIDTH))
         started = time.perf_counter()
         mgr.save(mgr.start_step)
         took = time.perf_counter() - started

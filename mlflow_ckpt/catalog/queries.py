@@ -78,7 +78,7 @@ def committed_models(
 
 def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:
     """The committed checkpoints of a run, newest step first."""
-    return _newest_first(committed_models(client or MlflowClient(), run_id))
+    return committed_checkpoints(client or MlflowClient(), run_id)
 
 
 def latest_checkpoint(run_id: str, *, client: MlflowClient | None = None) -> Checkpoint | None:
@@ -105,9 +105,9 @@ def newest_committed(client: MlflowClient, run_id: str, experiment_id: str) -> C
 
 
 def committed_checkpoints(
-    client: MlflowClient, run_id: str, experiment_id: str
+    client: MlflowClient, run_id: str, experiment_id: str | None = None
 ) -> list[Checkpoint]:
-    """:func:`list_checkpoints` where the run's experiment is known."""
+    """:func:`list_checkpoints`, without a ``get_run`` where the run's experiment is known."""
     return _newest_first(committed_models(client, run_id, experiment_id=experiment_id))
 
 

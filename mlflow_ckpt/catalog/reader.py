@@ -63,7 +63,7 @@ def newest_verified(
     is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
     """
     experiment_id = experiment_id or get_run(client, run_id).info.experiment_id
-    for ckpt in _newest_first(client, run_id, experiment_id):
+    for ckpt in _newest_lazily(client, run_id, experiment_id):
         try:
             model = resolve(ckpt, client)
             loaded = read_checkpoint(model)
@@ -79,7 +79,7 @@ def newest_verified(
     return None
 
 
-def _newest_first(client: MlflowClient, run_id: str, experiment_id: str) -> Iterator[Checkpoint]:
+def _newest_lazily(client: MlflowClient, run_id: str, experiment_id: str) -> Iterator[Checkpoint]:
     """The run's committed checkpoints, newest step first, listed only if the newest fails
     (a resume of a run of 10,000 checkpoints then costs three small requests, not ten
     pages)."""

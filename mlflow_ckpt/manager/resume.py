@@ -59,7 +59,7 @@ def restore_newest(
     # Frozen parameters the restore wrote now hold the checkpoint's bytes. Only those: a
     # module whose own load_state_dict skips some keeps other bytes under the same names.
     written = {n: seen for n, seen in frozen_as_is(state).items() if before.get(n) != seen}
-    return dataclasses.replace(ResumePoint.of(verified), frozen=written)
+    return ResumePoint.of(verified, written)
 
 
 def reopen_run(run_id: str) -> None:
@@ -88,11 +88,10 @@ class ResumePoint:
     frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters it restored
 
     @classmethod
-    def of(cls, verified: VerifiedCheckpoint | None) -> ResumePoint:
-        if verified is None:
-            return cls()
+    def of(cls, verified: VerifiedCheckpoint, frozen: Mapping[str, Seen]) -> ResumePoint:
+        """From a checkpoint restored in this process, and the frozen parameters it wrote."""
         point = cls.of_progress(verified.checkpoint, verified.loaded.decoded.progress)
-        return dataclasses.replace(point, manifest=verified.loaded.manifest)
+        return dataclasses.replace(point, manifest=verified.loaded.manifest, frozen=frozen)
 
     @classmethod
     def of_progress(cls, checkpoint: Checkpoint, progress: Mapping[str, Any]) -> ResumePoint:
