@@ -9,8 +9,9 @@ same training is saved ``--saves`` times with ``incremental=True`` (the default)
   group it wrote), and the later ones as a fraction of the first (target <= 0.12);
 * the median time of a later sync save, and of the training stall of a later async save,
   against the same figure with ``incremental=False``;
-* the first save (stall) after ``CheckpointManager.resume`` of the incremental run, in a
-  fresh model: the restore wrote the frozen backbone, so it is referenced unread.
+* ``CheckpointManager.resume`` of the incremental run into a fresh model (it compares the
+  frozen backbone it restored with the checkpoint's bytes once), and the first save (stall)
+  after it: the backbone holds the checkpoint's bytes, so it is referenced unread.
 
     python benchmarks/incremental.py [--backbone-mb 400] [--saves 6]
 """
@@ -102,17 +103,22 @@ def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict
     }
 
 
-def after_resume(run_id: str, layers: int, area: str, *, async_save: bool) -> tuple[float, int]:
-    """Resume ``run_id`` into a new model, train one step, time the first save (or stall);
-    return it and the bytes that save added."""
+def after_resume(
+    run_id: str, layers: int, area: str, *, async_save: bool
+) -> tuple[float, float, int]:
+    """Resume ``run_id`` into a new model, train one step, time the resume and the first
+    save (or stall); return both and the bytes that save added."""
     model, opt = fine_tune(layers, seed=1)
-    with mlflow_ckpt.CheckpointManager.resume(
+    started = time.perf_counter()
+    resumed = mlflow_ckpt.CheckpointManager.resume(
         run_id,
         {"model": model, "optimizer": opt},
         async_save=async_save,
         timeline=False,
         save_last=False,
-    ) as mgr:
+    )
+    resume_s = time.perf_counter() - started
+    with resumed as mgr:
         train_step(model, opt, torch.randn(16, WIDTH))
         started = time.perf_counter()
         mgr.save(mgr.start_step)
@@ -120,7 +126,7 @@ def after_resume(run_id: str, layers: int, area: str, *, async_save: bool) -> tu
     mlflow.end_run()  # (resume reopened the run)
     newest = mlflow_ckpt.latest_checkpoint(run_id)
     assert newest is not None and newest.step == mgr.start_step
-    return took, added_bytes(newest, area)
+    return resume_s, took, added_bytes(newest, area)
 
 
 def main(argv: list[str]) -> None:
@@ -172,11 +178,11 @@ def report(layers: int, saves: int, work: Path) -> None:
             f" with incremental=False ({ratio:.2f}x); first {label} "
             f"{float(inc['first_s']):.3f} s vs {float(full['first_s']):.3f} s"  # type: ignore[arg-type]
         )
-        took, resumed_added = after_resume(
+        resume_s, took, resumed_added = after_resume(
             str(inc["run_id"]), layers, str(inc["area"]), async_save=mode == "async"
         )
         print(
-            f"       first {label} after a resume: {took:.3f} s, added "
+            f"       resume {resume_s:.3f} s; first {label} after it: {took:.3f} s, added "
             f"{resumed_added / 1e6:.1f} MB ({resumed_added / added[0]:.3f}x the first)"
         )
 

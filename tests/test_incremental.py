@@ -255,6 +255,53 @@ def test_a_frozen_parameter_the_restore_did_not_write_is_read_at_the_next_save(
         assert torch.equal(restored.state_dict()[name], tensor), name
 
 
+class ConvertsOnLoad(FrozenNet):
+    """Its loading converts what it is given (a format upgrade, a rescaling): the frozen
+    backbone then holds bytes that differ from the checkpoint's under the same names."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def]
+        converted = {
+            k: v * 2.0 if k.startswith("backbone.0.") else v for k, v in state_dict.items()
+        }
+        return super().load_state_dict(converted, strict=strict, assign=assign)
+
+
+def test_a_frozen_parameter_the_restore_converted_is_stored_as_it_is_now(tracking: str) -> None:
+    """The restore wrote it, but not the checkpoint's bytes: the next save must store the
+    live bytes, not reference the old ones under the same name."""
+    run_id, _ = fine_tune_run("before resume", steps=2)
+    torch.manual_seed(5)
+    model = ConvertsOnLoad()
+    state = {
+        "model": model,
+        "optimizer": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+    }
+    with mlflow_ckpt.CheckpointManager.resume(
+        run_id, state, async_save=False, timeline=False
+    ) as mgr:
+        train_step(state)
+        mgr.save(2)
+    ckpt = mlflow_ckpt.latest_checkpoint(run_id)
+    assert ckpt is not None and ckpt.step == 2
+    restored = fine_tune(seed=7)["model"]
+    mlflow_ckpt.load(ckpt, {"model": restored})
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+
+
+def test_frozen_bytes_are_compared_bit_for_bit() -> None:
+    """The check behind the previous test: equal values are not enough (a conversion
+    that turns -0.0 into 0.0 changes the bytes), and NaNs equal themselves."""
+    from mlflow_ckpt.snapshot.changes import same_bytes
+
+    weight = torch.tensor([[1.0, -0.0], [float("nan"), 2.0]])
+    assert same_bytes(weight.t(), weight.t().contiguous())  # strided live tensor
+    assert not same_bytes(weight, weight.abs())  # -0.0 vs 0.0: equal values, other bytes
+    assert not same_bytes(weight, weight.double())
+    assert not same_bytes(weight, weight.reshape(4))
+    assert not same_bytes(weight, None)  # not in the checkpoint
+
+
 def test_unchanged_tensors_are_found_by_content_also_after_a_resume(tracking: str) -> None:
     table = torch.randn(2 * MB)  # 8 MiB, never changes, not a module parameter
     state = {"table": table, "w": torch.zeros(100)}

@@ -22,7 +22,7 @@ from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
 from mlflow_ckpt.snapshot.changes import Seen
-from mlflow_ckpt.snapshot.snapshot import frozen_as_is
+from mlflow_ckpt.snapshot.snapshot import frozen_as_is, restored_frozen
 
 
 def check_no_other_run(run_id: str) -> None:
@@ -48,18 +48,10 @@ def restore_newest(
     verified = newest_verified(run_id, client, experiment_id)
     if verified is None:
         return ResumePoint()
+    decoded = verified.loaded.decoded
     before = frozen_as_is(state)
-    restore(
-        verified.loaded.decoded,
-        state,
-        strict=strict,
-        restore_rng_streams=True,
-        where=describe(verified.model),
-    )
-    # Frozen parameters the restore wrote now hold the checkpoint's bytes. Only those: a
-    # module whose own load_state_dict skips some keeps other bytes under the same names.
-    written = {n: seen for n, seen in frozen_as_is(state).items() if before.get(n) != seen}
-    return ResumePoint.of(verified, written)
+    restore(decoded, state, strict=strict, restore_rng_streams=True, where=describe(verified.model))
+    return ResumePoint.of(verified, restored_frozen(before, frozen_as_is(state), decoded.tensors))
 
 
 def reopen_run(run_id: str) -> None:

@@ -56,6 +56,19 @@ def local_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def same_bytes(live: torch.Tensor, saved: torch.Tensor | None) -> bool:
+    """Whether ``live`` holds exactly the bytes of ``saved`` (bitwise: ``-0.0`` differs
+    from ``0.0``, a NaN equals itself), on whichever device ``live`` is."""
+    if saved is None or live.dtype != saved.dtype or live.shape != saved.shape:
+        return False
+    saved = saved.to(live.device)
+    return torch.equal(_bytes_of(live), _bytes_of(saved))
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
 def frozen_identities(state: Mapping[str, Any]) -> set[Identity]:
     """Identities of the frozen parameters (their local shards) of every module in ``state``."""
     frozen: set[Identity] = set()

@@ -20,7 +20,7 @@ from mlflow_ckpt.errors import (
     StateMismatchError,
     StateSerializationError,
 )
-from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen, same_bytes
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
@@ -116,15 +116,15 @@ def take_snapshot(
     return Snapshot(document, sink.tensors, Changes.of(tracker) if tracker is not None else None)
 
 
-def frozen_as_is(state: Mapping[str, Any]) -> dict[str, Seen]:
+def frozen_as_is(state: Mapping[str, Any]) -> dict[str, tuple[Seen, torch.Tensor]]:
     """What a snapshot taken now would see of the frozen parameters in ``state`` (their
-    memory and version counters, by tensor name), copying nothing, not even from a GPU.
+    memory and version counters, and the live tensors, by tensor name), copying nothing,
+    not even from a GPU.
 
-    Right after a restore the frozen parameters hold the checkpoint's own bytes (a module
-    copies in every saved tensor of its name), just as they hold the saved bytes right
-    after a save. Handing this to the next incremental save lets it reference the frozen
-    backbone unread until a version counter moves; without it, the first save after a
-    resume copies and hashes every frozen byte to find them unchanged."""
+    Taken before and after a restore, it tells which frozen parameters the restore wrote
+    (see :func:`restored_frozen`); handing those to the next incremental save lets it
+    reference the frozen backbone unread until a version counter moves. Without it, the
+    first save after a resume copies and hashes every frozen byte to find them unchanged."""
     tracker = ChangeTracker(state, History())
     sink = TensorSink(lambda tensor: tensor, tracker.observe)
     for name, obj in state.items():
@@ -132,7 +132,27 @@ def frozen_as_is(state: Mapping[str, Any]) -> dict[str, Seen]:
         # framework's whole checkpoint), so it is not called. Names are take_snapshot's.
         if isinstance(unwrap_module(obj), torch.nn.Module):
             encode(obj, name, sink)
-    return {name: tracker.seen[name] for name in tracker.frozen}
+    return {name: (tracker.seen[name], sink.tensors[name]) for name in tracker.frozen}
+
+
+def restored_frozen(
+    before: Mapping[str, tuple[Seen, torch.Tensor]],
+    after: Mapping[str, tuple[Seen, torch.Tensor]],
+    saved: Mapping[str, torch.Tensor],
+) -> dict[str, Seen]:
+    """The frozen parameters a restore left holding exactly the checkpoint's bytes under
+    the same names (``saved``: the checkpoint's tensors), as the next save will see them.
+
+    Two kinds are left out, so the next save compares them by hash: those the restore did
+    not write (a module whose ``load_state_dict`` skips some keeps other bytes), and those
+    it wrote other bytes into (a ``load_state_dict`` that converts what it is given).
+    Telling the second kind costs one bitwise comparison of the frozen bytes, once per
+    resume; referencing them unread would store the old bytes for the new."""
+    return {
+        name: seen
+        for name, (seen, live) in after.items()
+        if before.get(name, (None, None))[0] != seen and same_bytes(live, saved.get(name))
+    }
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,9 @@ class DecodedState:
     # Entries saved through DCP's state_dict API (distributed checkpoints): name -> kind
     # ("module", or "optimizer:<module>": keyed by parameter name, restored through DCP).
     sharded: dict[str, str] = field(default_factory=dict)
+    # The checkpoint's tensors by the names it stores them under, the names a snapshot
+    # gives them (what tells a resume which frozen parameters hold the saved bytes).
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def decode_document(
@@ -172,7 +195,8 @@ def decode_document(
         ) from exc
     if rng is not None:
         check_rng(rng, where)
-    return DecodedState(state, rng, progress if isinstance(progress, dict) else {})
+    progress = progress if isinstance(progress, dict) else {}
+    return DecodedState(state, rng, progress, tensors=dict(tensors))
 
 
 def restore(
