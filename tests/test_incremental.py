@@ -300,6 +300,9 @@ def test_frozen_bytes_are_compared_bit_for_bit() -> None:
     assert not same_bytes(weight, weight.double())
     assert not same_bytes(weight, weight.reshape(4))
     assert not same_bytes(weight, None)  # not in the checkpoint
+    row = torch.randn(9)[1:]  # 4 bytes into its storage: compared in words both divide
+    assert same_bytes(row, row.clone()) and same_bytes(row.clone(), row)
+    assert not same_bytes(row, row.clone().index_fill_(0, torch.tensor([7]), 0.5))
 
 
 def test_unchanged_tensors_are_found_by_content_also_after_a_resume(tracking: str) -> None:
