@@ -22,7 +22,7 @@ from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
 from mlflow_ckpt.snapshot.changes import Seen
-from mlflow_ckpt.snapshot.snapshot import frozen_as_is, restored_frozen
+from mlflow_ckpt.snapshot.snapshot import frozen_holding
 
 
 def check_no_other_run(run_id: str) -> None:
@@ -49,9 +49,8 @@ def restore_newest(
     if verified is None:
         return ResumePoint()
     decoded = verified.loaded.decoded
-    before = frozen_as_is(state)
     restore(decoded, state, strict=strict, restore_rng_streams=True, where=describe(verified.model))
-    return ResumePoint.of(verified, restored_frozen(before, frozen_as_is(state), decoded.tensors))
+    return ResumePoint.of(verified, frozen_holding(state, decoded.tensors))
 
 
 def reopen_run(run_id: str) -> None:

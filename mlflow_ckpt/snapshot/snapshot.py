@@ -116,15 +116,18 @@ def take_snapshot(
     return Snapshot(document, sink.tensors, Changes.of(tracker) if tracker is not None else None)
 
 
-def frozen_as_is(state: Mapping[str, Any]) -> dict[str, tuple[Seen, torch.Tensor]]:
-    """What a snapshot taken now would see of the frozen parameters in ``state`` (their
-    memory and version counters, and the live tensors, by tensor name), copying nothing,
-    not even from a GPU.
+def frozen_holding(state: Mapping[str, Any], saved: Mapping[str, torch.Tensor]) -> dict[str, Seen]:
+    """The frozen parameters in ``state`` that hold exactly the bytes of the checkpoint
+    tensor of their name (``saved``), with what a snapshot taken now sees of them (memory
+    and version counter, by tensor name).
 
-    Taken before and after a restore, it tells which frozen parameters the restore wrote
-    (see :func:`restored_frozen`); handing those to the next incremental save lets it
+    Called right after a restore: handing this to the next incremental save lets it
     reference the frozen backbone unread until a version counter moves. Without it, the
-    first save after a resume copies and hashes every frozen byte to find them unchanged."""
+    first save after a resume copies and hashes every frozen byte to find them unchanged.
+    A restore does not always leave the saved bytes (a module whose ``load_state_dict``
+    skips some keys or converts what it is given), so each is compared bit for bit, once
+    per resume: far less than hashing, and referencing other bytes would store the old
+    ones for the new. Nothing is copied, not even from a GPU."""
     tracker = ChangeTracker(state, History())
     sink = TensorSink(lambda tensor: tensor, tracker.observe)
     for name, obj in state.items():
@@ -132,26 +135,10 @@ def frozen_as_is(state: Mapping[str, Any]) -> dict[str, tuple[Seen, torch.Tensor
         # framework's whole checkpoint), so it is not called. Names are take_snapshot's.
         if isinstance(unwrap_module(obj), torch.nn.Module):
             encode(obj, name, sink)
-    return {name: (tracker.seen[name], sink.tensors[name]) for name in tracker.frozen}
-
-
-def restored_frozen(
-    before: Mapping[str, tuple[Seen, torch.Tensor]],
-    after: Mapping[str, tuple[Seen, torch.Tensor]],
-    saved: Mapping[str, torch.Tensor],
-) -> dict[str, Seen]:
-    """The frozen parameters a restore left holding exactly the checkpoint's bytes under
-    the same names (``saved``: the checkpoint's tensors), as the next save will see them.
-
-    Two kinds are left out, so the next save compares them by hash: those the restore did
-    not write (a module whose ``load_state_dict`` skips some keeps other bytes), and those
-    it wrote other bytes into (a ``load_state_dict`` that converts what it is given).
-    Telling the second kind costs one bitwise comparison of the frozen bytes, once per
-    resume; referencing them unread would store the old bytes for the new."""
     return {
-        name: seen
-        for name, (seen, live) in after.items()
-        if before.get(name, (None, None))[0] != seen and same_bytes(live, saved.get(name))
+        name: tracker.seen[name]
+        for name in tracker.frozen
+        if same_bytes(sink.tensors[name], saved.get(name))
     }
 
 
