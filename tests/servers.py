@@ -268,6 +268,8 @@ class Postgres:
             capture_output=True,
             timeout=60,
         )
+        # The cluster is throwaway: its folder (~68 MB) went to /tmp on every run before.
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def start_postgres() -> Postgres:
