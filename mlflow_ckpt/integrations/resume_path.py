@@ -36,7 +36,8 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
     for ``trainer.train(resume_from_checkpoint=...)``. Every file is hash-checked first (corrupt
     checkpoints are skipped with a warning and tagged, as resume does). The checkpoint names its
     run, so training continues that same MLflow run. ``dst`` is the folder to write into (a new
-    temporary folder by default).
+    temporary folder by default, which nothing removes: the framework reads it after this
+    returns, so pass ``dst`` for a large model and delete it once training has started).
     """
     verified = newest_verified(run_id, MlflowClient())
     if verified is None:
