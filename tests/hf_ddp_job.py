@@ -34,6 +34,8 @@ def main() -> None:
     torch.save(weights, out / f"weights-{rank}.pt")
     if rank == 0:
         (out / "run_id").write_text(callback.run_id or "")
+    if dist.is_initialized():  # every group torn down before exit, as torchrun jobs should
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

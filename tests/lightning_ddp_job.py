@@ -45,6 +45,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "weights.pt")
         (out / "run_id").write_text(callback.run_id or "")
+    if torch.distributed.is_initialized():  # every group torn down before exit (as dist_job)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
