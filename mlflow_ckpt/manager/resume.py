@@ -76,11 +76,11 @@ class ResumePoint:
     manager_state: dict[str, Any] = field(default_factory=dict)  # triggers, spike watch
     resumes: int = 1  # this resume included
     manifest: Manifest | None = None  # the restored checkpoint's (what the next save references)
-    frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters it restored
+    frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters holding its bytes
 
     @classmethod
     def of(cls, verified: VerifiedCheckpoint, frozen: Mapping[str, Seen]) -> ResumePoint:
-        """From a checkpoint restored in this process, and the frozen parameters it wrote."""
+        """From a checkpoint restored here, and the frozen parameters holding its bytes."""
         point = cls.of_progress(verified.checkpoint, verified.loaded.decoded.progress)
         return dataclasses.replace(point, manifest=verified.loaded.manifest, frozen=frozen)
 
