@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,6 +30,7 @@ from mlflow_ckpt.integrations.framework_state import (
     numeric_metrics,
     require,
 )
+from mlflow_ckpt.integrations.resume_folder import remove_temporary, temporary_root
 from mlflow_ckpt.snapshot import capture_rng, restore_rng
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,18 @@ def _make_callback_class(pl: ModuleType) -> type:
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if self._writes_here(trainer) and self.manager is None:
                 self._open(trainer, pl_module)
+            self._drop_resume_folder(trainer)
+
+        def _drop_resume_folder(self, trainer: Any) -> None:
+            """Remove the temporary folder ``resume_path`` wrote the ``.ckpt`` into: Lightning
+            has restored all of it by ``on_train_start``. Ranks may share one folder
+            (``ddp_spawn``), so under several ranks all of them have read it first."""
+            path = trainer.ckpt_path
+            folder = temporary_root(Path(path).parent) if isinstance(path, str | Path) else None
+            if path and trainer.world_size > 1:
+                trainer.strategy.barrier("mlflow_ckpt.resume_folder")
+            if folder is not None:
+                remove_temporary(folder)
 
         def _writes_here(self, trainer: Any) -> bool:
             """Every rank under a multi-process strategy (distributed saves), else rank 0."""

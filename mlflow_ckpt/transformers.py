@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from mlflow_ckpt.integrations.framework_run import (
@@ -25,11 +26,13 @@ from mlflow_ckpt.integrations.framework_run import (
     runs_on_every_rank,
 )
 from mlflow_ckpt.integrations.framework_state import (
+    HF_CALLBACK_ENTRY,
     HF_TRAINER_STATE_KEY,
     HeldState,
     numeric_metrics,
     require,
 )
+from mlflow_ckpt.integrations.resume_folder import remove_temporary, temporary_root
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ _transformers = require("transformers", "transformers")
 TrainerCallback = _transformers.TrainerCallback
 
 #: Our entry in ``TrainerState.stateful_callbacks``: which MLflow run a resume continues.
-STATE_ENTRY = "MlflowCheckpointCallback"
+STATE_ENTRY = HF_CALLBACK_ENTRY
 
 
 def _mlflow_logs_metrics(args: Any, callbacks: list[Any]) -> bool:
@@ -87,6 +90,7 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         self._control: Any = None
         self._pending: tuple[int, int, bool] | None = None  # step, epoch, end_of_epoch
         self._metrics: dict[str, float] = {}
+        self._resume_folder: Path | None = None  # resume_path's temporary copy, to remove
 
     def attach(self, trainer: Any) -> MlflowCheckpointCallback:
         """Let the callback see the Trainer (grad scaler, stateful callbacks)."""
@@ -105,6 +109,11 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
+        saved = (state.stateful_callbacks or {}).get(STATE_ENTRY) or {}
+        attributes = (saved.get("attributes") or {}) if state.global_step else {}
+        resume_run = attributes.get("run_id")
+        # every process, writing or not, reads (then removes) the copy it resumed from
+        self._resume_folder = temporary_root(attributes.get("resume_folder"))
         every = runs_on_every_rank(self.manager_kwargs, int(getattr(args, "world_size", 1)))
         if not (every or state.is_world_process_zero):
             return  # only the main process writes
@@ -113,8 +122,6 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
                 self._run.close()
         self._trainer_state, self._control = state, control
         self._pending, self._metrics = None, {}
-        saved = (state.stateful_callbacks or {}).get(STATE_ENTRY) or {}
-        resume_run = (saved.get("attributes") or {}).get("run_id") if state.global_step else None
         objects: dict[str, Any] = {
             "model": model,
             "optimizer": optimizer,
@@ -154,6 +161,7 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         self._flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._drop_resume_folder()  # a step has run: the Trainer has read all of it
         if self.manager is None:
             return
         self._flush()
@@ -175,6 +183,7 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
             self._metrics.update(numeric_metrics(metrics))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._drop_resume_folder()
         if self.manager is None:
             return
         try:
@@ -183,6 +192,14 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
             self._run.close()  # waits for uploads, saves the last step if not saved yet
 
     # ------------------------------------------------------------------ internals
+
+    def _drop_resume_folder(self) -> None:
+        """Remove the temporary folder ``resume_path`` wrote, once the Trainer has read it
+        (model, optimizer and scheduler before training, the random streams' file inside
+        the epoch loop, before the first step)."""
+        folder, self._resume_folder = self._resume_folder, None
+        if folder is not None:
+            remove_temporary(folder)
 
     def _flush(self) -> None:
         """Record the finished step now that its logs and evaluation are in."""

@@ -28,6 +28,7 @@ def main() -> None:
         trainer.add_callback(_StopAfterEpochs(stop_after))
     path = mlflow_ckpt.resume_path(resume) if resume else None  # a folder of each process's own
     trainer.train(resume_from_checkpoint=path)
+    assert path is None or not Path(path).exists(), f"{path}: resume_path's copy is left"
     rank = dist.get_rank() if dist.is_initialized() else 0
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

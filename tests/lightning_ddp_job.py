@@ -40,7 +40,9 @@ def main() -> None:
         deterministic=True,
         callbacks=[callback],
     )
-    trainer.fit(model, train, val, ckpt_path=mlflow_ckpt.resume_path(resume) if resume else None)
+    path = mlflow_ckpt.resume_path(resume) if resume else None  # each process's own folder
+    trainer.fit(model, train, val, ckpt_path=path)
+    assert path is None or not Path(path).exists(), f"{path}: resume_path's copy is left"
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "weights.pt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -82,7 +83,12 @@ def fit(max_epochs: int, callback: pl.Callback | None = None, ckpt_path: str | N
     return model, t
 
 
-def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dst", [False, True], ids=["temporary", "dst"])
+def test_resume_gives_the_same_weights_as_training_straight(
+    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst: bool
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     straight, _ = fit(4)
 
     _, t = fit(2, MlflowCheckpoint(async_save=False))
@@ -90,7 +96,8 @@ def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_p
     assert mlflow.active_run() is None  # the run the callback started is ended after fit
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 3]
 
-    path = mlflow_ckpt.resume_path(run_id, dst=tmp_path / "resume")
+    path = mlflow_ckpt.resume_path(run_id, dst=tmp_path / "resume" if dst else None)
+    assert Path(path).is_file()
     pl.seed_everything(123, verbose=False)  # resume must not depend on the seed in force
     model = LitRegressor()
     train, val = loaders()
@@ -99,6 +106,9 @@ def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_p
     t2.fit(model, train, val, ckpt_path=path)
 
     assert callback.run_id == run_id  # the same MLflow run goes on
+    # a folder resume_path made is removed once read; one the user chose is kept
+    assert Path(path).is_file() == dst
+    assert not list((tmp_path / "tmp").glob("mlflow-ckpt-resume-*"))
     assert t2.global_step == 16 and t2.current_epoch == 4
     for key, value in straight.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -77,7 +78,12 @@ def make_trainer(out: Path, epochs: int, *callbacks, **overrides) -> transformer
     )
 
 
-def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dst", [False, True], ids=["temporary", "dst"])
+def test_resume_gives_the_same_weights_as_training_straight(
+    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst: bool
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     straight = make_trainer(tmp_path / "a", 4)
     straight.train()
 
@@ -90,13 +96,17 @@ def test_resume_gives_the_same_weights_as_training_straight(tracking: str, tmp_p
     assert mlflow.active_run() is None
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 3]
 
-    path = mlflow_ckpt.resume_path(run_id, dst=tmp_path / "resume")
+    path = mlflow_ckpt.resume_path(run_id, dst=tmp_path / "resume" if dst else None)
+    assert (Path(path) / "rng_state.pth").is_file()
     torch.manual_seed(999)  # resume must not depend on the seed in force
     callback2 = MlflowCheckpointCallback(async_save=False)
     resumed = make_trainer(tmp_path / "c", 4, callback2)
     resumed.train(resume_from_checkpoint=path)
 
     assert callback2.run_id == run_id
+    # a folder resume_path made is removed once read (after the first step); dst is kept
+    assert Path(path).is_dir() == dst
+    assert not list((tmp_path / "tmp").glob("mlflow-ckpt-resume-*"))
     assert resumed.state.global_step == straight.state.global_step == 16
     assert resumed.state.epoch == pytest.approx(4.0)
     for key, value in straight.model.state_dict().items():

@@ -15,6 +15,9 @@ from typing import Any
 # The state name under which each integration stores its framework's own checkpoint.
 LIGHTNING_KEY = "lightning"
 HF_TRAINER_STATE_KEY = "hf_trainer_state"
+#: The Trainer callback's entry in ``TrainerState.stateful_callbacks``: which MLflow run a
+#: resume continues (and the temporary folder it resumes from, see ``resume_folder``).
+HF_CALLBACK_ENTRY = "MlflowCheckpointCallback"
 
 
 def require(module: str, extra: str) -> ModuleType:

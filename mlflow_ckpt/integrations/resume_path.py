@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,12 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import newest_verified
 from mlflow_ckpt.errors import CheckpointError, CheckpointNotFoundError
-from mlflow_ckpt.integrations.framework_state import HF_TRAINER_STATE_KEY, LIGHTNING_KEY
+from mlflow_ckpt.integrations.framework_state import (
+    HF_CALLBACK_ENTRY,
+    HF_TRAINER_STATE_KEY,
+    LIGHTNING_KEY,
+)
+from mlflow_ckpt.integrations.resume_folder import make_temporary
 from mlflow_ckpt.snapshot import plain_state
 
 logger = logging.getLogger(__name__)
@@ -35,9 +39,12 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
     by :class:`mlflow_ckpt.transformers.MlflowCheckpointCallback` a Trainer checkpoint folder,
     for ``trainer.train(resume_from_checkpoint=...)``. Every file is hash-checked first (corrupt
     checkpoints are skipped with a warning and tagged, as resume does). The checkpoint names its
-    run, so training continues that same MLflow run. ``dst`` is the folder to write into (a new
-    temporary folder by default, which nothing removes: the framework reads it after this
-    returns, so pass ``dst`` for a large model and delete it once training has started).
+    run, so training continues that same MLflow run.
+
+    ``dst`` is the folder to write into, kept as it is. By default a new temporary folder is
+    made instead, and the integration's callback removes it once the framework has read it
+    (Lightning: when training starts; the Trainer: after its first step), so one path
+    serves one resume: call ``resume_path`` again to resume again.
     """
     verified = newest_verified(run_id, MlflowClient())
     if verified is None:
@@ -47,7 +54,7 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
             "from scratch instead."
         )
     ckpt, state = verified.checkpoint, plain_state(verified.loaded.decoded)
-    folder = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="mlflow-ckpt-"))
+    folder = Path(dst) if dst is not None else make_temporary(run_id)
     if LIGHTNING_KEY in state:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{run_id}-step{ckpt.step}.ckpt"
@@ -56,7 +63,7 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
         return str(path)
     if HF_TRAINER_STATE_KEY in state:
         path = folder / f"checkpoint-{ckpt.step + 1}"
-        _write_hf_folder(state, path)
+        _write_hf_folder(state, path, temporary=folder if dst is None else None)
         logger.info("Wrote Trainer checkpoint folder for %s to %s", ckpt.uri, path)
         return str(path)
     raise CheckpointError(
@@ -67,8 +74,12 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
     )
 
 
-def _write_hf_folder(state: Mapping[str, Any], path: Path) -> None:
-    """Lay a checkpoint out as the Trainer's ``checkpoint-N`` folder."""
+def _write_hf_folder(state: Mapping[str, Any], path: Path, *, temporary: Path | None) -> None:
+    """Lay a checkpoint out as the Trainer's ``checkpoint-N`` folder.
+
+    ``temporary``: the folder :func:`make_temporary` made around it. The Trainer never tells
+    its callbacks which folder it resumed from, so our callback's entry in the Trainer state
+    names it, for the callback to remove once the Trainer has read it."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -92,7 +103,20 @@ def _write_hf_folder(state: Mapping[str, Any], path: Path) -> None:
         if "cuda" in rng:
             hf_rng["cuda"] = rng["cuda"]
         torch.save(hf_rng, path / "rng_state.pth")
-    (path / "trainer_state.json").write_text(state[HF_TRAINER_STATE_KEY]["json"])
+    (path / "trainer_state.json").write_text(
+        _with_resume_folder(state[HF_TRAINER_STATE_KEY]["json"], temporary)
+    )
     (path / "mlflow_ckpt.json").write_text(
         json.dumps({"written_at": time.time(), "step": state.get("_progress", {}).get("step")})
     )
+
+
+def _with_resume_folder(trainer_state: str, temporary: Path | None) -> str:
+    """The Trainer state JSON, our callback's entry naming ``temporary`` (if any)."""
+    if temporary is None:
+        return trainer_state
+    data = json.loads(trainer_state)
+    callbacks = data["stateful_callbacks"] = data.get("stateful_callbacks") or {}
+    entry = callbacks[HF_CALLBACK_ENTRY] = callbacks.get(HF_CALLBACK_ENTRY) or {}
+    entry["attributes"] = {**(entry.get("attributes") or {}), "resume_folder": str(temporary)}
+    return json.dumps(data, indent=2, sort_keys=True)
