@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -85,10 +84,8 @@ def fit(max_epochs: int, callback: pl.Callback | None = None, ckpt_path: str | N
 
 @pytest.mark.parametrize("dst", [False, True], ids=["temporary", "dst"])
 def test_resume_gives_the_same_weights_as_training_straight(
-    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst: bool
+    tracking: str, tmp_path: Path, own_tempdir: Path, dst: bool
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     straight, _ = fit(4)
 
     _, t = fit(2, MlflowCheckpoint(async_save=False))
@@ -108,7 +105,7 @@ def test_resume_gives_the_same_weights_as_training_straight(
     assert callback.run_id == run_id  # the same MLflow run goes on
     # a folder resume_path made is removed once read; one the user chose is kept
     assert Path(path).is_file() == dst
-    assert not list((tmp_path / "tmp").glob("mlflow-ckpt-resume-*"))
+    assert not list(own_tempdir.glob("mlflow-ckpt-resume-*"))
     assert t2.global_step == 16 and t2.current_epoch == 4
     for key, value in straight.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key

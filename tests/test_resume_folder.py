@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,9 @@ from mlflow_ckpt.integrations.resume_folder import (
 )
 
 
-@pytest.fixture
-def tmp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    return tmp_path
-
-
-def test_a_folder_resume_path_made_is_recognised_and_removed(tmp_root: Path) -> None:
+def test_a_folder_resume_path_made_is_recognised_and_removed(own_tempdir: Path) -> None:
     folder = make_temporary("run123")
-    assert folder.parent == tmp_root.resolve() and folder.name.startswith("mlflow-ckpt-resume-")
+    assert folder.parent == own_tempdir.resolve() and folder.name.startswith("mlflow-ckpt-resume-")
     (folder / "checkpoint-8").mkdir()
     (folder / "checkpoint-8" / "model.safetensors").write_bytes(b"x" * 10)
     assert temporary_root(folder) == folder
@@ -41,21 +34,21 @@ def test_a_folder_resume_path_made_is_recognised_and_removed(tmp_root: Path) -> 
     [None, "not json", '["a list"]', '{"folder": "/somewhere/else"}', '{"run_id": "r"}'],
     ids=["no marker", "not JSON", "not an object", "names another folder", "names none"],
 )
-def test_any_other_folder_is_not_taken_for_one(tmp_root: Path, marker: str | None) -> None:
-    folder = tmp_root / "mine"
+def test_any_other_folder_is_not_taken_for_one(own_tempdir: Path, marker: str | None) -> None:
+    folder = own_tempdir / "mine"
     folder.mkdir()
     if marker is not None:
         (folder / MARKER).write_text(marker)
     assert temporary_root(folder) is None
     assert temporary_root(None) is None and temporary_root("") is None
-    assert temporary_root(tmp_root / "missing") is None
+    assert temporary_root(own_tempdir / "missing") is None
 
 
-def test_a_copy_of_a_temporary_folder_is_not_removable(tmp_root: Path) -> None:
+def test_a_copy_of_a_temporary_folder_is_not_removable(own_tempdir: Path) -> None:
     """The marker names the folder itself: a copy (or a folder a checkpoint names after a
     move) keeps the original's marker and is left alone."""
     folder = make_temporary("run123")
-    copy = tmp_root / "copy"
+    copy = own_tempdir / "copy"
     shutil.copytree(folder, copy)
     assert json.loads((copy / MARKER).read_text())["folder"] == str(folder)
     assert temporary_root(copy) is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -80,10 +79,8 @@ def make_trainer(out: Path, epochs: int, *callbacks, **overrides) -> transformer
 
 @pytest.mark.parametrize("dst", [False, True], ids=["temporary", "dst"])
 def test_resume_gives_the_same_weights_as_training_straight(
-    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dst: bool
+    tracking: str, tmp_path: Path, own_tempdir: Path, dst: bool
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     straight = make_trainer(tmp_path / "a", 4)
     straight.train()
 
@@ -106,7 +103,7 @@ def test_resume_gives_the_same_weights_as_training_straight(
     assert callback2.run_id == run_id
     # a folder resume_path made is removed once read (after the first step); dst is kept
     assert Path(path).is_dir() == dst
-    assert not list((tmp_path / "tmp").glob("mlflow-ckpt-resume-*"))
+    assert not list(own_tempdir.glob("mlflow-ckpt-resume-*"))
     assert resumed.state.global_step == straight.state.global_step == 16
     assert resumed.state.epoch == pytest.approx(4.0)
     for key, value in straight.model.state_dict().items():
