@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -163,6 +164,7 @@ def main() -> None:
             raise AttributeError("injected bug in read_rank")
 
         distributed_resume.read_rank = broken  # type: ignore[assignment]
+    groups_before = len(c10d._world.pg_map)  # (torch has no public list of groups)
     if args.resume:
         mgr = mlflow_ckpt.CheckpointManager.resume(args.resume, state, **options)
     else:
@@ -223,6 +225,7 @@ def main() -> None:
         mgr.close()
     except mlflow_ckpt.CheckpointError as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
+    groups_left = len(c10d._world.pg_map) - groups_before  # the manager's, after close
     final = full_state(model, opt)
     args.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -254,6 +257,7 @@ def main() -> None:
             else None
         ),
         "saved_models": saved_models,
+        "groups_left": groups_left,
         "frozen_local_numel": sum(
             (p.to_local() if hasattr(p, "to_local") else p).numel()
             for p in model.parameters()

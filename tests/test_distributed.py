@@ -45,6 +45,7 @@ def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tm
     saved = reports(tmp_path / "save")
     assert [r["errors"] for r in saved] == [[], []]
     assert saved[0]["clients"] > 0 and saved[1]["clients"] == 0  # only rank 0 talks to MLflow
+    assert [r["groups_left"] for r in saved] == [0, 0]  # close() destroyed the manager's groups
     run_id = run_id_of(tmp_path / "save")
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
     expected = load_file(tmp_path / "save" / "saved-3.safetensors")
@@ -58,6 +59,7 @@ def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tm
         got = reports(out)
         assert [r["start_step"] for r in got] == [4] * world
         assert [r["errors"] for r in got] == [[]] * world
+        assert [r["groups_left"] for r in got] == [0] * world
         # per-rank state: rank r takes saved rank r's; a new rank takes rank 0's
         assert [r["cursor_rank"] for r in got] == [min(r, 1) if r < 2 else 0 for r in range(world)]
         assert all(r["clients"] == 0 for r in got[1:])

@@ -248,7 +248,11 @@ class CheckpointManager:
             if self.client is not None and self.options.timeline:
                 log_timeline(self.client, self.run_id)
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:  # every rank, however close went here: a rank that skipped it stalls
+                if self._session.ranks is not None:  # the others at this barrier
+                    self._session.ranks.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -16,6 +16,7 @@ Messages are JSON bytes in uint8 tensors: nothing is pickled between ranks eithe
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -139,3 +140,24 @@ class RankGroup:
                 f"{what} failed on rank {', '.join(map(str, failed))} ({detail})",
                 {r: kind for r, (kind, _) in failed.items()},
             )
+
+    def close(self) -> None:
+        """Destroy the manager's two groups, once every rank is done with them.
+
+        Each group holds threads and a connection to every other rank, so a process that
+        opens many managers (one ``fit`` per trial, say) would otherwise keep them all until
+        the job destroys its default group. A rank may only destroy a group when every rank
+        has left it (a peer could still be receiving the last message), hence a barrier
+        first; if a rank never comes (it failed or died), the groups are left to the job's
+        own ``destroy_process_group()``.
+        """
+        import torch.distributed as dist
+
+        try:
+            self._collective("closing the manager", lambda: dist.barrier(group=self.control))
+        except (RankError, ValueError) as exc:  # ValueError: the job destroyed them already
+            logger.warning("Leaving the checkpoint manager's process groups open: %s", exc)
+            return
+        for group in (self.commit, self.control):
+            with contextlib.suppress(ValueError):  # (already destroyed)
+                dist.destroy_process_group(group)
