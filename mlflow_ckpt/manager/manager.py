@@ -231,7 +231,8 @@ class CheckpointManager:
         self._saver.wait()
 
     def close(self) -> None:
-        """Save the last step if asked (``save_last``), wait for everything, stop the worker."""
+        """Save the last step if asked (``save_last``), wait for everything, stop the worker;
+        in a distributed job (called on every rank) then destroy the manager's own groups."""
         if self._closed:
             return
         try:
