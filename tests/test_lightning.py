@@ -10,6 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
+from mlflow_ckpt.integrations.resume_folder import PREFIX
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -105,7 +106,7 @@ def test_resume_gives_the_same_weights_as_training_straight(
     assert callback.run_id == run_id  # the same MLflow run goes on
     # a folder resume_path made is removed once read; one the user chose is kept
     assert Path(path).is_file() == dst
-    assert not list(own_tempdir.glob("mlflow-ckpt-resume-*"))
+    assert not list(own_tempdir.glob(f"{PREFIX}*"))
     assert t2.global_step == 16 and t2.current_epoch == 4
     for key, value in straight.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key

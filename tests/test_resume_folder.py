@@ -10,6 +10,7 @@ import pytest
 
 from mlflow_ckpt.integrations.resume_folder import (
     MARKER,
+    PREFIX,
     make_temporary,
     remove_temporary,
     temporary_root,
@@ -18,7 +19,7 @@ from mlflow_ckpt.integrations.resume_folder import (
 
 def test_a_folder_resume_path_made_is_recognised_and_removed(own_tempdir: Path) -> None:
     folder = make_temporary("run123")
-    assert folder.parent == own_tempdir.resolve() and folder.name.startswith("mlflow-ckpt-resume-")
+    assert folder.parent == own_tempdir.resolve() and folder.name.startswith(PREFIX)
     (folder / "checkpoint-8").mkdir()
     (folder / "checkpoint-8" / "model.safetensors").write_bytes(b"x" * 10)
     assert temporary_root(folder) == folder

@@ -11,6 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
+from mlflow_ckpt.integrations.resume_folder import PREFIX
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,7 +104,7 @@ def test_resume_gives_the_same_weights_as_training_straight(
     assert callback2.run_id == run_id
     # a folder resume_path made is removed once read (after the first step); dst is kept
     assert Path(path).is_dir() == dst
-    assert not list(own_tempdir.glob("mlflow-ckpt-resume-*"))
+    assert not list(own_tempdir.glob(f"{PREFIX}*"))
     assert resumed.state.global_step == straight.state.global_step == 16
     assert resumed.state.epoch == pytest.approx(4.0)
     for key, value in straight.model.state_dict().items():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "mlflow-ckpt-resume-"
+PREFIX = "mlflow-ckpt-resume-path-"
 MARKER = ".mlflow-ckpt-resume.json"
 
 
