@@ -8,6 +8,7 @@ gives it (reset connections, then refused ones) while the bucket's contents surv
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
-from mlflow_ckpt.storage.staging import PREFIX
+from mlflow_ckpt.storage.staging import PREFIX, SCRATCH_PREFIX, scratch_dir
 from tests import servers
 from tests.conftest import BUCKET, _aws_kwargs
 from tests.faultproxy import FaultProxy
@@ -91,14 +92,16 @@ def test_server_dies_mid_upload_then_comes_back(
     }
 
 
-def test_gc_removes_upload_staging_left_by_killed_processes(tracking: str) -> None:
+@pytest.mark.parametrize("prefix", [PREFIX, SCRATCH_PREFIX], ids=["upload", "scratch"])
+def test_gc_removes_folders_left_by_killed_processes(tracking: str, prefix: str) -> None:
+    """Upload staging and scratch folders (a load's, an archive's...) of a dead process."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         root = Path(tempfile.gettempdir())
-        stale = root / f"{PREFIX}{dead.pid}-test{uuid.uuid4().hex[:6]}"
-        busy = root / f"{PREFIX}{alive.pid}-test{uuid.uuid4().hex[:6]}"
+        stale = root / f"{prefix}{dead.pid}-test{uuid.uuid4().hex[:6]}"
+        busy = root / f"{prefix}{alive.pid}-test{uuid.uuid4().hex[:6]}"
         for folder in (stale, busy):
             folder.mkdir()
             (folder / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
@@ -112,3 +115,11 @@ def test_gc_removes_upload_staging_left_by_killed_processes(tracking: str) -> No
         alive.kill()
         alive.wait()
         shutil.rmtree(busy, ignore_errors=True)
+
+
+def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit() -> None:
+    with pytest.raises(RuntimeError), scratch_dir("load") as folder:
+        assert folder.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-load-")
+        (folder / "f.bin").write_bytes(b"x")
+        raise RuntimeError("a failed load")
+    assert not folder.exists()

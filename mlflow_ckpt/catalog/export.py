@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from mlflow_ckpt.catalog.loading import load_model, load_training_state
 from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage.staging import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def export_onnx(
     example = torch.as_tensor(example_input)
     with torch.no_grad():
         expected = model(example).detach().cpu().numpy()
-    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-onnx-") as scratch:
+    with scratch_dir("onnx") as scratch:
         local = Path(scratch) / "model.onnx"
         _torch_export(model, example, local)
         proto = onnx.load(str(local))

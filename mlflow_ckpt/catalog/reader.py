@@ -7,7 +7,6 @@ a corrupt checkpoint is treated the same everywhere (warned about, tagged, skipp
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.folder import LoadedFolder, read_folder
 from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage.staging import scratch_dir
 
 
 def read_checkpoint(model: LoggedModel) -> LoadedFolder:
@@ -34,7 +34,7 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
     where = describe(model)
     with (
         open_store(model.artifact_location) as store,
-        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch,
+        scratch_dir("load") as scratch,
     ):
         try:
             return read_folder(store, Path(scratch), where, tags.manifest_digests(model.tags))
@@ -96,7 +96,7 @@ def manifest_digest(model: LoggedModel) -> str:
     """SHA-256 of a checkpoint's stored ``manifest.json`` bytes (recorded when committing)."""
     with (
         open_store(model.artifact_location) as store,
-        tempfile.TemporaryDirectory(prefix="mlflow-ckpt-manifest-") as scratch,
+        scratch_dir("manifest") as scratch,
     ):
         return hash_file(store.fetch(MANIFEST_NAME, Path(scratch)), "sha256")[0]
 
@@ -111,7 +111,7 @@ def verify_checkpoint(
     where = describe(model)
     store = open_store(model.artifact_location)
     problems: list[CheckpointCorruptedError] = []
-    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
+    with scratch_dir("verify") as scratch:
         try:
             manifest = read_manifest(store, Path(scratch), where, tags.manifest_digests(model.tags))
         except FileNotFoundError:

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import tempfile
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from mlflow_ckpt.codec import (
 )
 from mlflow_ckpt.codec.shards import write_shards
 from mlflow_ckpt.storage import TEMP_MARKER, Store, open_store
+from mlflow_ckpt.storage.staging import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def open_committed(model: LoggedModel, purpose: str) -> Iterator[Opened]:
     where = describe(model)
     with (
         open_store(model.artifact_location) as own,
-        tempfile.TemporaryDirectory(prefix=f"mlflow-ckpt-{purpose}-") as tmp,
+        scratch_dir(purpose) as tmp,
     ):
         scratch = Path(tmp)
         manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))

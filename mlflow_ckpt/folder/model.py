@@ -24,6 +24,7 @@ from mlflow_ckpt.folder.mlmodel import CODE_DIR, MODEL_KEY, flavor_config
 from mlflow_ckpt.folder.reader import LoadedFolder, read_folder
 from mlflow_ckpt.snapshot import restore
 from mlflow_ckpt.storage import Store
+from mlflow_ckpt.storage.staging import scratch_dir
 
 MLMODEL = "MLmodel"
 
@@ -52,7 +53,7 @@ def load_folder_model(
     store: Store, where: str, manifest_sha256: str | Sequence[str] | None = None
 ) -> torch.nn.Module:
     """Verify the checkpoint folder in ``store`` and rebuild its network from it."""
-    with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-load-") as scratch:
+    with scratch_dir("load") as scratch:
         loaded = read_folder(store, Path(scratch), where, manifest_sha256)
         listed = {f.path for f in loaded.manifest.files}
         if MLMODEL not in listed:

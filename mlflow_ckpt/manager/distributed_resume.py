@@ -23,7 +23,6 @@ beyond the new world are dropped. Both are warned about.
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from mlflow_ckpt.snapshot.sharded import (
     take_sharded,
 )
 from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage.staging import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def restore_distributed(
     for candidate in _candidates(client, run_id, ranks):
         ckpt = checkpoint_from_json(candidate["checkpoint"])
         where = f"{ckpt.uri} (run {run_id}, step {ckpt.step})"
-        with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-resume-") as tmp:
+        with scratch_dir("resume") as tmp:
             scratch = Path(tmp)
             store = open_store(ckpt.artifact_location)
             error: BaseException | None = None

@@ -11,7 +11,6 @@ where they are.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -21,6 +20,7 @@ from mlflow.entities import Param, Run, RunTag
 from mlflow_ckpt.catalog import Checkpoint, tags, timeline
 from mlflow_ckpt.errors import NoActiveRunError
 from mlflow_ckpt.snapshot import preserved_python_rng
+from mlflow_ckpt.storage.staging import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def log_timeline(client: MlflowClient, run_id: str) -> None:
     """Draw the run's checkpoint timeline and log it as a run artifact (never raises: a
     picture must not fail a training that is otherwise done)."""
     try:
-        with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-plot-") as scratch:
+        with scratch_dir("plot") as scratch:
             path = timeline.render(
                 timeline.gather(client, run_id), Path(scratch) / timeline.ARTIFACT_NAME
             )

@@ -11,7 +11,6 @@ exception fails the checkpoint; a number is logged as ``verify_score`` and linke
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from mlflow_ckpt.codec import Manifest, check_sizes, verify_files
 from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.folder import load_folder_model
 from mlflow_ckpt.storage import Store, StoreError
+from mlflow_ckpt.storage.staging import scratch_dir
 
 Verify = str | Callable[[Any], Any]
 VERIFY_MODES = ("size", "hash")
@@ -41,7 +41,7 @@ def verify_stored(store: Store, manifest: Manifest, verify: Verify, where: str) 
     try:
         check_sizes(store, manifest, where)
         if verify == "hash":
-            with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-verify-") as scratch:
+            with scratch_dir("verify") as scratch:
                 verify_files(store, manifest, Path(scratch), where)
     except CheckpointCorruptedError as exc:
         raise VerificationFailed(str(exc)) from exc
