@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 _transformers = require("transformers", "transformers")
 TrainerCallback = _transformers.TrainerCallback
 
-#: Our entry in ``TrainerState.stateful_callbacks``: which MLflow run a resume continues.
-STATE_ENTRY = HF_CALLBACK_ENTRY
-
 
 def _mlflow_logs_metrics(args: Any, callbacks: list[Any]) -> bool:
     """Whether the Trainer's metrics already reach MLflow (its MLflowCallback or autolog).
@@ -109,7 +106,7 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        saved = (state.stateful_callbacks or {}).get(STATE_ENTRY) or {}
+        saved = (state.stateful_callbacks or {}).get(HF_CALLBACK_ENTRY) or {}
         attributes = (saved.get("attributes") or {}) if state.global_step else {}
         resume_run = attributes.get("run_id")
         # every process, writing or not, reads (then removes) the copy it resumed from
@@ -222,7 +219,7 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
         for cb in sources:
             if exportable is not None and isinstance(cb, exportable):
                 stateful[type(cb).__name__] = cb.state()
-        stateful[STATE_ENTRY] = {"args": {}, "attributes": {"run_id": self.run_id}}
+        stateful[HF_CALLBACK_ENTRY] = {"args": {}, "attributes": {"run_id": self.run_id}}
         data = dataclasses.asdict(state)
         data["stateful_callbacks"] = stateful
         return json.dumps(data, indent=2, sort_keys=True)

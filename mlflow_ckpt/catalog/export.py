@@ -51,7 +51,7 @@ def export_onnx(
     with torch.no_grad():
         expected = model(example).detach().cpu().numpy()
     with scratch_dir("onnx") as scratch:
-        local = Path(scratch) / "model.onnx"
+        local = scratch / "model.onnx"
         _torch_export(model, example, local)
         proto = onnx.load(str(local))
         onnx.checker.check_model(proto)

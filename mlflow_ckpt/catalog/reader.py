@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -37,7 +36,7 @@ def read_checkpoint(model: LoggedModel) -> LoadedFolder:
         scratch_dir("load") as scratch,
     ):
         try:
-            return read_folder(store, Path(scratch), where, tags.manifest_digests(model.tags))
+            return read_folder(store, scratch, where, tags.manifest_digests(model.tags))
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
@@ -98,7 +97,7 @@ def manifest_digest(model: LoggedModel) -> str:
         open_store(model.artifact_location) as store,
         scratch_dir("manifest") as scratch,
     ):
-        return hash_file(store.fetch(MANIFEST_NAME, Path(scratch)), "sha256")[0]
+        return hash_file(store.fetch(MANIFEST_NAME, scratch), "sha256")[0]
 
 
 def verify_checkpoint(
@@ -113,7 +112,7 @@ def verify_checkpoint(
     problems: list[CheckpointCorruptedError] = []
     with scratch_dir("verify") as scratch:
         try:
-            manifest = read_manifest(store, Path(scratch), where, tags.manifest_digests(model.tags))
+            manifest = read_manifest(store, scratch, where, tags.manifest_digests(model.tags))
         except FileNotFoundError:
             return [
                 CheckpointCorruptedError(f"{where}: manifest.json is missing", path="manifest.json")
@@ -125,7 +124,7 @@ def verify_checkpoint(
         store = with_shared(store, manifest)
         for entry in manifest.files:
             try:
-                local = check_file(store, entry, Path(scratch), where)
+                local = check_file(store, entry, scratch, where)
             except CheckpointCorruptedError as exc:
                 problems.append(exc)
             else:

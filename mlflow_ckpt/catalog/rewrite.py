@@ -58,9 +58,8 @@ def open_committed(model: LoggedModel, purpose: str) -> Iterator[Opened]:
     where = describe(model)
     with (
         open_store(model.artifact_location) as own,
-        scratch_dir(purpose) as tmp,
+        scratch_dir(purpose) as scratch,
     ):
-        scratch = Path(tmp)
         manifest = read_manifest(own, scratch, where, tags.manifest_digests(model.tags))
         yield Opened(own, scratch, manifest, where)
 

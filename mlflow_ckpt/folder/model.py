@@ -54,7 +54,7 @@ def load_folder_model(
 ) -> torch.nn.Module:
     """Verify the checkpoint folder in ``store`` and rebuild its network from it."""
     with scratch_dir("load") as scratch:
-        loaded = read_folder(store, Path(scratch), where, manifest_sha256)
+        loaded = read_folder(store, scratch, where, manifest_sha256)
         listed = {f.path for f in loaded.manifest.files}
         if MLMODEL not in listed:
             raise CheckpointCorruptedError(
@@ -64,7 +64,7 @@ def load_folder_model(
             )
         code = sorted(p for p in listed if p.startswith(f"{CODE_DIR}/"))
         # Already verified by read_folder; fetched again for their local paths (small files).
-        local = verify_files(store, loaded.manifest, Path(scratch), where, [MLMODEL, *code])
+        local = verify_files(store, loaded.manifest, scratch, where, [MLMODEL, *code])
         config = flavor_config(local[MLMODEL])
         code_dir = _importable_code(loaded, {p: local[p] for p in code}) if code else None
     return build_model(config, loaded, where, code_dir)

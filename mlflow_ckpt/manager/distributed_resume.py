@@ -111,8 +111,7 @@ def restore_distributed(
     for candidate in _candidates(client, run_id, ranks):
         ckpt = checkpoint_from_json(candidate["checkpoint"])
         where = f"{ckpt.uri} (run {run_id}, step {ckpt.step})"
-        with scratch_dir("resume") as tmp:
-            scratch = Path(tmp)
+        with scratch_dir("resume") as scratch:
             store = open_store(ckpt.artifact_location)
             error: BaseException | None = None
             try:  # 1. read and check everything this rank needs

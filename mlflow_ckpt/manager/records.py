@@ -11,7 +11,6 @@ where they are.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -66,7 +65,7 @@ def log_timeline(client: MlflowClient, run_id: str) -> None:
     try:
         with scratch_dir("plot") as scratch:
             path = timeline.render(
-                timeline.gather(client, run_id), Path(scratch) / timeline.ARTIFACT_NAME
+                timeline.gather(client, run_id), scratch / timeline.ARTIFACT_NAME
             )
             with preserved_python_rng():
                 client.log_artifact(run_id, str(path), timeline.ARTIFACT_PATH)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mlflow_ckpt.codec import Manifest, check_sizes, verify_files
@@ -42,7 +41,7 @@ def verify_stored(store: Store, manifest: Manifest, verify: Verify, where: str) 
         check_sizes(store, manifest, where)
         if verify == "hash":
             with scratch_dir("verify") as scratch:
-                verify_files(store, manifest, Path(scratch), where)
+                verify_files(store, manifest, scratch, where)
     except CheckpointCorruptedError as exc:
         raise VerificationFailed(str(exc)) from exc
     if not callable(verify):
