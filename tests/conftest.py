@@ -20,6 +20,26 @@ from tests import servers
 from tests.faultproxy import FaultProxy, fault_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
+RESUME_STEPS = 40  # the length of the bit-for-bit resume tests' runs of tests.train_script
+
+
+@pytest.fixture(scope="session")
+def straight_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final state of an uninterrupted ``RESUME_STEPS``-step run of ``tests.train_script``.
+
+    Every bit-for-bit resume (each format, sync or async, each store) is compared with the
+    same run, which takes no MLflow and no option: it is trained once per session."""
+    out = tmp_path_factory.mktemp("straight") / "a.pt"
+    steps = ["--steps", str(RESUME_STEPS), "--out", str(out)]
+    subprocess.run(
+        [sys.executable, "-m", "tests.train_script", "straight", *steps],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
 BUCKET = "ckpt"
 
 

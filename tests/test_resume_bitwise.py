@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import mlflow_ckpt
+from tests.conftest import RESUME_STEPS as STEPS
 from tests.conftest import ROOT
-
-STEPS = 40
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -74,13 +73,13 @@ def die_then_resume(run_child, tmp_path: Path, *extra: str) -> tuple[str, Path, 
 @pytest.mark.parametrize(
     ("fmt", "sync"), [("safetensors", False), ("torch", False), ("safetensors", True)]
 )
-def test_resume_is_bitwise_identical(tmp_path: Path, run_child, fmt: str, sync: bool) -> None:
+def test_resume_is_bitwise_identical(
+    tmp_path: Path, run_child, straight_state: Path, fmt: str, sync: bool
+) -> None:
     extra = ["--format", fmt] + (["--sync"] if sync else [])
-    straight = tmp_path / "a.pt"
-    run_child("tests.train_script", "straight", "--steps", str(STEPS), "--out", str(straight))
     run_id, resumed, stdout = die_then_resume(run_child, tmp_path, *extra)
     assert f"resumed at {STEPS // 2}" in stdout
-    _assert_same(straight, resumed)
+    _assert_same(straight_state, resumed)
 
     client = mlflow.MlflowClient()
     for key in ("train_loss", "val_loss"):

@@ -21,37 +21,8 @@ from tests.train_script import DIM, Net
 VALUES = [5.0, 1.0, 4.0, 3.0, 6.0, 2.0, 7.0, 8.0]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted reference run (no MLflow involved), computed once."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = tmp_path_factory.mktemp("straight") / "a.pt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.train_script",
-            "straight",
-            "--steps",
-            str(STEPS),
-            "--out",
-            str(out),
-        ],
-        env=env,
-        check=True,
-        timeout=300,
-    )
-    return out
-
-
 @pytest.mark.slow
-def test_full_cycle(store: StoreUnderTest, run_child, tmp_path: Path, straight: Path) -> None:
+def test_full_cycle(store: StoreUnderTest, run_child, tmp_path: Path, straight_state: Path) -> None:
     # --- async saves with best + periodic triggers and retention
     torch.manual_seed(0)
     model = Net()
@@ -95,7 +66,7 @@ def test_full_cycle(store: StoreUnderTest, run_child, tmp_path: Path, straight: 
 
     # --- kill mid-run, resume by run ID in a new process: bit-for-bit
     run_id, resumed, _ = die_then_resume(run_child, tmp_path)
-    _assert_same(straight, resumed)
+    _assert_same(straight_state, resumed)
     assert mlflow_ckpt.latest_checkpoint(run_id).step == STEPS - 1
 
 
