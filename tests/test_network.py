@@ -8,7 +8,6 @@ gives it (reset connections, then refused ones) while the bucket's contents surv
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
-from mlflow_ckpt.storage.staging import PREFIX, SCRATCH_PREFIX, scratch_dir
+from mlflow_ckpt.storage.staging import PREFIX, SCRATCH_PREFIX, owner_prefix, scratch_dir
 from tests import servers
 from tests.conftest import BUCKET, _aws_kwargs
 from tests.faultproxy import FaultProxy
@@ -94,15 +93,21 @@ def test_server_dies_mid_upload_then_comes_back(
 
 @pytest.mark.parametrize("prefix", [PREFIX, SCRATCH_PREFIX], ids=["upload", "scratch"])
 def test_gc_removes_folders_left_by_killed_processes(tracking: str, prefix: str) -> None:
-    """Upload staging and scratch folders (a load's, an archive's...) of a dead process."""
+    """Upload staging and scratch folders (a load's, an archive's...) of a dead process.
+
+    Only this namespace's: a temp directory shared with another container (its own PID
+    numbering: the tag in the name differs) holds folders whose PIDs mean nothing here."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    root = Path(tempfile.gettempdir())
+    test = f"test{uuid.uuid4().hex[:6]}"
+    stale = root / f"{owner_prefix(prefix, dead.pid)}{test}"
+    busy = root / f"{owner_prefix(prefix, alive.pid)}{test}"
+    elsewhere = root / f"{prefix}{dead.pid}-{'0' * 8}-{test}"  # another namespace's
+    legacy = root / f"{prefix}{dead.pid}-{test}"  # a name without a tag: whose is unknown
     try:
-        root = Path(tempfile.gettempdir())
-        stale = root / f"{prefix}{dead.pid}-test{uuid.uuid4().hex[:6]}"
-        busy = root / f"{prefix}{alive.pid}-test{uuid.uuid4().hex[:6]}"
-        for folder in (stale, busy):
+        for folder in (stale, busy, elsewhere, legacy):
             folder.mkdir()
             (folder / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
         with mlflow.start_run() as run:
@@ -111,15 +116,17 @@ def test_gc_removes_folders_left_by_killed_processes(tracking: str, prefix: str)
         assert result.exit_code == 0, result.output
         assert not stale.exists()  # its process is gone
         assert busy.exists()  # a save may be staging there right now
+        assert elsewhere.exists() and legacy.exists()
     finally:
         alive.kill()
         alive.wait()
-        shutil.rmtree(busy, ignore_errors=True)
+        for folder in (busy, elsewhere, legacy):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit() -> None:
     with pytest.raises(RuntimeError), scratch_dir("load") as folder:
-        assert folder.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-load-")
+        assert folder.name.startswith(f"{owner_prefix(SCRATCH_PREFIX)}load-")
         (folder / "f.bin").write_bytes(b"x")
         raise RuntimeError("a failed load")
     assert not folder.exists()
