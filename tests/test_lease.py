@@ -25,8 +25,7 @@ import mlflow_ckpt
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.manager.lease import LeaseInfo, write_lease
-from mlflow_ckpt.storage.processes import host_identity
+from mlflow_ckpt.manager.lease import LeaseInfo, _host, write_lease
 from tests.conftest import ROOT
 
 
@@ -123,7 +122,7 @@ def other_process() -> Iterator[int]:
 
 def _lease_of(run_id: str, pid: int, *, age: float, ttl: float = 60.0) -> None:
     """Write the lease as another process holding the run would."""
-    lease = LeaseInfo("someone-else", host_identity(), pid, time.time() - age, ttl)
+    lease = LeaseInfo("someone-else", _host(), pid, time.time() - age, ttl)
     client = MlflowClient()
     write_lease(client, run_id, client.get_run(run_id).info.experiment_id, lease)
 
@@ -213,4 +212,4 @@ def test_gc_leaves_a_live_writers_saves_alone(tracking: str, other_process: int)
     assert not partial.exists()
     with pytest.raises(MlflowException, match="not found"):  # discarded: files, then model
         MlflowClient().get_logged_model(pending.model_id)
-    assert socket.gethostname() in host_identity()
+    assert socket.gethostname() in _host()

@@ -8,10 +8,12 @@ gives it (reset connections, then refused ones) while the bucket's contents surv
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -25,9 +27,15 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
-from mlflow_ckpt.storage.staging import PREFIX, SCRATCH_PREFIX, owner_prefix, scratch_dir
+from mlflow_ckpt.storage.staging import (
+    PREFIX,
+    SCRATCH_PREFIX,
+    SETTLE_S,
+    scratch_dir,
+    sweep_stale_staging,
+)
 from tests import servers
-from tests.conftest import BUCKET, _aws_kwargs
+from tests.conftest import BUCKET, ROOT, _aws_kwargs
 from tests.faultproxy import FaultProxy
 
 MB = 1 << 20
@@ -91,42 +99,72 @@ def test_server_dies_mid_upload_then_comes_back(
     }
 
 
+# A process that makes an owned folder, prints it, then holds it (or dies, as under kill -9).
+_OWNER = """
+import os, sys, time
+from mlflow_ckpt.storage.staging import OwnedFolder
+folder = OwnedFolder(sys.argv[1], "test")
+(folder.path / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+print(folder.path, flush=True)
+time.sleep(120) if sys.argv[2] == "hold" else os._exit(9)
+"""
+
+
+def _owned_by_child(prefix: str, then: str) -> tuple[subprocess.Popen[str], Path]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=tempfile.gettempdir())
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, prefix, then], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert child.stdout is not None
+    return child, Path(child.stdout.readline().strip())
+
+
+def _age(folder: Path) -> Path:
+    """Make ``folder`` look older than the sweep's settling time."""
+    old = time.time() - 10 * SETTLE_S
+    os.utime(folder, (old, old))
+    return folder
+
+
 @pytest.mark.parametrize("prefix", [PREFIX, SCRATCH_PREFIX], ids=["upload", "scratch"])
-def test_gc_removes_folders_left_by_killed_processes(tracking: str, prefix: str) -> None:
+def test_gc_removes_folders_left_by_killed_processes(
+    tracking: str, own_tempdir: Path, prefix: str
+) -> None:
     """Upload staging and scratch folders (a load's, an archive's...) of a dead process.
 
-    Only this namespace's: a temp directory shared with another container (its own PID
-    numbering: the tag in the name differs) holds folders whose PIDs mean nothing here."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    root = Path(tempfile.gettempdir())
-    test = f"test{uuid.uuid4().hex[:6]}"
-    stale = root / f"{owner_prefix(prefix, dead.pid)}{test}"
-    busy = root / f"{owner_prefix(prefix, alive.pid)}{test}"
-    elsewhere = root / f"{prefix}{dead.pid}-{'0' * 8}-{test}"  # another namespace's
-    legacy = root / f"{prefix}{dead.pid}-{test}"  # a name without a tag: whose is unknown
+    The owner is told by the folder's lock, not by the PID in its name: a live folder named
+    after a PID that is dead here (another container's, numbered in its own namespace) is
+    kept. A folder still under its hidden name (made, perhaps not locked yet) is kept until
+    it is older than the settling time."""
+    dead, stale = _owned_by_child(prefix, "exit")
+    assert dead.wait(timeout=60) == 9
+    alive, busy = _owned_by_child(prefix, "hold")
+    elsewhere = busy.with_name(f"{prefix}{dead.pid}-test{uuid.uuid4().hex[:6]}")
+    busy.rename(elsewhere)  # the lock goes with the folder: still held by a live process
+    alive_too, busy = _owned_by_child(prefix, "hold")
+    unlocked = Path(tempfile.mkdtemp(prefix=f"{prefix}{dead.pid}-"))  # an older version's
+    hidden_new = Path(tempfile.mkdtemp(prefix=f".{prefix}{dead.pid}-"))
+    hidden_old = _age(Path(tempfile.mkdtemp(prefix=f".{prefix}{dead.pid}-")))
     try:
-        for folder in (stale, busy, elsewhere, legacy):
-            folder.mkdir()
-            (folder / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
         with mlflow.start_run() as run:
             pass
         result = CliRunner().invoke(cli, ["gc", run.info.run_id])
         assert result.exit_code == 0, result.output
-        assert not stale.exists()  # its process is gone
-        assert busy.exists()  # a save may be staging there right now
-        assert elsewhere.exists() and legacy.exists()
+        assert not stale.exists() and not unlocked.exists()  # nobody holds them
+        assert busy.exists() and elsewhere.exists()  # a save may be staging there right now
+        assert hidden_new.exists() and not hidden_old.exists()
     finally:
-        alive.kill()
-        alive.wait()
-        for folder in (busy, elsewhere, legacy):
+        for child in (alive, alive_too):
+            child.kill()
+            child.wait()
+        for folder in (stale, busy, elsewhere, unlocked, hidden_new, hidden_old):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit() -> None:
+def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit(own_tempdir: Path) -> None:
     with pytest.raises(RuntimeError), scratch_dir("load") as folder:
-        assert folder.name.startswith(f"{owner_prefix(SCRATCH_PREFIX)}load-")
+        assert folder.name.startswith(f"{SCRATCH_PREFIX}{os.getpid()}-load-")
         (folder / "f.bin").write_bytes(b"x")
+        assert sweep_stale_staging() == []  # this process holds it
         raise RuntimeError("a failed load")
     assert not folder.exists()

@@ -50,8 +50,9 @@ def gc(
     Saves cut short by a crash are adopted when complete; failed and incomplete ones are
     removed (leftover files, then their LoggedModel), as the run's writer (a live one is left
     alone unless --force takes the run over), and so are checkpoints that failed verification,
-    and the local scratch folders of killed processes (of this host and PID namespace). The
-    newest checkpoint, pinned ones and those registered model versions use are always kept.
+    and the local scratch folders of killed processes (those no live process holds a lock
+    on). The newest checkpoint, pinned ones and those registered model versions use are
+    always kept.
     """
     try:
         policy = build_policy(

@@ -22,22 +22,64 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.storage.processes import host_identity, pid_alive, process_started
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 60.0
 SETTLE_S = 1.0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists in this PID namespace (owned by anyone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@cache
+def _host() -> str:
+    """Where PIDs mean something: host name, boot ID and PID namespace.
+
+    Containers on one node can share the host name and boot ID but number their processes
+    separately; only within one PID namespace can a lease's PID be checked for liveness.
+    """
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), "" where unknown.
+
+    With the PID it names one process for the life of the machine: a restarted container
+    whose new process got the old PID is told apart from its dead predecessor.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name may hold spaces
 
 
 @dataclass(frozen=True)
@@ -74,20 +116,16 @@ class LeaseInfo:
 
     def is_this_process(self) -> bool:
         pid = os.getpid()
-        return (
-            self.host == host_identity()
-            and self.pid == pid
-            and self.started == process_started(pid)
-        )
+        return self.host == _host() and self.pid == pid and self.started == _started(pid)
 
     def why_stale(self, now: float) -> str | None:
         """Why this lease no longer protects anything, or ``None`` while its owner may live."""
         age = now - self.heartbeat
         if age > self.ttl:
             return f"its last heartbeat was {age:.0f}s ago (expiry {self.ttl:.0f}s)"
-        local = self.host == host_identity() and not self.is_this_process()
-        reused = bool(self.started) and process_started(self.pid) != self.started  # PID given again
-        if local and (not pid_alive(self.pid) or reused):
+        local = self.host == _host() and not self.is_this_process()
+        reused = bool(self.started) and _started(self.pid) != self.started  # PID given again
+        if local and (not _pid_alive(self.pid) or reused):
             return f"process {self.pid} on this host no longer exists"
         return None
 
@@ -186,9 +224,7 @@ class WriterLease:
 
     def _info(self) -> LeaseInfo:
         pid = os.getpid()
-        return LeaseInfo(
-            self.owner, host_identity(), pid, time.time(), self.ttl, process_started(pid)
-        )
+        return LeaseInfo(self.owner, _host(), pid, time.time(), self.ttl, _started(pid))
 
     def _write(self) -> None:
         write_lease(self.client, self.run_id, self.experiment_id, self._info())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from mlflow_ckpt.storage.base import Store, StoreError
 from mlflow_ckpt.storage.retry import with_retries
-from mlflow_ckpt.storage.staging import new_staging_dir
+from mlflow_ckpt.storage.staging import OwnedFolder, new_staging_dir
 from mlflow_ckpt.storage.streaming import PartSink, StreamingWriter
 from mlflow_ckpt.storage.transfer import TransferConfig, explain, redact
 
@@ -118,7 +117,7 @@ class RepositoryStore(Store):
         staging = new_staging_dir()
         handed_over = False
         try:
-            local = staging / name
+            local = staging.path / name
             with open(local, "xb") as f:
                 yield f
             size = local.stat().st_size
@@ -131,8 +130,8 @@ class RepositoryStore(Store):
             if not handed_over:
                 self._release(staging)
 
-    def _release(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
+    def _release(self, staging: OwnedFolder) -> None:
+        staging.remove()
         self._slots.release()
 
     def _upload(self, local: Path, directory: str, rel_path: str, size: int) -> None:
