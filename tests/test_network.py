@@ -31,6 +31,7 @@ from mlflow_ckpt.storage.staging import (
     PREFIX,
     SCRATCH_PREFIX,
     SETTLE_S,
+    UNSWEPT_PREFIX,
     scratch_dir,
     sweep_stale_staging,
 )
@@ -159,6 +160,40 @@ def test_gc_removes_folders_left_by_killed_processes(
             child.wait()
         for folder in (stale, busy, elsewhere, unlocked, hidden_new, hidden_old):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_folder_its_owner_cannot_lock_is_named_out_of_the_sweeps_reach(
+    own_tempdir: Path,
+) -> None:
+    """Out of file descriptors, the owner cannot lock its folder; under a sweepable name any
+    other process could then lock it and take it mid-use, so it is named to be left alone."""
+    code = """
+import os, resource, sys, tempfile, time
+from mlflow_ckpt.storage.staging import OwnedFolder
+tempfile.gettempdir()  # (it tries a file there: before the descriptors run out)
+held = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+folder = OwnedFolder(sys.argv[1], "test")
+print(folder.path, flush=True)
+time.sleep(120)
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(own_tempdir))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, SCRATCH_PREFIX], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert child.stdout is not None
+        folder = Path(child.stdout.readline().strip())
+        assert folder.name.startswith(f"{UNSWEPT_PREFIX}.{SCRATCH_PREFIX}"), folder
+        assert sweep_stale_staging() == [] and folder.is_dir()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit(own_tempdir: Path) -> None:

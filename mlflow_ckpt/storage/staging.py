@@ -13,7 +13,9 @@ PID namespaces: containers of one pod sharing an ``emptyDir`` number their proce
 separately (a live sibling's PID looks dead here), and a container restarted after an OOM
 kill starts a new namespace (its dead predecessor's PIDs mean nothing). The lock means the
 same to every process on the machine. The names still carry the owner's PID
-(``<prefix><pid>-...``), for people reading the temp directory.
+(``<prefix><pid>-...``), for people reading the temp directory. A folder its owner could not
+lock (a file system without locks, no descriptor left) is named ``mlflow-ckpt-unlocked-*``
+and never swept: left behind by a kill, it costs space; swept, it could be taken mid-use.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "mlflow-ckpt-upload-"
 SCRATCH_PREFIX = "mlflow-ckpt-scratch-"
+UNSWEPT_PREFIX = "mlflow-ckpt-unlocked-"  # a folder its owner could not lock: never swept
 # A folder under its hidden name younger than this may be about to be locked: left alone.
 SETTLE_S = 10.0
 
@@ -50,7 +53,10 @@ class OwnedFolder:
         # never unlocked while its owner lives, so the sweep needs no grace period for it.
         pending = Path(tempfile.mkdtemp(prefix=f".{name}"))
         self._fd = _try_lock(pending)
-        self.path = pending.with_name(pending.name[1:])
+        # Unlocked (no locks on this file system, or no descriptor left), a folder must not
+        # be named for the sweep: another process could lock it and take it from us.
+        visible = pending.name[1:] if self._fd is not None else UNSWEPT_PREFIX + pending.name
+        self.path = pending.with_name(visible)
         try:
             pending.rename(self.path)
         except OSError:
