@@ -133,6 +133,16 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     torchrun(3, out, *args, "--resume", run_id)
     assert_same(expected, load_file(out / "final.safetensors"))
     assert CliRunner().invoke(cli, ["verify", run_id]).exit_code == 0
+    # resumed on the same two ranks, the first save after the resume references the frozen
+    # chunks unread too (the resume recorded where they lie and that the load wrote them)
+    out = tmp_path / "resume-2"
+    more = ("--strategy", "fsdp2", "--steps", "12", "--save-every", "2", "--freeze-first")
+    torchrun(2, out, *more, "--keep-last", "2", "--resume", run_id)
+    for before, after in zip(saved, reports(out), strict=True):
+        assert after["hashed_per_save"] == before["hashed_per_save"][1:3], after  # 9, 11
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [11, 9]
+    assert mlflow_ckpt.list_checkpoints(run_id)[0].shared == kept[0].shared
+    assert CliRunner().invoke(cli, ["verify", run_id]).exit_code == 0
     # promoted: the shard files it referenced are copied in; it outlives its collected run
     latest = mlflow_ckpt.list_checkpoints(run_id)[0]
     mlflow_ckpt.promote(latest, "dist-incremental", alias="champion")

@@ -22,10 +22,10 @@ beyond the new world are dropped. Both are warned about.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,14 @@ from mlflow_ckpt.manager.distributed_write import (
     own_failure,
 )
 from mlflow_ckpt.manager.ranks import RankError, RankGroup
+from mlflow_ckpt.manager.resume import ResumePoint
 from mlflow_ckpt.snapshot import restore
 from mlflow_ckpt.snapshot.sharded import (
     apply_sharded,
     check_against,
     decode_sharded,
     empty_targets,
+    frozen_holding_sharded,
     sharded_entries,
     take_sharded,
 )
@@ -69,14 +71,6 @@ _SKIPPABLE = {
     CheckpointNotFoundError.__name__,
     FileNotFoundError.__name__,
 }
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What a distributed resume restored (the same on every rank)."""
-
-    checkpoint: Checkpoint
-    progress: dict[str, Any]
 
 
 def _candidates(client: MlflowClient | None, run_id: str, ranks: RankGroup) -> list[Any]:
@@ -101,10 +95,16 @@ def restore_distributed(
     ranks: RankGroup,
     *,
     strict: bool,
-) -> Restored | None:
-    """Restore the newest checkpoint of ``run_id`` that every rank can read; ``None`` (and
-    nothing changed) when the run has none."""
+) -> ResumePoint:
+    """Restore the newest checkpoint of ``run_id`` that every rank can read; an empty point
+    (and nothing changed) when the run has none.
+
+    The point also carries, for the next incremental save, where this rank's chunks lie in
+    the restored checkpoint and which frozen parameters hold them as loaded: that save then
+    references them unread, as any save after the first does."""
     import torch.distributed.checkpoint as dcp
+
+    from mlflow_ckpt.codec.dcp_metadata import ChunkBase, chunk_key
 
     entries = sharded_entries(state)
     own_targets = {k: v for k, v in state.items() if k not in entries}
@@ -152,8 +152,14 @@ def restore_distributed(
             restore(own, own_targets, strict=strict, restore_rng_streams=with_rng, where=where)
             apply_sharded(state, entries, decode_sharded(root.state, fresh))
             _warn_world_change(root.world_size, ranks, where)
-            return Restored(ckpt, root.progress)
-    return None
+            chunks = {chunk_key(index): at for index, at in reader.locations.items()}
+            return dataclasses.replace(
+                ResumePoint.of_progress(ckpt, root.progress),
+                manifest=manifest,
+                frozen=frozen_holding_sharded(state, entries, fresh),
+                chunk_base=ChunkBase(chunks, dict(reader.files)),
+            )
+    return ResumePoint()
 
 
 def _prepare(

@@ -146,13 +146,8 @@ class CheckpointManager:
                     session.client, run_id, session.experiment_id, state, strict=strict
                 )
             else:
-                restored = restore_distributed(
+                point = restore_distributed(
                     session.client, run_id, state, session.ranks, strict=strict
-                )
-                point = (
-                    ResumePoint.of_progress(restored.checkpoint, restored.progress)
-                    if restored
-                    else ResumePoint()
                 )
             if session.client is not None:
                 reopen_run(run_id)
@@ -338,7 +333,7 @@ class CheckpointManager:
         chosen = point.checkpoint
         if chosen is not None:
             self.resumed_from = chosen
-            self._last_step = self._saver.resumed(chosen, point.manifest, point.frozen)
+            self._last_step = self._saver.resumed(point)
             self.start_step, self.start_epoch = point.start_step, point.start_epoch
             self._last_epoch = point.last_epoch
         self._policies.load_state_dict(point.manager_state)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -23,6 +23,9 @@ from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import preserved_python_rng, restore
 from mlflow_ckpt.snapshot.changes import Seen
 from mlflow_ckpt.snapshot.snapshot import frozen_holding
+
+if TYPE_CHECKING:  # (DCP is imported only by distributed saves)
+    from mlflow_ckpt.codec.dcp_metadata import ChunkBase
 
 
 def check_no_other_run(run_id: str) -> None:
@@ -77,6 +80,7 @@ class ResumePoint:
     resumes: int = 1  # this resume included
     manifest: Manifest | None = None  # the restored checkpoint's (what the next save references)
     frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters holding its bytes
+    chunk_base: ChunkBase | None = None  # distributed: where this rank's chunks lie in it
 
     @classmethod
     def of(cls, verified: VerifiedCheckpoint, frozen: Mapping[str, Seen]) -> ResumePoint:

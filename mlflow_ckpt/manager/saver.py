@@ -22,7 +22,6 @@ from mlflow_ckpt.catalog import Checkpoint, models, tags
 from mlflow_ckpt.catalog.metrics import log_step_metrics_quietly
 from mlflow_ckpt.catalog.shared import shared_area_uri, sweep_shared
 from mlflow_ckpt.catalog.timeline import NONFINITE_METRIC
-from mlflow_ckpt.codec import Manifest
 from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointVerificationError,
@@ -51,6 +50,7 @@ from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
 if TYPE_CHECKING:  # (DCP is imported only by distributed saves)
     from mlflow_ckpt.codec.dcp_metadata import ChunkBase
+    from mlflow_ckpt.manager.resume import ResumePoint
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,11 @@ class Saver:
         self.milestones = Milestones(options.retention, options.incremental, run_id)
         self.chunk_base: ChunkBase | None = None  # distributed: this rank's previous chunks
         self.chunk_seen: dict[str, Seen] = {}  # ... and what that save's snapshot saw
-        self.state = state
-        self.ranks = ranks
+        self.state, self.ranks = state, ranks
         # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
         self.sharded = sharded_entries(state) if ranks is not None else {}
         self.own_state = {k: v for k, v in state.items() if k not in self.sharded}
-        self.options = options
-        self.client = client
-        self.run_id = run_id
+        self.options, self.client, self.run_id = options, client, run_id
         self.target = WriteTarget(
             client=client,
             run_id=run_id,
@@ -259,17 +256,19 @@ class Saver:
         if error is not None:
             self._failed(error)
 
-    def resumed(
-        self, checkpoint: Checkpoint, manifest: Manifest | None, frozen: Mapping[str, Seen]
-    ) -> int:
-        """Carry on from ``checkpoint``, just restored: the next save follows it and, when
-        incremental, references its shared bytes, unread for the ``frozen`` parameters the
+    def resumed(self, point: ResumePoint) -> int:
+        """Carry on from ``point.checkpoint``, just restored: the next save follows it and,
+        when incremental, references its shared bytes, unread for the frozen parameters the
         restore wrote (as the restore left them). Returns its step."""
-        self.last_checkpoint = checkpoint
-        self.last_saved_step = checkpoint.step
+        checkpoint, manifest = point.checkpoint, point.manifest
+        assert checkpoint is not None
+        self.last_checkpoint, self.last_saved_step = checkpoint, checkpoint.step
+        if self.ranks is not None and self.options.incremental:  # (only rank 0 knows the
+            # shared URI, but the run's own checkpoints, all a resume restores, store there)
+            self.chunk_base, self.chunk_seen = point.chunk_base, dict(point.frozen)
         usable = manifest is not None and manifest.shared_uri in (None, self.shared_uri)
-        if self.shared_uri is not None and usable:  # (never another run's shared area)
-            self.base = Base(checkpoint.model_id, manifest, frozen)  # type: ignore[arg-type]
+        if self.ranks is None and self.shared_uri is not None and usable:  # (not another run's)
+            self.base = Base(checkpoint.model_id, manifest, point.frozen)  # type: ignore[arg-type]
         return checkpoint.step
 
     def _protected(self) -> tuple[str, ...]:

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from mlflow_ckpt.errors import StateMismatchError, StateSerializationError
-from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, local_of
+from mlflow_ckpt.snapshot.changes import (
+    Changes,
+    ChangeTracker,
+    History,
+    Seen,
+    local_of,
+    same_bytes,
+)
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode
 
@@ -138,6 +145,23 @@ def take_sharded(
         torch.cuda.synchronize()
     changes = Changes.of(tracker) if tracker is not None else None
     return ShardedSnapshot(dict(entries), document, sink.tensors, changes)
+
+
+def frozen_holding_sharded(
+    state: Mapping[str, Any], entries: Mapping[str, str], loaded: Mapping[str, torch.Tensor]
+) -> dict[str, Seen]:
+    """The frozen parameters of the sharded entries whose local shards hold exactly what a
+    distributed resume loaded into ``loaded`` (by flat name), with what a snapshot taken
+    now sees of them: the sharded counterpart of ``snapshot.frozen_holding``. Handed to the
+    next incremental save, it lets that save reference the frozen chunks unread, as every
+    later save does, instead of hashing the whole frozen state once more after a resume."""
+    now = take_sharded(state, entries, copy=False, history=History())
+    assert now.changes is not None
+    return {
+        name: now.changes.seen[name]
+        for name in now.changes.frozen
+        if name in loaded and same_bytes(local_of(now.tensors[name]), local_of(loaded[name]))
+    }
 
 
 def empty_targets(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
