@@ -80,7 +80,7 @@ class ResumePoint:
     resumes: int = 1  # this resume included
     manifest: Manifest | None = None  # the restored checkpoint's (what the next save references)
     frozen: Mapping[str, Seen] = field(default_factory=dict)  # frozen parameters holding its bytes
-    chunk_base: ChunkBase | None = None  # distributed: where this rank's chunks lie in it
+    chunk_base: ChunkBase | None = None  # distributed: where its chunks lie (tensor, offsets)
 
     @classmethod
     def of(cls, verified: VerifiedCheckpoint, frozen: Mapping[str, Seen]) -> ResumePoint:
