@@ -99,7 +99,7 @@ def restore_distributed(
     """Restore the newest checkpoint of ``run_id`` that every rank can read; an empty point
     (and nothing changed) when the run has none.
 
-    The point also carries, for the next incremental save, where this rank's chunks lie in
+    The point also carries, for the next incremental save, where each chunk lies in
     the restored checkpoint and which frozen parameters hold them as loaded: that save then
     references them unread, as any save after the first does."""
     import torch.distributed.checkpoint as dcp
