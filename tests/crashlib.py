@@ -238,17 +238,12 @@ def _finish(
 
 
 def _scratch_left(tmp: Path) -> list[str]:
-    """Scratch and upload folders in ``tmp`` that the sweep should have taken: all of them
-    once every process is gone (a hidden, not yet locked one only once settled)."""
-    from mlflow_ckpt.storage.staging import PREFIX, SCRATCH_PREFIX, SETTLE_S
+    """Scratch and upload folders left in ``tmp``: once every process is gone, the last
+    resume's sweep should have taken them all (a hidden one, killed before it was locked,
+    is the sweep's to judge later)."""
+    from mlflow_ckpt.storage.staging import PREFIXES
 
-    settled = time.time() - SETTLE_S
-    return [
-        p.name
-        for p in tmp.iterdir()
-        if p.name.startswith((PREFIX, SCRATCH_PREFIX))
-        or (p.name.startswith((f".{PREFIX}", f".{SCRATCH_PREFIX}")) and p.stat().st_mtime < settled)
-    ]
+    return [p.name for p in tmp.iterdir() if p.name.startswith(PREFIXES)]
 
 
 def _check_shared_area(client: MlflowClient, run_id: str, result: ChainResult) -> None:

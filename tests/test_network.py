@@ -100,14 +100,25 @@ def test_server_dies_mid_upload_then_comes_back(
     }
 
 
-# A process that makes an owned folder, prints it, then holds it (or dies, as under kill -9).
+# A process that makes an owned folder, prints it, then holds it ("hold"), dies as under
+# kill -9 ("exit"), or holds it having made it with no file descriptor left ("starved").
 _OWNER = """
-import os, sys, time
+import os, resource, sys, tempfile, time
 from mlflow_ckpt.storage.staging import OwnedFolder
+held = []
+if sys.argv[2] == "starved":
+    tempfile.gettempdir()  # (it tries a file there: before the descriptors run out)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
 folder = OwnedFolder(sys.argv[1], "test")
-(folder.path / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+if not held:
+    (folder.path / "tensors-00001-of-00002.safetensors").write_bytes(b"x" * 100)
 print(folder.path, flush=True)
-time.sleep(120) if sys.argv[2] == "hold" else os._exit(9)
+os._exit(9) if sys.argv[2] == "exit" else time.sleep(120)
 """
 
 
@@ -167,28 +178,8 @@ def test_a_folder_its_owner_cannot_lock_is_named_out_of_the_sweeps_reach(
 ) -> None:
     """Out of file descriptors, the owner cannot lock its folder; under a sweepable name any
     other process could then lock it and take it mid-use, so it is named to be left alone."""
-    code = """
-import os, resource, sys, tempfile, time
-from mlflow_ckpt.storage.staging import OwnedFolder
-tempfile.gettempdir()  # (it tries a file there: before the descriptors run out)
-held = []
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-try:
-    while True:
-        held.append(os.open(os.devnull, os.O_RDONLY))
-except OSError:
-    pass
-folder = OwnedFolder(sys.argv[1], "test")
-print(folder.path, flush=True)
-time.sleep(120)
-"""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(own_tempdir))
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, SCRATCH_PREFIX], stdout=subprocess.PIPE, text=True, env=env
-    )
+    child, folder = _owned_by_child(SCRATCH_PREFIX, "starved")
     try:
-        assert child.stdout is not None
-        folder = Path(child.stdout.readline().strip())
         assert folder.name.startswith(f"{UNSWEPT_PREFIX}.{SCRATCH_PREFIX}"), folder
         assert sweep_stale_staging() == [] and folder.is_dir()
     finally:

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "mlflow-ckpt-upload-"
 SCRATCH_PREFIX = "mlflow-ckpt-scratch-"
+PREFIXES = (PREFIX, SCRATCH_PREFIX)  # what the sweep looks at
 UNSWEPT_PREFIX = "mlflow-ckpt-unlocked-"  # a folder its owner could not lock: never swept
 # A folder under its hidden name younger than this may be about to be locked: left alone.
 SETTLE_S = 10.0
@@ -48,7 +49,7 @@ class OwnedFolder:
     """A fresh temporary folder, locked by this process until :meth:`remove`."""
 
     def __init__(self, prefix: str, purpose: str = "") -> None:
-        name = f"{prefix}{os.getpid()}-{purpose}-" if purpose else f"{prefix}{os.getpid()}-"
+        name = f"{prefix}{os.getpid()}-" + (f"{purpose}-" if purpose else "")
         # Made under a hidden name, locked, then renamed: under its own name the folder is
         # never unlocked while its owner lives, so the sweep needs no grace period for it.
         pending = Path(tempfile.mkdtemp(prefix=f".{name}"))
@@ -116,22 +117,21 @@ def sweep_stale_staging(root: Path | None = None) -> list[Path]:
     removed = []
     settled = time.time() - SETTLE_S
     folder_root = Path(root or tempfile.gettempdir())
-    for prefix in (PREFIX, SCRATCH_PREFIX):
-        for hidden in (False, True):
-            for folder in folder_root.glob(f".{prefix}*" if hidden else f"{prefix}*"):
-                try:
-                    info = folder.lstat()
-                except OSError:  # removed meanwhile
-                    continue
-                if not stat.S_ISDIR(info.st_mode) or (hidden and info.st_mtime > settled):
-                    continue  # a link or a file; or a folder perhaps not locked yet
-                fd = _try_lock(folder)
-                if fd is None:  # its owner lives (or nobody can tell)
-                    continue
-                try:
-                    shutil.rmtree(folder, ignore_errors=True)
-                finally:
-                    os.close(fd)
-                logger.info("Removed %s, left by a process that no longer exists", folder)
-                removed.append(folder)
+    for prefix, hidden in [(p, False) for p in PREFIXES] + [(f".{p}", True) for p in PREFIXES]:
+        for folder in folder_root.glob(f"{prefix}*"):
+            try:
+                info = folder.lstat()
+            except OSError:  # removed meanwhile
+                continue
+            if not stat.S_ISDIR(info.st_mode) or (hidden and info.st_mtime > settled):
+                continue  # a link or a file; or a folder perhaps not locked yet
+            fd = _try_lock(folder)
+            if fd is None:  # its owner lives (or nobody can tell)
+                continue
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
+            logger.info("Removed %s, left by a process that no longer exists", folder)
+            removed.append(folder)
     return removed
