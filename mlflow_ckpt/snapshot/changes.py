@@ -142,3 +142,16 @@ class Changes:
             for n in names
             if n in self.seen and self.seen[n][1] is not None and previous.get(n) == self.seen[n]
         }
+
+
+def holding(
+    changes: Changes, live: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+) -> dict[str, Seen]:
+    """Of the frozen tensors a snapshot saw (``changes``, ``live``: its tensors by name),
+    those holding exactly the bytes of the saved tensor of their name, with what the
+    snapshot saw of them: what a restore hands the next incremental save."""
+    return {
+        name: changes.seen[name]
+        for name in changes.frozen
+        if same_bytes(local_of(live[name]), local_of(saved[name]) if name in saved else None)
+    }

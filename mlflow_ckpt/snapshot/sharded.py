@@ -25,8 +25,8 @@ from mlflow_ckpt.snapshot.changes import (
     ChangeTracker,
     History,
     Seen,
+    holding,
     local_of,
-    same_bytes,
 )
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode
@@ -157,11 +157,7 @@ def frozen_holding_sharded(
     later save does, instead of hashing the whole frozen state once more after a resume."""
     now = take_sharded(state, entries, copy=False, history=History())
     assert now.changes is not None
-    return {
-        name: now.changes.seen[name]
-        for name in now.changes.frozen
-        if name in loaded and same_bytes(local_of(now.tensors[name]), local_of(loaded[name]))
-    }
+    return holding(now.changes, now.tensors, loaded)
 
 
 def empty_targets(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from mlflow_ckpt.errors import (
     StateMismatchError,
     StateSerializationError,
 )
-from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen, same_bytes
+from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen, holding
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
@@ -135,11 +135,7 @@ def frozen_holding(state: Mapping[str, Any], saved: Mapping[str, torch.Tensor]) 
         # framework's whole checkpoint), so it is not called. Names are take_snapshot's.
         if isinstance(unwrap_module(obj), torch.nn.Module):
             encode(obj, name, sink)
-    return {
-        name: tracker.seen[name]
-        for name in tracker.frozen
-        if same_bytes(sink.tensors[name], saved.get(name))
-    }
+    return holding(Changes.of(tracker), sink.tensors, saved)
 
 
 @dataclass(frozen=True)
