@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import struct
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import mlflow_ckpt
 from mlflow_ckpt.catalog import export_safetensors
+from mlflow_ckpt.codec import planes as byte_planes
 from mlflow_ckpt.codec import zstd_io
 from tests.conftest import StoreUnderTest
 from tests.test_hostile import assert_untouched, folder, fresh_model, params_of, resign, save_run
@@ -48,8 +51,17 @@ def every_dtype() -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_every_dtype_round_trips_bit_for_bit(tracking: str, async_save: bool) -> None:
+@pytest.mark.parametrize(
+    ("async_save", "native"),
+    [(False, True), (True, True), (False, False)],
+    ids=["sync", "async", "sync-numpy-planes"],
+)
+def test_every_dtype_round_trips_bit_for_bit(
+    tracking: str, async_save: bool, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both byte-plane kernels: the C one (built by the install) and NumPy (its fallback)."""
+    assert_native_kernel_built()
+    monkeypatch.setattr(byte_planes, "NATIVE", native)
     state = every_dtype()
     with mlflow.start_run(run_name="zstd") as run:
         with mlflow_ckpt.CheckpointManager(
@@ -69,6 +81,46 @@ def test_every_dtype_round_trips_bit_for_bit(tracking: str, async_save: bool) ->
         assert bits is None or torch.equal(bits(got), bits(tensor)), name
     raw_bytes = sum(t.numel() * t.element_size() for t in state.values())
     assert ckpt.stored_bytes < raw_bytes <= ckpt.size_bytes  # size_bytes is the logical size
+
+
+def assert_native_kernel_built() -> None:
+    """The install builds the C kernel wherever a compiler is (CI has one): a broken build
+    would otherwise pass unseen, on the NumPy fallback."""
+    assert byte_planes.NATIVE or shutil.which("cc") is None, "mlflow_ckpt.codec._planes"
+
+
+@pytest.mark.parametrize("planes", [2, 4, 8])
+def test_byte_plane_kernels_agree_and_invert(planes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C kernel (SSE2 for 16 elements at a time, a loop for the rest) and NumPy give the
+    same bytes, for lengths on and off the vector width, and merge undoes split."""
+    assert_native_kernel_built()
+    rng = np.random.default_rng(planes)
+    for count in (0, 1, 15, 16, 17, 33, 1000, 4099):
+        raw = rng.integers(0, 256, count * planes, dtype=np.uint8)
+        expected = [raw[i::planes].copy() for i in range(planes)]
+        for native in (True, False):
+            monkeypatch.setattr(byte_planes, "NATIVE", native)
+            got = byte_planes.split(raw, planes)
+            assert [g.tobytes() for g in got] == [e.tobytes() for e in expected], (native, count)
+            out = np.full(raw.size, 7, np.uint8)
+            byte_planes.merge(expected, out)
+            assert out.tobytes() == raw.tobytes(), (native, count)
+
+
+def test_the_native_kernel_refuses_mismatched_buffers() -> None:
+    assert_native_kernel_built()
+    kernel = byte_planes._kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: the package runs on its NumPy fallback")
+    planes = [np.zeros(4, np.uint8), np.zeros(5, np.uint8)]
+    with pytest.raises(ValueError, match="one length"):
+        kernel.merge(np.zeros(9, np.uint8), planes)
+    with pytest.raises(ValueError, match="fill the whole buffer"):
+        kernel.merge(np.zeros(9, np.uint8), [np.zeros(4, np.uint8)] * 2)
+    with pytest.raises(ValueError, match="1 to 8 planes"):
+        kernel.split(np.zeros(9, np.uint8), [np.zeros(1, np.uint8)] * 9)
+    with pytest.raises((BufferError, TypeError)):  # read-only output
+        kernel.merge(bytes(8), [np.zeros(4, np.uint8)] * 2)
 
 
 def test_bf16_weights_shrink_and_noise_is_stored_as_is(tracking: str) -> None:

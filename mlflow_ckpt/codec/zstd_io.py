@@ -34,10 +34,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 import zstandard
 
+from mlflow_ckpt.codec import planes as byte_planes
 from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
@@ -64,34 +64,6 @@ def check_level(level: int) -> int:
 
 def _planes_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() if dtype in _PLANED else 1
-
-
-def _split(block: torch.Tensor, planes: int) -> list[memoryview]:
-    """The block's bytes grouped by position in the element (one view if ``planes == 1``).
-
-    Shifts on 16/32-bit lanes for 2 and 4 planes (a strided byte transpose runs at a
-    fraction of memory speed), NumPy's transposed copy for 8. (Measured on the writer's
-    threads: torch's strided copies per plane were no faster.)"""
-    raw = block.numpy()
-    if planes == 1:
-        return [memoryview(raw).cast("B")]
-    if planes in (2, 4):
-        lanes = raw.view(np.uint16 if planes == 2 else np.uint32)
-        grouped = [(lanes >> (8 * i)).astype(np.uint8) for i in range(planes)]
-    else:
-        grouped = list(raw.reshape(-1, planes).T.copy())
-    return [memoryview(np.ascontiguousarray(g)).cast("B") for g in grouped]
-
-
-def _merge(planes: list[torch.Tensor], out: torch.Tensor) -> None:
-    """Undo :func:`_split`: interleave the planes back into ``out`` (contiguous ``uint8``).
-
-    One ``numpy.stack`` along a new last axis writes each element's bytes in place, on the
-    calling thread only. (``torch.stack`` alone is faster, but it spreads over torch's
-    OpenMP threads, which then spin against the zstd threads decoding beside it:
-    ``read_buffer`` took twice as long with it. Shift-and-OR passes ran at a third of the
-    speed.)"""
-    np.stack([p.numpy() for p in planes], axis=1, out=out.numpy().reshape(-1, len(planes)))
 
 
 def _blocks(flat: torch.Tensor, planes: int) -> Iterator[torch.Tensor]:
@@ -166,7 +138,8 @@ _Block = tuple[int, list[tuple[str, "bytes | memoryview"]]]  # raw length, encod
 
 def _encode(encoder: _Encoder, block: torch.Tensor, planes: int, pays: list[bool] | None) -> _Block:
     out: list[tuple[str, bytes | memoryview]] = []
-    for i, plane in enumerate(_split(block, planes)):
+    grouped = byte_planes.split(block.numpy(), planes)
+    for i, plane in enumerate(memoryview(g).cast("B") for g in grouped):
         if pays is not None and not pays[i]:
             out.append(("raw", plane))
             continue
@@ -312,7 +285,7 @@ def _decode_block(
         _unzstd(chunk, plane, plan["key"], bad)
         grouped.append(plane)
     if planes > 1:
-        _merge(grouped, dest)
+        byte_planes.merge([g.numpy() for g in grouped], dest.numpy())
     elif grouped[0] is not dest:
         dest.copy_(grouped[0])
 
