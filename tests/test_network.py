@@ -27,11 +27,13 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig
+from mlflow_ckpt.storage.repository import RepositoryStore
 from mlflow_ckpt.storage.staging import (
     PREFIX,
     SCRATCH_PREFIX,
     SETTLE_S,
     UNSWEPT_PREFIX,
+    OwnedFolder,
     scratch_dir,
     sweep_stale_staging,
 )
@@ -185,6 +187,31 @@ def test_a_folder_its_owner_cannot_lock_is_named_out_of_the_sweeps_reach(
     finally:
         child.kill()
         child.wait()
+
+
+def test_flush_returns_once_the_staged_upload_folder_is_gone(
+    own_tempdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that stages uploads on local disk (any MLflow artifact repository we have no
+    streaming sink for) has removed the staging folder when ``flush()`` returns. Removal is
+    slowed down here so that the order shows every time."""
+    remove = OwnedFolder.remove
+
+    def slow_remove(folder: OwnedFolder) -> None:
+        time.sleep(0.3)
+        remove(folder)
+
+    monkeypatch.setattr(OwnedFolder, "remove", slow_remove)
+    store = RepositoryStore((tmp_path / "art").as_uri())
+    try:
+        with store.open_writer("ckpt/f.bin") as f:
+            f.write(b"x" * 1000)
+        assert [p.name[: len(PREFIX)] for p in own_tempdir.iterdir()] == [PREFIX]  # staged
+        store.flush()
+        assert list(own_tempdir.iterdir()) == []
+        assert (tmp_path / "art" / "ckpt" / "f.bin").read_bytes() == b"x" * 1000
+    finally:
+        store.close()
 
 
 def test_a_scratch_folder_is_named_after_its_process_and_removed_on_exit(own_tempdir: Path) -> None:

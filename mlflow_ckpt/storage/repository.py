@@ -121,11 +121,19 @@ class RepositoryStore(Store):
             with open(local, "xb") as f:
                 yield f
             size = local.stat().st_size
-            future = self.submit(lambda: self._upload(local, directory, rel_path, size))
+
+            def upload() -> None:
+                # The folder goes inside the job, not in a done-callback: those run after
+                # the future's waiters wake, so flush() could return with it still there.
+                try:
+                    self._upload(local, directory, rel_path, size)
+                finally:
+                    self._release(staging)
+
+            future = self.submit(upload)
+            handed_over = True
             with self._lock:
                 self._pending.append(future)
-            future.add_done_callback(lambda _: self._release(staging))
-            handed_over = True
         finally:
             if not handed_over:
                 self._release(staging)
