@@ -15,13 +15,14 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#if defined(__SSE2__)
+#if defined(__SSE2__) || defined(_M_X64) /* (MSVC defines no __SSE2__ on x64) */
+#define HAVE_SSE2 1
 #include <emmintrin.h>
 #endif
 
 #define MAX_PLANES 8
 
-#if defined(__SSE2__)
+#if defined(HAVE_SSE2)
 #define LOAD(p) _mm_loadu_si128((const __m128i *)(p))
 #define STORE(p, v) _mm_storeu_si128((__m128i *)(p), (v))
 
@@ -100,9 +101,15 @@ static size_t split_sse2(const uint8_t *data, uint8_t *const *p, int k, size_t n
     }
     return i;
 }
-#else
-static size_t merge_sse2(uint8_t *out, const uint8_t *const *p, int k, size_t n) { return 0; }
-static size_t split_sse2(const uint8_t *data, uint8_t *const *p, int k, size_t n) { return 0; }
+#else /* no SSE2 (ARM, ...): the loops below do it all */
+static size_t merge_sse2(uint8_t *out, const uint8_t *const *p, int k, size_t n) {
+    (void)out, (void)p, (void)k, (void)n;
+    return 0;
+}
+static size_t split_sse2(const uint8_t *data, uint8_t *const *p, int k, size_t n) {
+    (void)data, (void)p, (void)k, (void)n;
+    return 0;
+}
 #endif
 
 static void merge_rest(uint8_t *out, const uint8_t *const *p, int k, size_t from, size_t n) {
@@ -154,6 +161,7 @@ static void release(Py_buffer *all, Py_buffer *views, Py_ssize_t k) {
 }
 
 static PyObject *merge(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *out, *seq;
     Py_buffer all, views[MAX_PLANES];
     const uint8_t *p[MAX_PLANES];
@@ -171,6 +179,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
 }
 
 static PyObject *split(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *data, *seq;
     Py_buffer all, views[MAX_PLANES];
     uint8_t *p[MAX_PLANES];
@@ -195,6 +204,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_planes", "Byte planes (SSE2 where the CPU has it).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }
