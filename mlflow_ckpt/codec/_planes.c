@@ -160,40 +160,43 @@ static void release(Py_buffer *all, Py_buffer *views, Py_ssize_t k) {
     PyBuffer_Release(all);
 }
 
-static PyObject *merge(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *out, *seq;
+/* The kernels behind one signature: ``whole`` is written by merge, read by split. */
+typedef void (*kernel_fn)(uint8_t *whole, uint8_t *const *planes, int k, size_t n);
+
+static void merge_all(uint8_t *out, uint8_t *const *planes, int k, size_t n) {
+    const uint8_t *const *p = (const uint8_t *const *)planes;
+    size_t done = (k == 2 || k == 4 || k == 8) ? merge_sse2(out, p, k, n) : 0;
+    merge_rest(out, p, k, done, n);
+}
+
+static void split_all(uint8_t *data, uint8_t *const *planes, int k, size_t n) {
+    split_rest(data, planes, k, split_sse2(data, planes, k, n), n);
+}
+
+static PyObject *run(PyObject *args, const char *format, int planes_writable, kernel_fn fn) {
+    PyObject *whole, *seq;
     Py_buffer all, views[MAX_PLANES];
-    const uint8_t *p[MAX_PLANES];
+    uint8_t *p[MAX_PLANES];
     Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "OO:merge", &out, &seq)) return NULL;
-    if (views_of(out, seq, 0, &all, views, &k) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, format, &whole, &seq)) return NULL;
+    if (views_of(whole, seq, planes_writable, &all, views, &k) < 0) return NULL;
     for (Py_ssize_t j = 0; j < k; j++) p[j] = views[j].buf;
     size_t n = (size_t)views[0].len;
     Py_BEGIN_ALLOW_THREADS
-    size_t done = (k == 2 || k == 4 || k == 8) ? merge_sse2(all.buf, p, (int)k, n) : 0;
-    merge_rest(all.buf, p, (int)k, done, n);
+    fn(all.buf, p, (int)k, n);
     Py_END_ALLOW_THREADS
     release(&all, views, k);
     Py_RETURN_NONE;
 }
 
+static PyObject *merge(PyObject *self, PyObject *args) {
+    (void)self;
+    return run(args, "OO:merge", 0, merge_all);
+}
+
 static PyObject *split(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *data, *seq;
-    Py_buffer all, views[MAX_PLANES];
-    uint8_t *p[MAX_PLANES];
-    Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "OO:split", &data, &seq)) return NULL;
-    if (views_of(data, seq, 1, &all, views, &k) < 0) return NULL;
-    for (Py_ssize_t j = 0; j < k; j++) p[j] = views[j].buf;
-    size_t n = (size_t)views[0].len;
-    Py_BEGIN_ALLOW_THREADS
-    size_t done = split_sse2(all.buf, p, (int)k, n);
-    split_rest(all.buf, p, (int)k, done, n);
-    Py_END_ALLOW_THREADS
-    release(&all, views, k);
-    Py_RETURN_NONE;
+    return run(args, "OO:split", 1, split_all);
 }
 
 static PyMethodDef methods[] = {
