@@ -75,20 +75,20 @@ static inline void evens_odds(__m128i a, __m128i b, __m128i *even, __m128i *odd)
     *odd = _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8));
 }
 
-/* 16 elements per step: 2 or 4 planes, by halving into even and odd bytes (each round
- * halves the element size). */
+/* 16 elements per step: 2, 4 or 8 planes, by halving into even and odd bytes (each round
+ * halves the element size: 8 bytes -> 4 + 4 -> 2 + 2 + 2 + 2 -> planes). */
 static size_t split_sse2(const uint8_t *data, uint8_t *const *p, int k, size_t n) {
     size_t i = 0;
-    if (k != 2 && k != 4) return 0;
+    if (k != 2 && k != 4 && k != 8) return 0;
     for (; i + 16 <= n; i += 16) {
         const uint8_t *d = data + (size_t)k * i;
+        __m128i a, b;
         if (k == 2) {
-            __m128i even, odd;
-            evens_odds(LOAD(d), LOAD(d + 16), &even, &odd);
-            STORE(p[0] + i, even);
-            STORE(p[1] + i, odd);
-        } else {
-            __m128i e0, o0, e1, o1, a, b;
+            evens_odds(LOAD(d), LOAD(d + 16), &a, &b);
+            STORE(p[0] + i, a);
+            STORE(p[1] + i, b);
+        } else if (k == 4) {
+            __m128i e0, o0, e1, o1;
             evens_odds(LOAD(d), LOAD(d + 16), &e0, &o0);      /* bytes 0,2 / 1,3: elements 0-7 */
             evens_odds(LOAD(d + 32), LOAD(d + 48), &e1, &o1); /* elements 8-15 */
             evens_odds(e0, e1, &a, &b);
@@ -97,6 +97,21 @@ static size_t split_sse2(const uint8_t *data, uint8_t *const *p, int k, size_t n
             evens_odds(o0, o1, &a, &b);
             STORE(p[1] + i, a);
             STORE(p[3] + i, b);
+        } else { /* k == 8 */
+            __m128i e[4], o[4], h[8];
+            for (int j = 0; j < 4; j++) /* bytes 0,2,4,6 / 1,3,5,7 of elements 4j .. 4j+3 */
+                evens_odds(LOAD(d + 32 * j), LOAD(d + 32 * j + 16), &e[j], &o[j]);
+            /* h: bytes (0,4) (2,6) (1,5) (3,7), of elements 0-7 then 8-15 */
+            evens_odds(e[0], e[1], &h[0], &h[1]);
+            evens_odds(e[2], e[3], &h[4], &h[5]);
+            evens_odds(o[0], o[1], &h[2], &h[3]);
+            evens_odds(o[2], o[3], &h[6], &h[7]);
+            static const int lower[4] = {0, 2, 1, 3}; /* the plane of each pair's first byte */
+            for (int q = 0; q < 4; q++) {
+                evens_odds(h[q], h[4 + q], &a, &b);
+                STORE(p[lower[q]] + i, a);
+                STORE(p[lower[q] + 4] + i, b);
+            }
         }
     }
     return i;
