@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 try:
-    from mlflow_ckpt.codec import _planes as _native
+    import mlflow_ckpt.codec._planes as _native  # (the extension, not the package)
 except ImportError:  # pragma: no cover - exercised by the tests through NATIVE = False
     _native = None
 

@@ -37,7 +37,8 @@ from typing import Any, BinaryIO
 import torch
 import zstandard
 
-from mlflow_ckpt.codec import planes as byte_planes
+from mlflow_ckpt.codec.planes import merge as merge_planes
+from mlflow_ckpt.codec.planes import split as split_planes
 from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
@@ -138,7 +139,7 @@ _Block = tuple[int, list[tuple[str, "bytes | memoryview"]]]  # raw length, encod
 
 def _encode(encoder: _Encoder, block: torch.Tensor, planes: int, pays: list[bool] | None) -> _Block:
     out: list[tuple[str, bytes | memoryview]] = []
-    grouped = byte_planes.split(block.numpy(), planes)
+    grouped = split_planes(block.numpy(), planes)
     for i, plane in enumerate(memoryview(g).cast("B") for g in grouped):
         if pays is not None and not pays[i]:
             out.append(("raw", plane))
@@ -285,7 +286,7 @@ def _decode_block(
         _unzstd(chunk, plane, plan["key"], bad)
         grouped.append(plane)
     if planes > 1:
-        byte_planes.merge([g.numpy() for g in grouped], dest.numpy())
+        merge_planes([g.numpy() for g in grouped], dest.numpy())
     elif grouped[0] is not dest:
         dest.copy_(grouped[0])
 
