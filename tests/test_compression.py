@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import resource
 import shutil
@@ -140,6 +141,28 @@ def test_bf16_weights_shrink_and_noise_is_stored_as_is(tracking: str) -> None:
         sizes[name] = shard.stat().st_size / (tensor.numel() * tensor.element_size())
     assert sizes["weights"] <= 0.72, sizes
     assert 1.0 <= sizes["noise"] < 1.001, sizes
+
+
+def test_fast_levels_store_planes_saving_under_a_bit_per_byte_as_they_are() -> None:
+    """Bytes with ~7.4 bits of entropy (zstd saves ~7%): stored as is at zstd's fast levels
+    (decoding them would cost a load more than the bytes saved), compressed from level 3 up
+    (the caller asked for size). Both read back bit for bit."""
+    torch.manual_seed(3)
+    n = 8 * MB
+    top = torch.multinomial(torch.tensor([0.7, 0.1, 0.1, 0.1]), n, replacement=True)
+    data = (torch.randint(0, 64, (n,)) + 64 * top).to(torch.uint8)
+    for level, codec in ((-1, "raw"), (1, "raw"), (2, "raw"), (3, "zstd"), (5, "zstd")):
+        f = io.BytesIO()
+        zstd_io.write(f, [("t", data)], level=level)
+        stored = f.getvalue()
+        index, _ = _frame_plane(stored)
+        codecs = {c for _, spans in index["t"]["blocks"] for c, _ in spans}
+        assert codecs == {codec}, (level, codecs)
+        if codec == "zstd":
+            assert len(stored) < 0.95 * n, (level, len(stored) / n)
+        buffer = torch.frombuffer(bytearray(stored), dtype=torch.uint8)
+        decoded, _ = zstd_io.read_buffer(buffer, "t.ztensors", "test")
+        assert torch.equal(decoded["t"], data), level
 
 
 def test_export_of_a_compressed_checkpoint_is_a_standard_safetensors_file(
