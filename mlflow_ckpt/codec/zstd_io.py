@@ -6,9 +6,8 @@ tensor is split into byte planes first (all first bytes, then all second bytes, 
 each plane is compressed on its own or, when that does not pay (a mantissa plane; at fast
 levels, any plane saving less than one bit per byte), stored as is. Which planes pay is
 decided on a tensor's first block and kept for the rest, so noise is not compressed over and
-over. Blocks (4 MiB of a tensor) are compressed on several
-threads and written in order as they finish: memory holds a few blocks, never a second copy
-of the state.
+over. Blocks (4 MiB of a tensor) are compressed on several threads and written in order as
+they finish: memory holds a few blocks, never a second copy of the state.
 
 Layout, all little-endian::
 
