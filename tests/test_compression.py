@@ -17,8 +17,12 @@ from safetensors.torch import load_file
 
 import mlflow_ckpt
 from mlflow_ckpt.catalog import export_safetensors
+from mlflow_ckpt.catalog.reader import read_checkpoint
+from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.codec import planes as byte_planes
 from mlflow_ckpt.codec import zstd_io
+from mlflow_ckpt.codec.planar import PlanarTensor
+from mlflow_ckpt.snapshot.direct import direct_destinations, planar_names
 from tests.conftest import StoreUnderTest
 from tests.test_hostile import assert_untouched, folder, fresh_model, params_of, resign, save_run
 
@@ -185,35 +189,114 @@ def _frame_plane(data: bytes) -> tuple[dict, int]:
     return json.loads(data[body : body + length]), body
 
 
-def test_a_broken_zstd_frame_is_reported_as_corruption_naming_the_file(tracking: str) -> None:
-    """The file's hash is forged to match (so only the decoder stands in the way)."""
-    state = {"model": fresh_model(), "w": (torch.randn(MB) * 0.02).to(torch.bfloat16)}
+@pytest.mark.parametrize("broken", ["w", "model/2.weight"], ids=["tensor", "module"])
+def test_a_broken_zstd_frame_is_reported_as_corruption_naming_the_file(
+    tracking: str, broken: str
+) -> None:
+    """The file's hash is forged to match (so only the decoder stands in the way). A frame
+    of a plain module's tensor (decoded when read, interleaved into the module by the
+    restore) is caught before anything is restored, like any other."""
+    state = {"model": planar_net(0), "w": (torch.randn(MB) * 0.02).to(torch.bfloat16)}
     _, (ckpt,) = save_run(state=state, compression="zstd")
     (shard,) = folder(ckpt).glob("tensors-*")
     data = bytearray(shard.read_bytes())
     index, _ = _frame_plane(bytes(data))
-    offset = 0
-    for name in index:  # find the first zstd plane and break its frame's content
+    offset, frame = 0, None
+    for name in index:  # break the content of the tensor's first zstd frame
         for _raw, spans in index[name]["blocks"]:
             for codec, stored in spans:
-                if codec == "zstd":
-                    data[offset + stored // 2] ^= 0xFF
-                    data[offset + stored // 2 + 1] ^= 0xFF
-                    break
+                if name == broken and codec == "zstd" and frame is None:
+                    frame = offset + stored // 2
                 offset += stored
-            else:
-                continue
-            break
-        else:
-            continue
-        break
+    assert frame is not None
+    data[frame] ^= 0xFF
+    data[frame + 1] ^= 0xFF
     resign(folder(ckpt), {shard.name: bytes(data)})
-    target = {"model": fresh_model(7), "w": torch.zeros(MB, dtype=torch.bfloat16)}
+    target = {"model": planar_net(7), "w": torch.zeros(MB, dtype=torch.bfloat16)}
+    assert (broken in planar_names(target)) == (broken != "w")
     before = params_of(target["model"])
     with pytest.raises(mlflow_ckpt.CheckpointCorruptedError) as info:
         mlflow_ckpt.load(ckpt.uri, target)
     assert info.value.path == shard.name and shard.name in str(info.value)
+    assert repr(broken) in str(info.value)
     assert_untouched(target["model"], before)
+    assert not target["w"].any()
+
+
+def planar_net(seed: int) -> torch.nn.Module:
+    """fp32 and bf16 layers and a BatchNorm (its own ``_load_from_state_dict``, known)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 8)
+    )
+    net[2].to(torch.bfloat16)
+    net[1].running_mean.normal_()  # (a buffer, not only parameters)
+    return net
+
+
+def test_a_plain_module_takes_its_compressed_tensors_straight_into_its_parameters(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its compressed tensors are read as decoded planes (``PlanarTensor``: no new memory
+    to interleave into) and interleaved into its own parameters and buffers by the restore:
+    the same memory, bit for bit, with version counters moved (autograd and incremental
+    saves see the write). The optimizer's moments are ordinary tensors."""
+    saved = planar_net(0)
+    opt = torch.optim.AdamW(saved[0].parameters())
+    saved[0](torch.randn(4, 512)).square().sum().backward()
+    opt.step()
+    _, (ckpt,) = save_run(state={"model": saved, "optimizer": opt}, compression="zstd")
+    model = planar_net(1)
+    target = {"model": model, "optimizer": torch.optim.AdamW(model[0].parameters())}
+    decoded = read_checkpoint(resolve(ckpt.uri, mlflow.MlflowClient()), into=target).decoded
+    planar = {name for name, t in decoded.tensors.items() if isinstance(t, PlanarTensor)}
+    assert planar == {
+        f"model/{key}"
+        for key, t in saved.state_dict().items()
+        if t.dtype in (torch.float32, torch.bfloat16)
+    }
+    assert type(decoded.tensors["optimizer/state/0/exp_avg"]) is torch.Tensor
+    memory = {k: (t.data_ptr(), t._version) for k, t in model.state_dict(keep_vars=True).items()}
+
+    def no_new_memory(self: PlanarTensor) -> torch.Tensor:
+        raise AssertionError("a plain module's tensor was interleaved into new memory")
+
+    monkeypatch.setattr(PlanarTensor, "materialize", no_new_memory)
+    mlflow_ckpt.load(ckpt.uri, target)
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        assert tensor.data_ptr() == memory[key][0], key  # restored in place
+        assert tensor._version > memory[key][1], key
+        assert torch.equal(
+            tensor.view(-1).view(torch.uint8), saved.state_dict()[key].view(-1).view(torch.uint8)
+        ), key
+    assert torch.equal(
+        target["optimizer"].state_dict()["state"][0]["exp_avg"],
+        opt.state_dict()["state"][0]["exp_avg"],
+    )
+
+
+def test_a_module_with_loading_code_of_its_own_gets_ordinary_tensors(tracking: str) -> None:
+    """A state_dict hook or an unknown ``_load_from_state_dict`` may rename or convert what
+    it is given, so such a module is restored through ``load_state_dict`` with tensors."""
+    saved = planar_net(0)
+    _, (ckpt,) = save_run(state={"model": saved}, compression="zstd")
+
+    class Legacy(torch.nn.Linear):
+        def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+            super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
+    hooked = planar_net(2)
+    seen: list[str] = []
+    hooked.register_load_state_dict_pre_hook(lambda module, sd, *_: seen.extend(sd))
+    own_code = planar_net(3)
+    own_code[0].__class__ = Legacy
+    assert direct_destinations(planar_net(4)) and not planar_names({"m": own_code})
+    for model in (hooked, own_code):
+        assert direct_destinations(model) is None
+        mlflow_ckpt.load(ckpt.uri, {"model": model})
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, saved.state_dict()[key]), key
+    assert "0.weight" in seen
 
 
 def test_a_tiny_file_claiming_gigabytes_is_refused_before_allocating(tracking: str) -> None:

@@ -179,13 +179,19 @@ def test_frozen_parameters_are_neither_copied_nor_hashed_until_they_change(
     assert torch.equal(restored.backbone[0].bias, model.backbone[0].bias)  # type: ignore[index]
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("async_save", "compression"),
+    [(False, None), (True, None), (False, "zstd")],
+    ids=["sync", "async", "zstd"],
+)
 def test_the_first_save_after_a_resume_reads_no_frozen_parameter(
-    tracking: str, monkeypatch: pytest.MonkeyPatch, async_save: bool
+    tracking: str, monkeypatch: pytest.MonkeyPatch, async_save: bool, compression: str | None
 ) -> None:
     """The restore leaves the checkpoint's bytes in the frozen backbone: the next save
-    references them unread, as after a save of its own; an edit in between is still seen."""
-    run_id, _ = fine_tune_run("before resume", steps=2)
+    references them unread, as after a save of its own; an edit in between is still seen.
+    Compressed, the backbone is interleaved straight into the live parameters
+    (``PlanarTensor``), and compared with the checkpoint plane by plane."""
+    run_id, _ = fine_tune_run("before resume", steps=2, compression=compression)
     hashed: list[str] = []
     real = incremental.hash_tensor
     monkeypatch.setattr(
@@ -196,7 +202,7 @@ def test_the_first_save_after_a_resume_reads_no_frozen_parameter(
     assert isinstance(model, FrozenNet)
     backbone_shapes = {f"{tuple(p.shape)}" for p in model.backbone.parameters()}
     with mlflow_ckpt.CheckpointManager.resume(
-        run_id, state, async_save=async_save, timeline=False
+        run_id, state, async_save=async_save, timeline=False, compression=compression
     ) as mgr:
         train_step(state)
         mgr.save(2)

@@ -36,7 +36,7 @@ def load(
     """
     client = client or MlflowClient()
     model = resolve(uri_or_checkpoint, client)
-    loaded = read_checkpoint(model)
+    loaded = read_checkpoint(model, state)
     restore(
         loaded.decoded,
         state,

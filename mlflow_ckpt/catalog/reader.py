@@ -8,8 +8,9 @@ a corrupt checkpoint is treated the same everywhere (warned about, tagged, skipp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -24,19 +25,25 @@ from mlflow_ckpt.codec.hashing import hash_file
 from mlflow_ckpt.codec.layout import with_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, CheckpointError, CheckpointNotFoundError
 from mlflow_ckpt.folder import LoadedFolder, read_folder
+from mlflow_ckpt.snapshot.direct import planar_names
 from mlflow_ckpt.storage import open_store
 from mlflow_ckpt.storage.staging import scratch_dir
 
 
-def read_checkpoint(model: LoggedModel) -> LoadedFolder:
-    """Fetch and verify every file of a checkpoint, then decode it."""
+def read_checkpoint(model: LoggedModel, into: Mapping[str, Any] | None = None) -> LoadedFolder:
+    """Fetch and verify every file of a checkpoint, then decode it.
+
+    ``into``: the objects it will be restored into, if any; the compressed tensors of
+    their plain modules then stay planes until the restore (:mod:`mlflow_ckpt.snapshot.direct`).
+    """
     where = describe(model)
+    planar = planar_names(into).__contains__ if into else None
     with (
         open_store(model.artifact_location) as store,
         scratch_dir("load") as scratch,
     ):
         try:
-            return read_folder(store, scratch, where, tags.manifest_digests(model.tags))
+            return read_folder(store, scratch, where, tags.manifest_digests(model.tags), planar)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"Checkpoint {where} has no manifest.json at {model.artifact_location}: it was "
@@ -54,18 +61,22 @@ class VerifiedCheckpoint:
 
 
 def newest_verified(
-    run_id: str, client: MlflowClient, experiment_id: str | None = None
+    run_id: str,
+    client: MlflowClient,
+    experiment_id: str | None = None,
+    into: Mapping[str, Any] | None = None,
 ) -> VerifiedCheckpoint | None:
     """The newest committed checkpoint of ``run_id`` whose files verify, or ``None``.
 
     Each one that fails is skipped with a warning naming it and the bad file; a corrupt one
     is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
+    ``into``: the objects it will be restored into (see :func:`read_checkpoint`).
     """
     experiment_id = experiment_id or get_run(client, run_id).info.experiment_id
     for ckpt in _newest_lazily(client, run_id, experiment_id):
         try:
             model = resolve(ckpt, client)
-            loaded = read_checkpoint(model)
+            loaded = read_checkpoint(model, into)
         except (CheckpointCorruptedError, CheckpointNotFoundError) as exc:
             warnings.warn(
                 f"Skipping checkpoint {ckpt.uri} (step {ckpt.step}) of run {run_id}: {exc}",

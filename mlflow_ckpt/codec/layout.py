@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +27,7 @@ import torch
 from mlflow_ckpt.codec import safetensors_io, torch_io, zstd_io
 from mlflow_ckpt.codec.hashing import hash_bytes, hash_file
 from mlflow_ckpt.codec.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorEntry, is_shared
+from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import CheckpointCorruptedError
 from mlflow_ckpt.storage import Store, TransferConfig, open_store
 from mlflow_ckpt.storage.routed import RoutedStore
@@ -232,9 +233,15 @@ def _bytes_of(source: Path | torch.Tensor) -> bytes:
 
 
 def read_state(
-    manifest: Manifest, local: Mapping[str, Path | torch.Tensor], where: str
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Decode verified files into ``(structure document, tensors by name)``."""
+    manifest: Manifest,
+    local: Mapping[str, Path | torch.Tensor],
+    where: str,
+    planar: Callable[[str], bool] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor | PlanarTensor]]:
+    """Decode verified files into ``(structure document, tensors by name)``.
+
+    Compressed tensors whose name ``planar`` accepts (those a restore will copy into live
+    tensors) may come back as :class:`~mlflow_ckpt.codec.planar.PlanarTensor`."""
     if manifest.format not in FORMAT_CODECS:
         raise CheckpointCorruptedError(
             f"{where}: unknown tensor format {manifest.format!r} in the manifest"
@@ -252,7 +259,7 @@ def read_state(
             path=manifest.structure_file,
         )
     _, module = FORMAT_CODECS[manifest.format]
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | PlanarTensor] = {}
     by_file: dict[str, list[TensorEntry]] = {}
     for entry in manifest.tensors:
         by_file.setdefault(entry.file, []).append(entry)
@@ -261,7 +268,7 @@ def read_state(
         if file.endswith(zstd_io.EXTENSION):  # (archived or incremental: mixed files)
             if not isinstance(source, torch.Tensor):
                 source = torch.frombuffer(bytearray(source.read_bytes()), dtype=torch.uint8)
-            loaded, offsets = zstd_io.read_buffer(source, file, where)
+            loaded, offsets = zstd_io.read_buffer(source, file, where, planar)
         elif isinstance(source, torch.Tensor):
             loaded, offsets = safetensors_io.read_buffer(source, file, where)
         else:

@@ -30,13 +30,15 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 import zstandard
 
+from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
 from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
@@ -170,9 +172,12 @@ def _emit(f: BinaryIO, blocks: list[Any], block: _Block) -> None:
 
 
 def read_buffer(
-    data: torch.Tensor, name: str, where: str
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]:
-    """Decode a whole ``.ztensors`` file already in memory (``uint8``, verified)."""
+    data: torch.Tensor, name: str, where: str, planar: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor | PlanarTensor], dict[str, tuple[int | None, int]]]:
+    """Decode a whole ``.ztensors`` file already in memory (``uint8``, verified).
+
+    Tensors whose name ``planar`` accepts, if they are split into planes, come back as
+    :class:`PlanarTensor`: every frame decoded, the planes not yet interleaved."""
 
     def bad(reason: str) -> CheckpointCorruptedError:
         return CheckpointCorruptedError(
@@ -202,6 +207,8 @@ def read_buffer(
                 position += stored
     if position != body:
         raise bad(f"the index covers {position} bytes of a {body}-byte body")
+    for plan in plans:
+        plan["planar"] = plan["planes"] > 1 and planar is not None and planar(plan["key"])
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-unzstd") as pool:
         tensors = _decode_all(data, plans, pool, 2 * workers, bad)
@@ -248,29 +255,45 @@ def _count(value: Any) -> bool:
 
 def _decode_all(
     data: torch.Tensor, plans: list[dict[str, Any]], pool: ThreadPoolExecutor, ahead: int, bad: Any
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | PlanarTensor]:
     """Decode every tensor of a file, block by block on ``pool``'s threads.
 
     One pool for the whole file, fed blocks across tensor boundaries: small tensors and a
     tensor's last block keep every thread busy. At most ``ahead`` blocks are in flight, so
-    at most that many blocks of decoded planes are held beside the output."""
-    tensors: dict[str, torch.Tensor] = {}
-    in_flight: list[Future[None]] = []
+    at most that many blocks of decoded planes are held beside the output (and the planes
+    of :class:`PlanarTensor` results, which are the output)."""
+    tensors: dict[str, torch.Tensor | PlanarTensor] = {}
+    planar: dict[str, tuple[dict[str, Any], list[Future[list[np.ndarray]]]]] = {}
+    in_flight: list[Future[Any]] = []
     offset = 0
     for plan in plans:
-        out = torch.empty(sum(raw for raw, _ in plan["blocks"]), dtype=torch.uint8)
+        out = (
+            None
+            if plan["planar"]
+            else torch.empty(sum(raw for raw, _ in plan["blocks"]), dtype=torch.uint8)
+        )
+        blocks: list[Future[list[np.ndarray]]] = []
         written = 0
         for raw_len, spans in plan["blocks"]:
-            dest = out[written : written + raw_len]
-            in_flight.append(pool.submit(_decode_block, data, offset, spans, dest, plan, bad))
+            if out is None:
+                blocks.append(pool.submit(_decode_planes, data, offset, spans, plan, bad))
+                in_flight.append(blocks[-1])
+            else:
+                dest = out[written : written + raw_len]
+                in_flight.append(pool.submit(_decode_block, data, offset, spans, dest, plan, bad))
             offset += sum(stored for _, stored, _ in spans)
             written += raw_len
             if len(in_flight) > ahead:
                 in_flight.pop(0).result()
-        tensors[plan["key"]] = out.view(plan["dtype"]).reshape(plan["shape"])
+        if out is None:
+            planar[plan["key"]] = (plan, blocks)
+        else:
+            tensors[plan["key"]] = out.view(plan["dtype"]).reshape(plan["shape"])
     for future in in_flight:
         future.result()
-    return tensors
+    for key, (plan, blocks) in planar.items():
+        tensors[key] = PlanarTensor(plan["dtype"], plan["shape"], [b.result() for b in blocks])
+    return {plan["key"]: tensors[plan["key"]] for plan in plans}  # (in the file's order)
 
 
 def _decode_block(
@@ -281,24 +304,40 @@ def _decode_block(
     plan: dict[str, Any],
     bad: Any,
 ) -> None:
-    """Decode one block into ``dest``: its zstd planes decoded, its raw ones interleaved
-    straight from the verified buffer (no copy); a one-plane block decodes into ``dest``."""
-    planes = plan["planes"]
-    grouped: list[torch.Tensor] = []
+    """Decode one block into ``dest``: its planes interleaved into it, or, for a one-plane
+    block, its frame decoded straight into it."""
+    if plan["planes"] > 1:
+        merge_planes(_decode_planes(data, start, spans, plan, bad), dest.numpy())
+        return
+    ((codec, stored, _),) = spans
+    chunk = data[start : start + stored]
+    if codec == "raw":
+        dest.copy_(chunk)
+    else:
+        _unzstd(chunk, dest, plan["key"], bad)
+
+
+def _decode_planes(
+    data: torch.Tensor,
+    start: int,
+    spans: list[tuple[str, int, int]],
+    plan: dict[str, Any],
+    bad: Any,
+) -> list[np.ndarray]:
+    """The planes of one block: zstd ones decoded into new buffers, raw ones views of the
+    verified buffer (no copy)."""
+    grouped: list[np.ndarray] = []
     at = start
     for codec, stored, plane_len in spans:
         chunk = data[at : at + stored]
         at += stored
         if codec == "raw":
-            grouped.append(chunk)
+            grouped.append(chunk.numpy())
             continue
-        plane = dest if planes == 1 else torch.empty(plane_len, dtype=torch.uint8)
+        plane = torch.empty(plane_len, dtype=torch.uint8)
         _unzstd(chunk, plane, plan["key"], bad)
-        grouped.append(plane)
-    if planes > 1:
-        merge_planes([g.numpy() for g in grouped], dest.numpy())
-    elif grouped[0] is not dest:
-        dest.copy_(grouped[0])
+        grouped.append(plane.numpy())
+    return grouped
 
 
 def _unzstd(frame_bytes: torch.Tensor, plane: torch.Tensor, key: str, bad: Any) -> None:

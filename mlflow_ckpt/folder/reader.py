@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,16 @@ class LoadedFolder:
 
 
 def read_folder(
-    store: Store, scratch: Path, where: str, manifest_sha256: str | Sequence[str] | None = None
+    store: Store,
+    scratch: Path,
+    where: str,
+    manifest_sha256: str | Sequence[str] | None = None,
+    planar: Callable[[str], bool] | None = None,
 ) -> LoadedFolder:
     """Verify every file of the folder against its manifest, then decode the state.
+
+    ``planar``: the compressed tensors a restore will interleave into live tensors itself
+    (:mod:`mlflow_ckpt.snapshot.direct`); a checkpoint written by several ranks ignores it.
 
     Raises ``FileNotFoundError`` when there is no manifest (the save never committed) and
     :class:`~mlflow_ckpt.CheckpointCorruptedError` naming the first bad file.
@@ -34,5 +41,6 @@ def read_folder(
         from mlflow_ckpt.folder.distributed import read_distributed
 
         return LoadedFolder(manifest, read_distributed(store, manifest, scratch, where))
-    document, tensors = read_state(manifest, load_files(store, manifest, scratch, where), where)
+    local = load_files(store, manifest, scratch, where)
+    document, tensors = read_state(manifest, local, where, planar)
     return LoadedFolder(manifest, decode_document(document, tensors, where))

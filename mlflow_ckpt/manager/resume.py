@@ -48,7 +48,7 @@ def restore_newest(
 ) -> ResumePoint:
     """Restore the newest checkpoint of ``run_id`` that verifies into ``state`` (and the
     global random streams); an empty point (and nothing changed) when the run has none."""
-    verified = newest_verified(run_id, client, experiment_id)
+    verified = newest_verified(run_id, client, experiment_id, state)
     if verified is None:
         return ResumePoint()
     decoded = verified.loaded.decoded

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.snapshot.stateful import unwrap_module
 
 Identity = tuple[Any, ...]
@@ -145,7 +146,9 @@ class Changes:
 
 
 def holding(
-    changes: Changes, live: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+    changes: Changes,
+    live: Mapping[str, torch.Tensor],
+    saved: Mapping[str, torch.Tensor | PlanarTensor],
 ) -> dict[str, Seen]:
     """Of the frozen tensors a snapshot saw (``changes``, ``live``: its tensors by name),
     those holding exactly the bytes of the saved tensor of their name, with what the
@@ -153,5 +156,11 @@ def holding(
     return {
         name: changes.seen[name]
         for name in changes.frozen
-        if same_bytes(local_of(live[name]), local_of(saved[name]) if name in saved else None)
+        if _holds(local_of(live[name]), saved.get(name))
     }
+
+
+def _holds(live: torch.Tensor, saved: torch.Tensor | PlanarTensor | None) -> bool:
+    if isinstance(saved, PlanarTensor):  # (interleaved into the live tensor by a restore)
+        return saved.equals(live)
+    return same_bytes(live, local_of(saved) if saved is not None else None)

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import StateMismatchError
+from mlflow_ckpt.snapshot.direct import load_module, settle
 from mlflow_ckpt.snapshot.stateful import (
     NP_GENERATOR,
     NP_RANDOM_STATE,
@@ -54,6 +56,7 @@ def restore_into(
     would otherwise silently keep its fresh state).
     """
     plan = _Plan()
+    saved = settle(targets, saved)  # (compressed tensors a plain module takes stay planes)
     for name, target in targets.items():
         if name not in saved:
             plan.missing.append(name)
@@ -179,7 +182,7 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         )
         return
     if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
-        plan.checked.append(lambda: apply_stateful(target, kind, saved))
+        plan.checked.append(lambda: load_module(target, kind, saved))
     elif isinstance(target, torch.optim.Optimizer):  # it keeps the tensors it is given
         plan.checked.append(lambda: apply_stateful(target, kind, _into_live(target, saved)))
     else:
@@ -253,14 +256,14 @@ def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -
         if (
             isinstance(tensor, torch.Tensor)
             and key in saved
-            and not isinstance(other, torch.Tensor)
+            and not isinstance(other, torch.Tensor | PlanarTensor)
         ):
             plan.mismatched.append(
                 f"{path}.{key} (checkpoint holds {type(other).__name__}, not a tensor)"
             )
         elif (
             isinstance(tensor, torch.Tensor)
-            and isinstance(other, torch.Tensor)
+            and isinstance(other, torch.Tensor | PlanarTensor)
             and other.shape != tensor.shape
         ):
             plan.mismatched.append(

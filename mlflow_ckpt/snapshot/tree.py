@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.snapshot.changes import identity_of
 from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
@@ -187,7 +188,10 @@ def _decode_tagged(
         name = node[tag]
         if not isinstance(name, str) or name not in tensors:
             raise _bad(path, f"references tensor {name!r}, which is not in the tensor files")
-        return tensors[name].numpy() if tag == "__ndarray__" else tensors[name]
+        tensor = tensors[name]
+        if tag == "__tensor__":
+            return tensor
+        return (tensor.materialize() if isinstance(tensor, PlanarTensor) else tensor).numpy()
     if tag == "__float__":
         return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
     if tag == "__tuple__":
