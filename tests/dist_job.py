@@ -10,6 +10,7 @@ model and optimizer state, start step, counters) goes to ``--out`` for the test 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -91,6 +92,10 @@ def kill_when_writing(folder: Path) -> None:
 
 
 def main() -> None:
+    # A rank that aborts (SIGABRT from C++, SIGSEGV) prints every thread's Python stack, so
+    # a rare crash in CI shows where it happened (seen once: "terminate called without an
+    # active exception" on the failing rank of test_a_rank_failing_mid_save_commits_nothing).
+    faulthandler.enable(all_threads=True)
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["fsdp2", "ddp", "plain"], default="fsdp2")
     parser.add_argument("--steps", type=int, default=4)

@@ -32,7 +32,7 @@ def torchrun(
     cmd += [f"--nproc_per_node={nproc}", str(JOB), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {args} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"torchrun {args} exited {proc.returncode}\n{proc.stderr[-12000:]}")
     return proc
 
 

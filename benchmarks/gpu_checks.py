@@ -13,7 +13,7 @@ Run on a machine with CUDA (CI has none; this is a manual check):
    only its newest checkpoint, as a long run would). The state does not change between
    these saves, so they run with ``incremental=False`` (in training every weight changes).
 
-    python benchmarks/cuda.py [--params 300] [--repeats 3] [--out results.json]
+    python benchmarks/gpu_checks.py [--params 300] [--repeats 3] [--out results.json]
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/cuda.py needs a CUDA device")
+        sys.exit("benchmarks/gpu_checks.py needs a CUDA device")
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-cuda-"))
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
     mlflow.set_experiment("cuda")
