@@ -36,14 +36,15 @@ class PlanarTensor:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def fits(self, dest: torch.Tensor) -> bool:
-        """Whether ``dest`` is plain CPU memory of this dtype and shape, written in order."""
+        """Whether ``dest`` is plain CPU memory of this dtype and shape, written in order
+        (not an inference tensor: those refuse writes from outside ``inference_mode``)."""
         return (
             type(dest) in (torch.Tensor, torch.nn.Parameter)
             and dest.device.type == "cpu"
             and dest.layout == torch.strided
             and (dest.dtype, dest.shape) == (self.dtype, self.shape)
             and dest.is_contiguous()
-            and not (dest.is_conj() or dest.is_neg())
+            and not (dest.is_conj() or dest.is_neg() or dest.is_inference())
         )
 
     def write_into(self, dest: torch.Tensor) -> None:
