@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ class PlanarTensor:
         return self.shape.numel()
 
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def fits(self, dest: torch.Tensor) -> bool:
         """Whether ``dest`` is plain CPU memory of this dtype and shape, written in order
@@ -52,12 +52,9 @@ class PlanarTensor:
         its version counter moves, so autograd and incremental saves see the write."""
         if not self.fits(dest):
             raise ValueError(f"cannot interleave a {self.dtype}{list(self.shape)} tensor here")
-        flat = dest.detach().reshape(-1).view(torch.uint8).numpy()
-        at = 0
-        for planes in self._blocks:
-            size = _size(planes)
-            merge_planes(planes, flat[at : at + size])
-            at += size
+        flat = _bytes_of(dest)
+        for planes, start, stop in self._spans():
+            merge_planes(planes, flat[start:stop])
         torch.autograd.graph.increment_version(dest)
 
     def materialize(self) -> torch.Tensor:
@@ -73,17 +70,25 @@ class PlanarTensor:
         block through one block of scratch memory, not a whole new tensor."""
         if not self.fits(other):
             return False
-        flat = other.detach().reshape(-1).view(torch.uint8).numpy()
-        scratch = np.empty(max((_size(b) for b in self._blocks), default=0), np.uint8)
-        at = 0
-        for planes in self._blocks:
-            size = _size(planes)
-            merge_planes(planes, scratch[:size])
-            if not np.array_equal(scratch[:size], flat[at : at + size]):
+        flat = _bytes_of(other)
+        scratch = np.empty(
+            max((stop - start for _, start, stop in self._spans()), default=0), np.uint8
+        )
+        for planes, start, stop in self._spans():
+            block = scratch[: stop - start]
+            merge_planes(planes, block)
+            if not np.array_equal(block, flat[start:stop]):
                 return False
-            at += size
         return True
 
+    def _spans(self) -> Iterator[tuple[list[np.ndarray], int, int]]:
+        """Each block's planes with the byte range of the tensor they interleave into."""
+        start = 0
+        for planes in self._blocks:
+            stop = start + sum(plane.size for plane in planes)
+            yield planes, start, stop
+            start = stop
 
-def _size(planes: list[np.ndarray]) -> int:
-    return sum(plane.size for plane in planes)
+
+def _bytes_of(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy()

@@ -262,8 +262,7 @@ def _decode_all(
     tensor's last block keep every thread busy. At most ``ahead`` blocks are in flight, so
     at most that many blocks of decoded planes are held beside the output (and the planes
     of :class:`PlanarTensor` results, which are the output)."""
-    tensors: dict[str, torch.Tensor | PlanarTensor] = {}
-    planar: dict[str, tuple[dict[str, Any], list[Future[list[np.ndarray]]]]] = {}
+    decoded: list[tuple[dict[str, Any], torch.Tensor | list[Future[list[np.ndarray]]]]] = []
     in_flight: list[Future[Any]] = []
     offset = 0
     for plan in plans:
@@ -285,15 +284,17 @@ def _decode_all(
             written += raw_len
             if len(in_flight) > ahead:
                 in_flight.pop(0).result()
-        if out is None:
-            planar[plan["key"]] = (plan, blocks)
-        else:
-            tensors[plan["key"]] = out.view(plan["dtype"]).reshape(plan["shape"])
+        decoded.append((plan, blocks if out is None else out))
     for future in in_flight:
         future.result()
-    for key, (plan, blocks) in planar.items():
-        tensors[key] = PlanarTensor(plan["dtype"], plan["shape"], [b.result() for b in blocks])
-    return {plan["key"]: tensors[plan["key"]] for plan in plans}  # (in the file's order)
+    return {
+        plan["key"]: (
+            out.view(plan["dtype"]).reshape(plan["shape"])
+            if isinstance(out, torch.Tensor)
+            else PlanarTensor(plan["dtype"], plan["shape"], [b.result() for b in out])
+        )
+        for plan, out in decoded
+    }
 
 
 def _decode_block(
