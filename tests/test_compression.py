@@ -22,6 +22,7 @@ from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.codec import planes as byte_planes
 from mlflow_ckpt.codec import zstd_io
 from mlflow_ckpt.codec.planar import PlanarTensor
+from mlflow_ckpt.snapshot import direct as direct_module
 from mlflow_ckpt.snapshot.direct import direct_destinations, planar_names
 from tests.conftest import StoreUnderTest
 from tests.test_hostile import assert_untouched, folder, fresh_model, params_of, resign, save_run
@@ -169,6 +170,46 @@ def test_fast_levels_store_planes_saving_under_a_bit_per_byte_as_they_are() -> N
         assert torch.equal(decoded["t"], data), level
 
 
+def test_many_blocks_decode_bit_for_bit_through_each_threads_scratch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks of 4 KiB, so hundreds of them, compressed and stored planes mixed, decoded on
+    several threads: each thread's decoded planes pass through one scratch block of its
+    own, reused from block to block, and every tensor reads back bit for bit, whether its
+    planes are interleaved at once or kept (``PlanarTensor``) to be interleaved later."""
+    monkeypatch.setattr(zstd_io, "BLOCK_BYTES", 4096)
+    torch.manual_seed(5)
+    weights = torch.randn(64 * 1024) * 0.02
+    state = {
+        "fp32": weights,
+        "bf16": weights.to(torch.bfloat16),
+        "fp64": weights.to(torch.float64) * 1e3,
+        "int64": torch.randint(-9, 9, (3000,)),
+        "bool": torch.rand(5000) > 0.5,
+        "kept/fp32": weights.flip(0).clone(),
+        "kept/fp16": weights.to(torch.float16),
+    }
+    f = io.BytesIO()
+    zstd_io.write(f, list(state.items()))
+    index, _ = _frame_plane(f.getvalue())
+    assert len(index["fp32"]["blocks"]) == 64
+    codecs = {c for entry in index.values() for _, spans in entry["blocks"] for c, _ in spans}
+    assert codecs == {"zstd", "raw"}
+    buffer = torch.frombuffer(bytearray(f.getvalue()), dtype=torch.uint8)
+    for _ in range(3):  # (scratch blocks reused across reads too: nothing left over)
+        decoded, _ = zstd_io.read_buffer(
+            buffer, "t.ztensors", "test", planar=lambda name: name.startswith("kept/")
+        )
+        for name, tensor in state.items():
+            got = decoded[name]
+            assert isinstance(got, PlanarTensor) == name.startswith("kept/"), name
+            if isinstance(got, PlanarTensor):
+                got = got.materialize()
+            assert got.dtype == tensor.dtype and torch.equal(
+                got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+            ), name
+
+
 def test_export_of_a_compressed_checkpoint_is_a_standard_safetensors_file(
     tracking: str, tmp_path: Path
 ) -> None:
@@ -273,6 +314,44 @@ def test_a_plain_module_takes_its_compressed_tensors_straight_into_its_parameter
         target["optimizer"].state_dict()["state"][0]["exp_avg"],
         opt.state_dict()["state"][0]["exp_avg"],
     )
+
+
+def test_a_tied_weight_is_interleaved_once_and_stays_tied(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight two layers share is stored once and read as one ``PlanarTensor`` under both
+    keys: the restore writes it into the one parameter once (the blocks of a module are
+    merged on several threads, so a destination given twice would be written twice at
+    once), straight, and both layers still share it."""
+
+    def tied(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+        net[1].weight = net[0].weight
+        return net
+
+    saved = tied(0)
+    _, (ckpt,) = save_run(state={"model": saved}, compression="zstd")
+    model = tied(1)
+    writes: list[int] = []
+    original = direct_module.write_all
+
+    def counted(pairs: list[tuple[PlanarTensor, torch.Tensor]]) -> None:
+        writes.extend(dest.data_ptr() for _, dest in pairs)
+        original(pairs)
+
+    def no_new_memory(self: PlanarTensor) -> torch.Tensor:
+        raise AssertionError("the tied weight was interleaved into new memory")
+
+    monkeypatch.setattr(direct_module, "write_all", counted)
+    monkeypatch.setattr(PlanarTensor, "materialize", no_new_memory)
+    weight = model[0].weight
+    mlflow_ckpt.load(ckpt.uri, {"model": model})
+    assert model[1].weight is model[0].weight is weight
+    assert sorted(writes) == sorted({t.data_ptr() for t in model.state_dict().values()})
+    assert writes.count(weight.data_ptr()) == 1
+    for key, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
 
 
 def test_a_module_with_loading_code_of_its_own_gets_ordinary_tensors(tracking: str) -> None:

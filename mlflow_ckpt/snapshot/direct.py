@@ -27,7 +27,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from mlflow_ckpt.codec.planar import PlanarTensor
+from mlflow_ckpt.codec.planar import PlanarTensor, write_all
 from mlflow_ckpt.snapshot.stateful import StatefulValue, apply_stateful, unwrap_module
 
 # ``_load_from_state_dict`` overrides known to touch only their own module's keys (they
@@ -145,14 +145,20 @@ def load_module(target: Any, kind: str, saved: Mapping[str, Any]) -> None:
     if any(isinstance(item, PlanarTensor) for item in saved.values()):
         destinations = direct_destinations(target) or {}
         items = []
+        direct: dict[int, tuple[PlanarTensor, torch.Tensor]] = {}
         for key, item in saved.items():
             if isinstance(item, PlanarTensor):
                 dest = destinations.get(key)
-                if dest is not None and item.fits(dest):
-                    item.write_into(dest)
+                if (
+                    dest is not None
+                    and item.fits(dest)
+                    # (a tied weight is one destination: written once, from one tensor)
+                    and direct.setdefault(id(dest), (item, dest))[0] is item
+                ):
                     item = dest  # load_state_dict then copies it onto itself: no copy
                 else:  # (settle kept only fitting ones: not reached unless the module changed)
                     item = item.materialize()
             items.append((key, item))
+        write_all(list(direct.values()))  # (every block of the module at once, on every core)
         saved = _rebuilt(saved, items)
     apply_stateful(target, kind, saved)
