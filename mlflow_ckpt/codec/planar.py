@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from mlflow_ckpt.codec.planes import merge as merge_planes
+from mlflow_ckpt.codec.planes import workers as plane_workers
 
 
 class PlanarTensor:
@@ -105,7 +105,7 @@ def write_all(pairs: Sequence[tuple[PlanarTensor, torch.Tensor]]) -> None:
         for flat in (_bytes_of(dest),)
         for planes, start, stop in planar._spans()
     ]
-    workers = min(4, os.cpu_count() or 1, len(jobs))
+    workers = min(plane_workers(), len(jobs))
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-merge") as pool:
             list(pool.map(lambda job: merge_planes(*job), jobs))

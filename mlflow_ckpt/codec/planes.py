@@ -14,6 +14,7 @@ says which one runs.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,12 @@ except ImportError:  # pragma: no cover - exercised by the tests through NATIVE 
 
 NATIVE = _native is not None
 """Whether the C kernel is in use (tests switch it off to check the NumPy path)."""
+
+
+def workers() -> int:
+    """Threads that byte-plane work (compressing, decoding, merging) spreads over: every
+    core, at most 4. One number for the writer, the reader and the merge into a module."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def split(raw: np.ndarray, planes: int) -> list[np.ndarray]:

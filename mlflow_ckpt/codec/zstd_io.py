@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ import zstandard
 from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
+from mlflow_ckpt.codec.planes import workers as plane_workers
 from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
@@ -112,7 +112,7 @@ def write(
         raise RuntimeError("compressed checkpoints are written on little-endian hosts only")
     encoder = _Encoder(level)
     index: dict[str, Any] = {}
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = plane_workers()
     with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-zstd") as pool:
         for name, tensor in items:
             planes = _planes_of(tensor.dtype)
@@ -209,7 +209,7 @@ def read_buffer(
         raise bad(f"the index covers {position} bytes of a {body}-byte body")
     for plan in plans:
         plan["planar"] = plan["planes"] > 1 and planar is not None and planar(plan["key"])
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = plane_workers()
     with ThreadPoolExecutor(workers, thread_name_prefix="mlflow-ckpt-unzstd") as pool:
         tensors = _decode_all(data, plans, pool, 2 * workers, bad)
     return tensors, {key: (None, t.numel() * t.element_size()) for key, t in tensors.items()}
