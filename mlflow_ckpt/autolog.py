@@ -18,15 +18,18 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import mlflow
 import torch
 
+from mlflow_ckpt.integrations.loader_state import LoaderGenerators
 from mlflow_ckpt.integrations.patching import Patch, patch, unpatch_all
 from mlflow_ckpt.integrations.plain_loop import PlainLoopCheckpointer
 from mlflow_ckpt.integrations.resume_path import resume_path
+from mlflow_ckpt.manager.job import job_key
 
 _SESSIONS: list[PlainLoopCheckpointer] = []
 
@@ -37,7 +40,9 @@ def autolog(
     optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
     scheduler: Any = None,
     state: Mapping[str, Any] | None = None,
+    dataloaders: Any = None,
     resume: str | None = None,
+    run_name: str | None = None,
     disable: bool = False,
     lightning: bool = True,
     transformers: bool = True,
@@ -48,23 +53,36 @@ def autolog(
     ``manager_kwargs`` are :class:`mlflow_ckpt.CheckpointManager`'s (``save_every_n_steps``,
     ``monitor``, ``mode``, ``keep_last_n``, ``keep_best_n``...). Every Lightning ``Trainer.fit``
     and Hugging Face ``Trainer`` then gets our callback with them. With ``model`` and
-    ``optimizer`` (and optionally ``scheduler``, or a full ``state`` dict) a plain loop is
-    checkpointed too: the returned :class:`PlainLoopCheckpointer` counts its optimizer steps;
-    ``resume=run_id`` restores the newest checkpoint of that run into the objects and
-    continues the run (the loop starts at ``.start_step``). Calling ``autolog`` again replaces
+    ``optimizer`` (and optionally ``scheduler``, ``dataloaders`` whose seeded generators set
+    the data order, or a full ``state`` dict) a plain loop is checkpointed too: the returned
+    :class:`PlainLoopCheckpointer` counts its optimizer steps; ``resume=run_id`` restores the
+    newest checkpoint of that run into the objects and continues the run (the loop starts at
+    ``.start_step``).
+
+    ``resume="auto"`` (with ``run_name=``, or the job's key from the environment: see
+    :class:`~mlflow_ckpt.CheckpointManager`) makes the identical command resume itself after
+    a restart: the job's own run is found again, a ``Trainer.fit``/``train`` that is given no
+    checkpoint resumes from the job's newest one, a plain loop starts at ``.start_step``, and
+    SIGTERM saves the current step before the process ends. Calling ``autolog`` again replaces
     the previous configuration; ``autolog(disable=True)`` undoes everything (closing plain-loop
     sessions, which saves their last step).
     """
     _disable()
     if disable:
         return None
+    if resume == "auto" or run_name is not None:
+        if resume != "auto":
+            raise TypeError("run_name= names the job for resume='auto'; pass resume='auto' too")
+        job_key(run_name)  # no key: refused now, before anything is patched
+        manager_kwargs.update(resume="auto", run_name=run_name)
+        resume = None
     if lightning:
         for package in _lightning_packages():
             _patch_lightning(package, dict(manager_kwargs))
     if transformers and _installed("transformers"):
         _patch_transformers(dict(manager_kwargs))
     if model is None and state is None:
-        if optimizer is not None or scheduler is not None or resume is not None:
+        if any(v is not None for v in (optimizer, scheduler, resume, dataloaders)):
             raise TypeError("plain-loop autolog needs model= (or state=) as well as optimizer=")
         return None
     optimizers = optimizer if isinstance(optimizer, list) else [optimizer] if optimizer else []
@@ -77,6 +95,8 @@ def autolog(
         full.setdefault("optimizer" if index == 0 else f"optimizer_{index}", opt)
     if scheduler is not None:
         full.setdefault("scheduler", scheduler)
+    if dataloaders is not None:
+        full.setdefault("dataloaders", LoaderGenerators(lambda: dataloaders))
     _patch_mlflow_metrics()
     session = PlainLoopCheckpointer(
         full, optimizers, resume=resume, manager_kwargs=dict(manager_kwargs)
@@ -122,6 +142,8 @@ def _patch_lightning(package_name: str, options: dict[str, Any]) -> None:
         def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
             if record.active and not any(isinstance(cb, cls) for cb in self.callbacks):
                 self.callbacks.append(cls(**options))
+            if record.active:
+                _resume_from_job(original, (self, *args), kwargs, "ckpt_path", options)
             return original(self, *args, **kwargs)
 
         return fit
@@ -152,12 +174,28 @@ def _patch_transformers(options: dict[str, Any]) -> None:
         def train(self: Any, *args: Any, **kwargs: Any) -> Any:
             if record.active:
                 attach(self)  # trainers built before autolog() was called
+                where = "resume_from_checkpoint"
+                _resume_from_job(original, (self, *args), kwargs, where, options)
             return original(self, *args, **kwargs)
 
         return train
 
     patch(transformers.Trainer, "__init__", make_init)
     patch(transformers.Trainer, "train", make_train)
+
+
+def _resume_from_job(
+    original: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str, options: Any
+) -> None:
+    """``resume="auto"``: a ``fit``/``train`` given no checkpoint resumes from the job's
+    newest one (``kwargs[name]`` is set; on a first start there is none and it stays unset)."""
+    if options.get("resume") != "auto":
+        return
+    if name in inspect.signature(original).bind_partial(*args, **kwargs).arguments:
+        return  # the user chose (a checkpoint, or None): the callback checks it is the job's
+    path = resume_path("auto", run_name=options.get("run_name"))
+    if path is not None:
+        kwargs[name] = path
 
 
 # ---------------------------------------------------------------------- plain loops

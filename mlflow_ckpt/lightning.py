@@ -30,6 +30,7 @@ from mlflow_ckpt.integrations.framework_state import (
     numeric_metrics,
     require,
 )
+from mlflow_ckpt.integrations.loader_state import LoaderGenerators, flatten_loaders
 from mlflow_ckpt.integrations.resume_folder import remove_temporary, temporary_root
 from mlflow_ckpt.snapshot import capture_rng, restore_rng
 
@@ -92,6 +93,7 @@ def _make_callback_class(pl: ModuleType) -> type:
             self._last_step = -1
             self._failed = False
             self._rng_before_sanity: dict[str, Any] | None = None
+            self._loaders: LoaderGenerators | None = None  # the train loaders' generators
 
         # ---------------------------------------------------------- Lightning's own state
 
@@ -132,6 +134,23 @@ def _make_callback_class(pl: ModuleType) -> type:
             if self._writes_here(trainer) and self.manager is None:
                 self._open(trainer, pl_module)
             self._drop_resume_folder(trainer)
+            self._restore_loader_order(trainer)
+
+        def _restore_loader_order(self, trainer: Any) -> None:
+            """Give the train loaders the generator states restored at ``on_load_checkpoint``
+            (the loaders did not exist then). Lightning has already made the first epoch's
+            iterator, which drew its base seed from the fresh generator: drawn again."""
+            if self._loaders is None or not self._loaders.pending:
+                return
+            loaders = flatten_loaders(trainer.train_dataloader)
+            if any(getattr(d, "num_workers", 0) for d in loaders):
+                logger.warning(
+                    "Lightning starts the train loader's workers for the first resumed epoch "
+                    "before any callback can restore the loader's generator: with "
+                    "num_workers > 0 the resumed data order differs from the uninterrupted "
+                    "run's (num_workers=0, or a sampler seeded per epoch, keeps it)"
+                )
+            self._loaders.apply_pending(iterators_made=1)
 
         def _drop_resume_folder(self, trainer: Any) -> None:
             """Remove the temporary folder ``resume_path`` wrote the ``.ckpt`` into: Lightning
@@ -151,9 +170,11 @@ def _make_callback_class(pl: ModuleType) -> type:
 
         def _open(self, trainer: Any, pl_module: Any) -> None:
             connector = trainer._checkpoint_connector
+            self._loaders = LoaderGenerators(lambda: trainer.train_dataloader)
             state = {
                 "model": pl_module,
                 LIGHTNING_KEY: HeldState(lambda: connector.dump_checkpoint(weights_only=False)),
+                "train_dataloaders": self._loaders,
             }
             log_metrics = (
                 not _mlflow_logs_metrics(trainer) if self.log_metrics is None else self.log_metrics

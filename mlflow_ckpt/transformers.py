@@ -32,6 +32,7 @@ from mlflow_ckpt.integrations.framework_state import (
     numeric_metrics,
     require,
 )
+from mlflow_ckpt.integrations.loader_state import LoaderGenerators
 from mlflow_ckpt.integrations.resume_folder import remove_temporary, temporary_root
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,14 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
                 self._run.close()
         self._trainer_state, self._control = state, control
         self._pending, self._metrics = None, {}
+        loader = kwargs.get("train_dataloader")
         objects: dict[str, Any] = {
             "model": model,
             "optimizer": optimizer,
             "scheduler": lr_scheduler,
             HF_TRAINER_STATE_KEY: HeldState(lambda: {"json": self._state_json()}),
+            # restored here, before the first resumed epoch makes its iterator
+            "train_dataloader": LoaderGenerators(lambda: loader),
         }
         scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
         if scaler is not None:

@@ -27,6 +27,8 @@ RUN_NONFINITE_STEP = "mlflow_ckpt.nonfinite_step"
 RUN_WRITER = "mlflow_ckpt.writer"
 # On a checkpoint: the lease owner (writer ID) of the process that wrote it.
 WRITER = "mlflow_ckpt.writer"
+# On a run: the key of the job that owns it (resume="auto" finds the run again by it).
+RUN_KEY = "mlflow_ckpt.run_key"
 
 PENDING = "pending"
 COMMITTED = "committed"
@@ -52,6 +54,8 @@ def model_name(step: int) -> str:
 # On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.
 PINNED = "mlflow_ckpt.pinned"
 PRE_SPIKE = "pre_spike"
+# The trigger of the checkpoint saved when the process got its preemption signal.
+PREEMPTED = "preempted"
 # On a run: what the manager monitors, so tools (plot, best) know without being told.
 RUN_MONITOR = "mlflow_ckpt.monitor"
 RUN_MODE = "mlflow_ckpt.mode"

@@ -40,17 +40,68 @@ class FrameworkRun:
         self.run_id: str | None = None
         self._started_run = False
 
+    @property
+    def auto(self) -> bool:
+        """Whether the job's own run is found by its key (``resume="auto"``)."""
+        return self.manager_kwargs.get("resume") == "auto"
+
     def open(
-        self, state: Mapping[str, Any], *, leader: bool = True, **overrides: Any
+        self,
+        state: Mapping[str, Any],
+        *,
+        leader: bool = True,
+        framework_step: int | None = 0,
+        **overrides: Any,
     ) -> CheckpointManager:
         """A manager on the active run (started if there is none). ``leader=False``: a rank
-        other than 0 of a distributed training, which needs no MLflow run of its own."""
+        other than 0 of a distributed training, which needs no MLflow run of its own.
+        With ``resume="auto"``: the job's own run, resumed where it stopped, which must be
+        where the framework starts (``framework_step``; ``None``: nothing to compare, the
+        caller starts its loop at the manager's ``start_step``)."""
+        if self.auto:
+            return self._open_job(state, None, framework_step, overrides)
         if leader:
             self.run_id, self._started_run = _start_run_if_needed()
         else:
             self.run_id, self._started_run = None, False
         kwargs = {**self.manager_kwargs, **overrides}
         self.manager = CheckpointManager(state, run_id=self.run_id, **kwargs)
+        return self.manager
+
+    def _open_job(
+        self,
+        state: Mapping[str, Any],
+        run_id: str | None,
+        framework_step: int | None,
+        overrides: Mapping[str, Any],
+    ) -> CheckpointManager:
+        """``resume="auto"``: the manager opens (or resumes) the job's run; the framework must
+        have resumed from the same checkpoint (``run_id``, ``framework_step``), or from none
+        when the run has none."""
+        self._started_run = mlflow.active_run() is None
+        try:
+            self.manager = CheckpointManager(state, **{**self.manager_kwargs, **overrides})
+        except BaseException:
+            self._started_run = False
+            raise
+        self.run_id = self.manager.run_id
+        start = self.manager.start_step
+        if run_id is not None and run_id != self.run_id:
+            self.close()
+            raise CheckpointError(
+                f"The checkpoint given as {self.resume_from} belongs to MLflow run {run_id}, "
+                f"but this job's run (resume='auto') is {self.run_id}. Resume from "
+                "`mlflow_ckpt.resume_path('auto')`, or drop resume='auto' to continue the "
+                "other run."
+            )
+        if framework_step is not None and start != framework_step:
+            self.close()
+            raise CheckpointError(
+                f"This job's MLflow run {self.run_id} (resume='auto') continues at step "
+                f"{start}, but the trainer starts at global step {framework_step}. Pass "
+                f"`{self.resume_from}=mlflow_ckpt.resume_path('auto')` to {self.call} (it is "
+                "None on a first start; mlflow_ckpt.autolog(resume='auto') passes it for you)."
+            )
         return self.manager
 
     def resume(
@@ -67,6 +118,8 @@ class FrameworkRun:
         elsewhere (Lightning's own ``last.ckpt``, an older ``checkpoint-N``) would mix two
         states, so a ``framework_step`` that is not the manager's ``start_step`` is refused.
         """
+        if self.auto:
+            return self._open_job(state, run_id, framework_step, overrides)
         self.run_id = run_id
         self._started_run = mlflow.active_run() is None
         kwargs = {**self.manager_kwargs, **overrides}
@@ -157,9 +210,12 @@ def runs_on_every_rank(manager_kwargs: Mapping[str, Any], world_size: int) -> bo
 
 def saves_within_epochs(manager_kwargs: Mapping[str, Any]) -> bool:
     """Whether a trigger may fire (or a spike show) mid-epoch, so every step must be recorded,
-    not only epoch ends."""
+    not only epoch ends. A watched preemption signal is acted on at the next step too."""
     per_step = ("save_every_n_steps", "save_every_n_seconds", "triggers", "spike_factor")
-    return any(manager_kwargs.get(k) for k in per_step)
+    signals = manager_kwargs.get("save_on_signals")
+    if signals is None:
+        signals = manager_kwargs.get("resume") == "auto"  # (SIGTERM by default then)
+    return bool(signals) or any(manager_kwargs.get(k) for k in per_step)
 
 
 class HoldsFrameworkRun:

@@ -43,6 +43,8 @@ class PlainLoopCheckpointer(HoldsFrameworkRun):
         self.timestamp_ms: int | None = None
         if resume is not None:
             self._steps_done = self._run.resume(resume, self.state).start_step
+        elif self._run.auto:  # the job's own run, opened now: the loop starts where it stopped
+            self._steps_done = self._run.open(self.state, framework_step=None).start_step
         self.start_step = self._steps_done
         first = optimizers[0]
         self._hooks = [

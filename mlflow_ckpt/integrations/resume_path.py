@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from mlflow import MlflowClient
@@ -26,13 +26,34 @@ from mlflow_ckpt.integrations.framework_state import (
     LIGHTNING_KEY,
 )
 from mlflow_ckpt.integrations.resume_folder import make_temporary
+from mlflow_ckpt.manager.job import find_job_run, job_key
 from mlflow_ckpt.snapshot import plain_state
 
 logger = logging.getLogger(__name__)
 
 
-def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
+@overload
+def resume_path(
+    run_id: Literal["auto"], *, dst: str | Path | None = None, run_name: str | None = None
+) -> str | None: ...
+
+
+@overload
+def resume_path(run_id: str, *, dst: str | Path | None = None) -> str: ...
+
+
+def resume_path(
+    run_id: str, *, dst: str | Path | None = None, run_name: str | None = None
+) -> str | None:
     """Write the newest verified checkpoint of ``run_id`` where its framework can resume from.
+
+    ``run_id="auto"``: this job's run, found by its key as ``resume="auto"`` finds it
+    (``run_name=``, else ``MLFLOW_CKPT_RUN_KEY``, ``TORCHELASTIC_RUN_ID``, ``SLURM_JOB_ID``);
+    ``None`` when the job has no run or no checkpoint yet, so the same line starts a fresh
+    training and resumes a restarted one::
+
+        trainer.fit(model, ckpt_path=mlflow_ckpt.resume_path("auto"))
+        trainer.train(resume_from_checkpoint=mlflow_ckpt.resume_path("auto"))
 
     For a run checkpointed by :class:`mlflow_ckpt.lightning.MlflowCheckpoint` this is a
     Lightning checkpoint file, for ``trainer.fit(model, ckpt_path=...)``; for one checkpointed
@@ -46,7 +67,18 @@ def resume_path(run_id: str, *, dst: str | Path | None = None) -> str:
     (Lightning: when training starts; the Trainer: after its first step), so one path
     serves one resume: call ``resume_path`` again to resume again.
     """
-    verified = newest_verified(run_id, MlflowClient())
+    if run_id == "auto":
+        found = find_job_run(job_key(run_name))
+        if found is None:
+            return None
+        run_id = found.info.run_id
+        verified = newest_verified(run_id, MlflowClient())
+        if verified is None:
+            return None
+    elif run_name is not None:
+        raise TypeError("run_name= names the job for resume_path('auto'); a run ID is given")
+    else:
+        verified = newest_verified(run_id, MlflowClient())
     if verified is None:
         raise CheckpointNotFoundError(
             f"Run {run_id} has no committed checkpoint that verifies, so there is nothing to "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.errors import WriterConflictError
@@ -160,6 +161,46 @@ def write_lease(client: MlflowClient, run_id: str, experiment_id: str, info: Lea
     client.set_tag(run_id, tags.RUN_WRITER, text)
 
 
+def _wait_for_expiry(
+    client: MlflowClient, run_id: str, experiment_id: str, held: LeaseInfo
+) -> LeaseInfo | None:
+    """Watch ``held`` (a lease of another host) until it expires or is released; raise
+    :class:`WriterConflictError` as soon as its heartbeat advances (its writer lives).
+
+    Returns the lease as last read (stale by then), or ``None`` once it was released. A live
+    writer heartbeats every ``ttl/4``, so it is told apart within about that, never later
+    than the expiry itself.
+    """
+    remaining = held.heartbeat + held.ttl - time.time()
+    logger.warning(
+        "Run %s is held by %s, which cannot be checked from this host; waiting up to %.0fs "
+        "for its lease to expire (a restarted job whose previous writer died on another "
+        "node). A writer whose heartbeat still advances is refused.",
+        run_id,
+        held.describe(time.time()),
+        max(0.0, remaining),
+    )
+    poll = min(max(held.ttl / 8, 0.1), 5.0)
+    while True:
+        time.sleep(poll)
+        latest = read_lease(client, run_id, experiment_id)
+        now = time.time()
+        if latest is None:
+            return None
+        stale = latest.why_stale(now)
+        if stale is not None:
+            logger.info("The lease of run %s expired after waiting: %s", run_id, stale)
+            return latest
+        if latest.owner != held.owner or latest.heartbeat > held.heartbeat:
+            raise WriterConflictError(
+                f"Run {run_id} is being written by {latest.describe(now)}, which is alive: its "
+                "heartbeat advanced while this process waited for it to expire. Two writers "
+                "would interleave checkpoints from different trainings. Stop the other job "
+                "(or give this one another key: run_name= / MLFLOW_CKPT_RUN_KEY), or pass "
+                "force=True if you know it is gone."
+            )
+
+
 class WriterLease:
     """This process's claim on a run; keeps itself alive until :meth:`release`."""
 
@@ -189,8 +230,15 @@ class WriterLease:
         *,
         force: bool = False,
         ttl: float = DEFAULT_TTL_S,
+        wait: bool = False,
     ) -> WriterLease:
-        """Claim ``run_id`` for this process, or raise :class:`WriterConflictError`."""
+        """Claim ``run_id`` for this process, or raise :class:`WriterConflictError`.
+
+        ``wait``: a lease held by a process on another host (whose PID cannot be checked
+        from here) is watched until it expires, and refused only if its heartbeat advances:
+        a job restarted on another node must not be refused for the ``lease_ttl`` its dead
+        predecessor's lease still has to run.
+        """
         lease = cls(client, run_id, experiment_id, ttl)
         current = read_lease(client, run_id, experiment_id) or LeaseInfo.parse(
             client.get_run(run_id).data.tags.get(tags.RUN_WRITER)  # written by older versions
@@ -198,6 +246,14 @@ class WriterLease:
         now = time.time()
         same_process = current is not None and current.is_this_process()
         stale = current.why_stale(now) if current is not None else None
+        # A live-looking writer on another host: its PID cannot be checked from here, so
+        # with `wait` its heartbeat is watched (a dead one's lease expires, a live one beats).
+        unverifiable = current is not None and current.host != _host() and stale is None
+        if wait and unverifiable and not force and not same_process:
+            assert current is not None
+            current = _wait_for_expiry(client, run_id, experiment_id, current)
+            now = time.time()
+            stale = current.why_stale(now) if current is not None else None
         if current is not None and not same_process and stale is None:
             if not force:
                 raise WriterConflictError(
@@ -210,7 +266,7 @@ class WriterLease:
         elif stale is not None:
             logger.info("Taking over run %s: the previous writer's %s", run_id, stale)
         lease.inherited = same_process
-        lease._write()
+        lease._write_first()
         if current is not None and force and stale is None and not same_process:
             # Let a commit the old owner had already checked its lease for finish (or fail),
             # then make sure no one overwrote us meanwhile.
@@ -228,6 +284,24 @@ class WriterLease:
 
     def _write(self) -> None:
         write_lease(self.client, self.run_id, self.experiment_id, self._info())
+
+    def _write_first(self) -> None:
+        """Write the new lease; if that fails because another process wrote it in the same
+        instant (SQL stores insert a new tag key non-atomically, so the slower of two first
+        writes fails), that process holds the run: refused like any second writer."""
+        try:
+            self._write()
+        except MlflowException as exc:
+            current = read_lease(self.client, self.run_id, self.experiment_id)
+            now = time.time()
+            if current is None or current.owner == self.owner or current.why_stale(now):
+                raise
+            raise WriterConflictError(
+                f"Run {self.run_id} was taken by {current.describe(now)} in the same instant "
+                "as this process (two starts of one job, e.g. a retried submission); it "
+                "writes the run, this process stops. Stop the other job first if this one "
+                "should continue it."
+            ) from exc
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):

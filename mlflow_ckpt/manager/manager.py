@@ -18,7 +18,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from mlflow_ckpt.catalog import Checkpoint
+from mlflow_ckpt.catalog import Checkpoint, tags
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.manager.distributed_resume import restore_distributed
@@ -32,8 +32,15 @@ from mlflow_ckpt.manager.options import (
     option_arguments,
 )
 from mlflow_ckpt.manager.policies import StepPolicies
+from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S, PreemptionWatch, signal_name
 from mlflow_ckpt.manager.records import log_timeline, record_resume, record_start
-from mlflow_ckpt.manager.resume import ResumePoint, logged_since, reopen_run, restore_newest
+from mlflow_ckpt.manager.resume import (
+    ResumePoint,
+    end_active_run,
+    logged_since,
+    reopen_run,
+    restore_newest,
+)
 from mlflow_ckpt.manager.retention import RetentionPolicy
 from mlflow_ckpt.manager.saver import Saver
 from mlflow_ckpt.manager.session import Session, open_session
@@ -105,12 +112,24 @@ class CheckpointManager:
         force: bool = False,
         lease_ttl: float = DEFAULT_TTL_S,
         distributed: bool | None = None,
+        resume: str | None = None,
+        run_name: str | None = None,
+        save_on_signals: str | int | Sequence[str | int] | None = None,
+        preempt_grace_s: float = DEFAULT_GRACE_S,
     ) -> None:
         arguments = dict(locals())
         for name in ("self", "state", "run_id"):
             del arguments[name]
+        if resume is not None and run_id is not None:
+            raise TypeError(
+                f"resume={resume!r} opens this job's own run (found by its key); run_id= names "
+                "a run to write. Pass one of them, not both."
+            )
         options = build_options(arguments)
         check_state(state, options)
+        if options.job is not None:
+            self._open_newest(state, options, None, strict=True)
+            return
         session = open_session(options, run_id, resume=False)
         try:
             self._setup(state, options, session)
@@ -136,31 +155,16 @@ class CheckpointManager:
         anything is restored, started or taken. Under ``torch.distributed`` every rank calls
         it, on any world size (sharded state is resharded).
         """
+        if kwargs.get("resume") is not None or kwargs.get("run_name") is not None:
+            raise TypeError(
+                "CheckpointManager.resume(run_id, ...) continues the run it is given; "
+                "resume='auto'/run_name= belong to CheckpointManager(...), which finds the "
+                "job's run itself"
+            )
         options = build_options(option_arguments(inspect.signature(cls.__init__), kwargs))
         check_state(state, options)
-        session = open_session(options, run_id, resume=True)
-        try:
-            if session.ranks is None:
-                assert session.client is not None
-                point = restore_newest(
-                    session.client, run_id, session.experiment_id, state, strict=strict
-                )
-            else:
-                point = restore_distributed(
-                    session.client, run_id, state, session.ranks, strict=strict
-                )
-            if session.client is not None:
-                reopen_run(run_id)
-            manager = cls.__new__(cls)
-            manager._setup(state, options, session)
-        except BaseException:
-            session.release()
-            raise
-        try:
-            manager._continue(point)
-        except BaseException:
-            manager._shutdown()
-            raise
+        manager = cls.__new__(cls)
+        manager._open_newest(state, options, run_id, strict=strict)
         return manager
 
     # ------------------------------------------------------------------ training loop API
@@ -187,13 +191,15 @@ class CheckpointManager:
         info = StepInfo(
             step, epoch, clean, end_of_epoch, time.monotonic(), self._saver.last_save_time
         )
-        decision = self._policies.decide(info)
+        decision = self._policies.decide(info, self._watch.received)
         self._saver.follow(step, decision)  # pin before a spike, report a new interval
         fired = decision.fired
         self._saver.flush_metrics()
         self._last_step, self._last_epoch = step, epoch
         self._saver.metrics.hold(step, clean, None if timestamp_ms is None else int(timestamp_ms))
-        if fired:
+        if decision.preempted is not None:
+            self._save_preempted(step, epoch, fired, decision.preempted, end_of_epoch)
+        elif fired:
             self._save(step, epoch, fired, end_of_epoch=end_of_epoch)
         return bool(fired)
 
@@ -230,15 +236,17 @@ class CheckpointManager:
         in a distributed job (called on every rank) then destroy the manager's own groups."""
         if self._closed:
             return
+        signalled = self._watch.received
         try:
             self._saver.wait_for_saves()  # a failing last save must be seen before...
             self._saver.raise_background_error()
             if (  # ...deciding whether the last step still needs saving
-                self.save_last
+                (self.save_last or signalled is not None)
                 and self._last_step is not None
                 and self._last_step != self._saver.last_saved_step
             ):
-                self._save(self._last_step, self._last_epoch, ("last",), end_of_epoch=False)
+                triggers = ("last",) if signalled is None else ("last", tags.PREEMPTED)
+                self._save(self._last_step, self._last_epoch, triggers, end_of_epoch=False)
             self.wait()
             self._saver.final_retention()
             if self.client is not None and self.options.timeline:
@@ -249,6 +257,8 @@ class CheckpointManager:
             finally:  # every rank, however close went here: a rank that skipped it stalls
                 if self._session.ranks is not None:  # the others at this barrier
                     self._session.ranks.close()
+        if signalled is not None:  # the signal came after the last step: end as it would
+            self._pass_signal_on(signalled)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -301,6 +311,39 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
 
+    def _open_newest(
+        self,
+        state: Mapping[str, Any],
+        options: ManagerOptions,
+        run_id: str | None,
+        *,
+        strict: bool,
+    ) -> None:
+        """Open the run (``run_id``, or the job's with ``resume="auto"``), restore its newest
+        checkpoint that verifies, reopen it as the active run and carry on from there."""
+        session = open_session(options, run_id, resume=True)
+        try:
+            if session.ranks is None:
+                assert session.client is not None
+                point = restore_newest(
+                    session.client, session.run_id, session.experiment_id, state, strict=strict
+                )
+            else:
+                point = restore_distributed(
+                    session.client, session.run_id, state, session.ranks, strict=strict
+                )
+            if session.client is not None:
+                reopen_run(session.run_id)
+            self._setup(state, options, session)
+        except BaseException:
+            session.release()
+            raise
+        try:
+            self._continue(point)
+        except BaseException:
+            self._shutdown()
+            raise
+
     def _setup(self, state: Mapping[str, Any], options: ManagerOptions, session: Session) -> None:
         """Everything both constructors share, once the run is this process's to write."""
         self.state = state
@@ -318,6 +361,9 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_epoch: int | None = None
         self._closed = False
+        self._stopped = False
+        self._watch = PreemptionWatch(options.signals, options.preempt_grace_s, self.run_id)
+        self._watch.install()
         atexit.register(self._flush_at_exit)
         if session.client is not None and session.run is not None:
             record_start(
@@ -330,6 +376,8 @@ class CheckpointManager:
 
     def _continue(self, point: ResumePoint) -> None:
         """After a resume: carry on from the restored checkpoint (counters, triggers, metrics)."""
+        if self._session.created:
+            return  # resume="auto" started this job's run just now: nothing was resumed
         chosen = point.checkpoint
         if chosen is not None:
             self.resumed_from = chosen
@@ -369,17 +417,64 @@ class CheckpointManager:
         return step, epoch
 
     def _save(
-        self, step: int, epoch: int | None, triggers: Iterable[str], *, end_of_epoch: bool
+        self,
+        step: int,
+        epoch: int | None,
+        triggers: Iterable[str],
+        *,
+        end_of_epoch: bool,
+        inline: bool = False,
     ) -> None:
         manager_state = {**self._policies.state_dict(), "resumes": self._resumes}
         cost = self._saver.save(
-            step, epoch, triggers, end_of_epoch=end_of_epoch, manager_state=manager_state
+            step,
+            epoch,
+            triggers,
+            end_of_epoch=end_of_epoch,
+            manager_state=manager_state,
+            inline=inline,
         )
         self._policies.saved(cost)
 
+    def _save_preempted(
+        self,
+        step: int,
+        epoch: int | None,
+        triggers: tuple[str, ...],
+        signum: int,
+        end_of_epoch: bool,
+    ) -> None:
+        """A preemption signal came (here or on another rank): save this step synchronously
+        after every save in flight, commit, then let the signal end the process."""
+        self._watch.acknowledge(signum)
+        started = time.monotonic()
+        self._saver.wait()  # saves in flight commit first, in order
+        if step != self._saver.last_saved_step:
+            self._save(step, epoch, triggers, end_of_epoch=end_of_epoch, inline=True)
+        self._saver.wait()
+        logger.warning(
+            "%s: saved step %d of run %s (trigger %s) in %.1fs",
+            signal_name(signum),
+            step,
+            self.run_id,
+            tags.PREEMPTED,
+            time.monotonic() - started,
+        )
+        self._pass_signal_on(signum)
+
+    def _pass_signal_on(self, signum: int) -> None:
+        """Now that the step is committed, let ``signum`` do what it would have done: the
+        handler installed before ours, or (none) release the run and end the process."""
+        end_run = (lambda: end_active_run(self.run_id, "KILLED")) if self.client else _nothing
+        self._watch.leave(signum, shutdown=self._shutdown, end_run=end_run)
+
     def _shutdown(self) -> None:
         self._closed = True
+        if self._stopped:
+            return
+        self._stopped = True
         atexit.unregister(self._flush_at_exit)
+        self._watch.release()
         self._saver.stop()
         self._session.release()
 
@@ -393,3 +488,7 @@ class CheckpointManager:
             logger.exception("Pending checkpoint work for run %s failed at exit", self.run_id)
         finally:
             self._shutdown()
+
+
+def _nothing() -> None:
+    """(No run to end: a rank other than 0.)"""

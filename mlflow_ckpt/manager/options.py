@@ -25,7 +25,9 @@ from mlflow import MlflowClient
 from mlflow_ckpt.codec import check_format
 from mlflow_ckpt.codec.zstd_io import check_level
 from mlflow_ckpt.folder import MODEL_KEY, FolderSpec, factory_path
+from mlflow_ckpt.manager.job import JobKey, job_key
 from mlflow_ckpt.manager.metrics import check_metric_name
+from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S, parse_signals
 from mlflow_ckpt.manager.retention import (
     ArchiveAfterN,
     KeepAny,
@@ -74,6 +76,9 @@ class ManagerOptions:
     # Write only what changed since the previous checkpoint (distributed saves: by chunk).
     incremental: bool = True
     archive: ArchiveAfterN | None = None  # retention's third outcome (archive_after_n=)
+    job: JobKey | None = None  # resume="auto": the job whose run this manager opens itself
+    signals: tuple[int, ...] = ()  # save_on_signals=: save and stop on these
+    preempt_grace_s: float = DEFAULT_GRACE_S
 
     @property
     def format(self) -> str:
@@ -164,7 +169,11 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     spec = _folder_spec(args)
     retention = _retention(args, monitor, mode)
     archive = _archive(args, retention)
+    job, signals = _preemption(args)
     return ManagerOptions(
+        job=job,
+        signals=signals,
+        preempt_grace_s=float(args.get("preempt_grace_s") or DEFAULT_GRACE_S),
         archive=archive,
         distributed=distributed,
         incremental=args["incremental"],
@@ -190,6 +199,25 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         transfer=args["transfer"],
         client=args["client"],
     )
+
+
+def _preemption(args: Mapping[str, Any]) -> tuple[JobKey | None, tuple[int, ...]]:
+    """``resume="auto"``'s job key (``run_name=`` or the environment) and the signals to
+    save on (SIGTERM by default with ``resume="auto"``, none otherwise)."""
+    resume, run_name = args.get("resume"), args.get("run_name")
+    if resume not in (None, "auto"):
+        raise ValueError(f"resume must be None or 'auto', not {resume!r}")
+    if run_name is not None and resume is None:
+        raise TypeError(
+            "run_name= names the job whose run resume='auto' opens and continues; pass "
+            "resume='auto' too (without it the manager writes the active run or run_id=)"
+        )
+    _positive("preempt_grace_s", args.get("preempt_grace_s"), float)
+    job = job_key(run_name) if resume == "auto" else None
+    signals = args.get("save_on_signals")
+    if signals is None:
+        signals = ("SIGTERM",) if job is not None else ()
+    return job, parse_signals(signals)
 
 
 def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None) -> None:

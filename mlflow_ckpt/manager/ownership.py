@@ -38,15 +38,17 @@ def take_run(
     force: bool = False,
     ttl: float = DEFAULT_TTL_S,
     sweep: bool = False,
+    wait: bool = False,
 ) -> RunClaim:
     """Acquire ``run``'s writer lease, then recover it; ``sweep`` also removes failed saves.
+    ``wait``: wait out the lease of a writer on another host that stopped heartbeating.
 
     Raises :class:`~mlflow_ckpt.errors.WriterConflictError` while another live process
     writes the run (unless ``force``). On any failure after the lease, it is released.
     """
     with preserved_python_rng():  # MLflow calls must not move the user's random streams
         lease = WriterLease.acquire(
-            client, run.info.run_id, run.info.experiment_id, force=force, ttl=ttl
+            client, run.info.run_id, run.info.experiment_id, force=force, ttl=ttl, wait=wait
         )
         claim = RunClaim(lease)
         if lease.inherited:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow_ckpt.catalog.tags import PREEMPTED
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.spikes import SpikeWatch
@@ -23,6 +24,7 @@ class Decision:
     fired: tuple[str, ...]  # names of the triggers due: save when not empty
     spike: str | None  # how this step starts a spike (pin the checkpoint before it)
     reports: dict[str, float]  # metrics the policies log now (the adaptive interval)
+    preempted: int | None = None  # the preemption signal this step saves on (any rank's)
 
 
 class StepPolicies:
@@ -32,25 +34,38 @@ class StepPolicies:
         self.triggers = TriggerSet(options.triggers)
         self.spikes = SpikeWatch(*options.spike) if options.spike else None
         self.ranks = ranks
+        # Every rank reports its own preemption signal at each step (one rank signalled is
+        # enough for all to save there); without watched signals rank 0 only broadcasts.
+        self.share_signals = bool(options.signals)
 
-    def decide(self, info: StepInfo) -> Decision:
+    def decide(self, info: StepInfo, signalled: int | None = None) -> Decision:
         """The triggers due at this step, whether it starts a spike, and what to report.
 
         In a distributed job rank 0 decides and every rank follows: a ``monitor`` value or a
-        clock that differs between ranks must not make them save different steps.
+        clock that differs between ranks must not make them save different steps. A
+        preemption signal (``signalled``, on any rank) adds the trigger ``preempted``.
         """
-        if self.ranks is not None and not self.ranks.is_leader:
-            fired = self.ranks.broadcast(
-                None, group=self.ranks.control, what=f"deciding step {info.step}"
-            )
-            return Decision(tuple(fired), None, {})
-        spike = self.spikes.observe(info.metrics.get(self.spikes.metric)) if self.spikes else None
-        decision = Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
-        if self.ranks is not None:
-            self.ranks.broadcast(
-                list(decision.fired), group=self.ranks.control, what=f"deciding step {info.step}"
-            )
-        return decision
+        ranks = self.ranks
+        decision = Decision((), None, {})
+        if ranks is None or ranks.is_leader:
+            metric = self.spikes.metric if self.spikes else None
+            spike = self.spikes.observe(info.metrics.get(metric)) if self.spikes else None
+            decision = Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
+        preempted = signalled
+        if ranks is not None:
+            what = f"deciding step {info.step}"
+            fired = list(decision.fired) if ranks.is_leader else None
+            if self.share_signals:
+                reports = ranks.all_gather([fired, signalled or 0], group=ranks.control, what=what)
+                fired = reports[0][0]
+                preempted = next((int(s) for _, s in reports if s), None)
+            else:
+                fired = ranks.broadcast(fired, group=ranks.control, what=what)
+            decision = Decision(tuple(fired), decision.spike, decision.reports)
+        if preempted is None:
+            return decision
+        fired = decision.fired + (() if PREEMPTED in decision.fired else (PREEMPTED,))
+        return Decision(fired, decision.spike, decision.reports, preempted)
 
     def saved(self, cost_s: float) -> None:
         """A save cost training ``cost_s`` seconds."""

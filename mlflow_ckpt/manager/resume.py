@@ -9,6 +9,7 @@ only then is the run reopened and the resume recorded on it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from mlflow_ckpt.snapshot.snapshot import frozen_holding
 
 if TYPE_CHECKING:  # (DCP is imported only by distributed saves)
     from mlflow_ckpt.codec.dcp_metadata import ChunkBase
+
+logger = logging.getLogger(__name__)
 
 
 def check_no_other_run(run_id: str) -> None:
@@ -61,6 +64,19 @@ def reopen_run(run_id: str) -> None:
     with preserved_python_rng():  # the user's random streams are restored: keep them
         if mlflow.active_run() is None:
             mlflow.start_run(run_id=run_id)
+
+
+def end_active_run(run_id: str, status: str) -> None:
+    """End ``run_id`` with ``status`` if it is the active run (never raises: the process is
+    about to end, and a run left RUNNING is only cosmetic)."""
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        return
+    try:
+        with preserved_python_rng():
+            mlflow.end_run(status=status)
+    except Exception as exc:
+        logger.warning("Could not mark run %s %s: %s", run_id, status, exc)
 
 
 def logged_since(client: MlflowClient, run_id: str, start_step: int) -> set[tuple[str, int]]:

@@ -122,11 +122,13 @@ class Saver:
         *,
         end_of_epoch: bool,
         manager_state: Mapping[str, Any],
+        inline: bool = False,
     ) -> float:
         """Snapshot the state now and write it as the checkpoint of ``step``.
 
         Returns how long training waited: the snapshot (and a previous save still in flight)
-        for async saves, the whole save for sync ones.
+        for async saves, the whole save for sync ones (and ``inline`` ones: written here,
+        from the live tensors, even when saves are async).
         """
         started = time.perf_counter()
         if self.worker is not None:
@@ -141,7 +143,7 @@ class Saver:
             "metrics": metrics,
             "manager": dict(manager_state),
         }
-        copy = self.worker is not None
+        copy = self.worker is not None and not inline
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
         whole = self.milestones.whole(step)  # copied whole, referencing nothing (see there)
@@ -178,7 +180,7 @@ class Saver:
         )
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
-        self._run(lambda: self._write(job), is_save=True)
+        self._run(lambda: self._write(job), is_save=True, inline=inline)
         if self.retention is not None and self.options.archive is not None:
             self._run(self.retention.archive_due, is_save=False)  # not awaited by snapshots
         return time.perf_counter() - started
@@ -305,9 +307,9 @@ class Saver:
         if self.buffers is not None:
             self.buffers.clear()
 
-    def _run(self, job: Callable[[], None], *, is_save: bool) -> None:
+    def _run(self, job: Callable[[], None], *, is_save: bool, inline: bool = False) -> None:
         """Run ``job`` on the worker (async) or here, where its failure is handled now."""
-        if self.worker is not None:
+        if self.worker is not None and not inline:
             self.worker.submit(job, is_save=is_save)
             return
         try:

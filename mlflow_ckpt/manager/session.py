@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.manager.job import open_job_run
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.ownership import RunClaim, take_run
 from mlflow_ckpt.manager.ranks import RankGroup
@@ -46,6 +48,7 @@ class Session:
     claim: RunClaim | None
     ranks: RankGroup | None
     nonfinite_step: str | None = None
+    created: bool = False  # resume="auto" started the job's run just now (nothing to resume)
 
     def release(self) -> None:
         if self.claim is not None:
@@ -53,13 +56,30 @@ class Session:
 
 
 def _open_here(options: ManagerOptions, run_id: str | None, resume: bool) -> Session:
-    if resume:
+    client = options.client or MlflowClient()
+    created = False
+    if options.job is not None:  # resume="auto": the job's own run, found or started
+        active_before = mlflow.active_run()
+        run_id = open_job_run(client, options.job)
+        created = active_before is None and mlflow.active_run() is not None
+    elif resume:
         assert run_id is not None
         check_no_other_run(run_id)
-    client = options.client or MlflowClient()
     with preserved_python_rng():
         run = get_run(client, active_or_given(run_id))
-    claim = take_run(client, run, force=options.force, ttl=options.lease_ttl)
+    try:
+        claim = take_run(
+            client,
+            run,
+            force=options.force,
+            ttl=options.lease_ttl,
+            wait=options.job is not None,
+        )
+    except BaseException:
+        if created:  # leave no active run behind: a restart finds the run by its key
+            with preserved_python_rng():
+                mlflow.end_run()
+        raise
     return Session(
         run.info.run_id,
         run.info.experiment_id,
@@ -68,6 +88,7 @@ def _open_here(options: ManagerOptions, run_id: str | None, resume: bool) -> Ses
         claim,
         None,
         run.data.tags.get(tags.RUN_NONFINITE_STEP),
+        created,
     )
 
 
@@ -86,6 +107,7 @@ def open_session(options: ManagerOptions, run_id: str | None, *, resume: bool) -
                 "run_id": session.run_id,
                 "experiment_id": session.experiment_id,
                 "nonfinite_step": session.nonfinite_step,
+                "created": session.created,
                 "probe": _leave_probe(session),
             }
         except BaseException as exc:
@@ -119,6 +141,7 @@ def open_session(options: ManagerOptions, run_id: str | None, *, resume: bool) -
         None,
         ranks,
         message["nonfinite_step"],
+        message["created"],
     )
 
 

@@ -58,8 +58,9 @@ def restore_into(
     plan = _Plan()
     saved = settle(targets, saved)  # (compressed tensors a plain module takes stay planes)
     for name, target in targets.items():
-        if name not in saved:
-            plan.missing.append(name)
+        if name not in saved:  # (an entry checkpoints before it existed lack may be optional)
+            if not getattr(target, "optional_in_checkpoint", False):
+                plan.missing.append(name)
             continue
         assign = _assigner(targets, name) if isinstance(targets, MutableMapping) else None
         _plan(target, saved[name], name, plan, assign)
