@@ -1,11 +1,15 @@
-"""Train with checkpoints, get killed mid-run (SIGKILL), resume by run ID, finish.
+"""Train with checkpoints, get killed (SIGKILL), then preempted (SIGTERM); the identical
+command continues the same MLflow run each time.
 
     python examples/train_and_resume.py            # what `make demo` runs
 
-The parent process starts a training child, kills it with SIGKILL once a few checkpoints are
-committed, then starts a second child that continues the *same* MLflow run with
-``CheckpointManager.resume(run_id, ...)``. Everything lands in MLflow's embedded default
-store, ``sqlite:///mlflow.db`` (artifacts under ``./mlruns``).
+The parent plays the scheduler of a preemptible job: it starts the training command, SIGKILLs
+it once a few checkpoints are committed, starts the *identical* command again (no run ID is
+passed: ``resume="auto"`` finds the job's run by its key, here ``MLFLOW_CKPT_RUN_KEY``, as it
+would by ``SLURM_JOB_ID`` or torchrun's ``TORCHELASTIC_RUN_ID``), sends that one SIGTERM (a
+preemption notice: it saves the step it is at and exits), and starts the command a third
+time to finish. Everything lands in MLflow's embedded default store,
+``sqlite:///mlflow.db`` (artifacts under ``./mlruns``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from demo_model import Classifier, synthetic_batch
 TOTAL_STEPS = 300
 STEPS_PER_EPOCH = 50
 KILL_AFTER_STEP = 140
+PREEMPT_AFTER_STEP = 212
 EXPERIMENT = "mlflow-ckpt-demo"
 
 
@@ -40,10 +45,13 @@ def build_state() -> dict[str, object]:
     return {"model": model, "optimizer": opt, "scheduler": sched, "data": data}
 
 
-def train(run_id: str | None) -> None:
-    """Child process: train (fresh, or resumed from ``run_id``), printing each commit."""
+def train() -> None:
+    """Child process: the training command, the same every time it is started."""
     state = build_state()
-    options = dict(
+    mlflow.set_experiment(EXPERIMENT)
+    manager = mlflow_ckpt.CheckpointManager(
+        state,
+        resume="auto",  # this job's run (key: MLFLOW_CKPT_RUN_KEY), resumed where it stopped
         save_every_n_steps=25,
         monitor="val_loss",
         mode="min",
@@ -52,15 +60,10 @@ def train(run_id: str | None) -> None:
         # the model's code travels with each checkpoint: it serves and exports from anywhere
         code_paths=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model.py")],
         spike_factor=3.0,  # pin the checkpoint before a val_loss spike (retention keeps it)
-    )
-    if run_id is None:
-        mlflow.set_experiment(EXPERIMENT)
-        mlflow.start_run(run_name="demo-classifier")
-        manager = mlflow_ckpt.CheckpointManager(state, **options)
-        print(f"RUN_ID={mlflow.active_run().info.run_id}", flush=True)
-    else:
-        manager = mlflow_ckpt.CheckpointManager.resume(run_id, state, **options)
-        print(f"resumed from step {manager.start_step - 1}, continuing", flush=True)
+    )  # with resume="auto", SIGTERM saves the current step before the process ends
+    print(f"RUN_ID={manager.run_id}", flush=True)
+    if manager.resumed_from is not None:
+        print(f"resumed from step {manager.resumed_from.step}, continuing", flush=True)
     model, opt, sched, data = state["model"], state["optimizer"], state["scheduler"], state["data"]
     val_x, val_y = synthetic_batch(torch.Generator().manual_seed(7), 512)
     for step in range(manager.start_step, TOTAL_STEPS):
@@ -84,47 +87,60 @@ def train(run_id: str | None) -> None:
     mlflow.end_run()
 
 
-def run_child(*args: str) -> subprocess.Popen[str]:
+def run_child(env: dict[str, str]) -> subprocess.Popen[str]:
+    """The training command; the same argv and environment every time (as a scheduler's)."""
     return subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, __file__, "--child"], stdout=subprocess.PIPE, text=True, bufsize=1, env=env
     )
+
+
+def run_until(child: subprocess.Popen[str], stop_after: int | None, sig: int) -> str | None:
+    """Echo the child's own lines; send ``sig`` once it has finished step ``stop_after``."""
+    assert child.stdout is not None
+    run_id = None
+    for line in child.stdout:
+        if line.startswith("RUN_ID="):
+            run_id = line.strip().split("=", 1)[1]
+        elif not line.startswith("step "):
+            print(f"   {line.strip()}")
+        elif stop_after is not None and int(line.split()[1]) >= stop_after:
+            child.send_signal(sig)
+            break
+    child.wait()
+    return run_id
 
 
 def main() -> None:
     uri = mlflow.get_tracking_uri()
     print(f"Tracking store: {uri}")
-    print(
-        f"1) training {TOTAL_STEPS} steps in a child process, to be killed after step "
-        f"{KILL_AFTER_STEP}..."
-    )
-    child = run_child("--child")
-    run_id = None
-    assert child.stdout is not None
-    for line in child.stdout:
-        if line.startswith("RUN_ID="):
-            run_id = line.strip().split("=", 1)[1]
-            print(f"   run ID {run_id}")
-        elif line.startswith("step ") and int(line.split()[1]) >= KILL_AFTER_STEP:
-            child.send_signal(signal.SIGKILL)
-            break
-    child.wait()
+    # The job's identity, as a scheduler would set SLURM_JOB_ID: the same for each restart.
+    env = dict(os.environ, MLFLOW_CKPT_RUN_KEY=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"1) training {TOTAL_STEPS} steps (job {env['MLFLOW_CKPT_RUN_KEY']}), to be killed...")
+    child = run_child(env)
+    run_id = run_until(child, KILL_AFTER_STEP, signal.SIGKILL)
     if run_id is None:
         raise SystemExit("the training child never started a run")
-    print(f"   killed with SIGKILL (exit status {child.returncode})")
+    print(f"   run {run_id} killed with SIGKILL (exit status {child.returncode})")
     before = mlflow_ckpt.list_checkpoints(run_id)
     print(f"   committed checkpoints so far: steps {[c.step for c in before]}")
 
-    print(f"2) resuming run {run_id} in a new process...")
-    resumed = run_child("--child", "--resume", run_id)
-    assert resumed.stdout is not None
-    for line in resumed.stdout:
-        if not line.startswith("step "):
-            print(f"   {line.strip()}")
-    if resumed.wait() != 0:
+    print("2) the identical command again (no run ID given); preempted with SIGTERM...")
+    child = run_child(env)
+    assert run_until(child, PREEMPT_AFTER_STEP, signal.SIGTERM) == run_id
+    saved = mlflow_ckpt.latest_checkpoint(run_id)
+    print(
+        f"   SIGTERM: exit status {child.returncode}, after saving step {saved.step} "
+        f"(trigger {','.join(saved.triggers)})"
+    )
+
+    print("3) the identical command once more, to the end...")
+    child = run_child(env)
+    run_until(child, None, signal.SIGTERM)
+    if child.returncode != 0:
         raise SystemExit("the resumed child failed")
 
     ckpts = mlflow_ckpt.list_checkpoints(run_id)
-    print(f"3) run {run_id} finished with {len(ckpts)} checkpoints:")
+    print(f"4) run {run_id} finished with {len(ckpts)} checkpoints:")
     print(f"   {'step':>5} {'epoch':>5} {'trigger':<16} {'val_loss':>9} {'size':>9}  uri")
     for c in ckpts:
         val = c.metrics.get("val_loss")
@@ -160,10 +176,9 @@ def print_ui_hint(tracking_uri: str, experiment_id: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--resume", metavar="RUN_ID", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if args.child:
-        train(args.resume)
+        train()
     else:
         main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,14 @@ def run_example(name: str, cwd: Path) -> str:
 def test_train_and_resume_demo(tmp_path: Path) -> None:
     out = run_example("train_and_resume.py", tmp_path)
     assert "killed with SIGKILL (exit status -9)" in out
-    assert "resumed from step" in out
+    assert re.search(r"resumed from step \d+, continuing", out)  # the identical command
+    (sigterm,) = [line for line in out.splitlines() if "SIGTERM: exit status" in line]
+    assert "exit status -15, after saving step" in sigterm and "(trigger preempted)" in sigterm
+    step = int(sigterm.split("after saving step ")[1].split()[0])
+    assert f"resumed from step {step}, continuing" in out  # ...and again from that step
+    row = [str(step), str(step // 50), "preempted"]  # in the table: step, epoch, trigger
+    assert any(line.split()[:3] == row for line in out.splitlines())
+    assert "4) run " in out and "finished with" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     assert "workflowType=machine_learning" in out
     assert out.count("Look at them in the MLflow UI") == 1
