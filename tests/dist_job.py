@@ -91,6 +91,34 @@ def kill_when_writing(folder: Path) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def init_process_group() -> None:
+    """The default group, on a store prefixed by the restart attempt under torchrun.
+
+    torchrun's agent keeps one TCPStore for all restarts of its workers, and torch 2.13's
+    env:// init reuses its keys: a restarted attempt then reads the dead attempt's gloo
+    addresses ("Gloo connectFullMesh failed ... Connection refused", or a hang) in about
+    half the restarts. A prefix per attempt gives every attempt keys of its own (groups made
+    later by ``new_group``, the manager's included, inherit it).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group("gloo")
+        return
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
+    store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+
+
+def _first_attempt_target(spec: str | None, rank: int) -> int | None:
+    """The step of a ``RANK:STEP`` fault meant for this rank, on the first attempt only."""
+    if spec is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    target, step = (int(part) for part in spec.split(":"))
+    return step if target == rank else None
+
+
 def main() -> None:
     # A rank that aborts (SIGABRT from C++, SIGSEGV) prints every thread's Python stack, so
     # a rare crash in CI shows where it happened (seen once: "terminate called without an
@@ -117,9 +145,12 @@ def main() -> None:
     parser.add_argument("--compression", help='"zstd": compressed chunks and rank files')
     parser.add_argument("--freeze-first", action="store_true", help="a frozen first layer")
     parser.add_argument("--break-resume-rank", type=int, help="a bug in reading, on this rank")
+    parser.add_argument("--auto", action="store_true", help='resume="auto" (key: torchrun\'s)')
+    parser.add_argument("--first-attempt-kill", help="RANK:STEP: SIGKILL it (attempt 0 only)")
+    parser.add_argument("--first-attempt-sigterm", help="RANK:STEP: SIGTERM it (attempt 0)")
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
+    init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model()
     if args.freeze_first:  # its chunks never change: incremental saves reference them
@@ -170,7 +201,9 @@ def main() -> None:
 
         distributed_resume.read_rank = broken  # type: ignore[assignment]
     groups_before = len(c10d._world.pg_map)  # (torch has no public list of groups)
-    if args.resume:
+    if args.auto:  # the job's own run (rank 0 finds or starts it); the same on a restart
+        mgr = mlflow_ckpt.CheckpointManager(state, resume="auto", **options)
+    elif args.resume:
         mgr = mlflow_ckpt.CheckpointManager.resume(args.resume, state, **options)
     else:
         if rank == 0:
@@ -199,7 +232,11 @@ def main() -> None:
     saved_full: dict[int, dict[str, torch.Tensor]] = {}
     hashed_per_save: list[int] = []
     saved_models: list[str] = []
+    kill_at = _first_attempt_target(args.first_attempt_kill, rank)
+    sigterm_at = _first_attempt_target(args.first_attempt_sigterm, rank)
     for step in range(mgr.start_step, args.steps):
+        if kill_at == step:
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-run: torchrun restarts every rank
         if args.kill_rank == rank and args.kill_step == step:
             kill_when_writing(Path.cwd())
         model.train()
@@ -226,6 +263,8 @@ def main() -> None:
             break
         if args.die_after == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if sigterm_at == step:  # this rank alone is preempted: all save the next step
+            os.kill(os.getpid(), signal.SIGTERM)
     try:
         mgr.close()
     except mlflow_ckpt.CheckpointError as exc:
@@ -244,6 +283,7 @@ def main() -> None:
     save_file(local, str(args.out / f"local-{rank}.safetensors"))
     report = {
         "rank": rank,
+        "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "world": world,
         "run_id": mgr.run_id,
         "start_step": mgr.start_step,

@@ -22,14 +22,16 @@ def torchrun(
     check: bool = True,
     env: dict[str, str] | None = None,
     timeout: float = 300,
+    torchrun_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run the job on ``nproc`` ranks against the current tracking URI."""
+    """Run the job on ``nproc`` ranks against the current tracking URI (``torchrun_args``:
+    torchrun's own, e.g. ``--max-restarts=2``)."""
     environment = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
     environment.update(env or {})
     environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
     environment["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", str(JOB), "--out", str(out), *args]
+    cmd += [f"--nproc_per_node={nproc}", *torchrun_args, str(JOB), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {args} exited {proc.returncode}\n{proc.stderr[-12000:]}")
