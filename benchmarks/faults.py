@@ -49,6 +49,18 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   milestone every 3 steps; one bit flipped in the shared group the newest checkpoint wrote.
   Resume must fall back to the newest milestone (self-contained) exactly, tag the damaged
   checkpoint corrupt, and a checkpoint referencing another group must still load.
+* ``kill9-auto``: the ``kill9-async`` row restarting the identical command
+  (``resume="auto"``: no run ID; the run found by its key), so kills also land while a job
+  starts its run or a restart looks it up and takes its lease.
+* ``sigterm-preempt``: one job (``tests.train_script auto``) SIGTERMed at a seeded random
+  moment and restarted with the identical command, N times, then run to its end. Survived:
+  the process ended by SIGTERM (exit status -15) after committing the step it was at
+  (trigger ``preempted``), and the restart began at the step after it: zero steps lost. The
+  finished run must equal an uninterrupted one bit for bit (reported under the row if not).
+* ``elastic-restart``: ``torchrun --max-restarts=2`` of a 2-rank DDP job with
+  ``resume="auto"`` (key ``TORCHELASTIC_RUN_ID``), a random rank SIGKILLed at a random step of
+  the first attempt. Survived: the restarted workers continue the one run from its newest
+  commit and end bit for bit with an uninterrupted job.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -77,8 +89,11 @@ import os
 import pickle
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -105,7 +120,7 @@ from mlflow_ckpt.catalog.shared import shared_area_uri
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig, local_path_of
 from mlflow_ckpt.storage.local import TEMP_MARKER
 from tests import crashlib, servers, tinydisk
-from tests.conftest import BUCKET, _aws_kwargs, s3_env
+from tests.conftest import BUCKET, ROOT, _aws_kwargs, s3_env
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.test_hostile import evil_torch_file, resign, shard_of
 
@@ -216,6 +231,7 @@ def kill9(
     compression: str = "",
     frozen: bool = False,
     archive: bool = False,
+    auto: bool = False,
 ) -> None:
     workdir = bench.workdir(row.fault)
     uri = crashlib.prepare(workdir, bench.template_db)
@@ -224,6 +240,8 @@ def kill9(
         env["MLFLOW_CKPT_CRASH_FROZEN"] = "1"
     if archive:
         env["MLFLOW_CKPT_CRASH_ARCHIVE"] = "1"
+    if auto:
+        env["MLFLOW_CKPT_CRASH_AUTO"] = "1"
     result = crashlib.run_chain(
         workdir,
         uri,
@@ -859,6 +877,155 @@ def corrupt_distributed(bench: Bench, row: Row, trials: int) -> None:
     run_trials(row, trials, trial)
 
 
+# ---------------------------------------------------------------- preemption
+
+
+PREEMPT_STEPS = 2000  # more than the trials' signals interrupt (~100 steps a second)
+
+
+def _job_env(key: str) -> dict[str, str]:
+    """A child's environment: this trial's store, the job's key, no other identity."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), MLFLOW_CKPT_RUN_KEY=key)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    return env
+
+
+def _train_script(mode: str, out: Path, *extra: str) -> list[str]:
+    steps = ["--steps", str(PREEMPT_STEPS), "--every", "25", "--out", str(out)]
+    return [sys.executable, "-m", "tests.train_script", mode, *steps, *extra]
+
+
+def _signalled_after(argv: list[str], env: dict[str, str], delay: float) -> tuple[int, list[str]]:
+    """Run ``argv``; SIGTERM it ``delay`` s after it printed its start. Returns its exit code
+    and its stdout lines."""
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("resumed at"):
+        line = proc.stdout.readline()
+        if not line:
+            raise Failed(f"the training never started: {proc.communicate()[1][-1500:]}")
+        lines.append(line.strip())
+    reader = threading.Thread(target=lambda: lines.extend(x.strip() for x in proc.stdout))
+    reader.start()
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    reader.join(timeout=30)
+    return code, lines
+
+
+def sigterm_preempt(bench: Bench, row: Row, trials: int) -> None:
+    """One job (``resume="auto"``), SIGTERMed at a seeded random moment, then restarted with
+    the identical command, ``trials`` times; then run to its end. Survived: the process ended
+    by SIGTERM after committing the step it was at (trigger ``preempted``), and the restart
+    continued from the step after it (zero steps lost). At the end the run's state must equal
+    an uninterrupted run's bit for bit."""
+    rng = random.Random(bench.seed + 17)
+    workdir = bench.workdir(row.fault)
+    bench.tracking(workdir)
+    straight = workdir / "straight.pt"
+    subprocess.run(
+        _train_script("straight", straight),
+        env=_job_env("straight"),
+        check=True,
+        capture_output=True,
+    )
+    env, out = _job_env("preempted-job"), workdir / "job.pt"
+    argv = _train_script("auto", out, "--sleep", "0.01")
+    expected_start = [0]
+
+    def trial(i: int) -> None:
+        code, lines = _signalled_after(argv, env, rng.uniform(0.2, 2.0))
+        start = int(next(x for x in lines if x.startswith("resumed at")).split()[2])
+        done = [int(x.split()[1]) for x in lines if x.startswith("step ")]
+        if start != expected_start[0]:
+            raise Lost(f"restart {i} began at step {start}, expected {expected_start[0]}")
+        if code == 0:
+            raise Failed("the job ended before the signal came (raise PREEMPT_STEPS)")
+        if code != -signal.SIGTERM:
+            raise Failed(f"exit status {code} (SIGTERM's would be {-signal.SIGTERM})")
+        run_id = mlflow.search_runs(
+            filter_string="tags.`mlflow_ckpt.run_key` = 'preempted-job'", output_format="list"
+        )[0].info.run_id
+        newest = mlflow_ckpt.latest_checkpoint(run_id)
+        last = done[-1] if done else start - 1
+        if newest is None or newest.step < last or "preempted" not in newest.triggers:
+            raise Lost(f"signalled after step {last}; the newest checkpoint is {newest}")
+        expected_start[0] = newest.step + 1
+
+    run_trials(row, trials, trial)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    final = subprocess.run(argv[:-2], env=env, capture_output=True, text=True)  # (no --sleep)
+    if final.returncode != 0 or f"resumed at {expected_start[0]}" not in final.stdout:
+        row.problems.append(f"the last restart failed or began elsewhere: {final.stderr[-1500:]}")
+    elif not _same_dump(
+        torch.load(out, weights_only=False), torch.load(straight, weights_only=False)
+    ):
+        row.problems.append("the preempted-and-restarted run did not end bit for bit")
+    mlflow.set_tracking_uri(None)
+
+
+def _same_dump(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    """``tests.train_script``'s final dumps are equal (weights, optimizer, streams)."""
+    return (
+        all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+        and str(got["optimizer"]) == str(want["optimizer"])
+        and (got["python"], got["numpy"], got["lr"]) == (want["python"], want["numpy"], want["lr"])
+        and torch.equal(got["torch"], want["torch"])
+    )
+
+
+def elastic_restart(bench: Bench, row: Row, trials: int) -> None:
+    """``torchrun --max-restarts=2`` of a 2-rank DDP job (``resume="auto"``, key
+    ``TORCHELASTIC_RUN_ID``) whose seeded random rank is SIGKILLed at a random step of its
+    first attempt. Survived: torchrun restarts the workers, they continue the same run from
+    its newest commit and end bit for bit with an uninterrupted job, in one run."""
+    from tests.distlib import reports, torchrun
+
+    rng = random.Random(bench.seed + 19)
+    common = ["--strategy", "ddp", "--steps", "10", "--save-every", "2", "--auto"]
+    workdir = bench.workdir(f"{row.fault}-straight")
+    bench.tracking(workdir)
+    torchrun(2, workdir / "straight", *common)
+    straight = {n: load_file(workdir / "straight" / n) for n in ("final.safetensors",)}
+
+    def trial(i: int) -> None:
+        trial_dir = bench.workdir(f"{row.fault}-{i}")
+        bench.tracking(trial_dir)
+        kill = f"{rng.randrange(2)}:{rng.randrange(1, 10)}"
+        job = torchrun(
+            2,
+            trial_dir / "job",
+            *common,
+            "--first-attempt-kill",
+            kill,
+            check=False,
+            torchrun_args=("--max-restarts=2",),
+        )
+        if job.returncode != 0:
+            raise Failed(
+                f"kill {kill}: torchrun exited {job.returncode}: {_job_failure(job.stderr)}"
+            )
+        done = reports(trial_dir / "job")
+        killed_at = int(kill.split(":")[1])  # the kill comes before that step trains
+        newest_before = killed_at - 1 - (killed_at % 2)  # every 2: steps 1, 3, 5...
+        if {r["start_step"] for r in done} != {newest_before + 1}:
+            raise Lost(f"kill {kill}: restarted at {[r['start_step'] for r in done]}")
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if len(runs) != 1:
+            raise Failed(f"kill {kill}: {len(runs)} runs, not one")
+        got = load_file(trial_dir / "job" / "final.safetensors")
+        if not all(torch.equal(got[k], v) for k, v in straight["final.safetensors"].items()):
+            raise Lost(f"kill {kill}: the restarted job did not end bit for bit")
+
+    run_trials(row, trials, trial)
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -870,6 +1037,10 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "kill9-sync": (
         "restart resumed from newest commit",
         lambda b, r, n: kill9(b, r, n, sync=True),
+    ),
+    "kill9-auto": (
+        "same command resumed newest commit",
+        lambda b, r, n: kill9(b, r, n, sync=False, auto=True),
     ),
     **{
         name: ("detected, fallback to older", corruption)
@@ -901,6 +1072,8 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     ),
     "corrupt-distributed": ("detected, fallback to older", corrupt_distributed),
     "corrupt-shared-incremental": ("detected, fallback to milestone", corrupt_shared),
+    "sigterm-preempt": ("signalled step saved, restart from it", sigterm_preempt),
+    "elastic-restart": ("torchrun restart ends bit for bit", elastic_restart),
 }
 
 

@@ -11,7 +11,9 @@ many kills; what is killed is still a separate process with its own file descrip
 threads and SQLite connections.
 
 Without a run file it starts a run; with one it resumes it and first checks that the resume
-picked the newest committed checkpoint. It appends one line per event to ``--log`` (with
+picked the newest committed checkpoint. With ``MLFLOW_CKPT_CRASH_AUTO`` set it is the same
+command every time (``resume="auto"``, key ``crash-harness``); the run file only tells the
+harness the run. It appends one line per event to ``--log`` (with
 O_APPEND, so a kill never leaves half a line that matters):
 
 * ``started`` once the tracking store is open (a resume or a first save comes next);
@@ -40,6 +42,8 @@ def _log(fd: int, line: str) -> None:
 
 
 FROZEN = bool(os.environ.get("MLFLOW_CKPT_CRASH_FROZEN"))  # the incremental rows
+# resume="auto": no run ID passed, the run found by its key (kills land in its lookup too)
+AUTO = bool(os.environ.get("MLFLOW_CKPT_CRASH_AUTO"))
 FROZEN_EVERY = 5  # steps between in-place edits of the frozen layer (a new shared group)
 
 
@@ -73,20 +77,7 @@ def main(argv: list[str]) -> None:
         opts.update(keep_every_n_steps=6, archive_after_n=2)
     if os.environ.get("MLFLOW_CKPT_CRASH_COMPRESSION"):  # the compressed rows of the harness
         opts["compression"] = os.environ["MLFLOW_CKPT_CRASH_COMPRESSION"]
-    if args.run_file.exists():
-        run_id = args.run_file.read_text().strip()
-        manager = mlflow_ckpt.CheckpointManager.resume(run_id, state, force=args.force, **opts)
-        newest = mlflow_ckpt.latest_checkpoint(run_id)
-        got = manager.resumed_from.step if manager.resumed_from else -1
-        want = newest.step if newest else -1
-        _log(fd, f"resumed {got}" if got == want else f"resume-mismatch {got} {want}")
-    else:
-        mlflow.start_run(run_name="crash-harness")
-        run_id = mlflow.active_run().info.run_id
-        tmp = args.run_file.with_suffix(".tmp")
-        tmp.write_text(run_id)
-        os.replace(tmp, args.run_file)
-        manager = mlflow_ckpt.CheckpointManager(state, **opts)
+    manager = _open(args, state, opts, fd)
     _log(fd, f"writer {manager.writer_id}")
     model, opt, data = state["model"], state["optimizer"], state["data"]
     reported = manager.start_step - 1
@@ -109,6 +100,37 @@ def main(argv: list[str]) -> None:
     manager.close()
     mlflow.end_run()
     _log(fd, "done")
+
+
+def _open(
+    args: argparse.Namespace, state: dict[str, object], opts: dict[str, object], fd: int
+) -> mlflow_ckpt.CheckpointManager:
+    """Start or resume the run; log which checkpoint a resume picked."""
+    if AUTO:  # the identical command every time: the run is found by its key
+        manager = mlflow_ckpt.CheckpointManager(
+            state, resume="auto", run_name="crash-harness", force=args.force, **opts
+        )
+    elif args.run_file.exists():
+        run_id = args.run_file.read_text().strip()
+        manager = mlflow_ckpt.CheckpointManager.resume(run_id, state, force=args.force, **opts)
+    else:
+        mlflow.start_run(run_name="crash-harness")
+        _record_run(args.run_file, mlflow.active_run().info.run_id)
+        return mlflow_ckpt.CheckpointManager(state, **opts)
+    _record_run(args.run_file, manager.run_id)
+    newest = mlflow_ckpt.latest_checkpoint(manager.run_id)
+    got = manager.resumed_from.step if manager.resumed_from else -1
+    want = newest.step if newest else -1
+    _log(fd, f"resumed {got}" if got == want else f"resume-mismatch {got} {want}")
+    return manager
+
+
+def _record_run(run_file: Path, run_id: str) -> None:
+    """Tell the harness the run (written whole: a kill never leaves half an ID)."""
+    if not run_file.exists():
+        tmp = run_file.with_suffix(".tmp")
+        tmp.write_text(run_id)
+        os.replace(tmp, run_file)
 
 
 def zygote() -> None:

@@ -5,7 +5,9 @@ self-contained milestones that a background job archives, so kills also land whi
 reference shared bytes, while a milestone is written whole (the save after it starting a
 new group) or archived, and while retention releases old groups; its final
 check includes the run's shared area holding exactly what the checkpoints reference. The
-sync chain keeps milestones and archives old ones (a manifest swap), so kills land there.
+sync chain keeps milestones and archives old ones (a manifest swap), so kills land there;
+it restarts the identical command (``resume="auto"``), so kills also land while a job
+starts its run or a restart finds it by key.
 
 ``MLFLOW_CKPT_CRASH_TRIALS`` (default 12 per variant, 24 in all) sets the number of kills.
 """
@@ -40,9 +42,13 @@ def test_random_sigkills_lose_nothing(tmp_path: Path, _template_db: Path) -> Non
                 # async: incremental saves referencing a frozen layer that changes now and
                 # then, so kills land while shared bytes are referenced and released too
                 # sync: old milestones archived (recompressed in place) as retention runs
-                child_env={
-                    "MLFLOW_CKPT_CRASH_ARCHIVE" if sync else "MLFLOW_CKPT_CRASH_FROZEN": "1"
-                },
+                # sync: also the identical command each time (resume="auto": no run ID), so
+                # kills land while a restart looks its run up by key and takes the lease
+                child_env=(
+                    {"MLFLOW_CKPT_CRASH_ARCHIVE": "1", "MLFLOW_CKPT_CRASH_AUTO": "1"}
+                    if sync
+                    else {"MLFLOW_CKPT_CRASH_FROZEN": "1"}
+                ),
             )
             for index, (name, sync) in enumerate(variants.items())
         }
