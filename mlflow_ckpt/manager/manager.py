@@ -2,16 +2,16 @@
 
 The manager decides *when* (policies) and owns the run (ownership, resume); its parts beside
 it do the rest: options, step metrics, the saver (snapshot, then the one write path inline
-or on the background worker), retention.
+or on the background worker), retention. This module is its public face (every option, the
+training-loop calls, the views); :mod:`.lifecycle` holds what those calls stand on.
 """
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,36 +21,25 @@ from mlflow import MlflowClient
 from mlflow_ckpt.catalog import Checkpoint, tags
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.manager.distributed_resume import restore_distributed
 from mlflow_ckpt.manager.lease import DEFAULT_TTL_S
-from mlflow_ckpt.manager.metrics import as_step, clean_metrics
+from mlflow_ckpt.manager.lifecycle import ManagerLifecycle
+from mlflow_ckpt.manager.metrics import clean_metrics
 from mlflow_ckpt.manager.options import (
-    ManagerOptions,
     OptionView,
     build_options,
     check_state,
     option_arguments,
 )
-from mlflow_ckpt.manager.policies import StepPolicies
-from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S, PreemptionWatch, signal_name
-from mlflow_ckpt.manager.records import log_timeline, record_resume, record_start
-from mlflow_ckpt.manager.resume import (
-    ResumePoint,
-    end_active_run,
-    logged_since,
-    reopen_run,
-    restore_newest,
-)
+from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S
+from mlflow_ckpt.manager.records import log_timeline
 from mlflow_ckpt.manager.retention import RetentionPolicy
-from mlflow_ckpt.manager.saver import Saver
-from mlflow_ckpt.manager.session import Session, open_session
 from mlflow_ckpt.manager.triggers import StepInfo, Trigger
 from mlflow_ckpt.storage import TransferConfig
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointManager:
+class CheckpointManager(ManagerLifecycle):
     """Saves the whole training state as MLflow LoggedModels and resumes from them.
 
     ``state`` maps names to objects with ``state_dict()``/``load_state_dict()`` (modules,
@@ -127,15 +116,7 @@ class CheckpointManager:
             )
         options = build_options(arguments)
         check_state(state, options)
-        if options.job is not None:
-            self._open_newest(state, options, None, strict=True)
-            return
-        session = open_session(options, run_id, resume=False)
-        try:
-            self._setup(state, options, session)
-        except BaseException:
-            session.release()
-            raise
+        self._open(state, options, run_id, restore=options.job is not None, strict=True)
 
     @classmethod
     def resume(
@@ -164,7 +145,7 @@ class CheckpointManager:
         options = build_options(option_arguments(inspect.signature(cls.__init__), kwargs))
         check_state(state, options)
         manager = cls.__new__(cls)
-        manager._open_newest(state, options, run_id, strict=strict)
+        manager._open(state, options, run_id, restore=True, strict=strict)
         return manager
 
     # ------------------------------------------------------------------ training loop API
@@ -308,187 +289,3 @@ class CheckpointManager:
     on_error = OptionView[str]()
     nonfinite = OptionView[str]()
     verify = OptionView[str | Callable[[Any], Any]]()
-
-    # ------------------------------------------------------------------ internals
-
-    def _open_newest(
-        self,
-        state: Mapping[str, Any],
-        options: ManagerOptions,
-        run_id: str | None,
-        *,
-        strict: bool,
-    ) -> None:
-        """Open the run (``run_id``, or the job's with ``resume="auto"``), restore its newest
-        checkpoint that verifies, reopen it as the active run and carry on from there."""
-        session = open_session(options, run_id, resume=True)
-        try:
-            if session.ranks is None:
-                assert session.client is not None
-                point = restore_newest(
-                    session.client, session.run_id, session.experiment_id, state, strict=strict
-                )
-            else:
-                point = restore_distributed(
-                    session.client, session.run_id, state, session.ranks, strict=strict
-                )
-            if session.client is not None:
-                reopen_run(session.run_id)
-            self._setup(state, options, session)
-        except BaseException:
-            session.release()
-            raise
-        try:
-            self._continue(point)
-        except BaseException:
-            self._shutdown()
-            raise
-
-    def _setup(self, state: Mapping[str, Any], options: ManagerOptions, session: Session) -> None:
-        """Everything both constructors share, once the run is this process's to write."""
-        self.state = state
-        self.options = options
-        self.client: MlflowClient | None = session.client  # None: a rank other than 0
-        self.run_id: str = session.run_id
-        self.experiment_id: str = session.experiment_id
-        self._session = session
-        self._policies = StepPolicies(options, session.ranks)
-        self._saver = Saver(state, options, session)
-        self.start_step = 0
-        self.start_epoch = 0
-        self.resumed_from: Checkpoint | None = None
-        self._resumes = 0
-        self._last_step: int | None = None
-        self._last_epoch: int | None = None
-        self._closed = False
-        self._stopped = False
-        self._watch = PreemptionWatch(options.signals, options.preempt_grace_s, self.run_id)
-        self._watch.install()
-        atexit.register(self._flush_at_exit)
-        if session.client is not None and session.run is not None:
-            record_start(
-                session.client,
-                session.run,
-                options.monitor,
-                options.mode,
-                self._policies.params(),
-            )
-
-    def _continue(self, point: ResumePoint) -> None:
-        """After a resume: carry on from the restored checkpoint (counters, triggers, metrics)."""
-        if self._session.created:
-            return  # resume="auto" started this job's run just now: nothing was resumed
-        chosen = point.checkpoint
-        if chosen is not None:
-            self.resumed_from = chosen
-            self._last_step = self._saver.resumed(point)
-            self.start_step, self.start_epoch = point.start_step, point.start_epoch
-            self._last_epoch = point.last_epoch
-        self._policies.load_state_dict(point.manager_state)
-        self._resumes = point.resumes
-        if self.client is not None:
-            self._saver.metrics.already_logged = logged_since(
-                self.client, self.run_id, self.start_step
-            )
-            record_resume(self.client, self.run_id, self._resumes, chosen)
-        logger.info(
-            "Resumed run %s from %s; training continues at step %d",
-            self.run_id,
-            chosen.uri if chosen else "scratch",
-            self.start_step,
-        )
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise CheckpointError(f"CheckpointManager for run {self.run_id} is closed")
-        claim = self._session.claim
-        if claim is not None and claim.lease.lost_to is not None:
-            claim.lease.check()  # another process owns the run now: stop before logging
-        self._saver.raise_background_error()
-
-    def _check_step(self, step: Any, epoch: Any) -> tuple[int, int | None]:
-        step, epoch = as_step(step, epoch)
-        if self._last_step is not None and step <= self._last_step:
-            raise ValueError(
-                f"step {step} does not come after step {self._last_step} already recorded for "
-                f"run {self.run_id}; steps are 0-based indices of finished steps and must "
-                f"increase (after a resume, start at manager.start_step = {self.start_step})."
-            )
-        return step, epoch
-
-    def _save(
-        self,
-        step: int,
-        epoch: int | None,
-        triggers: Iterable[str],
-        *,
-        end_of_epoch: bool,
-        inline: bool = False,
-    ) -> None:
-        manager_state = {**self._policies.state_dict(), "resumes": self._resumes}
-        cost = self._saver.save(
-            step,
-            epoch,
-            triggers,
-            end_of_epoch=end_of_epoch,
-            manager_state=manager_state,
-            inline=inline,
-        )
-        self._policies.saved(cost)
-
-    def _save_preempted(
-        self,
-        step: int,
-        epoch: int | None,
-        triggers: tuple[str, ...],
-        signum: int,
-        end_of_epoch: bool,
-    ) -> None:
-        """A preemption signal came (here or on another rank): save this step synchronously
-        after every save in flight, commit, then let the signal end the process."""
-        self._watch.acknowledge(signum)
-        started = time.monotonic()
-        self._saver.wait()  # saves in flight commit first, in order
-        if step != self._saver.last_saved_step:
-            self._save(step, epoch, triggers, end_of_epoch=end_of_epoch, inline=True)
-        self._saver.wait()
-        logger.warning(
-            "%s: saved step %d of run %s (trigger %s) in %.1fs",
-            signal_name(signum),
-            step,
-            self.run_id,
-            tags.PREEMPTED,
-            time.monotonic() - started,
-        )
-        self._pass_signal_on(signum)
-
-    def _pass_signal_on(self, signum: int) -> None:
-        """Now that the step is committed, let ``signum`` do what it would have done: the
-        handler installed before ours, or (none) release the run and end the process."""
-        end_run = (lambda: end_active_run(self.run_id, "KILLED")) if self.client else _nothing
-        self._watch.leave(signum, shutdown=self._shutdown, end_run=end_run)
-
-    def _shutdown(self) -> None:
-        self._closed = True
-        if self._stopped:
-            return
-        self._stopped = True
-        atexit.unregister(self._flush_at_exit)
-        self._watch.release()
-        self._saver.stop()
-        self._session.release()
-
-    def _flush_at_exit(self) -> None:
-        """At interpreter exit, commit pending saves and metrics (no new snapshot is taken)."""
-        if self._closed:
-            return
-        try:
-            self.wait()
-        except Exception:
-            logger.exception("Pending checkpoint work for run %s failed at exit", self.run_id)
-        finally:
-            self._shutdown()
-
-
-def _nothing() -> None:
-    """(No run to end: a rank other than 0.)"""

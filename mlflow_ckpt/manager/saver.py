@@ -127,8 +127,7 @@ class Saver:
         """Snapshot the state now and write it as the checkpoint of ``step``.
 
         Returns how long training waited: the snapshot (and a previous save still in flight)
-        for async saves, the whole save for sync ones (and ``inline`` ones: written here,
-        from the live tensors, even when saves are async).
+        for async saves, the whole save for sync and ``inline`` ones (written here, now).
         """
         started = time.perf_counter()
         if self.worker is not None:
