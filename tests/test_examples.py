@@ -75,6 +75,16 @@ def test_distributed_fsdp_example(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_preemptible_torchrun_example(tmp_path: Path) -> None:
+    out = run_example("preemptible_torchrun.py", tmp_path)
+    first = re.search(r"attempt 0: run (\w+), starting at step 0", out)
+    assert first, out
+    # torchrun restarted both ranks after rank 1 died; they went on from step 14's checkpoint
+    assert f"attempt 1: run {first.group(1)}, starting at step 15" in out
+    assert "attempt 1: trained to step 29; checkpoints [29, 24]" in out
+
+
+@pytest.mark.slow
 def test_fine_tune_frozen_example(tmp_path: Path) -> None:
     out = run_example("fine_tune_frozen.py", tmp_path)
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
