@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true", help='resume="auto" (key: torchrun\'s)')
     parser.add_argument("--first-attempt-kill", help="RANK:STEP: SIGKILL it (attempt 0 only)")
     parser.add_argument("--first-attempt-sigterm", help="RANK:STEP: SIGTERM it (attempt 0)")
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step")
     args = parser.parse_args()
 
     init_process_group()
@@ -237,6 +238,9 @@ def main() -> None:
     for step in range(mgr.start_step, args.steps):
         if kill_at == step:
             os.kill(os.getpid(), signal.SIGKILL)  # mid-run: torchrun restarts every rank
+        if rank == 0 and step == mgr.start_step + 2:
+            print("training", flush=True)
+        time.sleep(args.step_sleep)
         if args.kill_rank == rank and args.kill_step == step:
             kill_when_writing(Path.cwd())
         model.train()

@@ -10,6 +10,11 @@ attempts fail to connect in about half the runs.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +23,8 @@ from safetensors.torch import load_file
 
 import mlflow_ckpt
 from mlflow_ckpt.catalog import tags
-from tests.distlib import reports, torchrun
+from tests.conftest import ROOT
+from tests.distlib import JOB, reports, torchrun
 from tests.test_distributed import assert_same
 
 pytestmark = pytest.mark.slow
@@ -85,3 +91,45 @@ def test_one_rank_preempted_makes_every_rank_save_that_step_then_the_restart_con
     ]
     _assert_bit_for_bit(tmp_path / "straight", tmp_path / "job")
     assert len(_job_runs(run_id)) == 1
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_and_the_next_torchrun_continues(
+    tracking: str, tmp_path: Path
+) -> None:
+    """A pod eviction: SIGTERM to torchrun, which forwards it to every worker and exits
+    without restarting; the scheduler runs the command again. The key must outlive one
+    torchrun (``--standalone`` draws a new ID each time): here ``MLFLOW_CKPT_RUN_KEY``."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(), OMP_NUM_THREADS="1")
+    env.update(MLFLOW_CKPT_RUN_KEY="evicted-pod", MLFLOW_EXPERIMENT_NAME="tests")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    common = ["--strategy", "ddp", "--steps", "200", "--save-every", "50", "--auto"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    first = subprocess.Popen(
+        [*cmd, str(JOB), "--out", str(tmp_path / "first"), *common, "--step-sleep", "0.05"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert first.stdout is not None
+    assert first.stdout.readline().strip() == "training", first.communicate()[1][-3000:]
+    time.sleep(1.0)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode != 0, err[-3000:]
+    (run,) = mlflow.search_runs(
+        filter_string=f"tags.`{tags.RUN_KEY}` = 'evicted-pod'", output_format="list"
+    )
+    saved = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    assert saved.triggers == (tags.PREEMPTED,) and 2 < saved.step < 199, saved
+    assert err.count("SIGTERM: saved step") == 2  # each rank saved (its part of) the step
+    second = subprocess.run(
+        [*cmd, str(JOB), "--out", str(tmp_path / "second"), *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["start_step"] for r in reports(tmp_path / "second")] == [saved.step + 1] * 2
+    assert {r["run_id"] for r in reports(tmp_path / "second")} == {run.info.run_id}
