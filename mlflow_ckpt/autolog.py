@@ -70,11 +70,8 @@ def autolog(
     _disable()
     if disable:
         return None
-    if resume == "auto" or run_name is not None:
-        if resume != "auto":
-            raise TypeError("run_name= names the job for resume='auto'; pass resume='auto' too")
-        job_key(run_name)  # no key: refused now, before anything is patched
-        manager_kwargs.update(resume="auto", run_name=run_name)
+    if resume == "auto" or run_name is not None:  # the job's run, for every training
+        manager_kwargs.update(_job_options(resume, run_name))
         resume = None
     if lightning:
         for package in _lightning_packages():
@@ -88,6 +85,31 @@ def autolog(
     optimizers = optimizer if isinstance(optimizer, list) else [optimizer] if optimizer else []
     if not optimizers:
         raise TypeError("plain-loop autolog counts steps through the optimizer: pass optimizer=...")
+    full = _plain_loop_state(state, model, optimizers, scheduler, dataloaders)
+    _patch_mlflow_metrics()
+    session = PlainLoopCheckpointer(
+        full, optimizers, resume=resume, manager_kwargs=dict(manager_kwargs)
+    )
+    _SESSIONS.append(session)
+    return session
+
+
+def _job_options(resume: str | None, run_name: str | None) -> dict[str, Any]:
+    """The manager options of ``resume="auto"``, its key checked now (before any patch)."""
+    if resume != "auto":
+        raise TypeError("run_name= names the job for resume='auto'; pass resume='auto' too")
+    job_key(run_name)  # no key: a ValueError saying which to set
+    return {"resume": "auto", "run_name": run_name}
+
+
+def _plain_loop_state(
+    state: Mapping[str, Any] | None,
+    model: torch.nn.Module | None,
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: Any,
+    dataloaders: Any,
+) -> dict[str, Any]:
+    """A plain loop's checkpoint state: ``state``, then the named objects it lacks."""
     full: dict[str, Any] = dict(state or {})
     if model is not None:
         full.setdefault("model", model)
@@ -95,14 +117,9 @@ def autolog(
         full.setdefault("optimizer" if index == 0 else f"optimizer_{index}", opt)
     if scheduler is not None:
         full.setdefault("scheduler", scheduler)
-    if dataloaders is not None:
+    if dataloaders is not None:  # their seeded generators: the order of the data
         full.setdefault("dataloaders", LoaderGenerators(lambda: dataloaders))
-    _patch_mlflow_metrics()
-    session = PlainLoopCheckpointer(
-        full, optimizers, resume=resume, manager_kwargs=dict(manager_kwargs)
-    )
-    _SESSIONS.append(session)
-    return session
+    return full
 
 
 def _disable() -> None:

@@ -35,6 +35,13 @@ def dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
 
 
+def network() -> torch.nn.Module:
+    """The same small regressor for both frameworks (dropout: its stream must resume too)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)
+    )
+
+
 def as_dict(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The Trainer calls ``model(**batch)``: batches of named tensors."""
     return {"x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])}
@@ -69,12 +76,7 @@ def run_lightning(args: argparse.Namespace, killer: Killer) -> dict[str, torch.T
     class Regressor(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(8, 16),
-                torch.nn.ReLU(),
-                torch.nn.Dropout(0.2),
-                torch.nn.Linear(16, 1),
-            )
+            self.net = network()
 
         def training_step(self, batch: Any, index: int) -> torch.Tensor:
             killer.maybe_kill(self.current_epoch, index)
@@ -107,12 +109,7 @@ def run_hf(args: argparse.Namespace, killer: Killer) -> dict[str, torch.Tensor]:
     class Model(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(8, 16),
-                torch.nn.ReLU(),
-                torch.nn.Dropout(0.2),
-                torch.nn.Linear(16, 1),
-            )
+            self.net = network()
 
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             return {"loss": torch.nn.functional.mse_loss(self.net(x), y)}
