@@ -183,3 +183,69 @@ def test_hf_trainer_gets_the_callback(tracking: str, tmp_path) -> None:
     with mlflow.start_run() as run:
         t.train()
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)] == [3]
+
+
+def _loop(session_start: int, stop: int, model, opt, loader) -> None:
+    steps = session_start
+    while steps < stop:
+        for x, y in loader:  # a new iterator (and permutation) per epoch
+            if steps >= stop:
+                break
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+
+
+def _plain_objects() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
+    return model, opt, loader
+
+
+def test_plain_loop_resume_auto_continues_a_seeded_loader_bit_for_bit(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 epochs straight == 2 epochs + a new process's objects + resume="auto" + 2 epochs,
+    with the loader's order coming from its own generator."""
+    monkeypatch.delenv("MLFLOW_CKPT_RUN_KEY", raising=False)
+    straight, opt, loader = _plain_objects()
+    _loop(0, 16, straight, opt, loader)
+
+    model, opt, loader = _plain_objects()
+    session = mlflow_ckpt.autolog(
+        model=model,
+        optimizer=opt,
+        dataloaders=[loader],
+        resume="auto",
+        run_name="plain-job",
+        save_every_n_steps=4,
+        async_save=False,
+    )
+    assert session.start_step == 0
+    _loop(0, 8, model, opt, loader)  # 2 epochs of 4 steps
+    mlflow_ckpt.autolog(disable=True)
+    mlflow.end_run()
+
+    model, opt, loader = _plain_objects()  # fresh objects, as a restarted process has
+    session = mlflow_ckpt.autolog(
+        model=model,
+        optimizer=opt,
+        dataloaders=[loader],
+        resume="auto",
+        run_name="plain-job",
+        save_every_n_steps=4,
+        async_save=False,
+    )
+    assert session.start_step == 8
+    _loop(8, 16, model, opt, loader)
+    mlflow_ckpt.autolog(disable=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key

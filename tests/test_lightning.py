@@ -190,3 +190,48 @@ def test_works_with_mlflow_pytorch_autolog_without_double_logging(tracking: str)
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 3]
     train_loss = MlflowClient().get_metric_history(run_id, "train_loss")
     assert len(train_loss) == 4  # 2 from autolog, 2 linked to the checkpoints; none per step
+
+
+def _seeded_loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The train loader shuffled by a generator of its own: the global streams do not
+    cover its order, so only the checkpointed generator makes a resume exact."""
+    train, val = loaders()
+    seeded = torch.utils.data.DataLoader(
+        train.dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
+    return seeded, val
+
+
+def _fit_seeded(max_epochs: int, callback: pl.Callback | None = None, **fit_kwargs: object):
+    pl.seed_everything(7, verbose=False)
+    model = LitRegressor()
+    t = trainer(max_epochs, *([callback] if callback else []))
+    t.fit(model, *_seeded_loaders(), **fit_kwargs)
+    return model, t
+
+
+def test_explicit_callback_resumes_the_job_with_resume_path_auto_and_a_seeded_loader(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_CKPT_RUN_KEY", raising=False)
+    straight, _ = _fit_seeded(4)
+    assert mlflow_ckpt.resume_path("auto", run_name="lit-job") is None  # a first start
+    first = MlflowCheckpoint(resume="auto", run_name="lit-job", async_save=False)
+    _fit_seeded(2, first, ckpt_path=mlflow_ckpt.resume_path("auto", run_name="lit-job"))
+    assert mlflow.active_run() is None  # the callback ends the run it opened
+
+    # the same line on the restart: the job's newest checkpoint, through Lightning
+    resumed = MlflowCheckpoint(resume="auto", run_name="lit-job", async_save=False)
+    path = mlflow_ckpt.resume_path("auto", run_name="lit-job")
+    model, t = _fit_seeded(4, resumed, ckpt_path=path)
+    assert resumed.run_id == first.run_id and t.global_step == 16
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_explicit_callback_given_no_checkpoint_of_a_job_that_has_one_is_refused(
+    tracking: str,
+) -> None:
+    _fit_seeded(1, MlflowCheckpoint(resume="auto", run_name="lit-once", async_save=False))
+    with pytest.raises(mlflow_ckpt.CheckpointError, match=r"ckpt_path=mlflow_ckpt.resume_path"):
+        _fit_seeded(2, MlflowCheckpoint(resume="auto", run_name="lit-once", async_save=False))
