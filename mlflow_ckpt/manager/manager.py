@@ -60,7 +60,15 @@ class CheckpointManager(ManagerLifecycle):
     (something else logs the metrics), ``incremental`` (write only what changed; default),
     ``compression="zstd"``, ``transfer``, ``max_shard_bytes``, ``code_paths`` (the model's
     code in each checkpoint), ``timeline`` (a picture logged at ``close()``). The README
-    explains each; every argument is checked first."""
+    explains each; every argument is checked first.
+
+    Preemptible jobs: ``resume="auto"`` (no ``run_id``, no active run needed) opens this
+    job's own run, found by its key (``run_name=``, else ``MLFLOW_CKPT_RUN_KEY``,
+    ``TORCHELASTIC_RUN_ID``, ``SLURM_JOB_ID``) or started, restores its newest verified
+    checkpoint as :meth:`resume` does and leaves the run active, so the same command line
+    restarted continues it. ``save_on_signals`` (SIGTERM by default with ``resume="auto"``)
+    saves the step a signal comes at, then lets the signal end the process;
+    ``preempt_grace_s`` bounds the wait for that step. ``docs/preemptible.md`` is the guide."""
 
     def __init__(
         self,
