@@ -274,6 +274,8 @@ def test_a_previous_handler_runs_after_the_emergency_save_and_training_goes_on(
             assert ckpt.triggers == (tags.PREEMPTED,) and ckpt.step == 3
             assert signal.getsignal(signal.SIGUSR1) == previous  # given back after the save
             _train_one(mgr, state, 4)  # the previous handler returned: training goes on
+            assert seen == [(signal.SIGUSR1, [3])]  # step 4 is an ordinary step
+            assert mlflow_ckpt.latest_checkpoint(mgr.run_id).step == 3
             mgr.close()
     finally:
         signal.signal(signal.SIGUSR1, old)
@@ -297,9 +299,10 @@ def test_an_ignored_signal_saves_and_goes_on(tracking: str) -> None:
             signal.raise_signal(signal.SIGUSR2)
             _train_one(mgr, state, 1)
             assert mlflow_ckpt.latest_checkpoint(mgr.run_id).triggers == (tags.PREEMPTED,)
-            _train_one(mgr, state, 2)
+            _train_one(mgr, state, 2)  # an ordinary step again
             mgr.close()
-        assert [c.step for c in mlflow_ckpt.list_checkpoints(mgr.run_id)] == [2, 1]
+        saved = [(c.step, c.triggers) for c in mlflow_ckpt.list_checkpoints(mgr.run_id)]
+        assert saved == [(2, ("last",)), (1, (tags.PREEMPTED,))]
     finally:
         signal.signal(signal.SIGUSR2, old)
 

@@ -175,11 +175,13 @@ class PreemptionWatch:
         The handler installed before ours is called (its exception, e.g. ``SystemExit``,
         propagates after ``shutdown``); an ignored signal changes nothing; otherwise
         ``shutdown`` (the lease) and ``end_run`` run and the signal's default action ends the
-        process."""
+        process. Where the process goes on, the signal has been acted on: later steps are
+        ordinary ones (and a new signal goes straight to the handler that had it before)."""
         self.release()
         previous = self._previous.get(signum, signal.SIG_DFL)
         if previous is signal.SIG_IGN:
             logger.info("%s was ignored before: training goes on", signal_name(signum))
+            self.received = None
             return
         if callable(previous):
             self._passing = True
@@ -190,6 +192,7 @@ class PreemptionWatch:
                 raise
             finally:
                 self._passing = False
+            self.received = None
             return
         shutdown()
         end_run()
