@@ -7,8 +7,9 @@ command line every time, as a scheduler restarts a preempted job.
 The train loader is ``DataLoader(..., shuffle=True, generator=Generator().manual_seed(5))``
 (for the Trainer, returned by ``get_train_dataloader``), so its data order comes from that
 generator alone. ``--kill-at E`` SIGKILLs the process at the second batch of epoch E (first
-attempt only: the marker file ``OUT.killed`` records it). The final weights go to ``--out``
-(safetensors) for the test to compare with an uninterrupted run's.
+attempt only: the marker file ``OUT.killed`` records it); ``--sigterm-at E`` SIGTERMs it
+there. The final weights go to ``--out`` (safetensors) for the test to compare with an
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -59,15 +60,17 @@ def train_loader(workers: int, collate: Any = None) -> torch.utils.data.DataLoad
 
 
 class Killer:
-    """Kill -9 at the second batch of epoch ``epoch``, once (the marker file remembers)."""
+    """``sig`` to this process at the second batch of epoch ``epoch``, once (the marker file
+    remembers): SIGKILL, or SIGTERM (a preemption notice: the manager saves, then the
+    framework or the signal's default action ends the process)."""
 
-    def __init__(self, epoch: int | None, marker: Path) -> None:
-        self.epoch, self.marker = epoch, marker
+    def __init__(self, epoch: int | None, marker: Path, sig: int) -> None:
+        self.epoch, self.marker, self.sig = epoch, marker, sig
 
     def maybe_kill(self, epoch: int, batch: int) -> None:
         if self.epoch == epoch and batch == 1 and not self.marker.exists():
             self.marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.sig)
 
 
 def run_lightning(args: argparse.Namespace, killer: Killer) -> dict[str, torch.Tensor]:
@@ -148,10 +151,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--kill-at", type=int)
+    p.add_argument("--sigterm-at", type=int)
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args(argv)
     mlflow_ckpt.autolog(resume="auto", async_save=False)  # the key: MLFLOW_CKPT_RUN_KEY
-    killer = Killer(args.kill_at, args.out.with_suffix(".killed"))
+    marker = args.out.with_suffix(".killed")
+    if args.sigterm_at is not None:
+        killer = Killer(args.sigterm_at, marker, signal.SIGTERM)
+    else:
+        killer = Killer(args.kill_at, marker, signal.SIGKILL)
     run = run_lightning if args.framework == "lightning" else run_hf
     weights = run(args, killer)
     mlflow_ckpt.autolog(disable=True)

@@ -79,3 +79,35 @@ def test_the_same_command_after_kill9_ends_bit_for_bit(
     steps = [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
     assert steps == [STEPS_PER_EPOCH * (e + 1) - 1 for e in reversed(range(EPOCHS))]
     assert MlflowClient().get_run(run.info.run_id).data.tags[tags.RUN_RESUMES] == "1"
+
+
+@pytest.mark.parametrize("framework", ["lightning", "hf"])
+def test_sigterm_mid_epoch_saves_that_step_and_the_same_command_continues_from_it(
+    tracking: str, tmp_path: Path, framework: str
+) -> None:
+    """The signal lands inside the framework's loop, beside its own handling: the step is
+    committed first, then the signal goes where it would have gone. Lightning installs a
+    SIGTERM handler of its own, called after the save, and stops at the next batch with
+    its SIGTERMException (a SystemExit: exit status 0); the Trainer has none, so SIGTERM's
+    default action ends the process. Either way training stopped there, and the restart
+    continues from that step."""
+    out = tmp_path / "job.st"
+    first = _job(framework, "term", out, "--sigterm-at", "2")
+    expected = {"lightning": 0, "hf": -signal.SIGTERM}[framework]
+    assert first.returncode == expected, first.stderr[-3000:]
+    assert "SIGTERM: saved step" in first.stderr
+    assert not out.exists()  # the training did not run on to its end
+    (run,) = mlflow.search_runs(
+        filter_string=f"tags.`{tags.RUN_KEY}` = 'term'", output_format="list"
+    )
+    saved = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    assert tags.PREEMPTED in saved.triggers
+    assert saved.step in (2 * STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH + 1)  # where it came
+    assert [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)][1:] == [11, 5]
+
+    second = _job(framework, "term", out, "--sigterm-at", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    steps = [c.step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
+    assert steps[0] == EPOCHS * STEPS_PER_EPOCH - 1 and saved.step in steps
+    resumed = load_file(out)  # the restart continued from the saved step, to the end
+    assert resumed and MlflowClient().get_run(run.info.run_id).data.tags[tags.RUN_RESUMES] == "1"
