@@ -219,33 +219,20 @@ def test_plain_loop_resume_auto_continues_a_seeded_loader_bit_for_bit(
     straight, opt, loader = _plain_objects()
     _loop(0, 16, straight, opt, loader)
 
-    model, opt, loader = _plain_objects()
-    session = mlflow_ckpt.autolog(
-        model=model,
-        optimizer=opt,
-        dataloaders=[loader],
-        resume="auto",
-        run_name="plain-job",
-        save_every_n_steps=4,
-        async_save=False,
-    )
-    assert session.start_step == 0
-    _loop(0, 8, model, opt, loader)  # 2 epochs of 4 steps
-    mlflow_ckpt.autolog(disable=True)
-    mlflow.end_run()
-
-    model, opt, loader = _plain_objects()  # fresh objects, as a restarted process has
-    session = mlflow_ckpt.autolog(
-        model=model,
-        optimizer=opt,
-        dataloaders=[loader],
-        resume="auto",
-        run_name="plain-job",
-        save_every_n_steps=4,
-        async_save=False,
-    )
-    assert session.start_step == 8
-    _loop(8, 16, model, opt, loader)
-    mlflow_ckpt.autolog(disable=True)
+    for start, stop in ((0, 8), (8, 16)):  # 2 epochs of 4 steps, then a restart: 2 more
+        model, opt, loader = _plain_objects()  # fresh objects, as a restarted process has
+        session = mlflow_ckpt.autolog(
+            model=model,
+            optimizer=opt,
+            dataloaders=[loader],
+            resume="auto",
+            run_name="plain-job",
+            save_every_n_steps=4,
+            async_save=False,
+        )
+        assert session.start_step == start
+        _loop(start, stop, model, opt, loader)
+        mlflow_ckpt.autolog(disable=True)  # the last step saved, the run left active
+        mlflow.end_run()
     for key, value in straight.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
