@@ -18,6 +18,7 @@ import mlflow
 
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.manager import CheckpointManager
+from mlflow_ckpt.manager.preemption import signals_asked
 from mlflow_ckpt.snapshot import preserved_python_rng
 
 logger = logging.getLogger(__name__)
@@ -212,9 +213,7 @@ def saves_within_epochs(manager_kwargs: Mapping[str, Any]) -> bool:
     """Whether a trigger may fire (or a spike show) mid-epoch, so every step must be recorded,
     not only epoch ends. A watched preemption signal is acted on at the next step too."""
     per_step = ("save_every_n_steps", "save_every_n_seconds", "triggers", "spike_factor")
-    signals = manager_kwargs.get("save_on_signals")
-    if signals is None:
-        signals = manager_kwargs.get("resume") == "auto"  # (SIGTERM by default then)
+    signals = signals_asked(manager_kwargs.get("save_on_signals"), manager_kwargs.get("resume"))
     return bool(signals) or any(manager_kwargs.get(k) for k in per_step)
 
 

@@ -95,8 +95,7 @@ class LoaderGenerators:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if self._generators() is not None:
-            self.apply_pending()
+        self.apply_pending()  # now, if the loaders exist yet
 
     def apply_pending(self, *, iterators_made: int = 0) -> None:
         """Give the loaders the restored states (if a restore is pending and they exist).

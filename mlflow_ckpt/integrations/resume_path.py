@@ -67,18 +67,17 @@ def resume_path(
     (Lightning: when training starts; the Trainer: after its first step), so one path
     serves one resume: call ``resume_path`` again to resume again.
     """
-    if run_id == "auto":
+    auto = run_id == "auto"
+    if auto:
         found = find_job_run(job_key(run_name))
         if found is None:
-            return None
+            return None  # a first start: nothing to resume
         run_id = found.info.run_id
-        verified = newest_verified(run_id, MlflowClient())
-        if verified is None:
-            return None
     elif run_name is not None:
         raise TypeError("run_name= names the job for resume_path('auto'); a run ID is given")
-    else:
-        verified = newest_verified(run_id, MlflowClient())
+    verified = newest_verified(run_id, MlflowClient())
+    if verified is None and auto:
+        return None  # the job's run has no checkpoint yet (killed before its first)
     if verified is None:
         raise CheckpointNotFoundError(
             f"Run {run_id} has no committed checkpoint that verifies, so there is nothing to "

@@ -133,8 +133,9 @@ def find_job_run(key: JobKey) -> Run | None:
     return runs[0] if runs else None
 
 
-def open_job_run(client: MlflowClient, key: JobKey) -> str:
-    """The ID of job ``key``'s run, started (as the active run) if there is none yet.
+def open_job_run(client: MlflowClient, key: JobKey) -> tuple[str, bool]:
+    """The ID of job ``key``'s run, and whether it was started just now (as the active run,
+    since there was none yet).
 
     A run already active in this process must be this job's (an earlier manager of the same
     job left it active); any other active run is an error, since the job's own run is the
@@ -150,16 +151,17 @@ def open_job_run(client: MlflowClient, key: JobKey) -> str:
                 "mlflow.start_run() (the manager starts the job's run and leaves it active), "
                 "end that run first, or drop resume='auto' to write into it."
             )
-        return run_id
+        return run_id, False
     found = find_job_run(key)
     if found is not None:
         logger.info("Continuing run %s of %s", found.info.run_id, key.describe())
-        return found.info.run_id
+        return found.info.run_id, False
     return _start(client, key)
 
 
-def _start(client: MlflowClient, key: JobKey) -> str:
-    """Start the job's run; if a racing first start made one too, keep the older of the two."""
+def _start(client: MlflowClient, key: JobKey) -> tuple[str, bool]:
+    """Start the job's run; if a racing first start made one too, keep the older of the two
+    (this process's run then was not started: it is the other's)."""
     with preserved_python_rng():  # an explicit name: MLflow invents none from `random`
         created = mlflow.start_run(run_name=key.value, tags={tags.RUN_KEY: key.value})
     mine = created.info.run_id
@@ -168,7 +170,7 @@ def _start(client: MlflowClient, key: JobKey) -> str:
     winner = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
     if winner is None or winner.info.run_id == mine:
         logger.info("Started run %s for %s", mine, key.describe())
-        return mine
+        return mine, True
     logger.warning(
         "Another first start of %s created run %s too; deleting this process's run %s and "
         "continuing %s",
@@ -180,4 +182,4 @@ def _start(client: MlflowClient, key: JobKey) -> str:
     with preserved_python_rng():
         mlflow.end_run()
         client.delete_run(mine)
-    return winner.info.run_id
+    return winner.info.run_id, False

@@ -27,7 +27,7 @@ from mlflow_ckpt.codec.zstd_io import check_level
 from mlflow_ckpt.folder import MODEL_KEY, FolderSpec, factory_path
 from mlflow_ckpt.manager.job import JobKey, job_key
 from mlflow_ckpt.manager.metrics import check_metric_name
-from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S, parse_signals
+from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S, parse_signals, signals_asked
 from mlflow_ckpt.manager.retention import (
     ArchiveAfterN,
     KeepAny,
@@ -173,7 +173,7 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     return ManagerOptions(
         job=job,
         signals=signals,
-        preempt_grace_s=float(args.get("preempt_grace_s") or DEFAULT_GRACE_S),
+        preempt_grace_s=float(args.get("preempt_grace_s", DEFAULT_GRACE_S)),
         archive=archive,
         distributed=distributed,
         incremental=args["incremental"],
@@ -214,10 +214,7 @@ def _preemption(args: Mapping[str, Any]) -> tuple[JobKey | None, tuple[int, ...]
         )
     _positive("preempt_grace_s", args.get("preempt_grace_s"), float)
     job = job_key(run_name) if resume == "auto" else None
-    signals = args.get("save_on_signals")
-    if signals is None:
-        signals = ("SIGTERM",) if job is not None else ()
-    return job, parse_signals(signals)
+    return job, parse_signals(signals_asked(args.get("save_on_signals"), resume))
 
 
 def check_state(state: Mapping[str, Any], options: ManagerOptions | None = None) -> None:

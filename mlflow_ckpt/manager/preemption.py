@@ -42,6 +42,14 @@ DEFAULT_GRACE_S = 60.0
 _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
 
 
+def signals_asked(save_on_signals: Any, resume: Any) -> Any:
+    """What ``save_on_signals`` asks for, its default filled in: SIGTERM with
+    ``resume="auto"`` (a preemptible job), nothing otherwise."""
+    if save_on_signals is not None:
+        return save_on_signals
+    return ("SIGTERM",) if resume == "auto" else ()
+
+
 def parse_signals(value: Any) -> tuple[int, ...]:
     """``save_on_signals=`` as signal numbers: names (``"SIGTERM"``, ``"TERM"``), numbers or
     ``signal.Signals``, one or a sequence; a ``ValueError``/``TypeError`` names a bad one."""

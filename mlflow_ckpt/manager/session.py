@@ -59,9 +59,7 @@ def _open_here(options: ManagerOptions, run_id: str | None, resume: bool) -> Ses
     client = options.client or MlflowClient()
     created = False
     if options.job is not None:  # resume="auto": the job's own run, found or started
-        active_before = mlflow.active_run()
-        run_id = open_job_run(client, options.job)
-        created = active_before is None and mlflow.active_run() is not None
+        run_id, created = open_job_run(client, options.job)
     elif resume:
         assert run_id is not None
         check_no_other_run(run_id)
