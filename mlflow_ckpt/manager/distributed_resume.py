@@ -42,11 +42,8 @@ from mlflow_ckpt.errors import (
     CheckpointNotFoundError,
 )
 from mlflow_ckpt.folder.distributed import read_rank, read_root, shard_files
-from mlflow_ckpt.manager.distributed_write import (
-    checkpoint_from_json,
-    checkpoint_to_json,
-    own_failure,
-)
+from mlflow_ckpt.manager.distributed_write import own_failure
+from mlflow_ckpt.manager.pipeline import checkpoint_from_json, checkpoint_to_json
 from mlflow_ckpt.manager.ranks import RankError, RankGroup
 from mlflow_ckpt.manager.resume import ResumePoint
 from mlflow_ckpt.snapshot import restore

@@ -19,7 +19,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, tags
-from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.errors import CheckpointError, WriterConflictError
 from mlflow_ckpt.manager.metrics import as_step
 from mlflow_ckpt.manager.opening import open_run
 from mlflow_ckpt.manager.options import ManagerOptions
@@ -116,10 +116,26 @@ class ManagerLifecycle:
     def _check_usable(self) -> None:
         if self._closed:
             raise CheckpointError(f"CheckpointManager for run {self.run_id} is closed")
-        claim = self._session.claim
-        if claim is not None and claim.lease.lost_to is not None:
-            claim.lease.check()  # another process owns the run now: stop before logging
+        if self._saver.conflict is not None:  # (every rank learned it at the same save)
+            raise WriterConflictError(self._saver.conflict)
+        lost = self._lost_lease() if self._session.ranks is None else None
+        if lost is not None:  # another process owns the run now: stop before logging
+            raise WriterConflictError(lost)
         self._saver.raise_background_error()
+
+    def _lost_lease(self) -> str | None:
+        """Why this process no longer owns the run (rank 0: its lease's heartbeat saw
+        another owner), or ``None``. A distributed job hears it from rank 0 at the next
+        step's decision (every rank stops together; one rank alone would leave the others
+        waiting in the next collective)."""
+        claim = self._session.claim
+        if claim is None or claim.lease.lost_to is None:
+            return None
+        try:
+            claim.lease.check()
+        except WriterConflictError as exc:
+            return str(exc)
+        return None
 
     def _check_step(self, step: Any, epoch: Any) -> tuple[int, int | None]:
         step, epoch = as_step(step, epoch)

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from mlflow_ckpt.catalog import Checkpoint, tags
 from mlflow_ckpt.codec import DEFAULT_MAX_SHARD_BYTES
-from mlflow_ckpt.errors import CheckpointError
+from mlflow_ckpt.errors import CheckpointError, WriterConflictError
 from mlflow_ckpt.manager.lease import DEFAULT_TTL_S
 from mlflow_ckpt.manager.lifecycle import ManagerLifecycle
 from mlflow_ckpt.manager.metrics import clean_metrics
@@ -180,7 +180,9 @@ class CheckpointManager(ManagerLifecycle):
         info = StepInfo(
             step, epoch, clean, end_of_epoch, time.monotonic(), self._saver.last_save_time
         )
-        decision = self._policies.decide(info, self._watch.received)
+        decision = self._policies.decide(info, self._watch.received, self._lost_lease())
+        if decision.lost is not None:  # another process owns the run now: stop before logging
+            raise WriterConflictError(decision.lost)
         self._saver.follow(step, decision)  # pin before a spike, report a new interval
         fired = decision.fired
         self._saver.flush_metrics()

@@ -25,6 +25,7 @@ class Decision:
     spike: str | None  # how this step starts a spike (pin the checkpoint before it)
     reports: dict[str, float]  # metrics the policies log now (the adaptive interval)
     preempted: int | None = None  # the preemption signal this step saves on (any rank's)
+    lost: str | None = None  # rank 0 lost the run to another process: every rank stops
 
 
 class StepPolicies:
@@ -38,12 +39,16 @@ class StepPolicies:
         # enough for all to save there); without watched signals rank 0 only broadcasts.
         self.share_signals = bool(options.signals)
 
-    def decide(self, info: StepInfo, signalled: int | None = None) -> Decision:
+    def decide(
+        self, info: StepInfo, signalled: int | None = None, lost: str | None = None
+    ) -> Decision:
         """The triggers due at this step, whether it starts a spike, and what to report.
 
         In a distributed job rank 0 decides and every rank follows: a ``monitor`` value or a
         clock that differs between ranks must not make them save different steps. A
         preemption signal (``signalled``, on any rank) adds the trigger ``preempted``.
+        ``lost`` (rank 0: why its writer lease is gone) reaches every rank the same way, so
+        that all of them stop at the same step instead of rank 0 alone.
         """
         ranks = self.ranks
         decision = Decision((), None, {})
@@ -54,14 +59,17 @@ class StepPolicies:
         preempted = signalled
         if ranks is not None:
             what = f"deciding step {info.step}"
-            fired = list(decision.fired) if ranks.is_leader else None
+            mine = [list(decision.fired), lost] if ranks.is_leader else None
             if self.share_signals:
-                reports = ranks.all_gather([fired, signalled or 0], group=ranks.control, what=what)
-                fired = reports[0][0]
+                reports = ranks.all_gather([mine, signalled or 0], group=ranks.control, what=what)
+                mine = reports[0][0]
                 preempted = next((int(s) for _, s in reports if s), None)
             else:
-                fired = ranks.broadcast(fired, group=ranks.control, what=what)
+                mine = ranks.broadcast(mine, group=ranks.control, what=what)
+            fired, lost = mine
             decision = Decision(tuple(fired), decision.spike, decision.reports)
+        if lost is not None:
+            return Decision((), None, {}, None, lost)
         if preempted is None:
             return decision
         fired = decision.fired + (() if PREEMPTED in decision.fired else (PREEMPTED,))

@@ -12,6 +12,10 @@ messages over process groups of our own, on gloo, so that:
   order on every rank, and two threads could not promise that.
 
 Messages are JSON bytes in uint8 tensors: nothing is pickled between ranks either.
+
+A process without a process group is a world of one (:meth:`RankGroup.alone`): its
+collectives are local calls, so a single-process save runs the very same commit protocol
+as a distributed one (the pattern of DCP's ``_DistWrapper``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ class RankGroup:
         return self.rank == 0
 
     @classmethod
+    def alone(cls) -> RankGroup:
+        """This process as a world of one: no groups, every collective a local call."""
+        return cls(0, 1, None, None, 0.0)
+
+    @property
+    def is_alone(self) -> bool:
+        return self.world_size == 1 and self.commit is None
+
+    @classmethod
     def detect(cls, timeout_s: float | None = None) -> RankGroup | None:
         """The job's ranks if ``torch.distributed`` is initialized, else ``None``.
 
@@ -93,6 +106,9 @@ class RankGroup:
         """Rank 0's ``value`` (JSON-able), on every rank."""
         import torch.distributed as dist
 
+        if self.is_alone:
+            return value
+
         def run() -> Any:
             data = json.dumps(value).encode() if self.is_leader else b""
             size = torch.tensor([len(data)], dtype=torch.int64)
@@ -110,6 +126,9 @@ class RankGroup:
     def all_gather(self, value: Any, *, group: Any, what: str) -> list[Any]:
         """Every rank's ``value`` (JSON-able), in rank order, on every rank."""
         import torch.distributed as dist
+
+        if self.is_alone:
+            return [value]
 
         def run() -> list[Any]:
             data = json.dumps(value).encode()
@@ -153,6 +172,8 @@ class RankGroup:
         """
         import torch.distributed as dist
 
+        if self.is_alone:
+            return
         try:
             self._collective("closing the manager", lambda: dist.barrier(group=self.control))
         except (RankError, ValueError) as exc:  # ValueError: the job destroyed them already

@@ -5,6 +5,11 @@ in-memory snapshot on the training thread, the :class:`~.pipeline.SaveJob`, runn
 the metric logging of other steps) inline for sync saves or on the one background worker
 for async ones, at most one save in flight, retention after each commit, and the
 ``on_error`` policy for failures, which surface on the training thread either way.
+
+It never asks whether the job is distributed: a :class:`~.pipeline.SaveStrategy`, chosen
+once (:class:`~.local_write.LocalSave` for one process, :class:`~.distributed_write.ShardedSave`
+for a job's ranks), takes the snapshots, writes the parts and keeps what the next save
+builds on; :func:`~.pipeline.write_checkpoint` runs the one commit protocol for both.
 """
 
 from __future__ import annotations
@@ -27,29 +32,28 @@ from mlflow_ckpt.errors import (
     CheckpointVerificationError,
     CheckpointWriteError,
     NonFiniteStateError,
+    WriterConflictError,
 )
-from mlflow_ckpt.folder.incremental import Base
-from mlflow_ckpt.manager.distributed_write import first_nonfinite_everywhere, write_distributed
+from mlflow_ckpt.manager.distributed_write import ShardedSave
+from mlflow_ckpt.manager.local_write import LocalSave
 from mlflow_ckpt.manager.metrics import StepMetrics, now_ms
-from mlflow_ckpt.manager.milestones import Milestones
 from mlflow_ckpt.manager.options import ManagerOptions
 from mlflow_ckpt.manager.pipeline import (
+    Diverged,
     SaveJob,
+    SaveStrategy,
     WriteTarget,
     log_unsaved_metrics,
     write_checkpoint,
 )
 from mlflow_ckpt.manager.policies import Decision
-from mlflow_ckpt.manager.retention import RunRetention, apply_retention
+from mlflow_ckpt.manager.retention import Milestones, RunRetention, apply_retention
 from mlflow_ckpt.manager.session import Session
 from mlflow_ckpt.manager.worker import BackgroundWorker
-from mlflow_ckpt.snapshot import first_nonfinite, preserved_python_rng, take_snapshot
-from mlflow_ckpt.snapshot.changes import History, Seen
+from mlflow_ckpt.snapshot import preserved_python_rng
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
-from mlflow_ckpt.snapshot.sharded import sharded_entries, take_sharded
 
-if TYPE_CHECKING:  # (DCP is imported only by distributed saves)
-    from mlflow_ckpt.codec.dcp_metadata import ChunkBase
+if TYPE_CHECKING:
     from mlflow_ckpt.manager.resume import ResumePoint
 
 logger = logging.getLogger(__name__)
@@ -69,14 +73,12 @@ class Saver:
             if options.incremental and session.run is not None
             else None
         )
-        self.base: Base | None = None  # the newest checkpoint the next save may reference
         self.milestones = Milestones(options.retention, options.incremental, run_id)
-        self.chunk_base: ChunkBase | None = None  # distributed: this rank's previous chunks
-        self.chunk_seen: dict[str, Seen] = {}  # ... and what that save's snapshot saw
-        self.state, self.ranks = state, ranks
-        # Distributed: modules and optimizers go through DCP, the rest is this rank's own.
-        self.sharded = sharded_entries(state) if ranks is not None else {}
-        self.own_state = {k: v for k, v in state.items() if k not in self.sharded}
+        self.strategy: SaveStrategy = (
+            ShardedSave(state, ranks, options.spec, run_id, options.incremental)
+            if ranks is not None
+            else LocalSave(state, options.spec, run_id, self.shared_uri)
+        )
         self.options, self.client, self.run_id = options, client, run_id
         self.target = WriteTarget(
             client=client,
@@ -89,6 +91,7 @@ class Saver:
             log_metrics=options.log_metrics,
             verify=options.verify,
             shared_uri=self.shared_uri,
+            check_finite=options.nonfinite != "save",
         )
         self.metrics = StepMetrics(
             client, run_id, enabled=options.log_metrics and client is not None
@@ -113,6 +116,7 @@ class Saver:
         self.last_saved_step: int | None = None
         self.last_save_time = time.monotonic()
         self._nonfinite_step = session.nonfinite_step  # the first step refused so far
+        self.conflict: str | None = None  # the run was taken over: every later call raises
 
     def save(
         self,
@@ -146,23 +150,9 @@ class Saver:
         if self.buffers is not None:
             self.buffers.recycle()  # no save in flight: the previous snapshot is written
         whole = self.milestones.whole(step)  # copied whole, referencing nothing (see there)
-        history = None
-        if self.shared_uri is not None and self.ranks is None:
-            history = self.base.history() if self.base is not None and not whole else History()
-        snapshot = take_snapshot(
-            self.own_state, progress, copy=copy, buffers=self.buffers, history=history
+        snapshot, sharded = self.strategy.snapshot(
+            progress, copy=copy, buffers=self.buffers, whole=whole
         )
-        sharded = None
-        if self.ranks:
-            sharded_history = None
-            if self.options.incremental:  # (rank 0 alone knows the shared area's URI)
-                names: frozenset[str] = frozenset()
-                if self.chunk_base is not None and not whole:
-                    names = self.chunk_base.shared_names()
-                sharded_history = History(self.chunk_seen, names)
-            sharded = take_sharded(
-                self.state, self.sharded, copy=copy, buffers=self.buffers, history=sharded_history
-            )
         job = SaveJob(
             snapshot=snapshot,
             step=step,
@@ -173,8 +163,6 @@ class Saver:
             previous_step=self.last_checkpoint.step if self.last_checkpoint else None,
             sharded=sharded,
             progress=progress,
-            base=None if whole else self.base,
-            chunk_base=None if whole else self.chunk_base,
             self_contained=whole,
         )
         self.last_saved_step = step
@@ -261,22 +249,15 @@ class Saver:
         """Carry on from ``point.checkpoint``, just restored: the next save follows it and,
         when incremental, references its shared bytes, unread for the frozen parameters the
         restore wrote (as the restore left them). Returns its step."""
-        checkpoint, manifest = point.checkpoint, point.manifest
+        checkpoint = point.checkpoint
         assert checkpoint is not None
         self.last_checkpoint, self.last_saved_step = checkpoint, checkpoint.step
-        if self.ranks is not None and self.options.incremental:  # (only rank 0 knows the
-            # shared URI, but the run's own checkpoints, all a resume restores, store there)
-            self.chunk_base, self.chunk_seen = point.chunk_base, dict(point.frozen)
-        usable = manifest is not None and manifest.shared_uri in (None, self.shared_uri)
-        if self.ranks is None and self.shared_uri is not None and usable:  # (not another run's)
-            self.base = Base(checkpoint.model_id, manifest, point.frozen)  # type: ignore[arg-type]
+        self.strategy.resumed(point)
         return checkpoint.step
 
     def _protected(self) -> tuple[str, ...]:
         """Shared groups the next save may reference: never deleted meanwhile."""
-        if self.ranks is not None:  # every rank's chunks of the newest checkpoint
-            return self.last_checkpoint.shared if self.last_checkpoint is not None else ()
-        return self.base.manifest.shared_groups if self.base is not None else ()
+        return self.strategy.protected(self.last_checkpoint)
 
     def final_retention(self) -> None:
         """At ``close()``: one retention pass over a fresh listing of the run, then a sweep
@@ -318,27 +299,14 @@ class Saver:
 
     def _write(self, job: SaveJob) -> None:
         """Write and commit one checkpoint, then apply retention (on the worker if async)."""
-        if self.options.nonfinite != "save":
-            tensor = (
-                first_nonfinite(job.snapshot)
-                if self.ranks is None
-                else first_nonfinite_everywhere(job, self.ranks)
-            )
-            if tensor is not None:
-                self._refuse_nonfinite(job, tensor)
-                return
         try:
-            if self.ranks is None:
-                self.last_checkpoint, manifest = write_checkpoint(self.target, job)
-                if self.shared_uri is not None:
-                    seen = job.snapshot.changes.seen if job.snapshot.changes else {}
-                    self.base = Base(self.last_checkpoint.model_id, manifest, seen)
-            else:
-                self.last_checkpoint, self.chunk_base = write_distributed(
-                    self.target, job, self.ranks
-                )
-                changes = job.sharded.changes if job.sharded is not None else None
-                self.chunk_seen = changes.seen if changes is not None else {}
+            self.last_checkpoint = write_checkpoint(self.target, job, self.strategy)
+        except Diverged as diverged:  # discarded: the step is not saved (nor retried)
+            self._refuse_nonfinite(job, diverged.tensor)
+            return
+        except WriterConflictError as exc:  # raised on every rank: all stop here
+            self.conflict = str(exc)
+            raise
         except CheckpointVerificationError:
             raise  # written and refused: saving the same step again at close would not help
         except CheckpointError:
