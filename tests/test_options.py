@@ -3,6 +3,7 @@ objects; values from NumPy/torch are accepted where they are plain numbers."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.manager import KeepLastN, StepInfo
+from mlflow_ckpt.manager.options import build_options, option_arguments
 
 
 def small_state() -> dict[str, Any]:
@@ -97,6 +99,51 @@ def test_bad_arguments_to_the_constructor_take_no_lease(tracking: str) -> None:
         with pytest.raises(TypeError, match="must be a non-empty dict"):
             mlflow_ckpt.CheckpointManager({})
     assert tags.RUN_WRITER not in MlflowClient().get_run(run.info.run_id).data.tags
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "best"}, ValueError, "mode must be 'min' or 'max', not 'best'"),
+        ({"on_error": "ignore"}, ValueError, "on_error must be 'raise' or 'warn', not 'ignore'"),
+        (
+            {"nonfinite": "nan"},
+            ValueError,
+            "nonfinite must be 'skip', 'save' or 'raise', not 'nan'",
+        ),
+        ({"timeline": "false"}, TypeError, "timeline must be True or False, not 'false'"),
+        ({"incremental": 0}, TypeError, "incremental must be True or False, not 0"),
+        ({"client": 5}, TypeError, "client must be a MlflowClient or None, not 5"),
+        ({"transfer": "x"}, TypeError, "transfer must be a TransferConfig or None, not 'x'"),
+        ({"archive_after_n": 0}, ValueError, "archive_after_n must be positive and finite, got 0"),
+        ({"mtbf_hours": 2.0}, ValueError, "save_every_n_seconds='auto' and mtbf_hours= go"),
+        ({"save_every_n_seconds": "auto"}, ValueError, "save_every_n_seconds='auto' and mtbf"),
+        ({"spike_factor": 1.0, "monitor": "loss"}, ValueError, "spike_factor must be above 1"),
+        ({"spike_factor": 2.0}, ValueError, "spike_factor needs a metric: pass monitor="),
+        (
+            {"spike_factor": 2.0, "monitor": "acc", "mode": "max"},
+            ValueError,
+            "spike_factor watches for a metric jumping up (a loss); monitor='acc' is maximised",
+        ),
+    ],
+)
+def test_each_check_names_the_keyword_and_what_it_accepts(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """The checks are tables and small helpers; the messages a user sees are these."""
+    args = option_arguments(inspect.signature(mlflow_ckpt.CheckpointManager.__init__), kwargs)
+    with pytest.raises(error) as caught:
+        build_options(args)
+    assert str(caught.value).startswith(message)
+
+
+def test_spike_watch_takes_the_monitored_metric_unless_named() -> None:
+    signature = inspect.signature(mlflow_ckpt.CheckpointManager.__init__)
+    options = build_options(option_arguments(signature, {"spike_factor": 3, "monitor": "loss"}))
+    assert options.spike == ("loss", 3.0)
+    named = {"spike_factor": 2.5, "spike_metric": "train_loss", "monitor": "acc", "mode": "max"}
+    assert build_options(option_arguments(signature, named)).spike == ("train_loss", 2.5)
+    assert build_options(option_arguments(signature, {})).spike is None
 
 
 def test_state_is_encoded_once_on_resume(tracking: str) -> None:

@@ -121,63 +121,37 @@ def option_arguments(signature: inspect.Signature, kwargs: Mapping[str, Any]) ->
 
 
 def build_options(args: Mapping[str, Any]) -> ManagerOptions:
-    """Check every constructor keyword in ``args`` and build the options from them."""
+    """Check every constructor keyword in ``args`` and build the options from them.
+
+    The checks run in a fixed order (numbers, spike watch, flags, choices, objects, then
+    the options built from several keywords), so one bad call always gets the same error.
+    """
     mode, monitor = args["mode"], args["monitor"]
-    for name in ("save_every_n_steps", "save_every_n_epochs", "max_shard_bytes"):
-        _positive(name, args[name], int)
-    for name in ("keep_last_n", "keep_best_n", "keep_every_n_steps", "archive_after_n"):
-        _positive(name, args[name], int)
-    if args["save_every_n_seconds"] != "auto":
-        _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
-    _positive("mtbf_hours", args["mtbf_hours"], float)
-    if (args["save_every_n_seconds"] == "auto") != (args["mtbf_hours"] is not None):
-        raise ValueError(
-            "save_every_n_seconds='auto' and mtbf_hours= go together: the interval is "
-            "sqrt(2 x save cost x mean time between failures)"
-        )
-    _positive("spike_factor", args["spike_factor"], float)
-    if args["spike_factor"] is not None:
-        if args["spike_factor"] <= 1:
-            raise ValueError(f"spike_factor must be above 1, got {args['spike_factor']}")
-        if (args["spike_metric"] or monitor) is None:
-            raise ValueError("spike_factor needs a metric: pass monitor= or spike_metric=")
-        if args["spike_metric"] is None and mode == "max":
-            raise ValueError(
-                f"spike_factor watches for a metric jumping up (a loss); monitor={monitor!r} "
-                "is maximised, so pass spike_metric= naming a loss-like metric"
-            )
-    if args["spike_metric"] is not None:
-        check_metric_name(args["spike_metric"], "spike_metric")
+    _check_intervals(args)
+    spike = _spike(args, monitor, mode)
     _positive("lease_ttl", args["lease_ttl"], float)
-    for name in ("save_last", "async_save", "log_metrics", "force", "timeline"):
-        if not isinstance(args[name], bool):
-            raise TypeError(f"{name} must be True or False, not {args[name]!r}")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-    if args["on_error"] not in ("raise", "warn"):
-        raise ValueError(f"on_error must be 'raise' or 'warn', not {args['on_error']!r}")
-    if args["nonfinite"] not in ("skip", "save", "raise"):
-        raise ValueError(f"nonfinite must be 'skip', 'save' or 'raise', not {args['nonfinite']!r}")
+    _check_flags(args, _FLAGS)
+    _check_choices(args)
     if monitor is not None:
         check_metric_name(monitor, "monitor")
-    for name, kind in (("transfer", TransferConfig), ("client", MlflowClient)):
-        if args[name] is not None and not isinstance(args[name], kind):
-            raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
+    _check_instances(args)
     distributed = _distributed_mode(args.get("distributed"))
-    if not isinstance(args["incremental"], bool):
-        raise TypeError(f"incremental must be True or False, not {args['incremental']!r}")
+    _check_flags(args, ("incremental",))
     spec = _folder_spec(args)
     retention = _retention(args, monitor, mode)
     archive = _archive(args, retention)
     job, signals = _preemption(args)
+    grace_s = float(args.get("preempt_grace_s", DEFAULT_GRACE_S))
+    triggers = _triggers(args, monitor, mode)
+    verify = _verify(args)
     return ManagerOptions(
         job=job,
         signals=signals,
-        preempt_grace_s=float(args.get("preempt_grace_s", DEFAULT_GRACE_S)),
+        preempt_grace_s=grace_s,
         archive=archive,
         distributed=distributed,
         incremental=args["incremental"],
-        triggers=_triggers(args, monitor, mode),
+        triggers=triggers,
         retention=retention,
         spec=spec,
         monitor=monitor,
@@ -187,18 +161,95 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
         log_metrics=args["log_metrics"],
         on_error=args["on_error"],
         nonfinite=args["nonfinite"],
-        verify=_verify(args),
+        verify=verify,
         timeline=args["timeline"],
-        spike=(
-            (args["spike_metric"] or monitor, float(args["spike_factor"]))
-            if args["spike_factor"] is not None
-            else None
-        ),
+        spike=spike,
         force=args["force"],
         lease_ttl=float(args["lease_ttl"]),
         transfer=args["transfer"],
         client=args["client"],
     )
+
+
+# Keywords that take a positive int (None: off), the boolean ones, and those that take one
+# of a few strings: tables, so a new keyword of a known kind is one more entry, not a branch.
+_POSITIVE_INTS = (
+    "save_every_n_steps",
+    "save_every_n_epochs",
+    "max_shard_bytes",
+    "keep_last_n",
+    "keep_best_n",
+    "keep_every_n_steps",
+    "archive_after_n",
+)
+_FLAGS = ("save_last", "async_save", "log_metrics", "force", "timeline")
+_CHOICES = (
+    ("mode", ("min", "max")),
+    ("on_error", ("raise", "warn")),
+    ("nonfinite", ("skip", "save", "raise")),
+)
+# Objects handed through as they are: their types are checked, nothing more.
+_INSTANCES = (("transfer", TransferConfig), ("client", MlflowClient))
+
+
+def _check_intervals(args: Mapping[str, Any]) -> None:
+    """The counts and intervals, and ``save_every_n_seconds='auto'``'s pairing with
+    ``mtbf_hours=`` (the Young/Daly interval needs both, and neither means anything alone)."""
+    for name in _POSITIVE_INTS:
+        _positive(name, args[name], int)
+    auto = args["save_every_n_seconds"] == "auto"
+    if not auto:
+        _positive("save_every_n_seconds", args["save_every_n_seconds"], float)
+    _positive("mtbf_hours", args["mtbf_hours"], float)
+    if auto != (args["mtbf_hours"] is not None):
+        raise ValueError(
+            "save_every_n_seconds='auto' and mtbf_hours= go together: the interval is "
+            "sqrt(2 x save cost x mean time between failures)"
+        )
+
+
+def _spike(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[str, float] | None:
+    """The spike watch, ``(metric, factor)``, or ``None`` without ``spike_factor=``.
+
+    The metric is ``spike_metric=``, else the monitored one, which must then be minimised:
+    a spike is a jump up, what a loss does when training diverges.
+    """
+    factor, metric = args["spike_factor"], args["spike_metric"]
+    _positive("spike_factor", factor, float)
+    if factor is not None:
+        if factor <= 1:
+            raise ValueError(f"spike_factor must be above 1, got {factor}")
+        if (metric or monitor) is None:
+            raise ValueError("spike_factor needs a metric: pass monitor= or spike_metric=")
+        if metric is None and mode == "max":
+            raise ValueError(
+                f"spike_factor watches for a metric jumping up (a loss); monitor={monitor!r} "
+                "is maximised, so pass spike_metric= naming a loss-like metric"
+            )
+    if metric is not None:
+        check_metric_name(metric, "spike_metric")
+    return None if factor is None else (metric or monitor, float(factor))
+
+
+def _check_flags(args: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Booleans must be ``bool``: a truthy string such as ``"false"`` would silently mean on."""
+    for name in names:
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, not {args[name]!r}")
+
+
+def _check_choices(args: Mapping[str, Any]) -> None:
+    for name, allowed in _CHOICES:
+        if args[name] not in allowed:
+            quoted = [repr(choice) for choice in allowed]
+            listed = f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+            raise ValueError(f"{name} must be {listed}, not {args[name]!r}")
+
+
+def _check_instances(args: Mapping[str, Any]) -> None:
+    for name, kind in _INSTANCES:
+        if args[name] is not None and not isinstance(args[name], kind):
+            raise TypeError(f"{name} must be a {kind.__name__} or None, not {args[name]!r}")
 
 
 def _preemption(args: Mapping[str, Any]) -> tuple[JobKey | None, tuple[int, ...]]:
