@@ -299,3 +299,12 @@ def test_metric_values_must_be_numbers(tracking: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_preempt_grace_none_means_the_default() -> None:
+    from mlflow_ckpt.manager.preemption import DEFAULT_GRACE_S
+
+    signature = inspect.signature(mlflow_ckpt.CheckpointManager.__init__)
+    given = option_arguments(signature, {"preempt_grace_s": None})
+    assert build_options(given).preempt_grace_s == DEFAULT_GRACE_S
+    assert build_options(option_arguments(signature, {"preempt_grace_s": 5})).preempt_grace_s == 5.0

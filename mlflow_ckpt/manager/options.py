@@ -141,7 +141,8 @@ def build_options(args: Mapping[str, Any]) -> ManagerOptions:
     retention = _retention(args, monitor, mode)
     archive = _archive(args, retention)
     job, signals = _preemption(args)
-    grace_s = float(args.get("preempt_grace_s", DEFAULT_GRACE_S))
+    grace = args.get("preempt_grace_s")  # None: the default, as for every other option
+    grace_s = DEFAULT_GRACE_S if grace is None else float(grace)
     triggers = _triggers(args, monitor, mode)
     verify = _verify(args)
     return ManagerOptions(
