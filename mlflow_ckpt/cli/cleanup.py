@@ -12,7 +12,7 @@ from mlflow_ckpt.catalog.shared import shared_area_uri, sweep_shared
 from mlflow_ckpt.cli.group import main
 from mlflow_ckpt.cli.output import errors
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.manager.ownership import RunClaim, take_run
+from mlflow_ckpt.manager.lease import RunClaim, take_run
 from mlflow_ckpt.manager.retention import ArchiveAfterN, apply_retention, build_policy
 
 

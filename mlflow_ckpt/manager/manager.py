@@ -1,6 +1,6 @@
 """``CheckpointManager``: one call in the training loop saves, logs and later resumes.
 
-The manager decides *when* (policies) and owns the run (ownership, resume); its parts beside
+The manager decides *when* (policies) and owns the run (the writer lease, resume); its parts beside
 it do the rest: options, step metrics, the saver (snapshot, then the one write path inline
 or on the background worker), retention. This module is its public face (every option, the
 training-loop calls, the views); :mod:`.lifecycle` holds what those calls stand on.

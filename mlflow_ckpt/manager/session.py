@@ -27,8 +27,8 @@ from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.manager.job import open_job_run
+from mlflow_ckpt.manager.lease import RunClaim, take_run
 from mlflow_ckpt.manager.options import ManagerOptions
-from mlflow_ckpt.manager.ownership import RunClaim, take_run
 from mlflow_ckpt.manager.ranks import RankGroup
 from mlflow_ckpt.manager.records import active_or_given
 from mlflow_ckpt.manager.resume import check_no_other_run
