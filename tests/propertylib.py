@@ -74,9 +74,9 @@ def parse_hostile(
     allowed: Callable[[Exception], bool] = lambda exc: False,
 ) -> Any:
     """Run ``parse`` on hostile bytes: its result, or ``None`` if it raised
-    :class:`CheckpointCorruptedError` (any other exception fails the test, unless
-    ``allowed`` accepts it). Its allocations must stay below ``expansion`` times the input
-    plus 64 MiB."""
+    :class:`CheckpointCorruptedError` naming the checkpoint (any other exception fails the
+    test, unless ``allowed`` accepts it). Its allocations must stay below ``expansion``
+    times the input plus 64 MiB."""
     with contextlib.suppress(InvalidArgument):  # outside a hypothesis test: no notes
         note(f"input ({len(raw)} bytes): {raw[:2000]!r}")
     result = None
@@ -84,7 +84,7 @@ def parse_hostile(
         try:
             result = parse(raw)
         except CheckpointCorruptedError as exc:
-            assert str(exc), "a corruption error must say what is wrong"
+            assert WHERE in str(exc), f"the error does not name the checkpoint: {exc}"
         except Exception as exc:
             if not allowed(exc):
                 raise

@@ -22,6 +22,7 @@ every time; ``MLFLOW_CKPT_PROPERTY_SCALE=10`` runs ten times as many.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -409,15 +410,20 @@ def _manifest(**edits: Any) -> bytes:
 
 def _dcp(size: list[int], chunks: list[dict[str, Any]]) -> bytes:
     base = {"file": "shards/a.distcp", "offset": 0, "codec": "zstd", "length": 10}
-    tensors = {"w": {"dtype": "float32", "size": size, "chunks": [{**base, **c} for c in chunks]}}
-    return json.dumps({"version": 1, "tensors": tensors}).encode()
+    entry = {"dtype": "float32", "size": size, "chunks": [{**base, **c} for c in chunks]}
+    return json.dumps({"version": 1, "tensors": {"w": entry}}).encode()
 
 
 def _state(node: Any) -> bytes:
     return json.dumps({"version": 1, "state": {"x": node}, "progress": {}}).encode()
 
 
-EMPTY_STATE = written_state({}, include_rng=False)
+@functools.cache
+def empty_state() -> tuple[Manifest, dict[str, Any]]:
+    """A checkpoint of an empty state (written once, when a hostile case first needs it)."""
+    return written_state({}, include_rng=False)
+
+
 PARSERS = {
     "manifest": (
         lambda b: Manifest.from_json(b, WHERE),
@@ -425,7 +431,7 @@ PARSERS = {
         64,
     ),
     "dcp": (read_dcp, lambda r, raw: check_dcp_result(r), 64),
-    "state": (lambda b: read_structure(*EMPTY_STATE, b), lambda r, raw: None, 64),
+    "state": (lambda b: read_structure(*empty_state(), b), lambda r, raw: None, 64),
 }
 ALLOWED = newer_format
 HOSTILE = {
