@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from hypothesis import HealthCheck, note, settings
+from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from torch.profiler import ProfilerActivity, profile
@@ -88,6 +88,8 @@ def parse_hostile(
         except Exception as exc:
             if not allowed(exc):
                 raise
+    with contextlib.suppress(InvalidArgument):  # --hypothesis-show-statistics shows the mix
+        event("refused" if result is None else "accepted")
     bound = 64 * MiB + expansion * len(raw)
     assert used["python"] <= bound, f"{used['python']} bytes of Python objects for {len(raw)}"
     assert used["torch"] <= bound, f"{used['torch']} bytes of tensors for {len(raw)} bytes"
