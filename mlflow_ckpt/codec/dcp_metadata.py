@@ -10,6 +10,7 @@ do not match a chunk's shape are refused.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from mlflow_ckpt.codec.manifest import FileEntry, check_hex, check_relpath, is_shared
+from mlflow_ckpt.codec.manifest import MAX_INT, FileEntry, check_hex, check_relpath, is_shared
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 
 SHARDS_DIR = "shards"
@@ -104,10 +105,61 @@ def _dtype(name: Any) -> torch.dtype:
 
 def _ints(values: Any, what: str) -> tuple[int, ...]:
     if not isinstance(values, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT for v in values
     ):
-        raise ValueError(f"{what} is not a list of non-negative integers")
+        raise ValueError(f"{what} is not a list of integers from 0 to 2**63-1")
     return tuple(values)
+
+
+def _chunk(
+    fqn: str, c: Any, dtype: torch.dtype, size: tuple[int, ...], where: str
+) -> tuple[ChunkStorageMetadata, ChunkLocation]:
+    """One chunk entry: inside its tensor (DCP's own save-plan check; a chunk outside it
+    would fail deep inside DCP's load instead of here), with a stored length that matches
+    its shape unless compressed."""
+    offsets, sizes = _ints(c["offsets"], "offsets"), _ints(c["sizes"], "sizes")
+    if len(offsets) != len(size) or len(sizes) != len(size):
+        raise ValueError(f"chunk of {fqn!r} has the wrong number of dimensions")
+    if any(o + s > d for o, s, d in zip(offsets, sizes, size, strict=True)):
+        raise ValueError(f"chunk of {fqn!r} at {list(offsets)} lies outside its {list(size)}")
+    n = dtype.itemsize * math.prod(sizes)
+    offset, length = _ints([c["offset"], c["length"]], "offset/length")
+    codec = c.get("codec")
+    if codec not in (None, "zstd"):
+        raise ValueError(f"chunk of {fqn!r} has unknown codec {codec!r}")
+    if codec is None and length != n:
+        raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
+    digest = None if c.get("blake3") is None else check_hex(c["blake3"])
+    location = ChunkLocation(
+        check_relpath(c["file"], where), offset, length, sizes, dtype, codec, digest
+    )
+    return ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)), location
+
+
+def _tensor(
+    fqn: str, md: Any, where: str, locations: dict[MetadataIndex, Any]
+) -> TensorStorageMetadata:
+    """One tensor entry; its chunks' locations go into ``locations``. Its chunks must fill
+    it (DCP's save-plan check: their volumes add up to the tensor's; 0-d tensors aside),
+    so a tiny file cannot announce a tensor that a load would allocate in full."""
+    dtype, size = _dtype(md["dtype"]), _ints(md["size"], "size")
+    chunks = []
+    for c in _list(md["chunks"], "chunks"):
+        chunk, location = _chunk(fqn, c, dtype, size, where)
+        key = MetadataIndex(fqn, chunk.offsets)
+        if key in locations:
+            raise ValueError(f"two chunks of {fqn!r} start at {list(chunk.offsets)}")
+        chunks.append(chunk)
+        locations[key] = location
+    if size and sum(math.prod(c.sizes) for c in chunks) != math.prod(size):
+        raise ValueError(f"the chunks of {fqn!r} do not fill its {list(size)}")
+    return TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size), chunks)
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what} is a {type(value).__name__}, not a list")
+    return value
 
 
 def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[MetadataIndex, Any]]:
@@ -115,36 +167,16 @@ def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[Metadata
     try:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("version") != METADATA_VERSION:
-            raise ValueError(f"unknown metadata version {doc.get('version')!r}")
-        state: dict[str, Any] = {}
+            version = doc.get("version") if isinstance(doc, dict) else None
+            raise ValueError(f"unknown metadata version {version!r}")
         locations: dict[MetadataIndex, Any] = {}
-        for fqn, md in doc["tensors"].items():
-            dtype, size = _dtype(md["dtype"]), _ints(md["size"], "size")
-            chunks = []
-            for c in md["chunks"]:
-                offsets, sizes = _ints(c["offsets"], "offsets"), _ints(c["sizes"], "sizes")
-                if len(offsets) != len(size) or len(sizes) != len(size):
-                    raise ValueError(f"chunk of {fqn!r} has the wrong number of dimensions")
-                n = dtype.itemsize
-                for s in sizes:
-                    n *= s
-                offset, length = _ints([c["offset"], c["length"]], "offset/length")
-                codec = c.get("codec")
-                if codec not in (None, "zstd"):
-                    raise ValueError(f"chunk of {fqn!r} has unknown codec {codec!r}")
-                if codec is None and length != n:
-                    raise ValueError(f"chunk of {fqn!r} holds {length} bytes, expected {n}")
-                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                digest = None if c.get("blake3") is None else check_hex(c["blake3"])
-                locations[MetadataIndex(fqn, torch.Size(offsets))] = ChunkLocation(
-                    check_relpath(c["file"], where), offset, length, sizes, dtype, codec, digest
-                )
-            state[fqn] = TensorStorageMetadata(
-                TensorProperties(dtype=dtype), torch.Size(size), chunks
-            )
+        tensors = doc["tensors"]
+        if not isinstance(tensors, dict):
+            raise TypeError(f"tensors is a {type(tensors).__name__}, not an object")
+        state = {fqn: _tensor(fqn, md, where, locations) for fqn, md in tensors.items()}
     except CheckpointCorruptedError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointCorruptedError(
             f"{where}: {METADATA_FILE} is malformed ({type(exc).__name__}: {exc})",
             path=METADATA_FILE,

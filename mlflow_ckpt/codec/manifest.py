@@ -52,6 +52,7 @@ def check_relpath(path: str, where: str) -> str:
         or any(part in ("", ".", "..") for part in inner.split("/"))
         or posixpath.normpath(inner) != inner
         or inner.startswith("@")
+        or not _utf8(path)
     ):
         raise CheckpointCorruptedError(
             f"{where}: file name {path!r} is not a plain relative path inside the checkpoint; "
@@ -59,6 +60,16 @@ def check_relpath(path: str, where: str) -> str:
             path=str(path),
         )
     return path
+
+
+def _utf8(path: str) -> bool:
+    """Whether ``path`` can be encoded as UTF-8: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no store can open (``UnicodeEncodeError`` deep in the I/O layer)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -320,8 +331,12 @@ def _dict(value: Any, what: str) -> dict[Any, Any]:
 
 
 def _number(value: Any, what: str) -> float:
+    # finite: a manifest holding inf (JSON's 1e999) could not be written again (promotion
+    # and archiving rewrite it; ``to_json`` refuses non-finite numbers)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {value!r} is not a finite number")
     return float(value)
 
 
