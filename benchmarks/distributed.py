@@ -9,10 +9,15 @@ A model of a few hundred MB (AdamW state included) is sharded with FSDP2 on 1 an
   (``full_state_dict=True, cpu_offload=True``), ``torch.save`` + ``mlflow.log_artifact``;
 - **dcp.save**: ``torch.distributed.checkpoint.save`` with its ``FileSystemWriter``.
 
-Blocked time is the max over ranks of the call's wall time (min/median of the repeats).
+Blocked time is the max over ranks of the call's wall time. The disk here swings ~3x
+between runs minutes apart, so the methods run in rounds (every method once, back to back;
+the order rotates from round to round, after one untimed warm-up call of each), and a ratio
+is the median of the per-round ratios with their min-max (``benchmarks/pairs.py``). Before
+every timed call, a training step (forward, backward, ``opt.step()``) changes every weight
+and moment, so an incremental save writes them all, as in training.
 Peak memory is rank 0's resident memory above what it held before the call, sampled every
 2 ms (with glibc's mmap threshold fixed at 1 MiB, so freed buffers leave the resident set).
-Ratios are against the usual recipe and ``dcp.save``, measured in the same run.
+``dcp.save`` runs with its ``FileSystemWriter`` defaults (``sync_files=True``: it fsyncs).
 
     python benchmarks/distributed.py [--state-mb 300] [--ranks 1 2] [--repeats 3] [--json]
 
@@ -36,7 +41,10 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
+
+from pairs import PairResult  # noqa: E402
 
 
 def _rss() -> int:
@@ -70,6 +78,10 @@ class PeakMemory:
         return self.peak - self.base
 
 
+RECIPE = "usual recipe (gather to rank 0 + torch.save + log_artifact)"
+DCP = "dcp.save (FileSystemWriter, sync_files=True: fsyncs)"
+
+
 def worker(args: argparse.Namespace) -> None:
     import mlflow
     import torch
@@ -98,48 +110,53 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     results: dict[str, list[tuple[float, int]]] = {}
 
-    def measure(
-        name: str, fn: Callable[[int], None], repeats: int, after: Callable[[], None] | None = None
-    ) -> None:
-        for i in range(repeats):
-            dist.barrier()
-            with PeakMemory() as memory:
-                started = time.perf_counter()
-                fn(i)
-                elapsed = time.perf_counter() - started  # what training waits for
-                if after is not None:
-                    after()  # an async save finishing in the background (not timed)
-            times = [None] * world
-            dist.all_gather_object(times, elapsed)
-            results.setdefault(name, []).append((max(times), memory.extra))
+    def train() -> None:  # untimed, before every timed call: every weight and moment moves
+        model(torch.randn(4, width)).sum().backward()
+        opt.step()
+        opt.zero_grad()
 
-    if rank == 0:
-        mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-        experiment = mlflow.create_experiment(f"dist-{world}", str(work / f"artifacts-{world}"))
-        mlflow.set_experiment(experiment_id=experiment)
-    state = {"model": model, "optimizer": opt}
+    def measure(name: str, fn: Callable[[], None], after: Callable[[], None] | None) -> None:
+        train()
+        dist.barrier()
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - started  # what training waits for
+            if after is not None:
+                after()  # an async save finishing in the background (not timed)
+        times = [None] * world
+        dist.all_gather_object(times, elapsed)
+        results.setdefault(name, []).append((max(times), memory.extra))
 
-    def recipe(i: int) -> None:
+    def recipe() -> None:
         msd, osd = get_state_dict(
             model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         if rank == 0:
             path = work / f"recipe-{world}.pt"
             torch.save({"model": msd, "optimizer": osd}, path)
-            mlflow.log_artifact(str(path), f"checkpoints/step-{i}")
+            mlflow.log_artifact(str(path), f"checkpoints/{time.time_ns()}")
         dist.barrier()
 
-    def dcp_save(i: int) -> None:
+    if rank == 0:
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+        experiment = mlflow.create_experiment(f"dist-{world}", str(work / f"artifacts-{world}"))
+        mlflow.set_experiment(experiment_id=experiment)
+    state = {"model": model, "optimizer": opt}
+    dcp_calls = iter(range(10**6))
+
+    def dcp_save() -> None:
         msd, osd = get_state_dict(model, opt)  # the same state, sharded
-        dcp.save(
+        dcp.save(  # (overwrites the checkpoint before last, as keep_last_n=1 deletes it)
             {"model": msd, "optimizer": osd},
-            storage_writer=dcp.FileSystemWriter(str(work / f"dcp-{world}-{i % 2}")),
+            storage_writer=dcp.FileSystemWriter(str(work / f"dcp-{world}-{next(dcp_calls) % 2}")),
         )
 
-    for mode in ("sync", "async"):
+    managers = {}
+    for mode in ("sync", "async"):  # both open at once (async in a nested run): interleaved
         if rank == 0:
-            mlflow.start_run(run_name=f"{mode}-{world}")
-        mgr = mlflow_ckpt.CheckpointManager(
+            mlflow.start_run(run_name=f"{mode}-{world}", nested=mode == "async")
+        managers[mode] = mlflow_ckpt.CheckpointManager(
             state,
             save_every_n_steps=1,
             keep_last_n=1,
@@ -149,16 +166,24 @@ def worker(args: argparse.Namespace) -> None:
             nonfinite=os.environ.get("BENCH_NONFINITE", "skip"),
             verify=os.environ.get("BENCH_VERIFY", "size"),
         )
-        measure(f"mlflow_ckpt {mode}", mgr.step, args.repeats, after=mgr.wait)
-        mgr.close()
+    steps = iter(range(10**6))
+    methods: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {
+        "mlflow_ckpt sync": (lambda: managers["sync"].step(next(steps)), None),
+        "mlflow_ckpt async": (lambda: managers["async"].step(next(steps)), managers["async"].wait),
+        RECIPE: (recipe, None),
+        DCP: (dcp_save, None),
+    }
+    for name, (fn, after) in methods.items():  # warm-up, untimed
+        measure(name, fn, after)
+    results.clear()
+    order = list(methods)
+    for i in range(args.repeats):  # rounds, the order rotating: every method at every place
+        for name in order[i % len(order) :] + order[: i % len(order)]:
+            measure(name, *methods[name])
+    for mode in ("async", "sync"):
+        managers[mode].close()
         if rank == 0:
             mlflow.end_run()
-    if rank == 0:
-        mlflow.start_run(run_name=f"recipe-{world}")
-    measure("usual recipe (gather to rank 0 + torch.save + log_artifact)", recipe, args.repeats)
-    if rank == 0:
-        mlflow.end_run()
-    measure("dcp.save (FileSystemWriter)", dcp_save, args.repeats)
 
     written = 0
     if rank == 0:
@@ -201,30 +226,36 @@ def launch(args: argparse.Namespace) -> list[dict]:
 
 
 def table(reports: list[dict]) -> str:
+    """Per method: blocked time, and its ratio to the recipe and to ``dcp.save`` as the median
+    of the per-round ratios (min-max): one round runs every method once, back to back."""
     lines = [
-        "| ranks | method | blocked s (min / median) | vs usual recipe | vs dcp.save | "
-        "rank 0 peak extra MB |",
+        "| ranks | method | blocked s (min / median) | vs usual recipe | vs dcp.save "
+        "| rank 0 peak extra MB |",
         "|---|---|---|---|---|---|",
     ]
     for report in reports:
         res = report["results"]
-        med = {k: statistics.median(t for t, _ in v) for k, v in res.items()}
-        recipe = next(v for k, v in med.items() if k.startswith("usual"))
-        dcp_med = next(v for k, v in med.items() if k.startswith("dcp"))
-        for name, values in res.items():
-            times = [t for t, _ in values]
-            peak = max(m for _, m in values) / 1e6
+        times = {k: tuple(t for t, _ in v) for k, v in res.items()}
+        for name, values in times.items():
+            peak = max(m for _, m in res[name]) / 1e6
+            recipe = PairResult(values, times[RECIPE])
+            against_dcp = PairResult(values, times[DCP])
             lines.append(
-                f"| {report['world']} | {name} | {min(times):.3f} / {med[name]:.3f} | "
-                f"{med[name] / recipe:.2f}x | {med[name] / dcp_med:.2f}x | {peak:.0f} |"
+                f"| {report['world']} | {name} | {min(values):.3f} / "
+                f"{statistics.median(values):.3f} | {_ratio(recipe)} | {_ratio(against_dcp)} "
+                f"| {peak:.0f} |"
             )
         shard = report["state_bytes"] / report["world"] / 1e6
         lines.append(
             f"| {report['world']} | (state {report['state_bytes'] / 1e6:.0f} MB; one rank's "
             f"shard {shard:.0f} MB; most bytes written by one rank "
-            f"{report['max_bytes_per_rank'] / 1e6:.0f} MB) | | | | |"
+            f"{report['max_bytes_per_rank'] / 1e6:.0f} MB; {len(times[DCP])} rounds) | | | | |"
         )
     return "\n".join(lines)
+
+
+def _ratio(result: PairResult) -> str:
+    return f"{result.median_ratio:.2f}x ({result.min:.2f}-{result.max:.2f})"
 
 
 def main() -> None:

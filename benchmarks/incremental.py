@@ -8,7 +8,8 @@ same training is saved ``--saves`` times with ``incremental=True`` (the default)
 * bytes each checkpoint added, read from the store's listing (its folder plus the shared
   group it wrote), and the later ones as a fraction of the first (target <= 0.12);
 * the median time of a later sync save, and of the training stall of a later async save,
-  against the same figure with ``incremental=False``;
+  against the same figure with ``incremental=False``: both runs train side by side and
+  save in interleaved pairs, the ratio the median of the per-pair ratios (min-max);
 * ``CheckpointManager.resume`` of the incremental run into a fresh model (it compares the
   frozen backbone it restored with the checkpoint's bytes once), and the first save (stall)
   after it: the backbone holds the checkpoint's bytes, so it is referenced unread.
@@ -19,6 +20,7 @@ same training is saved ``--saves`` times with ``incremental=True`` (the default)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -37,6 +39,9 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 from mlflow_ckpt.catalog.shared import shared_area_uri
 from mlflow_ckpt.storage import open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pairs import PairResult
 
 WIDTH = 4096
 
@@ -72,35 +77,55 @@ def train_step(model: FineTune, opt: torch.optim.Optimizer, x: torch.Tensor) -> 
     opt.step()
 
 
-def one(layers: int, saves: int, *, incremental: bool, async_save: bool) -> dict[str, object]:
-    model, opt = fine_tune(layers, seed=0)
+def both(layers: int, saves: int, *, async_save: bool) -> dict[bool, dict[str, object]]:
+    """The same fine-tune twice at once (``incremental=True`` and ``False``, each its own
+    model, optimizer and run, the second nested), saved in interleaved pairs: at each step
+    both train, then both save back to back, the order alternating (``benchmarks/pairs.py``:
+    the disk here swings ~3x between runs minutes apart, so only ratios within a pair are
+    evidence)."""
     x = torch.randn(16, WIDTH)
-    times = []
-    with mlflow.start_run(run_name=f"inc-{incremental}-{async_save}") as run:
-        with mlflow_ckpt.CheckpointManager(
-            {"model": model, "optimizer": opt},
-            incremental=incremental,
-            async_save=async_save,
-            timeline=False,
-            save_last=False,
-        ) as mgr:
-            for step in range(saves):
+    arms = {}
+    with contextlib.ExitStack() as stack:
+        for incremental in (True, False):
+            run = stack.enter_context(
+                mlflow.start_run(run_name=f"inc-{incremental}-{async_save}", nested=not incremental)
+            )
+            model, opt = fine_tune(layers, seed=0)
+            mgr = stack.enter_context(
+                mlflow_ckpt.CheckpointManager(
+                    {"model": model, "optimizer": opt},
+                    incremental=incremental,
+                    async_save=async_save,
+                    timeline=False,
+                    save_last=False,
+                )
+            )
+            arms[incremental] = (run, model, opt, mgr, [])
+        for step in range(saves):
+            order = (True, False) if step % 2 == 0 else (False, True)
+            for incremental in order:
+                _, model, opt, mgr, times = arms[incremental]
                 train_step(model, opt, x)
-                mgr.wait()  # time the save (or the stall) alone, not the previous one
+                for _, _, _, other, _ in arms.values():
+                    other.wait()  # time the save (or the stall) alone, not a previous one
                 started = time.perf_counter()
                 mgr.save(step)
                 times.append(time.perf_counter() - started)
-    area = shared_area_uri(MlflowClient().get_run(run.info.run_id).info.artifact_uri)
-    ckpts = sorted(mlflow_ckpt.list_checkpoints(run.info.run_id), key=lambda c: c.step)
-    return {
-        "added": [added_bytes(c, area) for c in ckpts],
-        "tagged": [c.stored_bytes for c in ckpts],
-        "size": ckpts[0].size_bytes,
-        "later_s": statistics.median(times[1:]),
-        "first_s": times[0],
-        "run_id": run.info.run_id,
-        "area": area,
-    }
+    out = {}
+    for incremental, (run, _, _, _, times) in arms.items():
+        area = shared_area_uri(MlflowClient().get_run(run.info.run_id).info.artifact_uri)
+        ckpts = sorted(mlflow_ckpt.list_checkpoints(run.info.run_id), key=lambda c: c.step)
+        out[incremental] = {
+            "added": [added_bytes(c, area) for c in ckpts],
+            "tagged": [c.stored_bytes for c in ckpts],
+            "size": ckpts[0].size_bytes,
+            "times": times,
+            "later_s": statistics.median(times[1:]),
+            "first_s": times[0],
+            "run_id": run.info.run_id,
+            "area": area,
+        }
+    return out
 
 
 def after_resume(
@@ -149,11 +174,10 @@ def report(layers: int, saves: int, work: Path) -> None:
     """Run the fine-tune every way in ``work`` and print the figures."""
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("incremental")
-    results = {
-        (inc, mode): one(layers, saves, incremental=inc, async_save=mode == "async")
-        for mode in ("sync", "async")
-        for inc in (True, False)
-    }
+    results = {}
+    for mode in ("sync", "async"):
+        for inc, figures in both(layers, saves, async_save=mode == "async").items():
+            results[(inc, mode)] = figures
     frozen = layers * (WIDTH * WIDTH + WIDTH) * 4
     size = results[(True, "sync")]["size"]
     assert isinstance(size, int)
@@ -172,10 +196,11 @@ def report(layers: int, saves: int, work: Path) -> None:
             f"first (target <= 0.12); incremental=False adds "
             f"{statistics.median(full['added']) / 1e6:.1f} MB each"  # type: ignore[arg-type]
         )
-        ratio = float(inc["later_s"]) / float(full["later_s"])  # type: ignore[arg-type]
+        pairs = PairResult(tuple(inc["times"][1:]), tuple(full["times"][1:]))  # type: ignore[index]
+        ratio = f"{pairs.median_ratio:.2f}x ({pairs.min:.2f}-{pairs.max:.2f}) in pairs"
         print(
             f"       later {label}: {float(inc['later_s']):.3f} s vs {float(full['later_s']):.3f} s"  # type: ignore[arg-type]
-            f" with incremental=False ({ratio:.2f}x); first {label} "
+            f" with incremental=False ({ratio}); first {label} "
             f"{float(inc['first_s']):.3f} s vs {float(full['first_s']):.3f} s"  # type: ignore[arg-type]
         )
         resume_s, took, resumed_added = after_resume(

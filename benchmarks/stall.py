@@ -12,7 +12,8 @@ variant in its own MLflow run against a fresh sqlite store with local artifacts:
 The state does not change between these saves, so the managers run with
 ``incremental=False``: in training every weight changes and an incremental save writes it
 all; here it would only reference the previous bytes. Prints absolute times and ratios
-against the usual recipe, and the peak resident memory an
+against the usual recipe, each the median of interleaved pairs (``benchmarks/pairs.py``)
+with its min-max, and the peak resident memory an
 async save adds to the process, as a multiple of the state's size.
 
     python benchmarks/stall.py [--params 50] [--repeats 3]
@@ -43,6 +44,9 @@ import mlflow
 import torch
 
 import mlflow_ckpt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pairs import PairResult, interleaved
 
 
 def build(params_millions: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -121,26 +125,13 @@ def main(argv: list[str]) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("stall-benchmark")
     state = {"model": model, "optimizer": opt}
-    results: dict[str, float] = {}
     step = iter(range(10**6))
+    pending: list[Callable[[], None]] = []  # an async save still finishing (untimed)
+    totals: list[float] = []
 
-    # --- mlflow_ckpt, async: what save() blocks is the snapshot; the rest is background.
-    with mlflow.start_run(run_name="async"):
-        mgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=True)
-        mgr.save(next(step))  # warm-up: first-save imports and allocations
-        mgr.wait()
-        stalls, totals = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            mgr.save(next(step))
-            stalls.append(time.perf_counter() - start)
-            mgr.wait()
-            totals.append(time.perf_counter() - start)
-        mgr.close()
-    results["async"] = statistics.median(stalls)
-    results["async (until committed)"] = statistics.median(totals)
-    median = statistics.median(stalls)
-    spread = f"min {min(stalls):.3f} / median {median:.3f} / max {max(stalls):.3f} s"
+    def settle() -> None:  # untimed, before every timed call
+        while pending:
+            pending.pop()()
 
     # The floor: a plain copy of the state's tensors into memory allocated beforehand.
     sources = [p.detach() for p in model.parameters()]
@@ -151,45 +142,65 @@ def main(argv: list[str]) -> None:
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source)
 
-    memcpy()  # fault the targets in
-    floor = min(timed(memcpy, args.repeats))
-    targets.clear()  # give the memory back before the other variants run
-
-    with mlflow.start_run(run_name="sync"):
-        mgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=False)
-        mgr.save(next(step))
-        results["sync"] = statistics.median(timed(lambda: mgr.save(next(step)), args.repeats))
-        mgr.close()
-
     def recipe() -> None:
         path = work / "checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
         mlflow.log_artifact(str(path), artifact_path=f"checkpoints/{time.time_ns()}")
 
-    with mlflow.start_run(run_name="torch.save+log_artifact"):
-        recipe()
-        results["torch.save + log_artifact"] = statistics.median(timed(recipe, args.repeats))
+    # Every comparison in interleaved pairs (benchmarks/pairs.py): the disk here swings ~3x
+    # between runs minutes apart, so only ratios within a pair are evidence.
+    compared: dict[str, PairResult] = {}
+    with mlflow.start_run(run_name="async"):
+        amgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=True)
 
+        def stall() -> None:  # what save() blocks is the snapshot; the rest is background
+            start = time.perf_counter()
+            amgr.save(next(step))
+            pending.append(lambda: (amgr.wait(), totals.append(time.perf_counter() - start)))
+
+        with mlflow.start_run(run_name="sync", nested=True):
+            smgr = mlflow_ckpt.CheckpointManager(state, incremental=False, async_save=False)
+            pairs = args.repeats
+            compared["async stall / memcpy floor"] = interleaved(
+                stall, memcpy, pairs=pairs, setup=settle
+            )
+            compared["async stall / usual recipe"] = interleaved(
+                stall, recipe, pairs=pairs, setup=settle
+            )
+            compared["sync save / usual recipe"] = interleaved(
+                lambda: smgr.save(next(step)), recipe, pairs=pairs, setup=settle
+            )
+            settle()
+            smgr.close()
+        amgr.close()
+    targets.clear()
     example = torch.randn(2, model[0].in_features).numpy()  # 3.17's default pt2 format needs one
     with mlflow.start_run(run_name="mlflow.pytorch.log_model"):
-        results["mlflow.pytorch.log_model"] = statistics.median(
-            timed(lambda: mlflow.pytorch.log_model(model, name="model", input_example=example), 1)
-        )
+        log_model = timed(
+            lambda: mlflow.pytorch.log_model(model, name="model", input_example=example), 1
+        )[0]
 
-    base = results["torch.save + log_artifact"]
-    print(f"\n{'variant':<32} {'blocks training':>16} {'vs usual recipe':>16}")
-    for name, seconds in results.items():
-        print(f"{name:<32} {seconds:>15.3f}s {seconds / base:>15.3f}x")
-    ratio = results["async"] / base
+    stalls = compared["async stall / memcpy floor"].a_times
+    print(
+        f"\n{'comparison (interleaved pairs)':<32} {'median ratio (min-max)':>24}  A / B median s"
+    )
+    for name, result in compared.items():
+        print(
+            f"{name:<32} {result.median_ratio:>10.3f}x ({result.min:.3f}-{result.max:.3f})  "
+            f"{statistics.median(result.a_times):.3f} / {statistics.median(result.b_times):.3f}"
+        )
+    print(f"async save until committed: median {statistics.median(totals):.3f} s")
+    print(f"mlflow.pytorch.log_model (once): {log_model:.3f} s")
+    ratio = compared["async stall / usual recipe"].median_ratio
     verdict = "meets" if ratio <= 0.1 else "MISSES"
     print(f"\nasync stall / usual recipe = {ratio:.3f} ({verdict} the <= 0.1x target)")
-    to_floor = results["async"] / floor
+    to_floor = compared["async stall / memcpy floor"].median_ratio
     verdict = "meets" if to_floor <= 2 else "MISSES"
-    print(f"async stall over {args.repeats} saves: {spread}")
-    print(
-        f"memcpy floor (copy into preallocated memory, min): {floor:.3f} s; async stall / "
-        f"memcpy = {to_floor:.2f}x ({verdict} the <= 2x target)"
+    spread = (
+        f"min {min(stalls):.3f} / median {statistics.median(stalls):.3f} / max {max(stalls):.3f} s"
     )
+    print(f"async stall over {len(stalls)} saves: {spread}")
+    print(f"async stall / memcpy = {to_floor:.2f}x ({verdict} the <= 2x target)")
     os.chdir(cwd)
     shutil.rmtree(work, ignore_errors=True)  # several GB of checkpoints
     # Memory in a fresh process: freed snapshot buffers that the allocator keeps would

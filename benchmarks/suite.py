@@ -1,14 +1,18 @@
 """One benchmark suite: every speed, memory and MLflow-cost figure, on the same state, in one run.
 
 For a model + AdamW state (``--params`` million parameters, ~12 bytes each), measured in
-this process against a fresh sqlite tracking store with local artifacts, each figure as
-min / median / max of ``--repeats`` (this machine is noisy):
+this process against a fresh sqlite tracking store with local artifacts. The disk here swings
+~3x between runs minutes apart, so every comparison is timed in interleaved pairs (A B, B A,
+..., ``benchmarks/pairs.py``) with a training step (every weight and moment changes) before
+each timed call, and reported as the median of the per-pair ratios with their min-max:
 
 - **async stall** (what ``save()`` blocks) against the memcpy floor (the state's tensors
   copied into memory allocated beforehand) and ``dcp.async_save``'s own stall;
-- **sync save** (hash, write, fsync, commit) against ``torch.save`` + ``mlflow.log_artifact``
-  (the usual recipe), ``mlflow.pytorch.log_model`` (once: it is slow),
-  ``safetensors.torch.save_file`` and ``dcp.save``;
+- **sync save** (hash, write, fsync, commit, delete the previous checkpoint) against
+  ``dcp.save`` (its ``FileSystemWriter`` fsyncs each file by default, ``sync_files=True``;
+  also with ``sync_files=False``; it too deletes its previous checkpoint), ``torch.save`` +
+  ``mlflow.log_artifact`` (the usual recipe), and alone ``mlflow.pytorch.log_model`` (once:
+  it is slow) and ``safetensors.torch.save_file``;
 - **load / resume** (``mlflow_ckpt.load`` into the live objects, every file hashed) against
   ``safetensors.torch.load_file`` of the same tensors copied into the live state, and
   ``dcp.load``;
@@ -27,7 +31,8 @@ min / median / max of ``--repeats`` (this machine is noisy):
 
     python benchmarks/suite.py [--params 50] [--repeats 5] [--json] [--quick]
 
-``--quick``: 1,000 checkpoints at most and 3 repeats (a few minutes). The README's
+``--repeats``: pairs per comparison. ``--quick``: 1,000 checkpoints at most and 3 pairs (a
+few minutes). Each comparison's line also goes to stderr as soon as it is measured. The README's
 Benchmark section quotes a full run, with the machine and date it prints.
 """
 
@@ -57,6 +62,7 @@ import mlflow
 import torch
 import torch.distributed.checkpoint as dcp
 from mlflow import MlflowClient
+from pairs import PairResult, interleaved
 from safetensors.torch import load_file, save_file
 from stall import build, state_bytes, touch
 
@@ -86,15 +92,60 @@ def _flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch
     return flat
 
 
-def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
-    """Stall, save and load figures on one model + AdamW state."""
+class Pairs:
+    """Every comparison of the suite, timed in interleaved pairs (``benchmarks/pairs.py``).
+
+    Each figure keeps the times of the first comparison it took part in (or of its own
+    timing loop, when it is compared with nothing); each comparison keeps its per-pair
+    ratios, which are the evidence on this machine's noisy disk.
+    """
+
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+        self.times: Figures = {}
+        self.results: list[tuple[str, str, PairResult]] = []
+
+    def single(
+        self, name: str, fn: Callable[[], object], before: Callable[[], object] | None = None
+    ):
+        self.times[name] = timed(fn, self.pairs, before)
+
+    def compare(
+        self,
+        a_name: str,
+        a: Callable[[], object],
+        b_name: str,
+        b: Callable[[], object],
+        setup: Callable[[], object] | None = None,
+    ) -> None:
+        result = interleaved(a, b, pairs=self.pairs, setup=setup)
+        self.times.setdefault(a_name, list(result.a_times))
+        self.times.setdefault(b_name, list(result.b_times))
+        self.results.append((a_name, b_name, result))
+        print(f"  {a_name} / {b_name}: {result.describe()}", file=sys.stderr, flush=True)
+
+
+SYNC = "mlflow_ckpt sync save"
+DCP = "dcp.save (sync_files=True, its default: fsyncs each file)"
+DCP_NOSYNC = "dcp.save, sync_files=False"
+RECIPE = "torch.save + log_artifact"
+FLOOR = "memcpy floor (preallocated)"
+LOAD = "mlflow_ckpt load (resume), every file hashed"
+STEP = "mlflow_ckpt load + first AdamW step"
+NEW = "... into a new model and optimizer"
+ZSTD = ", compression='zstd'"
+
+
+def speed(params: int, pairs: int, work: Path) -> tuple[Pairs, int]:
+    """Stall, save and load figures on one model + AdamW state, every comparison in pairs."""
     torch.manual_seed(0)
     model, opt = build(params)
     size = state_bytes(model, opt)
     state = {"model": model, "optimizer": opt}
     flat = _flat(model, opt)
-    out: Figures = {}
+    bench = Pairs(pairs)
     step = iter(range(10**6))
+    pending: list[Callable[[], object]] = []  # background work a stall measurement left
 
     targets = [torch.empty_like(t) for t in flat.values()]
     sources = list(flat.values())
@@ -103,93 +154,87 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source)
 
-    def train() -> None:
+    def train() -> None:  # untimed, before every timed call: what training does in between
+        while pending:
+            pending.pop()()
         touch(model, opt)
-
-    memcpy()
-    out["memcpy floor (preallocated)"] = timed(memcpy, repeats)
-    targets.clear()
-
-    with mlflow.start_run(run_name="async"):
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=True, keep_last_n=1, timeline=False)
-        mgr.save(next(step))
-        mgr.wait()
-        stalls = []
-        for _ in range(repeats):
-            train()
-            start = time.perf_counter()
-            mgr.save(next(step))
-            stalls.append(time.perf_counter() - start)
-            mgr.wait()
-        out["mlflow_ckpt async: stall"] = stalls
-        mgr.close()
-    with mlflow.start_run(run_name="sync") as run:
-        mgr = mlflow_ckpt.CheckpointManager(state, async_save=False, keep_last_n=1, timeline=False)
-        mgr.save(next(step))
-        out["mlflow_ckpt sync save"] = timed(lambda: mgr.save(next(step)), repeats, train)
-        mgr.close()
-        uri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
 
     def recipe() -> None:
         path = work / "checkpoint.pt"
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
         mlflow.log_artifact(str(path), artifact_path=f"checkpoints/{time.time_ns()}")
 
-    with mlflow.start_run(run_name="recipe"):
-        recipe()
-        out["torch.save + log_artifact"] = timed(recipe, repeats)
+    dcp_dirs = iter(range(10**6))
+
+    def dcp_save(sync_files: bool = True) -> Callable[[], None]:
+        def save() -> None:  # keeps the previous checkpoint, as keep_last_n=1 does
+            target = work / f"dcp-{next(dcp_dirs) % 2}"
+            shutil.rmtree(target, ignore_errors=True)
+            writer = dcp.FileSystemWriter(str(target), sync_files=sync_files)
+            dcp.save(state_dict_for_dcp(model, opt), storage_writer=writer, no_dist=True)
+
+        return save
+
+    def dcp_stall() -> None:
+        target = work / "dcp-async"
+        shutil.rmtree(target, ignore_errors=True)
+        future = dcp.async_save(
+            state_dict_for_dcp(model, opt), checkpoint_id=str(target), no_dist=True
+        )
+        pending.append(future.result)  # finished (untimed) before the next timed call
+
+    with mlflow.start_run(run_name="async"):
+        mgr = mlflow_ckpt.CheckpointManager(state, async_save=True, keep_last_n=1, timeline=False)
+
+        def stall() -> None:
+            mgr.save(next(step))
+            pending.append(mgr.wait)  # finished (untimed) before the next timed call
+
+        bench.compare("mlflow_ckpt async: stall", stall, FLOOR, memcpy, train)
+        bench.compare("dcp.async_save: stall", dcp_stall, FLOOR, memcpy, train)
+        bench.compare("mlflow_ckpt async: stall", stall, "dcp.async_save: stall", dcp_stall, train)
+        train()
+        mgr.close()
+    targets.clear()
+    # Two managers at once, each on its own run (the zstd one nested), so that the plain and
+    # the compressed save can be timed in pairs too.
+    with mlflow.start_run(run_name="sync") as run:
+        mgr = mlflow_ckpt.CheckpointManager(state, async_save=False, keep_last_n=1, timeline=False)
+        with mlflow.start_run(run_name="zstd", nested=True) as zrun:
+            zmgr = mlflow_ckpt.CheckpointManager(
+                state, async_save=False, keep_last_n=1, timeline=False, compression="zstd"
+            )
+            sync = lambda: mgr.save(next(step))  # noqa: E731
+            bench.compare(SYNC, sync, DCP, dcp_save(), train)
+            bench.compare(SYNC, sync, DCP_NOSYNC, dcp_save(sync_files=False), train)
+            bench.compare(SYNC, sync, RECIPE, recipe, train)  # (its files go to the zstd run)
+            bench.compare(SYNC + ZSTD, lambda: zmgr.save(next(step)), SYNC, sync, train)
+            zuri = mlflow_ckpt.latest_checkpoint(zrun.info.run_id).uri
+            zmgr.close()
+        uri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
+        mgr.close()
     example = torch.randn(2, model[0].in_features).numpy()
     with mlflow.start_run(run_name="log_model"):
-        out["mlflow.pytorch.log_model"] = timed(
+        bench.times["mlflow.pytorch.log_model"] = timed(
             lambda: mlflow.pytorch.log_model(model, name="model", input_example=example), 1
         )
     st_path = str(work / "st.safetensors")
-    out["safetensors save_file"] = timed(lambda: save_file(flat, st_path), repeats)
-    dcp_dir = work / "dcp"
-
-    def dcp_save() -> None:
-        shutil.rmtree(dcp_dir, ignore_errors=True)
-        dcp.save(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True)
-
-    dcp_save()
-    out["dcp.save"] = timed(dcp_save, repeats)
-    stalls = []
-    for _ in range(repeats):
-        shutil.rmtree(dcp_dir, ignore_errors=True)
-        start = time.perf_counter()
-        future = dcp.async_save(
-            state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True
-        )
-        stalls.append(time.perf_counter() - start)
-        future.result()
-    out["dcp.async_save: stall"] = stalls
+    bench.single("safetensors save_file", lambda: save_file(flat, st_path))
+    dcp_dir = work / "dcp-load"
+    dcp.save(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True)
 
     def st_load() -> None:  # the same bytes back into the live model and optimizer
         with torch.no_grad():
             for name, tensor in load_file(st_path).items():
                 flat[name].copy_(tensor)
 
-    out["safetensors load_file + copy into the state"] = timed(st_load, repeats)
-    out["dcp.load"] = timed(
-        lambda: dcp.load(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True),
-        repeats,
-    )
-    out["mlflow_ckpt load (resume), every file hashed"] = timed(
-        lambda: mlflow_ckpt.load(uri, state), repeats
-    )
-    with mlflow.start_run(run_name="zstd") as run:
-        mgr = mlflow_ckpt.CheckpointManager(
-            state, async_save=False, keep_last_n=1, timeline=False, compression="zstd"
-        )
-        mgr.save(next(step))
-        out["mlflow_ckpt sync save, compression='zstd'"] = timed(
-            lambda: mgr.save(next(step)), repeats, train
-        )
-        mgr.close()
-        zuri = mlflow_ckpt.latest_checkpoint(run.info.run_id).uri
-    out["mlflow_ckpt load (resume), compression='zstd'"] = timed(
-        lambda: mlflow_ckpt.load(zuri, state), repeats
-    )
+    def dcp_load() -> None:
+        dcp.load(state_dict_for_dcp(model, opt), checkpoint_id=str(dcp_dir), no_dist=True)
+
+    load = lambda: mlflow_ckpt.load(uri, state)  # noqa: E731
+    bench.compare(LOAD, load, "dcp.load", dcp_load)
+    bench.compare(LOAD, load, "safetensors load_file + copy into the state", st_load)
+    bench.compare(LOAD.split(",")[0] + ZSTD, lambda: mlflow_ckpt.load(zuri, state), LOAD, load)
 
     def load_and_step(target: str) -> Callable[[], None]:
         def run() -> None:  # (the gradients of build()'s backward pass are still there)
@@ -198,10 +243,7 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
 
         return run
 
-    out["mlflow_ckpt load + first AdamW step"] = timed(load_and_step(uri), repeats)
-    out["mlflow_ckpt load + first AdamW step, compression='zstd'"] = timed(
-        load_and_step(zuri), repeats
-    )
+    bench.compare(STEP + ZSTD, load_and_step(zuri), STEP, load_and_step(uri))
     new: dict[str, Any] = {}
 
     def new_objects() -> None:  # what a resuming process builds before it loads
@@ -217,13 +259,10 @@ def speed(params: int, repeats: int, work: Path) -> tuple[Figures, int]:
 
         return run
 
-    out["... into a new model and optimizer"] = timed(resume_and_step(uri), repeats, new_objects)
-    out["... into a new model and optimizer, compression='zstd'"] = timed(
-        resume_and_step(zuri), repeats, new_objects
-    )
+    bench.compare(NEW + ZSTD, resume_and_step(zuri), NEW, resume_and_step(uri), new_objects)
     new.clear()
-    out["AdamW step (steady)"] = timed(opt.step, repeats)
-    return out, size
+    bench.single("AdamW step (steady)", opt.step)
+    return bench, size
 
 
 class _Counter:
@@ -364,48 +403,34 @@ def peak_memory(params: int) -> str:
 
 
 def table(
-    speeds: Figures,
+    bench: Pairs,
     size: int,
     costs: Figures,
     memory: str,
-    repeats: int,
     zstd: dict[str, tuple[float, list[float], list[float]]],
 ) -> str:
     def fmt(values: list[float], unit: float = 1.0, digits: int = 3) -> str:
         vs = [v * unit for v in values]
         return f"{min(vs):.{digits}f} / {statistics.median(vs):.{digits}f} / {max(vs):.{digits}f}"
 
-    med = {k: statistics.median(v) for k, v in speeds.items()}
-    ratios = {
-        "mlflow_ckpt async: stall": ("memcpy floor (preallocated)", "torch.save + log_artifact"),
-        "dcp.async_save: stall": ("memcpy floor (preallocated)", "torch.save + log_artifact"),
-        "mlflow_ckpt sync save": ("dcp.save", "torch.save + log_artifact"),
-        "mlflow_ckpt load (resume), every file hashed": (
-            "dcp.load",
-            "safetensors load_file + copy into the state",
-        ),
-        "mlflow_ckpt sync save, compression='zstd'": ("mlflow_ckpt sync save",),
-        "mlflow_ckpt load (resume), compression='zstd'": (
-            "mlflow_ckpt load (resume), every file hashed",
-        ),
-        "mlflow_ckpt load + first AdamW step, compression='zstd'": (
-            "mlflow_ckpt load + first AdamW step",
-        ),
-        "... into a new model and optimizer, compression='zstd'": (
-            "... into a new model and optimizer",
-        ),
-    }
+    against: dict[str, list[str]] = {}
+    for a_name, b_name, result in bench.results:
+        against.setdefault(a_name, []).append(
+            f"{result.median_ratio:.2f}x ({result.min:.2f}-{result.max:.2f}) {b_name}"
+        )
     lines = [
         f"state: {size / 1e6:.0f} MB (model + AdamW); {platform.node()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, mlflow {mlflow.__version__}, "
-        f"{date.today().isoformat()}; min / median / max of {repeats}",
+        f"{date.today().isoformat()}; every comparison timed in {bench.pairs} interleaved "
+        "pairs (A B, B A, ...) after one untimed call of each; a ratio is the median of the "
+        "per-pair ratios (min-max in brackets), the seconds are each figure's times in its "
+        "first comparison",
         "",
-        "| figure | seconds (min / median / max) | ratios (median) |",
+        "| figure | seconds (min / median / max) | ratios: median of pairs (min-max) |",
         "|---|---|---|",
     ]
-    for name, values in speeds.items():
-        against = ratios.get(name, ())
-        text = ", ".join(f"{med[name] / med[b]:.2f}x {b}" for b in against)
+    for name, values in bench.times.items():
+        text = "; ".join(against.get(name, ()))
         lines.append(f"| {name} | {fmt(values)} | {text} |")
     lines += [
         "",
@@ -429,12 +454,14 @@ def table(
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=50, help="millions of parameters")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="pairs per comparison (and repeats of the rest)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-cost", action="store_true", help="only the speed figures")
     args = parser.parse_args(argv)
-    repeats = 3 if args.quick else args.repeats
+    pairs = 3 if args.quick else args.repeats
     counts = [0, 1000] if args.quick else [0, 1000, 10_000]
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-suite-"))
     cwd = os.getcwd()
@@ -442,9 +469,9 @@ def main(argv: list[str]) -> None:
     try:
         mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
         mlflow.set_experiment("suite")
-        speeds, size = speed(args.params, repeats, work)
-        costs = {} if args.skip_cost else mlflow_cost(repeats, counts)
-        zstd = compression(repeats)
+        bench, size = speed(args.params, pairs, work)
+        costs = {} if args.skip_cost else mlflow_cost(pairs, counts)
+        zstd = compression(pairs)
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
@@ -454,7 +481,10 @@ def main(argv: list[str]) -> None:
             json.dumps(
                 {
                     "state_bytes": size,
-                    "speed": speeds,
+                    "speed": bench.times,
+                    "pairs": [
+                        {"a": a, "b": b, **result.as_json()} for a, b, result in bench.results
+                    ],
                     "mlflow_cost": costs,
                     "memory": memory,
                     "compression": zstd,
@@ -462,7 +492,7 @@ def main(argv: list[str]) -> None:
             )
         )
     else:
-        print(table(speeds, size, costs, memory, repeats, zstd))
+        print(table(bench, size, costs, memory, zstd))
 
 
 if __name__ == "__main__":
