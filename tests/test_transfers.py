@@ -7,6 +7,8 @@ import logging
 import os
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -16,9 +18,10 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.storage import RetryPolicy, TransferConfig, open_store
+from mlflow_ckpt.storage import RetryPolicy, StoreError, TransferConfig, open_store
 from tests import servers
 from tests.conftest import BUCKET, _aws_kwargs, make_store, s3_env
+from tests.faultproxy import FaultProxy, fault_proxy
 
 FAST_RETRY = RetryPolicy(attempts=6, base=0.05, cap=0.2)
 
@@ -280,3 +283,102 @@ def test_progress_bar_on_large_downloads(s3_via_proxy, capsys) -> None:
     assert "download" in capsys.readouterr().err
     assert loaded.manifest.step == 0
     assert read_checkpoint(model).manifest.step == 0
+
+
+# ------------------------------------------------ one retry layer, on every remote store
+
+RETRY_KINDS = ["s3", "azure", "gcs", "proxy"]
+
+
+@pytest.fixture(params=RETRY_KINDS)
+def faulty(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of one store's real server, and a fresh folder URI behind it.
+
+    The environment asks the SDKs for retries of their own (``AWS_MAX_ATTEMPTS=10``...):
+    the stores must try each call once whatever it says, so every attempt is one
+    connection at the proxy."""
+    folder = f"retry-{uuid.uuid4().hex[:10]}"
+    server = request.getfixturevalue(
+        {"s3": "s3_server", "azure": "azurite_server", "gcs": "gcs_server"}.get(
+            request.param, "proxy_server"
+        )
+    )
+    with fault_proxy(server.port) as proxy:
+        if request.param == "s3":
+            env = dict(s3_env(proxy.url), AWS_MAX_ATTEMPTS="10", AWS_RETRY_MODE="legacy")
+            uri = f"s3://{BUCKET}/{folder}"
+        elif request.param == "azure":
+            env = {"AZURE_STORAGE_CONNECTION_STRING": servers.azurite_connection_string(proxy.port)}
+            uri = f"wasbs://{BUCKET}@devstoreaccount1.blob.core.windows.net/{folder}"
+        elif request.param == "gcs":
+            # The SDK fetches each bucket's metadata once per client in the background (for
+            # tracing attributes, even with tracing off): one more request, not a retry.
+            env = {
+                "STORAGE_EMULATOR_HOST": proxy.url,
+                "GOOGLE_CLOUD_PROJECT": "test",
+                "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA": "true",
+            }
+            uri = f"gs://{BUCKET}/{folder}"
+        else:  # an mlflow server proxying artifacts, addressed by its HTTP URI
+            env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
+            uri = f"{proxy.url}/api/2.0/mlflow-artifacts/artifacts/{folder}"
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield proxy, uri
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_a_transient_failure_is_retried_by_our_layer_alone(
+    faulty: tuple[FaultProxy, str], mode: str
+) -> None:
+    """A 503 or a reset connection, on a write and on a read: exactly ``attempts`` requests
+    reach the server (no SDK retries nested inside ours), then a clear error."""
+    proxy, uri = faulty
+    proxy.set(mode, 1000)
+    policy = RetryPolicy(attempts=3, base=0.01, cap=0.02)
+    with open_store(uri, TransferConfig(retry=policy)) as store:
+        before = proxy.connections
+        with pytest.raises(StoreError, match="transient \\(retries exhausted\\)"):
+            store.write_bytes("f.bin", b"abc")
+            store.flush()
+        assert proxy.connections - before == 3
+        before = proxy.connections
+        with pytest.raises(StoreError, match="retries exhausted"):
+            store.exists("f.bin")
+        assert proxy.connections - before == 3
+
+
+@pytest.mark.parametrize("mode", ["403", "404"])
+def test_a_permanent_failure_is_sent_once(faulty: tuple[FaultProxy, str], mode: str) -> None:
+    proxy, uri = faulty
+    proxy.set(mode, 1000)
+    policy = RetryPolicy(attempts=6, base=1.0, cap=5.0)
+    with open_store(uri, TransferConfig(retry=policy)) as store:
+        before, started = proxy.connections, time.monotonic()
+        with pytest.raises(StoreError, match="permanent") as info:
+            store.write_bytes("f.bin", b"abc")
+            store.flush()
+        assert proxy.connections - before == 1
+        assert time.monotonic() - started < 5  # no backoff either
+        fix = "access denied" if mode == "403" else "does not exist"
+        assert fix in str(info.value)
+
+
+def test_dropped_connections_are_retried_and_the_file_arrives(
+    faulty: tuple[FaultProxy, str], tmp_path: Path
+) -> None:
+    """The first two connections are reset: the upload is sent a third time and lands; the
+    same store then lists, reads and deletes it."""
+    proxy, uri = faulty
+    with open_store(uri, TransferConfig(retry=FAST_RETRY)) as store:
+        proxy.set("drop", 2)
+        store.write_bytes("f.bin", b"payload")
+        store.flush()
+        requests = 2 if uri.startswith("gs://") else 1  # GCS: open the session, send bytes
+        assert (proxy.faulted, proxy.connections) == (2, 2 + requests)
+        assert store.list_sizes("") == {"f.bin": 7}
+        assert store.read_bytes("f.bin", tmp_path) == b"payload"
+        store.delete_all()
+        assert store.list_sizes("") == {}
