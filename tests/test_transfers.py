@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,9 +20,9 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.storage import RetryPolicy, StoreError, TransferConfig, open_store
+from mlflow_ckpt.storage import RetryPolicy, StoreError, TransferConfig, is_transient, open_store
 from tests import servers
-from tests.conftest import BUCKET, _aws_kwargs, make_store, s3_env
+from tests.conftest import BUCKET, ROOT, _aws_kwargs, make_store, s3_env
 from tests.faultproxy import FaultProxy, fault_proxy
 
 FAST_RETRY = RetryPolicy(attempts=6, base=0.05, cap=0.2)
@@ -382,3 +384,74 @@ def test_dropped_connections_are_retried_and_the_file_arrives(
         assert store.read_bytes("f.bin", tmp_path) == b"payload"
         store.delete_all()
         assert store.list_sizes("") == {}
+
+
+def test_failures_are_classified_by_type_and_status_never_by_message() -> None:
+    """Real SDK exception objects: what a reply's status or the exception's type says
+    decides; the same words in a message of another type decide nothing."""
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+    from google.api_core import exceptions as google
+    from mlflow.exceptions import MlflowException
+
+    def s3(status: int, code: str) -> ClientError:
+        reply = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(reply, "PutObject")  # type: ignore[arg-type]
+
+    def wrapped(cause: BaseException) -> MlflowException:
+        try:
+            raise cause
+        except BaseException:  # as MLflow's http_request wraps it: context, no cause
+            try:
+                raise MlflowException("API request failed")
+            except MlflowException as outer:
+                return outer
+
+    transient = [
+        s3(503, "ServiceUnavailable"),
+        s3(500, "InternalError"),
+        s3(400, "RequestTimeout"),  # S3's idle-socket timeout comes as a 400
+        s3(429, "TooManyRequests"),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ReadTimeoutError(endpoint_url="http://x"),
+        ServiceRequestError("no connection"),
+        ServiceResponseError("connection cut"),
+        google.ServiceUnavailable("busy"),
+        google.TooManyRequests("slow down"),
+        ConnectionResetError(104, "reset"),
+        TimeoutError("timed out"),
+        wrapped(ConnectionRefusedError(111, "refused")),
+    ]
+    permanent = [
+        s3(403, "AccessDenied"),
+        s3(404, "NoSuchBucket"),
+        google.Forbidden("no"),
+        google.NotFound("no bucket"),
+        RuntimeError("HTTP 503 Service Unavailable"),  # words, not a reply
+        ValueError("ConnectionError: status code 500"),
+        wrapped(RuntimeError("status 503")),
+    ]
+    assert [e for e in transient if not is_transient(e)] == []
+    assert [e for e in permanent if is_transient(e)] == []
+
+
+def test_classifying_needs_no_sdk_of_another_store() -> None:
+    """An S3-only install has no Azure or Google Cloud packages (MLflow itself needs
+    ``google.protobuf`` only): classification still works."""
+    script = (
+        "import sys\n"
+        "for name in ('azure', 'google.cloud', 'google.api_core', 'google.auth',\n"
+        "             'google.resumable_media'):\n"
+        "    sys.modules[name] = None  # importing it raises ImportError\n"
+        "from mlflow_ckpt.storage.retry import is_transient\n"
+        "from botocore.exceptions import EndpointConnectionError\n"
+        "assert is_transient(EndpointConnectionError(endpoint_url='http://x'))\n"
+        "assert not is_transient(RuntimeError('HTTP 503'))\n"
+        "assert 'azure.core' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.strip() == "ok", done.stderr
