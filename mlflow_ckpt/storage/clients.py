@@ -34,6 +34,9 @@ from mlflow.environment_variables import (
     MLFLOW_S3_UPLOAD_EXTRA_ARGS,
 )
 
+from mlflow_ckpt.storage.base import StoreError
+from mlflow_ckpt.storage.transfer import redact
+
 
 def s3_client() -> Any:
     """A boto3 S3 client as MLflow's S3 repository builds it, but trying each call once.
@@ -99,8 +102,14 @@ def azure_service_client(artifact_uri: str, account: str, suffix: str) -> Any:
     if "AZURE_STORAGE_ACCESS_KEY" in os.environ:
         credential: Any = os.environ["AZURE_STORAGE_ACCESS_KEY"]
     else:
-        from azure.identity import DefaultAzureCredential
-
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError:
+            raise StoreError(
+                f"No Azure credentials for {redact(artifact_uri)}: set "
+                "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCESS_KEY, or install "
+                "azure-identity (pip install 'mlflow[azure]') to use DefaultAzureCredential."
+            ) from None
         credential = DefaultAzureCredential()
     return BlobServiceClient(account_url=account_url, credential=credential, **options)
 
