@@ -5,6 +5,7 @@ Modes, applied to the first ``count`` connections (later ones pass through):
 * ``drop``  - accept, then close the connection at once (connection reset / aborted);
 * ``503``   - answer ``HTTP/1.1 503 Service Unavailable`` without contacting the server;
 * ``403``   - answer ``HTTP/1.1 403 Forbidden`` (a permanent error, never retried);
+* ``404``   - answer ``HTTP/1.1 404 Not Found`` (permanent too: a missing bucket or path);
 * ``stall`` - accept and never answer (the client's timeout must fire).
 
 ``record=True`` keeps every byte sent upstream (``sent``): what a client really asked, for
@@ -23,11 +24,23 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
+
+def _reply(status: str, code: str = "", message: str = "") -> bytes:
+    """A whole HTTP reply that closes its connection; an S3-style XML error body if ``code``."""
+    body = (
+        f'<?xml version="1.0"?><Error><Code>{code}</Code><Message>{message}</Message></Error>\n'
+        if code
+        else ""
+    ).encode()
+    kind = b"Content-Type: application/xml\r\n" if body else b""
+    head = f"HTTP/1.1 {status}\r\n".encode() + kind
+    return head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+
+
 _RESPONSES = {
-    "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    "403": b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: 96\r\n"
-    b'Connection: close\r\n\r\n<?xml version="1.0"?><Error><Code>AccessDenied</Code>'
-    b"<Message>Access Denied</Message></Error>\n",
+    "503": _reply("503 Service Unavailable"),
+    "403": _reply("403 Forbidden", "AccessDenied", "Access Denied"),
+    "404": _reply("404 Not Found", "NoSuchBucket", "No such bucket"),
 }
 
 

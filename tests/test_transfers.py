@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -16,9 +20,10 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.storage import RetryPolicy, TransferConfig, open_store
+from mlflow_ckpt.storage import RetryPolicy, StoreError, TransferConfig, is_transient, open_store
 from tests import servers
-from tests.conftest import BUCKET, _aws_kwargs, make_store, s3_env
+from tests.conftest import BUCKET, ROOT, _aws_kwargs, make_store, s3_env
+from tests.faultproxy import FaultProxy, fault_proxy
 
 FAST_RETRY = RetryPolicy(attempts=6, base=0.05, cap=0.2)
 
@@ -280,3 +285,173 @@ def test_progress_bar_on_large_downloads(s3_via_proxy, capsys) -> None:
     assert "download" in capsys.readouterr().err
     assert loaded.manifest.step == 0
     assert read_checkpoint(model).manifest.step == 0
+
+
+# ------------------------------------------------ one retry layer, on every remote store
+
+RETRY_KINDS = ["s3", "azure", "gcs", "proxy"]
+
+
+@pytest.fixture(params=RETRY_KINDS)
+def faulty(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of one store's real server, and a fresh folder URI behind it.
+
+    The environment asks the SDKs for retries of their own (``AWS_MAX_ATTEMPTS=10``...):
+    the stores must try each call once whatever it says, so every attempt is one
+    connection at the proxy."""
+    folder = f"retry-{uuid.uuid4().hex[:10]}"
+    server = request.getfixturevalue(
+        {"s3": "s3_server", "azure": "azurite_server", "gcs": "gcs_server"}.get(
+            request.param, "proxy_server"
+        )
+    )
+    with fault_proxy(server.port) as proxy:
+        if request.param == "s3":
+            env = dict(s3_env(proxy.url), AWS_MAX_ATTEMPTS="10", AWS_RETRY_MODE="legacy")
+            uri = f"s3://{BUCKET}/{folder}"
+        elif request.param == "azure":
+            env = {"AZURE_STORAGE_CONNECTION_STRING": servers.azurite_connection_string(proxy.port)}
+            uri = f"wasbs://{BUCKET}@devstoreaccount1.blob.core.windows.net/{folder}"
+        elif request.param == "gcs":
+            # The SDK fetches each bucket's metadata once per client in the background (for
+            # tracing attributes, even with tracing off): one more request, not a retry.
+            env = {
+                "STORAGE_EMULATOR_HOST": proxy.url,
+                "GOOGLE_CLOUD_PROJECT": "test",
+                "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA": "true",
+            }
+            uri = f"gs://{BUCKET}/{folder}"
+        else:  # an mlflow server proxying artifacts, addressed by its HTTP URI
+            env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
+            uri = f"{proxy.url}/api/2.0/mlflow-artifacts/artifacts/{folder}"
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield proxy, uri
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_a_transient_failure_is_retried_by_our_layer_alone(
+    faulty: tuple[FaultProxy, str], mode: str
+) -> None:
+    """A 503 or a reset connection, on a write and on a read: exactly ``attempts`` requests
+    reach the server (no SDK retries nested inside ours), then a clear error."""
+    proxy, uri = faulty
+    proxy.set(mode, 1000)
+    policy = RetryPolicy(attempts=3, base=0.01, cap=0.02)
+    with open_store(uri, TransferConfig(retry=policy)) as store:
+        before = proxy.connections
+        with pytest.raises(StoreError, match="transient \\(retries exhausted\\)"):
+            store.write_bytes("f.bin", b"abc")
+            store.flush()
+        assert proxy.connections - before == 3
+        before = proxy.connections
+        with pytest.raises(StoreError, match="retries exhausted"):
+            store.exists("f.bin")
+        assert proxy.connections - before == 3
+
+
+@pytest.mark.parametrize("mode", ["403", "404"])
+def test_a_permanent_failure_is_sent_once(faulty: tuple[FaultProxy, str], mode: str) -> None:
+    proxy, uri = faulty
+    proxy.set(mode, 1000)
+    policy = RetryPolicy(attempts=6, base=1.0, cap=5.0)
+    with open_store(uri, TransferConfig(retry=policy)) as store:
+        before, started = proxy.connections, time.monotonic()
+        with pytest.raises(StoreError, match="permanent") as info:
+            store.write_bytes("f.bin", b"abc")
+            store.flush()
+        assert proxy.connections - before == 1
+        assert time.monotonic() - started < 5  # no backoff either
+        fix = "access denied" if mode == "403" else "does not exist"
+        assert fix in str(info.value)
+
+
+def test_dropped_connections_are_retried_and_the_file_arrives(
+    faulty: tuple[FaultProxy, str], tmp_path: Path
+) -> None:
+    """The first two connections are reset: the upload is sent a third time and lands; the
+    same store then lists, reads and deletes it."""
+    proxy, uri = faulty
+    with open_store(uri, TransferConfig(retry=FAST_RETRY)) as store:
+        proxy.set("drop", 2)
+        store.write_bytes("f.bin", b"payload")
+        store.flush()
+        requests = 2 if uri.startswith("gs://") else 1  # GCS: open the session, send bytes
+        assert (proxy.faulted, proxy.connections) == (2, 2 + requests)
+        assert store.list_sizes("") == {"f.bin": 7}
+        assert store.read_bytes("f.bin", tmp_path) == b"payload"
+        store.delete_all()
+        assert store.list_sizes("") == {}
+
+
+def test_failures_are_classified_by_type_and_status_never_by_message() -> None:
+    """Real SDK exception objects: what a reply's status or the exception's type says
+    decides; the same words in a message of another type decide nothing."""
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+    from google.api_core import exceptions as google
+    from mlflow.exceptions import MlflowException
+
+    def s3(status: int, code: str) -> ClientError:
+        reply = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(reply, "PutObject")  # type: ignore[arg-type]
+
+    def wrapped(cause: BaseException) -> MlflowException:
+        try:
+            raise cause
+        except BaseException:  # as MLflow's http_request wraps it: context, no cause
+            try:
+                raise MlflowException("API request failed")
+            except MlflowException as outer:
+                return outer
+
+    transient = [
+        s3(503, "ServiceUnavailable"),
+        s3(500, "InternalError"),
+        s3(400, "RequestTimeout"),  # S3's idle-socket timeout comes as a 400
+        s3(429, "TooManyRequests"),
+        EndpointConnectionError(endpoint_url="http://x"),
+        ReadTimeoutError(endpoint_url="http://x"),
+        ServiceRequestError("no connection"),
+        ServiceResponseError("connection cut"),
+        google.ServiceUnavailable("busy"),
+        google.TooManyRequests("slow down"),
+        ConnectionResetError(104, "reset"),
+        TimeoutError("timed out"),
+        wrapped(ConnectionRefusedError(111, "refused")),
+    ]
+    permanent = [
+        s3(403, "AccessDenied"),
+        s3(404, "NoSuchBucket"),
+        google.Forbidden("no"),
+        google.NotFound("no bucket"),
+        RuntimeError("HTTP 503 Service Unavailable"),  # words, not a reply
+        ValueError("ConnectionError: status code 500"),
+        wrapped(RuntimeError("status 503")),
+    ]
+    assert [e for e in transient if not is_transient(e)] == []
+    assert [e for e in permanent if is_transient(e)] == []
+
+
+def test_classifying_needs_no_sdk_of_another_store() -> None:
+    """An S3-only install has no Azure or Google Cloud packages (MLflow itself needs
+    ``google.protobuf`` only): classification still works."""
+    script = (
+        "import sys\n"
+        "for name in ('azure', 'google.cloud', 'google.api_core', 'google.auth',\n"
+        "             'google.resumable_media'):\n"
+        "    sys.modules[name] = None  # importing it raises ImportError\n"
+        "from mlflow_ckpt.storage.retry import is_transient\n"
+        "from botocore.exceptions import EndpointConnectionError\n"
+        "assert is_transient(EndpointConnectionError(endpoint_url='http://x'))\n"
+        "assert not is_transient(RuntimeError('HTTP 503'))\n"
+        "assert 'azure.core' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.strip() == "ok", done.stderr

@@ -1,9 +1,10 @@
-"""Azure Blob uploads from memory: one ``Put Blob`` per small file, staged blocks for larger.
+"""Azure Blob through our own client: uploads from memory, listings, downloads, deletes.
 
-A file up to ``TransferConfig.part_bytes`` is one request; a larger one is staged as blocks,
-several at a time while the next is encoded, and appears only when its block list is
-committed (uncommitted blocks are dropped by the service after a week). The blob client,
-credentials and timeouts are those of MLflow's Azure repository.
+A file up to ``TransferConfig.part_bytes`` is one ``Put Blob``; a larger one is staged as
+blocks, several at a time while the next is encoded, and appears only when its block list
+is committed (uncommitted blocks are dropped by the service after a week). The client has
+MLflow's credentials and timeouts (see :mod:`mlflow_ckpt.storage.clients`) but
+``retry_total=0``: MLflow's own retries each call 10 times under ours.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ import base64
 import logging
 import mimetypes
 import posixpath
+import threading
+from pathlib import Path
 from typing import Any
 
+from mlflow.environment_variables import MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT
+from mlflow.store.artifact.azure_blob_artifact_repo import AzureBlobArtifactRepository
+
+from mlflow_ckpt.storage import clients
 from mlflow_ckpt.storage.repository import RepositoryStore
 from mlflow_ckpt.storage.streaming import PartSink
+from mlflow_ckpt.storage.transfer import TransferConfig
 
 logger = logging.getLogger(__name__)
+
+_DEFAULT_TIMEOUT_S = 600  # MLflow's per-request timeout for Azure when none is set
 
 
 class AzureStore(RepositoryStore):
@@ -26,32 +36,81 @@ class AzureStore(RepositoryStore):
     cold_class = "Cool"  # online tiers: read at once ("Archive" would need a rehydration)
     hot_class = "Hot"
 
+    def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
+        super().__init__(uri, config)
+        parsed = AzureBlobArtifactRepository.parse_wasbs_uri(uri)
+        self._container_name, self._account, prefix, self._suffix = parsed
+        self._prefix = prefix.strip("/")
+        self._timeout = MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT.get() or _DEFAULT_TIMEOUT_S
+        self._client_lock = threading.Lock()
+        self._container_client: Any = None
+
+    @property
+    def container(self) -> Any:
+        """The container's client (made on first use; thread-safe once made)."""
+        with self._client_lock:
+            if self._container_client is None:
+                service = clients.azure_service_client(self.uri, self._account, self._suffix)
+                self._container_client = service.get_container_client(self._container_name)
+            return self._container_client
+
+    def _name(self, rel_path: str) -> str:
+        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+
     def _blob(self, rel_path: str) -> Any:
-        repo = self._repo
-        container, _, prefix, _ = repo.parse_wasbs_uri(repo.artifact_uri)
-        return repo.client.get_blob_client(container, posixpath.join(prefix, rel_path))
+        return self.container.get_blob_client(self._name(rel_path))
+
+    def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
+        from azure.storage.blob import BlobPrefix
+
+        folder = self._name(directory).rstrip("/")
+        start = f"{folder}/" if folder else ""
+        files: dict[str, int] = {}
+        folders: list[str] = []
+        for item in self.container.walk_blobs(
+            name_starts_with=start, delimiter="/", timeout=self._timeout
+        ):
+            name = item.name[len(start) :]
+            if isinstance(item, BlobPrefix):
+                folders.append(name.rstrip("/"))
+            elif name:
+                files[name] = int(item.size)
+        return files, folders
+
+    def _download(self, rel_path: str, target: Path) -> Path:
+        local = target / posixpath.basename(rel_path)
+        stream = self._blob(rel_path).download_blob(
+            max_concurrency=self.config.max_workers, timeout=self._timeout
+        )
+        with open(local, "wb") as f:
+            stream.readinto(f)
+        return local
+
+    def _remove(self, rel_path: str) -> None:
+        self._blob(rel_path).delete_blob(timeout=self._timeout)
+
+    def _remove_all(self) -> None:
+        folder = self._name("").rstrip("/")
+        start = f"{folder}/" if folder else ""
+        names = [b.name for b in self.container.list_blobs(name_starts_with=start)]
+        for name in names:
+            self.container.delete_blob(name, timeout=self._timeout)
 
     def set_storage_class(self, rel_path: str, storage_class: str) -> None:
         blob = self._blob(rel_path)
         self._run(
-            lambda: blob.set_standard_blob_tier(storage_class),
+            lambda: blob.set_standard_blob_tier(storage_class, timeout=self._timeout),
             f"move {rel_path} to {storage_class} in",
         )
 
     def storage_class(self, rel_path: str) -> str:
         blob = self._blob(rel_path)
-        return str(self._run(blob.get_blob_properties, "read").blob_tier)
+        props = self._run(lambda: blob.get_blob_properties(timeout=self._timeout), "read")
+        return str(props.blob_tier)
 
     def _sink(self, directory: str, name: str) -> PartSink | None:
-        repo = self._repo
-        try:
-            container, _, prefix, _ = repo.parse_wasbs_uri(repo.artifact_uri)
-            blob = repo.client.get_blob_client(container, posixpath.join(prefix, directory, name))
-            timeout = repo.write_timeout
-        except AttributeError:  # another MLflow layout: stage the file and use its public API
-            logger.debug("MLflow's Azure repository changed shape; staging uploads locally")
-            return None
-        return _AzureBlob(blob, timeout, mimetypes.guess_type(name)[0])
+        blob = self._blob(posixpath.join(directory, name))
+        return _AzureBlob(blob, self._timeout, mimetypes.guess_type(name)[0])
 
 
 class _AzureBlob:

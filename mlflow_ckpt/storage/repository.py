@@ -188,15 +188,36 @@ class RepositoryStore(Store):
             if pool is not None:
                 pool.shutdown(wait=True)
 
+    # -- reads and deletes. Each is one call per attempt under our retries; the stores we know
+    # override these with their SDK's own calls, made with the SDK's retries off (any other
+    # MLflow repository retries as it was built to, and ours run on top).
+
+    def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
+        """Sizes of the files directly in ``directory`` by name, and its sub-folders."""
+        listing = self._repo.list_artifacts(directory or None)
+        files = {posixpath.basename(i.path): int(i.file_size or 0) for i in listing if not i.is_dir}
+        folders = [posixpath.basename(i.path.rstrip("/")) for i in listing if i.is_dir]
+        return files, folders
+
+    def _download(self, rel_path: str, target: Path) -> Path:
+        """Download one file into the folder ``target``; return its local path."""
+        return Path(self._repo.download_artifacts(rel_path, dst_path=str(target)))
+
+    def _remove(self, rel_path: str) -> None:
+        """Delete one file."""
+        self._repo.delete_artifacts(rel_path)
+
+    def _remove_all(self) -> None:
+        """Delete every file under the store's URI."""
+        self._repo.delete_artifacts()
+
     def fetch(self, rel_path: str, scratch_dir: Path) -> Path:
         target = scratch_dir / uuid.uuid4().hex[:8]
         target.mkdir(parents=True)
-
-        def download() -> Path:
-            return Path(self._repo.download_artifacts(rel_path, dst_path=str(target)))
-
         try:
-            path: Path = self._run(download, f"download {rel_path} from")
+            path: Path = self._run(
+                lambda: self._download(rel_path, target), f"download {rel_path} from"
+            )
             self._progress("download", path.stat().st_size)
             return path
         except StoreError as exc:
@@ -206,20 +227,17 @@ class RepositoryStore(Store):
 
     def exists(self, rel_path: str) -> bool:
         directory, name = posixpath.split(rel_path)
-        listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
-        return any(posixpath.basename(i.path) == name and not i.is_dir for i in listing)
+        return name in self.list_sizes(directory)
 
     def list_sizes(self, directory: str) -> dict[str, int]:
-        listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
-        return {posixpath.basename(i.path): int(i.file_size or 0) for i in listing if not i.is_dir}
+        return dict(self._run(lambda: self._listing(directory), "list")[0])
 
     def list_folders(self, directory: str = "") -> list[str]:
-        listing = self._run(lambda: self._repo.list_artifacts(directory or None), "list")
-        return sorted(posixpath.basename(i.path.rstrip("/")) for i in listing if i.is_dir)
+        return sorted(self._run(lambda: self._listing(directory), "list")[1])
 
     def delete(self, rel_path: str) -> None:
         if self.exists(rel_path):
-            self._run(lambda: self._repo.delete_artifacts(rel_path), f"delete {rel_path} from")
+            self._run(lambda: self._remove(rel_path), f"delete {rel_path} from")
 
     def delete_all(self) -> None:
-        self._run(self._repo.delete_artifacts, "delete")
+        self._run(self._remove_all, "delete")

@@ -1,12 +1,15 @@
-"""S3 uploads from memory: one ``PutObject`` per small file, multipart parts for larger ones.
+"""S3 through our own boto3 client: uploads from memory, listings, downloads, deletes.
 
 MLflow's S3 repository uploads local files with boto3's managed transfer. Our files already
 sit in memory and every byte is covered by the manifest's hash, so we write them with the
 plain S3 API instead: a file up to ``TransferConfig.part_bytes`` is one ``PutObject``, a
 larger one a multipart upload whose parts go up several at a time while the next part is
 encoded. An unfinished multipart upload is aborted, so nothing is visible at the key before
-``CompleteMultipartUpload``. The client, credentials, endpoint and extra upload arguments
-(``MLFLOW_S3_UPLOAD_EXTRA_ARGS``, bucket owner) are MLflow's own.
+``CompleteMultipartUpload``.
+
+The client is built from MLflow's documented S3 settings (see
+:mod:`mlflow_ckpt.storage.clients`) rather than taken from MLflow's repository: that one
+is private to it and retries every call up to 5 times under our own retries.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ from __future__ import annotations
 import logging
 import mimetypes
 import posixpath
+import threading
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from mlflow_ckpt.storage import clients
 from mlflow_ckpt.storage.repository import RepositoryStore
 from mlflow_ckpt.storage.streaming import PartSink
+from mlflow_ckpt.storage.transfer import TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,51 +37,117 @@ _PER_PART_ARGS = (
     "SSECustomerKeyMD5",
     "RequestPayer",
 )
+_DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
 
 class S3Store(RepositoryStore):
-    """``s3://bucket/path`` through MLflow's configured boto3 client."""
+    """``s3://bucket/path`` through a boto3 client that tries each call once."""
 
     # Glacier Instant Retrieval: cheap storage, still read at once (no restore step)
     cold_class = "GLACIER_IR"
     hot_class = "STANDARD"
 
-    def _object(self, rel_path: str) -> tuple[Any, str, str]:
-        repo = self._repo
-        bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
-        return repo._get_s3_client(), bucket, posixpath.join(prefix, rel_path)
+    def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
+        super().__init__(uri, config)
+        parts = urlsplit(uri)
+        self._bucket = parts.netloc
+        self._prefix = parts.path.strip("/")
+        self._owner = clients.s3_bucket_owner()
+        self._client_lock = threading.Lock()
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (made on first use; boto3 clients are thread-safe once made)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = clients.s3_client()
+            return self._client
+
+    def _key(self, rel_path: str) -> str:
+        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+
+    def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
+        folder = self._key(directory).rstrip("/")
+        start = f"{folder}/" if folder else ""
+        files: dict[str, int] = {}
+        folders: list[str] = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=start, Delimiter="/", **self._owner
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"][len(start) :]
+                if name:  # not the folder's own marker object
+                    files[name] = int(item["Size"])
+            folders += [
+                p["Prefix"][len(start) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            ]
+        return files, folders
+
+    def _download(self, rel_path: str, target: Path) -> Path:
+        from boto3.s3.transfer import TransferConfig as BotoTransfer
+
+        local = target / posixpath.basename(rel_path)
+        # Ranged GETs in parallel for large files, as MLflow downloads them; one attempt at
+        # re-reading a cut stream (the transfer manager's own retry), ours retry the file.
+        self.client.download_file(
+            self._bucket,
+            self._key(rel_path),
+            str(local),
+            ExtraArgs=dict(self._owner),
+            Config=BotoTransfer(num_download_attempts=1, max_concurrency=self.config.max_workers),
+        )
+        return local
+
+    def _remove(self, rel_path: str) -> None:
+        self.client.delete_object(Bucket=self._bucket, Key=self._key(rel_path), **self._owner)
+
+    def _remove_all(self) -> None:
+        folder = self._key("").rstrip("/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=f"{folder}/" if folder else "", **self._owner
+        )
+        keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[start : start + _DELETE_BATCH]]
+            reply = self.client.delete_objects(
+                Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}, **self._owner
+            )
+            if reply.get("Errors"):
+                first = reply["Errors"][0]
+                raise OSError(
+                    f"S3 kept {len(reply['Errors'])} object(s), e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
 
     def set_storage_class(self, rel_path: str, storage_class: str) -> None:
-        client, bucket, key = self._object(rel_path)
-        source = {"Bucket": bucket, "Key": key}
+        client, key = self.client, self._key(rel_path)
+        source = {"Bucket": self._bucket, "Key": key}
+        extra = {"StorageClass": storage_class, **self._owner}
         # A copy onto itself: boto3's managed copy (multipart beyond 8 MiB, so past S3's
         # 5 GB single-copy limit too) keeps the metadata and sets the new class.
         self._run(
-            lambda: client.copy(source, bucket, key, ExtraArgs={"StorageClass": storage_class}),
+            lambda: client.copy(source, self._bucket, key, ExtraArgs=extra, SourceClient=client),
             f"move {rel_path} to {storage_class} in",
         )
 
     def storage_class(self, rel_path: str) -> str:
-        client, bucket, key = self._object(rel_path)
-        head = self._run(lambda: client.head_object(Bucket=bucket, Key=key), "read")
+        client, key = self.client, self._key(rel_path)
+        head = self._run(
+            lambda: client.head_object(Bucket=self._bucket, Key=key, **self._owner), "read"
+        )
         return str(head.get("StorageClass") or "STANDARD")  # S3 omits it for STANDARD
 
     def _sink(self, directory: str, name: str) -> PartSink | None:
-        repo = self._repo
-        try:
-            client = repo._get_s3_client()
-            bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
-            extra: dict[str, Any] = dict(repo._bucket_owner_params)
-            extra.update(repo.get_s3_file_upload_extra_args() or {})
-        except AttributeError:  # another MLflow layout: stage the file and use its public API
-            logger.debug("MLflow's S3 repository changed shape; staging uploads locally")
-            return None
+        extra: dict[str, Any] = {**self._owner, **clients.s3_upload_extra_args()}
         content_type, encoding = mimetypes.guess_type(name)
         if content_type:
             extra.setdefault("ContentType", content_type)
         if encoding:
             extra.setdefault("ContentEncoding", encoding)
-        return _S3Object(client, bucket, posixpath.join(prefix, directory, name), extra)
+        key = self._key(posixpath.join(directory, name))
+        return _S3Object(self.client, self._bucket, key, extra)
 
 
 class _S3Object:
