@@ -41,7 +41,7 @@ from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
 from mlflow_ckpt.codec.planes import workers as plane_workers
-from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
+from mlflow_ckpt.codec.safetensors_io import DTYPE_CODES
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
 EXTENSION = ".ztensors"
@@ -61,7 +61,7 @@ FAST_LEVELS_BELOW = 3
 FAST_MIN_SAVING = 1 / 8
 MIN_SAVING = 0.03
 DEFAULT_LEVEL = 1
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _PLANED = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
 
 
@@ -119,7 +119,7 @@ def write(
             flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
             blocks: list[Any] = []
             index[name] = {
-                "dtype": _DTYPE_CODES[tensor.dtype],
+                "dtype": DTYPE_CODES[tensor.dtype],
                 "shape": list(tensor.shape),
                 "planes": planes,
                 "blocks": blocks,

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import StateMismatchError
-from mlflow_ckpt.snapshot.direct import load_module, settle
+from mlflow_ckpt.snapshot.direct import Settled
 from mlflow_ckpt.snapshot.stateful import (
     NP_GENERATOR,
     NP_RANDOM_STATE,
@@ -45,6 +44,8 @@ class _Plan:
     mismatched: list[str] = field(default_factory=list)
     unchecked: list[tuple[str, Action]] = field(default_factory=list)
     checked: list[Action] = field(default_factory=list)
+    # How a module is restored once every check passed (:meth:`Settled.load_module`).
+    load_module: Callable[[Any, str, Any], None] = apply_stateful
 
 
 def restore_into(
@@ -55,8 +56,9 @@ def restore_into(
     ``strict`` also refuses checkpoint entries that have no target (a forgotten scheduler
     would otherwise silently keep its fresh state).
     """
-    plan = _Plan()
-    saved = settle(targets, saved)  # (compressed tensors a plain module takes stay planes)
+    settled = Settled(targets, saved)  # (compressed tensors a module takes stay planes)
+    saved = settled.state
+    plan = _Plan(load_module=settled.load_module)
     for name, target in targets.items():
         if name not in saved:  # (an entry checkpoints before it existed lack may be optional)
             if not getattr(target, "optional_in_checkpoint", False):
@@ -183,7 +185,7 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         )
         return
     if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
-        plan.checked.append(lambda: load_module(target, kind, saved))
+        plan.checked.append(lambda: plan.load_module(target, kind, saved))
     elif isinstance(target, torch.optim.Optimizer):  # it keeps the tensors it is given
         plan.checked.append(lambda: apply_stateful(target, kind, _into_live(target, saved)))
     else:
@@ -257,14 +259,14 @@ def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -
         if (
             isinstance(tensor, torch.Tensor)
             and key in saved
-            and not isinstance(other, torch.Tensor | PlanarTensor)
+            and not isinstance(other, torch.Tensor)
         ):
             plan.mismatched.append(
                 f"{path}.{key} (checkpoint holds {type(other).__name__}, not a tensor)"
             )
         elif (
             isinstance(tensor, torch.Tensor)
-            and isinstance(other, torch.Tensor | PlanarTensor)
+            and isinstance(other, torch.Tensor)
             and other.shape != tensor.shape
         ):
             plan.mismatched.append(

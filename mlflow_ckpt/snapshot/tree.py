@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.snapshot.changes import identity_of
 from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
@@ -191,7 +190,7 @@ def _decode_tagged(
         tensor = tensors[name]
         if tag == "__tensor__":
             return tensor
-        return (tensor.materialize() if isinstance(tensor, PlanarTensor) else tensor).numpy()
+        return tensor.numpy()  # (compressed tensors kept as planes give theirs too)
     if tag == "__float__":
         return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
     if tag == "__tuple__":
