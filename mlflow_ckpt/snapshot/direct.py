@@ -3,13 +3,14 @@
 A module's ``load_state_dict`` copies each tensor it is given into a parameter or buffer
 that already exists. For a compressed checkpoint that tensor would be new memory its byte
 planes were just interleaved into: a page fault per 4 KiB of it and then a second copy.
-Measured in-process on a 604 MB model + AdamW checkpoint (``benchmarks/compressed_load.py``,
-docs/ztensors.md), loading without this took a median 1.39x as long. So for the tensors of a
-module target, the reader leaves the compressed ones as
-:class:`~mlflow_ckpt.codec.planar.PlanarTensor` (every frame decoded and checked, planes not
-interleaved), and this module interleaves each one into the parameter ``load_state_dict``
-copies it into, at that copy. Everything else of decode-into-parameters lives here too: the
-other modules see ordinary tensors.
+Loading a 604 MB model + AdamW checkpoint in-process without this took 1.40x as long
+(``benchmarks/compressed_load.py --direct``: median of 12 per-pair ratios, pairs in
+alternating order, 2026-12-06, a busy 2-core VM). So for the tensors of a module target,
+the reader leaves the compressed ones as :class:`~mlflow_ckpt.codec.planar.PlanarTensor`
+(every frame decoded and checked, planes not interleaved), and this module interleaves each
+one into the parameter ``load_state_dict`` copies it into, at that copy. Everything else of
+decode-into-parameters lives here too: the modules that plan and apply a restore see
+ordinary tensors.
 
 How, with torch's public API only: the module is handed, for each such key, a stand-in (a
 detached alias of the parameter it names: right dtype and shape) and ``load_state_dict``
