@@ -22,7 +22,7 @@ import torch
 
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
-DTYPE_CODES: dict[torch.dtype, str] = {
+_DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -46,7 +46,7 @@ Offset = tuple[int | None, int]  # (absolute offset of a tensor's data, byte cou
 
 def supports(dtype: torch.dtype) -> bool:
     """Whether safetensors can store tensors of ``dtype``."""
-    return dtype in DTYPE_CODES
+    return dtype in _DTYPE_CODES
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -69,7 +69,7 @@ def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
     for name, tensor in items:
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": DTYPE_CODES[tensor.dtype],
+            "dtype": _DTYPE_CODES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [start, start + nbytes],
         }
@@ -85,9 +85,10 @@ def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
     return [base + r for r in relative]
 
 
-_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 OWN_STORAGE_BELOW = 1024 * 1024
+MAX_INT64 = 2**63 - 1
 
 
 def read(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Offset]]:
@@ -173,7 +174,8 @@ def _span(key: str, info: Any, bad: Callable[[str], Exception]) -> _Span:
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer a tensor can have as a size or offset (torch's sizes are int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64
 
 
 def _check_tiling(spans: list[_Span], body: int, bad: Callable[[str], Exception]) -> None:

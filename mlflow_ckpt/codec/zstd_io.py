@@ -26,7 +26,7 @@ from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
 from mlflow_ckpt.codec.planes import workers as plane_workers
-from mlflow_ckpt.codec.safetensors_io import DTYPE_CODES
+from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES, MAX_INT64
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
 EXTENSION = ".ztensors"
@@ -46,7 +46,7 @@ FAST_LEVELS_BELOW = 3
 FAST_MIN_SAVING = 1 / 8
 MIN_SAVING = 0.03
 DEFAULT_LEVEL = 1
-_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _PLANED = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
 
 
@@ -104,7 +104,7 @@ def write(
             flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
             blocks: list[Any] = []
             index[name] = {
-                "dtype": DTYPE_CODES[tensor.dtype],
+                "dtype": _DTYPE_CODES[tensor.dtype],
                 "shape": list(tensor.shape),
                 "planes": planes,
                 "blocks": blocks,
@@ -235,7 +235,8 @@ def _plan(key: str, entry: Any, bad: Any) -> dict[str, Any]:
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer a tensor can have as a size or a length (torch's sizes are int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64
 
 
 def _decode_all(

@@ -175,7 +175,7 @@ def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> A
             return _decode_tagged(node, tag, tensors, path)
         except CheckpointCorruptedError:
             raise
-        except (ValueError, TypeError, RuntimeError, LookupError) as exc:
+        except (ValueError, TypeError, RuntimeError, LookupError, OverflowError) as exc:
             raise _bad(
                 path, f"invalid {tag or 'tagged'} value ({type(exc).__name__}: {exc})"
             ) from exc
