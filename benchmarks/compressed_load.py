@@ -18,7 +18,13 @@ resume does. Three settings:
 For each: the median load time, and load + first training step (a forward, backward and
 AdamW step on the loaded objects), plain and compressed, and their ratios.
 
-    python benchmarks/compressed_load.py [--params 50] [--rounds 7] [--skip-cold]
+``--direct``: instead, the compressed checkpoint only, in-process, loaded with and without
+decoding straight into the module's parameters (``mlflow_ckpt.snapshot.direct``; without
+it, every tensor is decoded into new memory and ``load_state_dict`` copies it), in pairs
+whose order alternates, with the median of the per-pair ratios: this machine's speed
+swings too much for a ratio of two medians.
+
+    python benchmarks/compressed_load.py [--params 50] [--rounds 7] [--skip-cold] [--direct]
 
 Run it from another checkout (``git worktree``) to compare with an older version: it only
 uses the public API.
@@ -112,6 +118,32 @@ def compare(
     )
 
 
+def compare_direct(rounds: int, layers: int, uri: str) -> None:
+    """Compressed loads with and without decoding into parameters, in alternating pairs."""
+    from mlflow_ckpt.snapshot import direct
+
+    def load(into_parameters: bool) -> float:
+        direct.DIRECT = into_parameters
+        try:
+            return timed_load(uri, layers)["load"]
+        finally:
+            direct.DIRECT = True
+
+    load(True), load(False)  # (warm-up)
+    pairs = []
+    for i in range(rounds):
+        order = (True, False) if i % 2 == 0 else (False, True)
+        times = {mode: load(mode) for mode in order}
+        pairs.append((times[True], times[False]))
+        print(f"  pair {i}: into parameters {times[True]:.3f} s, plain {times[False]:.3f} s")
+    ratio = statistics.median(plain / into for into, plain in pairs)
+    print(
+        f"in-process, zstd: into parameters {statistics.median(p[0] for p in pairs):.3f} s, "
+        f"plain {statistics.median(p[1] for p in pairs):.3f} s (medians of {rounds}); "
+        f"median per-pair ratio plain / into parameters {ratio:.3f}"
+    )
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         child(argv[1], int(argv[2]))
@@ -120,6 +152,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", type=int, default=50, help="million parameters")
     parser.add_argument("--rounds", type=int, default=7, help="loads of each, alternating")
     parser.add_argument("--skip-cold", action="store_true", help="no page-cache-dropped run")
+    parser.add_argument("--direct", action="store_true", help="into parameters vs plain")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-zload-"))
     tracking = f"sqlite:///{work / 'mlflow.db'}"
@@ -147,6 +180,9 @@ def main(argv: list[str]) -> None:
             stored = newest.stored_bytes / 1e6
             print(f"{name}: {newest.size_bytes / 1e6:.0f} MB of state, {stored:.0f} MB stored")
         del model, opt
+        if args.direct:
+            compare_direct(args.rounds, layers, uris["zstd"])
+            return
         compare("in-process", args.rounds, lambda uri: timed_load(uri, layers), uris)
         compare("new process", args.rounds, lambda uri: in_child(uri, layers, False), uris)
         if args.skip_cold:

@@ -411,6 +411,83 @@ def test_malformed_safetensors_is_refused_before_restoring(tracking: str, attack
     assert_clean_cli_failure(code, out, "CORRUPT", shard.name)
 
 
+_DIFFERENTIAL_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+]  # fmt: skip
+
+
+def _random_safetensors(rng: random.Random) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors of random dtypes and shapes (0-d, empty, now and then over 1 MiB: a view
+    of the buffer rather than a copy) under random names, and random metadata or none."""
+    tensors = {}
+    for i in range(rng.randint(0, 6)):
+        dtype = rng.choice(_DIFFERENTIAL_DTYPES)
+        shape = [rng.choice([0, 1, 2, 3, 7]) for _ in range(rng.randint(0, 3))]
+        if rng.random() < 0.1:
+            shape = [rng.randint(1, 3), 300_000]
+        raw = torch.randint(0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8)
+        name = rng.choice(["w", "model/0.weight", "état", "a.b#2", ""]) + str(i)
+        tensors[name] = raw.view(dtype).reshape(shape)
+    keys = [rng.choice(["format", "note", "ünïcode"]) for _ in range(rng.randint(0, 2))]
+    metadata = {k: rng.choice(["pt", "", "x" * 50]) for k in keys} if rng.random() < 0.7 else None
+    return tensors, metadata
+
+
+def test_our_safetensors_reader_agrees_with_the_library_on_valid_files() -> None:
+    """Differential: for valid files written by ``safetensors.torch.save`` (every dtype we
+    store, bf16 and fp8 included, 0-d and empty tensors, metadata or none), our one reader
+    gives exactly the tensors ``safetensors.torch.load`` and ``safetensors.deserialize``
+    give, and offsets that point at each tensor's bytes. (A file the library writes and
+    then refuses itself, we refuse too.)"""
+    from safetensors import SafetensorError, deserialize
+    from safetensors.torch import load, save
+
+    from mlflow_ckpt.codec import safetensors_io
+
+    rng = random.Random(31)
+    for trial in range(200):
+        tensors, metadata = _random_safetensors(rng)
+        data = save(tensors, metadata=metadata)
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            theirs = load(data)
+        except SafetensorError:  # (0.8.0 writes no tensors + empty metadata as bad JSON)
+            with pytest.raises(mlflow_ckpt.CheckpointCorruptedError):
+                safetensors_io.read_buffer(buffer, "x.safetensors", f"trial {trial}")
+            continue
+        ours, offsets = safetensors_io.read_buffer(buffer, "x.safetensors", f"trial {trial}")
+        raw = {name: info["data"] for name, info in deserialize(data)}
+        assert set(ours) == set(theirs) == set(raw) == set(tensors), trial
+        for name, tensor in ours.items():
+            expected = theirs[name]
+            assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape), name
+            got = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert got == expected.reshape(-1).view(torch.uint8).numpy().tobytes() == raw[name]
+            offset, nbytes = offsets[name]
+            assert offset is not None and data[offset : offset + nbytes] == raw[name], name
+
+
+@pytest.mark.parametrize("attack", sorted(SAFETENSORS_ATTACKS))
+def test_our_safetensors_reader_refuses_what_the_library_refuses(attack: str) -> None:
+    """The other direction, on the attacks above: each file both parsers refuse."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, save
+
+    from mlflow_ckpt.codec import safetensors_io
+
+    torch.manual_seed(0)
+    model = tiny()
+    data = SAFETENSORS_ATTACKS[attack](
+        save({f"model/{k}": v for k, v in model.state_dict().items()})
+    )
+    with pytest.raises((SafetensorError, ValueError, RuntimeError)):
+        load(data)
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match=r"x\.safetensors"):
+        safetensors_io.read_buffer(buffer, "x.safetensors", "test")
+
+
 def _index_entry(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     (entry,) = [t for t in manifest["tensors"] if t["name"] == name]
     return entry

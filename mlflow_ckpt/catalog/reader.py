@@ -34,7 +34,7 @@ def read_checkpoint(model: LoggedModel, into: Mapping[str, Any] | None = None) -
     """Fetch and verify every file of a checkpoint, then decode it.
 
     ``into``: the objects it will be restored into, if any; the compressed tensors of
-    their plain modules then stay planes until the restore (:mod:`mlflow_ckpt.snapshot.direct`).
+    their modules then stay planes until the restore (:mod:`mlflow_ckpt.snapshot.direct`).
     """
     where = describe(model)
     planar = planar_names(into).__contains__ if into else None

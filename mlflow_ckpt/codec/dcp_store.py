@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
 from torch.distributed.checkpoint.metadata import (
     MetadataIndex,
@@ -88,6 +87,14 @@ def _nbytes(item: WriteItem) -> int:
     return n * props.properties.dtype.itemsize
 
 
+def _narrowed(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
+    """The part of a stored chunk a read item asks for (public ``narrow``, dim by dim)."""
+    for dim, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
+        if start != 0 or length != tensor.size(dim):
+            tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
 def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     """Split write items into ``bins`` files of similar size (largest first, greedy)."""
     buckets: list[list[WriteItem]] = [[] for _ in range(max(1, bins))]
@@ -104,6 +111,38 @@ def _writers(store: Store) -> int:
     (``LOCAL_WORLD_SIZE``, set by torchrun): N ranks already write N files at once."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, store.parallel_writes // local_ranks)
+
+
+class _Resolved:
+    """The tensors of one ``write_data`` call, each resolved from the planner once (an
+    incremental save resolves and hashes a chunk to sort it, then writes the same one)."""
+
+    def __init__(self, planner: SavePlanner) -> None:
+        self._planner = planner
+        self._tensors: dict[int, torch.Tensor] = {}
+        self.digests: dict[int, str] = {}
+
+    def tensor(self, item: WriteItem) -> torch.Tensor:
+        tensor = self._tensors.get(id(item))
+        if tensor is None:
+            tensor = self._planner.resolve_data(item)
+            assert isinstance(tensor, torch.Tensor)
+            self._tensors[id(item)] = tensor
+        return tensor
+
+    def take(self, item: WriteItem) -> torch.Tensor:
+        """The tensor to write, no longer kept here once written."""
+        tensor = self._tensors.pop(id(item), None)
+        if tensor is None:
+            tensor = self._planner.resolve_data(item)
+            assert isinstance(tensor, torch.Tensor)
+        return tensor
+
+    def digest(self, item: WriteItem) -> str:
+        """The chunk's BLAKE3 digest, recorded for the manifest."""
+        if id(item) not in self.digests:
+            self.digests[id(item)] = hash_tensor(self.tensor(item))
+        return self.digests[id(item)]
 
 
 class StoreWriter(StorageWriter):
@@ -160,39 +199,11 @@ class StoreWriter(StorageWriter):
                     f"state entry {item.index.fqn!r} is not a tensor; only tensors go through "
                     "the sharded path (everything else is stored as JSON)"
                 )
-        tensors: dict[int, torch.Tensor] = {}
-        digests: dict[int, str] = {}
-        own_items, lasting, results = list(plan.items), [], []
+        resolved = _Resolved(planner)
+        results: list[WriteResult] = []
+        own_items, lasting = list(plan.items), []
         if self.shared_dir is not None:
-            own_items = []
-            for item in plan.items:
-                before = self.base.chunks.get(chunk_key(item.index)) if self.base else None
-                if (
-                    item.index.fqn in self.reused
-                    and before is not None
-                    and is_shared(before.file)
-                    and item.tensor_data is not None
-                    and before.sizes == tuple(item.tensor_data.chunk.sizes)
-                    and before.dtype == item.tensor_data.properties.dtype
-                ):  # frozen and untouched: referenced unread, unhashed
-                    self._reference(item, before, results, _nbytes(item))
-                    continue
-                tensor = planner.resolve_data(item)
-                assert isinstance(tensor, torch.Tensor)
-                tensors[id(item)] = tensor
-                digests[id(item)] = hash_tensor(tensor)
-                same = (
-                    before is not None
-                    and before.digest == digests[id(item)]
-                    and before.sizes == tuple(tensor.shape)
-                    and before.dtype == tensor.dtype
-                )
-                if same and before is not None and is_shared(before.file):
-                    self._reference(item, before, results, tensor.numel() * tensor.element_size())
-                elif same or item.index.fqn in self.frozen:
-                    lasting.append(item)  # unchanged since the last save, or frozen: shared
-                else:
-                    own_items.append(item)
+            own_items, lasting = self._sort(plan.items, resolved, results)
         groups = [
             (f"{SHARDS_DIR}/{plan.storage_data}", own_items),
             (f"{self.shared_dir}/{plan.storage_data}", lasting),
@@ -205,39 +216,7 @@ class StoreWriter(StorageWriter):
         ]
 
         def write(name: str, items: list[WriteItem]) -> list[WriteResult]:
-            results = []
-            with store.open_writer(name) as raw:
-                writer = HashingWriter(raw)
-                raw_bytes = 0
-                for item in items:
-                    tensor = tensors.get(id(item))
-                    if tensor is None:
-                        tensor = planner.resolve_data(item)
-                    assert isinstance(tensor, torch.Tensor)
-                    offset = writer.size
-                    if self.compression == "zstd":
-                        chunk = tensor.detach().cpu().contiguous()
-                        zstd_io.write(writer, [(CHUNK_NAME, chunk)], level=self.level)
-                    else:
-                        writer.write(_bytes_of(tensor))
-                    raw_bytes += tensor.numel() * tensor.element_size()
-                    location = ChunkLocation(
-                        name,
-                        offset,
-                        writer.size - offset,
-                        tuple(tensor.shape),
-                        tensor.dtype,
-                        self.compression,
-                        digests.get(id(item)),
-                    )
-                    results.append(WriteResult(item.index, writer.size - offset, location))
-            entry = FileEntry(name, writer.size, writer.digest, writer.algorithm)
-            with self._lock:
-                self.files.append(entry)
-                self.raw_bytes += raw_bytes
-                for result in results:
-                    self._written(result.index, result.storage_data, entry)
-            return results
+            return self._write_file(store, name, items, resolved)
 
         if len(jobs) > 1:
             with ThreadPoolExecutor(len(jobs), thread_name_prefix="mlflow-ckpt-dcp") as pool:
@@ -247,6 +226,84 @@ class StoreWriter(StorageWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result([r for part in parts for r in part])
         return future
+
+    def _sort(
+        self, items: list[WriteItem], resolved: _Resolved, results: list[WriteResult]
+    ) -> tuple[list[WriteItem], list[WriteItem]]:
+        """An incremental save's chunks: those the base already stored in the shared area
+        are referenced (into ``results``); the rest are returned as ``(this save's own,
+        lasting)``: lasting ones (unchanged since the last save, or frozen) go to the
+        shared area, where later saves can reference them."""
+        own_items: list[WriteItem] = []
+        lasting: list[WriteItem] = []
+        for item in items:
+            before = self.base.chunks.get(chunk_key(item.index)) if self.base else None
+            if self._untouched(item, before):  # frozen and untouched: referenced unread
+                assert before is not None
+                self._reference(item, before, results, _nbytes(item))
+                continue
+            tensor = resolved.tensor(item)
+            digest = resolved.digest(item)
+            same = (
+                before is not None
+                and before.digest == digest
+                and before.sizes == tuple(tensor.shape)
+                and before.dtype == tensor.dtype
+            )
+            if same and before is not None and is_shared(before.file):
+                self._reference(item, before, results, tensor.numel() * tensor.element_size())
+            elif same or item.index.fqn in self.frozen:
+                lasting.append(item)
+            else:
+                own_items.append(item)
+        return own_items, lasting
+
+    def _untouched(self, item: WriteItem, before: ChunkLocation | None) -> bool:
+        """Whether ``item`` is a frozen chunk whose version counter did not move since the
+        base stored it in the shared area: referenced without reading or hashing it."""
+        return (
+            item.index.fqn in self.reused
+            and before is not None
+            and is_shared(before.file)
+            and item.tensor_data is not None
+            and before.sizes == tuple(item.tensor_data.chunk.sizes)
+            and before.dtype == item.tensor_data.properties.dtype
+        )
+
+    def _write_file(
+        self, store: Store, name: str, items: list[WriteItem], resolved: _Resolved
+    ) -> list[WriteResult]:
+        """Write ``items`` one after another into one file, hashing as it goes; record it."""
+        results = []
+        with store.open_writer(name) as raw:
+            writer = HashingWriter(raw)
+            raw_bytes = 0
+            for item in items:
+                tensor = resolved.take(item)
+                offset = writer.size
+                if self.compression == "zstd":
+                    chunk = tensor.detach().cpu().contiguous()
+                    zstd_io.write(writer, [(CHUNK_NAME, chunk)], level=self.level)
+                else:
+                    writer.write(_bytes_of(tensor))
+                raw_bytes += tensor.numel() * tensor.element_size()
+                location = ChunkLocation(
+                    name,
+                    offset,
+                    writer.size - offset,
+                    tuple(tensor.shape),
+                    tensor.dtype,
+                    self.compression,
+                    resolved.digests.get(id(item)),
+                )
+                results.append(WriteResult(item.index, writer.size - offset, location))
+        entry = FileEntry(name, writer.size, writer.digest, writer.algorithm)
+        with self._lock:
+            self.files.append(entry)
+            self.raw_bytes += raw_bytes
+            for result in results:
+                self._written(result.index, result.storage_data, entry)
+        return results
 
     def _reference(
         self, item: WriteItem, before: ChunkLocation, results: list[WriteResult], nbytes: int
@@ -364,7 +421,7 @@ class StoreReader(StorageReader):
                             path=name,
                         )
                     chunk = self._chunk(raw, where, name, item.storage_index.fqn)
-                    piece = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+                    piece = _narrowed(chunk, item.storage_offsets, item.lengths)
                     if target.size() != piece.size():
                         raise CheckpointCorruptedError(
                             f"{self.where}: chunk of {item.storage_index.fqn!r} is "

@@ -246,6 +246,23 @@ def read_state(
         raise CheckpointCorruptedError(
             f"{where}: unknown tensor format {manifest.format!r} in the manifest"
         )
+    document = _structure(manifest, local, where)
+    tensors: dict[str, torch.Tensor | PlanarTensor] = {}
+    by_file: dict[str, list[TensorEntry]] = {}
+    for entry in manifest.tensors:
+        by_file.setdefault(entry.file, []).append(entry)
+    for file, entries in by_file.items():
+        loaded, offsets = _decode_file(manifest, file, local[file], where, planar)
+        expected = {e.name: e for e in entries}
+        if is_shared(file):  # an earlier checkpoint's file: it may hold tensors since changed
+            loaded = {k: v for k, v in loaded.items() if k in expected}
+        _check_against_index(loaded, offsets, expected, file, where)
+        tensors.update(loaded)
+    return document, tensors
+
+
+def _structure(manifest: Manifest, local: Mapping[str, Path | torch.Tensor], where: str) -> Any:
+    """The structure document (``state.json``): a JSON object, or the checkpoint is corrupt."""
     try:
         document = json.loads(_bytes_of(local[manifest.structure_file]))
     except (ValueError, RecursionError) as exc:
@@ -258,45 +275,54 @@ def read_state(
             f"{where}: {manifest.structure_file} does not hold an object",
             path=manifest.structure_file,
         )
+    return document
+
+
+def _decode_file(
+    manifest: Manifest,
+    file: str,
+    source: Path | torch.Tensor,
+    where: str,
+    planar: Callable[[str], bool] | None,
+) -> tuple[dict[str, Any], dict[str, tuple[int | None, int]]]:
+    """One verified tensor file's tensors and their offsets, by its format's one reader."""
+    if file.endswith(zstd_io.EXTENSION):  # (archived or incremental: mixed files)
+        if not isinstance(source, torch.Tensor):
+            source = torch.frombuffer(bytearray(source.read_bytes()), dtype=torch.uint8)
+        return zstd_io.read_buffer(source, file, where, planar)
+    if isinstance(source, torch.Tensor):
+        return safetensors_io.read_buffer(source, file, where)
     _, module = FORMAT_CODECS[manifest.format]
-    tensors: dict[str, torch.Tensor | PlanarTensor] = {}
-    by_file: dict[str, list[TensorEntry]] = {}
-    for entry in manifest.tensors:
-        by_file.setdefault(entry.file, []).append(entry)
-    for file, entries in by_file.items():
-        source = local[file]
-        if file.endswith(zstd_io.EXTENSION):  # (archived or incremental: mixed files)
-            if not isinstance(source, torch.Tensor):
-                source = torch.frombuffer(bytearray(source.read_bytes()), dtype=torch.uint8)
-            loaded, offsets = zstd_io.read_buffer(source, file, where, planar)
-        elif isinstance(source, torch.Tensor):
-            loaded, offsets = safetensors_io.read_buffer(source, file, where)
-        else:
-            loaded, offsets = module.read(source, where), module.data_offsets(source)
-        expected = {e.name: e for e in entries}
-        if is_shared(file):  # an earlier checkpoint's file: it may hold tensors since changed
-            loaded = {k: v for k, v in loaded.items() if k in expected}
-            offsets = {k: v for k, v in offsets.items() if k in expected}
-        if set(loaded) != set(expected):
+    return module.read(source, where)
+
+
+def _check_against_index(
+    loaded: Mapping[str, torch.Tensor | PlanarTensor],
+    offsets: Mapping[str, tuple[int | None, int]],
+    expected: Mapping[str, TensorEntry],
+    file: str,
+    where: str,
+) -> None:
+    """The file must hold exactly the manifest's tensors for it, each of the dtype, shape,
+    offset and size the manifest's index gives it."""
+    if set(loaded) != set(expected):
+        raise CheckpointCorruptedError(
+            f"{where}: {file} holds tensors {sorted(set(loaded) ^ set(expected))[:5]} "
+            "that differ from the manifest's index",
+            path=file,
+        )
+    for name, tensor in loaded.items():
+        entry = expected[name]
+        if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":
             raise CheckpointCorruptedError(
-                f"{where}: {file} holds tensors {sorted(set(loaded) ^ set(expected))[:5]} "
-                "that differ from the manifest's index",
+                f"{where}: tensor {name} in {file} is {tensor.dtype}{list(tensor.shape)}, "
+                f"the manifest says {entry.dtype}{list(entry.shape)}",
                 path=file,
             )
-        for name, tensor in loaded.items():
-            entry = expected[name]
-            if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":
-                raise CheckpointCorruptedError(
-                    f"{where}: tensor {name} in {file} is {tensor.dtype}{list(tensor.shape)}, "
-                    f"the manifest says {entry.dtype}{list(entry.shape)}",
-                    path=file,
-                )
-            offset, nbytes = offsets.get(name, (None, tensor.numel() * tensor.element_size()))
-            if (entry.offset, entry.nbytes) != (offset, nbytes):
-                raise CheckpointCorruptedError(
-                    f"{where}: tensor {name} in {file} lies at offset {offset} ({nbytes} bytes), "
-                    f"the manifest says offset {entry.offset} ({entry.nbytes} bytes)",
-                    path=file,
-                )
-        tensors.update(loaded)
-    return document, tensors
+        offset, nbytes = offsets.get(name, (None, tensor.numel() * tensor.element_size()))
+        if (entry.offset, entry.nbytes) != (offset, nbytes):
+            raise CheckpointCorruptedError(
+                f"{where}: tensor {name} in {file} lies at offset {offset} ({nbytes} bytes), "
+                f"the manifest says offset {entry.offset} ({entry.nbytes} bytes)",
+                path=file,
+            )

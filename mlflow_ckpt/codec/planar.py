@@ -54,6 +54,15 @@ class PlanarTensor:
         its version counter moves, so autograd and incremental saves see the write."""
         write_all([(self, dest)])
 
+    @property
+    def materialized(self) -> torch.Tensor | None:
+        """The tensor :meth:`materialize` made, if it was called."""
+        return self._tensor
+
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array (in new memory), as ``Tensor.numpy`` gives them."""
+        return self.materialize().numpy()
+
     def materialize(self) -> torch.Tensor:
         """The tensor in new memory (once: every later call returns the same tensor)."""
         if self._tensor is None:

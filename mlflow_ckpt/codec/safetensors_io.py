@@ -3,8 +3,10 @@
 ``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` object, i.e. a
 second full copy of the state in memory. Writing the (simple, documented) layout ourselves
 streams each tensor's buffer straight to the file instead: an 8-byte little-endian header
-length, a JSON header, then the raw bytes. Reading uses the ``safetensors`` library itself,
-whose parser rejects oversized headers and overlapping or out-of-range offsets.
+length, a JSON header, then the raw bytes. Reading parses that layout too, once, strictly, on
+the bytes that were hashed (:func:`read_buffer`): the checks of the ``safetensors`` library's
+own parser (bounded header, known dtypes, offsets that tile the body), with no second parse
+of a re-read file. A differential test holds it to ``safetensors.torch.load`` on valid files.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -39,6 +41,7 @@ _DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _ALIGN = 8
+Offset = tuple[int | None, int]  # (absolute offset of a tensor's data, byte count)
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -82,27 +85,26 @@ def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
     return [base + r for r in relative]
 
 
-def read(path: Path, where: str) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file, reporting parser errors as corruption."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-        raise CheckpointCorruptedError(
-            f"{where}: {path.name} is not a valid safetensors file ({exc})", path=path.name
-        ) from exc
-
-
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 OWN_STORAGE_BELOW = 1024 * 1024
+MAX_INT64 = 2**63 - 1
+
+
+def read(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Offset]]:
+    """Read a safetensors file from ``path`` and decode it with :func:`read_buffer`.
+
+    One parser for every safetensors file we load: the verified in-memory buffers of a
+    normal load and the files a distributed rank reads from its own folder go through the
+    same checks."""
+    raw = bytearray(path.read_bytes())
+    data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return read_buffer(data, path.name, where)
 
 
 def read_buffer(
     data: torch.Tensor, name: str, where: str
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Offset]]:
     """Decode a whole safetensors file already in memory (``uint8``, verified): tensors that
     are views of ``data`` (no copy), and each one's ``(absolute offset, byte count)``.
 
@@ -116,6 +118,29 @@ def read_buffer(
             f"{where}: {name} is not a valid safetensors file ({reason})", path=name
         )
 
+    header, base = _header(data, bad)
+    spans = sorted(_span(key, info, bad) for key, info in header.items() if key != "__metadata__")
+    _check_tiling(spans, data.numel() - base, bad)
+    tensors: dict[str, torch.Tensor] = {}
+    offsets: dict[str, Offset] = {}
+    for span in spans:
+        tensors[span.key] = _view(data, base, span)
+        offsets[span.key] = (base + span.start, span.end - span.start)
+    return tensors, offsets
+
+
+class _Span(NamedTuple):
+    """One tensor's entry in the header, checked; sorts by where its bytes start."""
+
+    start: int
+    end: int
+    key: str
+    dtype: torch.dtype
+    shape: list[int]
+
+
+def _header(data: torch.Tensor, bad: Callable[[str], Exception]) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and where the body starts, both bounded by the file."""
     total = data.numel()
     if total < 8:
         raise bad("shorter than its 8-byte header length")
@@ -128,58 +153,47 @@ def read_buffer(
         raise bad(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    base = 8 + length
-    spans = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = _CODE_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"] if isinstance(d, int) and d >= 0]
-            start, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {key!r} has no valid dtype, shape and data_offsets") from None
-        if len(shape) != len(info["shape"]) or not all(
-            isinstance(o, int) and not isinstance(o, bool) for o in (start, end)
-        ):
-            raise bad(f"entry {key!r} has a malformed shape or offsets")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = math.prod(shape) * itemsize
-        if not 0 <= start <= end or end - start != nbytes:
-            raise bad(f"{key!r} spans bytes {start}-{end}, its dtype and shape need {nbytes}")
-        spans.append((start, end, key, dtype, shape, itemsize))
-    spans.sort()
+    return header, 8 + length
+
+
+def _span(key: str, info: Any, bad: Callable[[str], Exception]) -> _Span:
+    """One header entry, checked: a known dtype, a shape of counts, integer offsets that
+    span exactly the bytes the dtype and shape need."""
+    try:
+        dtype = _CODE_DTYPES[info["dtype"]]
+        shape = info["shape"]
+        start, end = info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise bad(f"entry {key!r} has no valid dtype, shape and data_offsets") from None
+    if not isinstance(shape, list) or not all(_count(v) for v in (*shape, start, end)):
+        raise bad(f"entry {key!r} has a malformed shape or offsets")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if start > end or end - start != nbytes:
+        raise bad(f"{key!r} spans bytes {start}-{end}, its dtype and shape need {nbytes}")
+    return _Span(start, end, key, dtype, shape)
+
+
+def _count(value: Any) -> bool:
+    """A JSON integer a tensor can have as a size or offset (torch's sizes are int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64
+
+
+def _check_tiling(spans: list[_Span], body: int, bad: Callable[[str], Exception]) -> None:
+    """The spans (sorted) must cover the body exactly: no gap, no overlap, nothing after."""
     position = 0
-    for start, end, key, *_ in spans:
-        if start != position:
-            raise bad(f"{key!r} starts at {start}, not where the previous tensor ends")
-        position = end
-    if base + position != total:
-        raise bad(f"the tensors cover {position} bytes of a {total - base}-byte body")
-    tensors: dict[str, torch.Tensor] = {}
-    offsets: dict[str, tuple[int | None, int]] = {}
-    for start, end, key, dtype, shape, itemsize in spans:
-        raw = data[base + start : base + end]
-        if (base + start) % itemsize or end - start < OWN_STORAGE_BELOW:
-            # misaligned for its dtype, or small: a tensor of its own. Some consumers
-            # (``Generator.set_state``) misread views that start inside a larger storage.
-            raw = raw.clone()
-        tensors[key] = raw.view(dtype).reshape(shape)
-        offsets[key] = (base + start, end - start)
-    return tensors, offsets
+    for span in spans:
+        if span.start != position:
+            raise bad(f"{span.key!r} starts at {span.start}, not where the previous tensor ends")
+        position = span.end
+    if position != body:
+        raise bad(f"the tensors cover {position} bytes of a {body}-byte body")
 
 
-def data_offsets(path: Path) -> dict[str, tuple[int | None, int]]:
-    """``{name: (absolute offset of its data, byte count)}`` from a file's header.
-
-    Call after :func:`read` succeeded: the header is then known to be valid.
-    """
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    base = 8 + length
-    return {
-        name: (base + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
+def _view(data: torch.Tensor, base: int, span: _Span) -> torch.Tensor:
+    """The tensor of ``span``: a view of ``data``, or a copy of its own when it is small or
+    misaligned for its dtype (some consumers, ``Generator.set_state``, misread views that
+    start inside a larger storage)."""
+    raw = data[base + span.start : base + span.end]
+    if (base + span.start) % span.dtype.itemsize or span.end - span.start < OWN_STORAGE_BELOW:
+        raw = raw.clone()
+    return raw.view(span.dtype).reshape(span.shape)

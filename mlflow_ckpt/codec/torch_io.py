@@ -22,8 +22,13 @@ def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int | 
     return [None] * len(items)
 
 
-def read(path: Path, where: str) -> dict[str, torch.Tensor]:
-    """Load a tensor file with ``weights_only=True`` and check it holds only tensors."""
+def read(
+    path: Path, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]:
+    """Load a tensor file with ``weights_only=True`` and check it holds only tensors.
+
+    Returns the tensors and, like the other formats' readers, their offsets: none here, as
+    offsets are not meaningful in a zip archive (the manifest records none)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as exc:
@@ -37,9 +42,4 @@ def read(path: Path, where: str) -> dict[str, torch.Tensor]:
         raise CheckpointCorruptedError(
             f"{where}: {path.name} does not hold a flat dict of tensors", path=path.name
         )
-    return data
-
-
-def data_offsets(path: Path) -> dict[str, tuple[int | None, int]]:
-    """Offsets are not meaningful in a zip archive: the manifest records none."""
-    return {}
+    return data, {}

@@ -1,26 +1,11 @@
 """Compressed tensor files (``.ztensors``): byte-grouped zstd blocks, streamed, bounded memory.
 
-Floating-point weights barely compress as they are: every element's low mantissa bytes are
-noise. Their high bytes (sign and exponent) are not, so each block of a floating-point
-tensor is split into byte planes first (all first bytes, then all second bytes, ...), and
-each plane is compressed on its own or, when that does not pay (a mantissa plane; at fast
-levels, any plane saving less than one bit per byte), stored as is. Which planes pay is
-decided on a tensor's first block and kept for the rest, so noise is not compressed over and
-over. Blocks (4 MiB of a tensor) are compressed on several threads and written in order as
-they finish: memory holds a few blocks, never a second copy of the state.
-
-Layout, all little-endian::
-
-    [plane data of every block of every tensor, in order]
-    [index: JSON]  [index length: 8 bytes]  [magic: b"MLCKZST1"]
-
-The index lists each tensor's dtype, shape, and for each block its raw length and, per
-plane, ``["zstd" | "raw", stored length]``. Reading checks that the index is bounded, that
-the planes tile the data exactly, that every zstd frame announces exactly the size the
-index gives it, and that no frame claims more than zstd can produce from its size (a
-decompression bomb), all before allocating anything. Each frame carries zstd's own checksum
-of its content, so a damaged frame is caught by the decoder too, not only by the file's
-hash in the manifest.
+The format (byte layout, index fields, plane split, frame codecs, limits and every check a
+reader makes before allocating) is specified in ``docs/ztensors.md``. In short: each 4 MiB
+block of a floating-point tensor is split into byte planes, because exponents compress and
+mantissas do not; a plane is one zstd frame (with its checksum) or stored as is; a JSON
+index, its length and a magic end the file. Blocks are compressed on several threads and
+written in order as they finish: memory holds a few blocks, never a second copy.
 """
 
 from __future__ import annotations
@@ -41,7 +26,7 @@ from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
 from mlflow_ckpt.codec.planes import workers as plane_workers
-from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES
+from mlflow_ckpt.codec.safetensors_io import _DTYPE_CODES, MAX_INT64
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
 EXTENSION = ".ztensors"
@@ -250,7 +235,8 @@ def _plan(key: str, entry: Any, bad: Any) -> dict[str, Any]:
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer a tensor can have as a size or a length (torch's sizes are int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT64
 
 
 def _decode_all(

@@ -12,13 +12,12 @@ update through ``.data``, are always compared by content.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.snapshot.stateful import unwrap_module
 
 Identity = tuple[Any, ...]
@@ -148,19 +147,21 @@ class Changes:
 def holding(
     changes: Changes,
     live: Mapping[str, torch.Tensor],
-    saved: Mapping[str, torch.Tensor | PlanarTensor],
+    saved: Mapping[str, Any],
+    holds: Callable[[torch.Tensor, Any], bool] | None = None,
 ) -> dict[str, Seen]:
     """Of the frozen tensors a snapshot saw (``changes``, ``live``: its tensors by name),
     those holding exactly the bytes of the saved tensor of their name, with what the
-    snapshot saw of them: what a restore hands the next incremental save."""
+    snapshot saw of them: what a restore hands the next incremental save. ``holds``
+    compares a live tensor with a saved one (:func:`holds_bytes` by default)."""
+    holds = holds or holds_bytes
     return {
         name: changes.seen[name]
         for name in changes.frozen
-        if _holds(local_of(live[name]), saved.get(name))
+        if holds(local_of(live[name]), saved.get(name))
     }
 
 
-def _holds(live: torch.Tensor, saved: torch.Tensor | PlanarTensor | None) -> bool:
-    if isinstance(saved, PlanarTensor):  # (interleaved into the live tensor by a restore)
-        return saved.equals(live)
+def holds_bytes(live: torch.Tensor, saved: torch.Tensor | None) -> bool:
+    """Whether ``live`` (local memory) holds exactly the bytes of ``saved``, if any."""
     return same_bytes(live, local_of(saved) if saved is not None else None)

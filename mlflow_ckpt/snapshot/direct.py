@@ -2,67 +2,73 @@
 
 A module's ``load_state_dict`` copies each tensor it is given into a parameter or buffer
 that already exists. For a compressed checkpoint that tensor would be new memory its byte
-planes were just interleaved into: a page fault per 4 KiB of it and then a second copy, the
-larger part of what a compressed load costs beyond an uncompressed one (README,
-Compression). So for a *plain* module, one whose ``load_state_dict`` is nothing but those
-copies, the reader leaves the compressed tensors as
-:class:`~mlflow_ckpt.codec.planar.PlanarTensor` (every frame decoded and checked, planes
-not interleaved), and the restore, once every check has passed, interleaves them into the
-module's own tensors and then runs ``load_state_dict`` as usual on those very tensors (a
-copy onto itself copies nothing). Restoring stays all-or-nothing: nothing left to do at
-that point can fail on the checkpoint's bytes.
+planes were just interleaved into: a page fault per 4 KiB of it and then a second copy.
+Loading a 604 MB model + AdamW checkpoint in-process without this took 1.40x as long
+(``benchmarks/compressed_load.py --direct``: median of 12 per-pair ratios, pairs in
+alternating order, 2026-12-06, a busy 2-core VM). So for the tensors of a module target,
+the reader leaves the compressed ones as :class:`~mlflow_ckpt.codec.planar.PlanarTensor`
+(every frame decoded and checked, planes not interleaved), and this module interleaves each
+one into the parameter ``load_state_dict`` copies it into, at that copy. Everything else of
+decode-into-parameters lives here too: the modules that plan and apply a restore see
+ordinary tensors.
 
-Everything else (modules with hooks or their own loading code, tensors of other objects)
-gets ordinary tensors: :func:`settle` interleaves them into new memory before planning.
+How, with torch's public API only: the module is handed, for each such key, a stand-in (a
+detached alias of the parameter it names: right dtype and shape) and ``load_state_dict``
+runs under a :class:`~torch.overrides.TorchFunctionMode`. ``param.copy_(stand_in)`` into
+that very parameter becomes "interleave the planes into it"; any other use of a stand-in
+(a hook reading it, a loader converting it, a copy elsewhere) gets the tensor interleaved
+into new memory instead, exactly what the plain path would have given. So a module with
+hooks or loading code of its own restores exactly as through ``load_state_dict`` with
+decoded tensors; only plain copies skip the new memory. Restoring stays all-or-nothing:
+the planes were checked when the file was read, before anything is planned or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.overrides import TorchFunctionMode
 
 from mlflow_ckpt.codec.planar import PlanarTensor, write_all
+from mlflow_ckpt.snapshot.changes import holds_bytes
 from mlflow_ckpt.snapshot.stateful import StatefulValue, apply_stateful, unwrap_module
 
-# ``_load_from_state_dict`` overrides known to touch only their own module's keys (they
-# add a missing ``num_batches_tracked`` or check running stats, then load as usual).
-_OWN_KEYS_ONLY = (
-    torch.nn.Module._load_from_state_dict,
-    _NormBase._load_from_state_dict,
-    _InstanceNorm._load_from_state_dict,
-)
+DIRECT = True
+"""Whether restores interleave compressed tensors straight into parameters (the benchmark
+and tests switch it off to measure and check the plain path)."""
+
+# What ``load_state_dict`` asks of a tensor besides copying it: metadata only, answered by
+# the stand-in itself (it has the saved tensor's dtype and shape) without its values.
+_METADATA = frozenset(
+    getattr(torch.Tensor, name).__get__
+    for name in ("shape", "dtype", "device", "is_meta", "layout", "requires_grad", "ndim")
+) | {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel}
 
 
-def direct_destinations(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The parameters and buffers ``load_state_dict`` would copy into, by state_dict key,
-    if ``obj`` is a module whose loading is nothing but those copies; ``None`` otherwise.
+def planar_names(targets: Mapping[str, Any]) -> set[str]:
+    """The checkpoint tensor names a restore into ``targets`` can take as planes: each
+    module's own parameters and buffers in plain CPU memory, under the names a snapshot
+    gives them (``name/key``)."""
+    if not DIRECT:
+        return set()
+    return {
+        f"{name}/{key}"
+        for name, target in targets.items()
+        for key, tensor in _destinations(target).items()
+        if tensor.device.type == "cpu" and tensor.is_contiguous()
+    }
 
-    Not plain: a class with its own ``state_dict``/``load_state_dict``/``_save_to_state_dict``,
-    an unknown ``_load_from_state_dict``, or any state_dict hook (a hook may rename or
-    convert what it is given). Extra state (``get_extra_state``) is not a destination."""
+
+def _destinations(obj: Any) -> dict[str, torch.Tensor]:
+    """The module's own parameters and buffers by ``state_dict`` key (``{}`` for anything
+    that is not a module): where a plain ``load_state_dict`` copies each key."""
     module = unwrap_module(obj)
     if not isinstance(module, torch.nn.Module):
-        return None
-    base = torch.nn.Module
-    cls = type(module)
-    if cls.load_state_dict is not base.load_state_dict or cls.state_dict is not base.state_dict:
-        return None
-    for sub in module.modules():
-        kind = type(sub)
-        if (
-            kind._load_from_state_dict not in _OWN_KEYS_ONLY
-            or kind._save_to_state_dict is not base._save_to_state_dict
-            or sub._load_state_dict_pre_hooks
-            or sub._state_dict_hooks
-            or sub._state_dict_pre_hooks
-        ):
-            return None
+        return {}
     own = {
         id(t)
         for _, t in (
@@ -77,39 +83,88 @@ def direct_destinations(obj: Any) -> dict[str, torch.Tensor] | None:
     }
 
 
-def planar_names(targets: Mapping[str, Any]) -> set[str]:
-    """The checkpoint tensor names a restore into ``targets`` can take as planes: each
-    plain module's own tensors, under the names a snapshot gives them (``name/key``)."""
-    names: set[str] = set()
-    for name, target in targets.items():
-        for key, tensor in (direct_destinations(target) or {}).items():
-            if tensor.device.type == "cpu" and tensor.is_contiguous():
-                names.add(f"{name}/{key}")
-    return names
+@dataclasses.dataclass
+class _Pending:
+    planes: PlanarTensor
+    dest: torch.Tensor
 
 
-def settle(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
-    """``saved`` with every :class:`PlanarTensor` interleaved into new memory, except those
-    a plain module in ``targets`` will take directly (:func:`load_module`)."""
-    out: dict[str, Any] = {}
-    for name, value in saved.items():
-        destinations = direct_destinations(targets[name]) if name in targets else None
-        if destinations and isinstance(value, StatefulValue) and isinstance(value.value, Mapping):
-            kept = _rebuilt(
-                value.value,
-                [
-                    (key, item)
-                    if isinstance(item, PlanarTensor)
-                    and key in destinations
-                    and item.fits(destinations[key])
-                    else (key, interleaved(item))
-                    for key, item in value.value.items()
-                ],
-            )
-            out[name] = dataclasses.replace(value, value=kept)
-        else:
-            out[name] = interleaved(value)
-    return out
+class Settled:
+    """Saved state ready to plan and apply: each :class:`PlanarTensor` a module target
+    takes replaced by a stand-in, every other one interleaved into new memory."""
+
+    def __init__(self, targets: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+        self._pending: dict[int, _Pending] = {}
+        self.state: dict[str, Any] = {}
+        for name, value in saved.items():
+            destinations = _destinations(targets[name]) if name in targets else {}
+            if destinations and isinstance(value, StatefulValue):
+                inner = value.value
+                if isinstance(inner, Mapping):
+                    inner = self._stand_ins(inner, destinations)
+                    self.state[name] = dataclasses.replace(value, value=inner)
+                    continue
+            self.state[name] = interleaved(value)
+
+    def _stand_ins(self, saved: Mapping[str, Any], destinations: dict[str, torch.Tensor]) -> Any:
+        items = []
+        for key, item in saved.items():
+            dest = destinations.get(key)
+            if isinstance(item, PlanarTensor) and dest is not None and item.fits(dest):
+                stand_in = dest.detach()  # (an alias of its own identity: see load_module)
+                self._pending[id(stand_in)] = _Pending(item, dest)
+                item = stand_in
+            items.append((key, interleaved(item)))
+        return _rebuilt(saved, items)
+
+    def load_module(self, target: Any, kind: str, saved: Mapping[str, Any]) -> None:
+        """Restore a module (checked): ``load_state_dict`` as usual, each copy of a
+        stand-in into its own parameter done by interleaving the planes into it."""
+        if not self._pending:
+            apply_stateful(target, kind, saved)
+            return
+        with _Interleaving(self._pending):
+            apply_stateful(target, kind, saved)
+
+
+class _Interleaving(TorchFunctionMode):
+    """Runs ``load_state_dict``: a stand-in copied into its parameter interleaves the
+    planes there; anywhere else it is the tensor in new memory (see the module doc)."""
+
+    def __init__(self, pending: dict[int, _Pending]) -> None:
+        super().__init__()
+        self._pending = pending
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.copy_ and len(args) == 2:
+            pending = self._pending.get(id(args[1]))
+            if pending is not None and args[0] is pending.dest:
+                planes = pending.planes
+                if planes.materialized is not None:  # (read, maybe changed, by a hook)
+                    return pending.dest.copy_(planes.materialized, **kwargs)
+                write_all([(planes, pending.dest)])
+                return pending.dest
+        if func not in _METADATA:
+            args, kwargs = self._swapped(args), self._swapped(kwargs)
+        return func(*args, **kwargs)
+
+    def _swapped(self, value: Any) -> Any:
+        """``value`` with every stand-in in it replaced by its tensor in new memory."""
+        if isinstance(value, torch.Tensor):
+            pending = self._pending.get(id(value))
+            return value if pending is None else pending.planes.materialize()
+        if type(value) in (list, tuple):
+            return type(value)(self._swapped(item) for item in value)
+        if type(value) is dict:
+            return {key: self._swapped(item) for key, item in value.items()}
+        return value
 
 
 def interleaved(value: Any) -> Any:
@@ -140,25 +195,9 @@ def _rebuilt(original: Mapping[str, Any], items: list[tuple[str, Any]]) -> Any:
     return out
 
 
-def load_module(target: Any, kind: str, saved: Mapping[str, Any]) -> None:
-    """Restore a module (checked): planes into its own tensors, then ``load_state_dict``."""
-    if any(isinstance(item, PlanarTensor) for item in saved.values()):
-        destinations = direct_destinations(target) or {}
-        items = []
-        direct: dict[int, tuple[PlanarTensor, torch.Tensor]] = {}
-        for key, item in saved.items():
-            if isinstance(item, PlanarTensor):
-                dest = destinations.get(key)
-                if (
-                    dest is not None
-                    and item.fits(dest)
-                    # (a tied weight is one destination: written once, from one tensor)
-                    and direct.setdefault(id(dest), (item, dest))[0] is item
-                ):
-                    item = dest  # load_state_dict then copies it onto itself: no copy
-                else:  # (settle kept only fitting ones: not reached unless the module changed)
-                    item = item.materialize()
-            items.append((key, item))
-        write_all(list(direct.values()))  # (every block of the module at once, on every core)
-        saved = _rebuilt(saved, items)
-    apply_stateful(target, kind, saved)
+def holds(live: torch.Tensor, saved: Any) -> bool:
+    """Whether ``live`` holds exactly the bytes of ``saved`` (a checkpoint tensor, kept as
+    planes or not): planes are compared block by block, with no tensor in new memory."""
+    if isinstance(saved, PlanarTensor):
+        return saved.equals(live)
+    return holds_bytes(live, saved)

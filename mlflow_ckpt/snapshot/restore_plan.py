@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import StateMismatchError
-from mlflow_ckpt.snapshot.direct import load_module, settle
+from mlflow_ckpt.snapshot.direct import Settled
 from mlflow_ckpt.snapshot.stateful import (
     NP_GENERATOR,
     NP_RANDOM_STATE,
@@ -45,6 +44,8 @@ class _Plan:
     mismatched: list[str] = field(default_factory=list)
     unchecked: list[tuple[str, Action]] = field(default_factory=list)
     checked: list[Action] = field(default_factory=list)
+    # How a module is restored once every check passed (:meth:`Settled.load_module`).
+    load_module: Callable[[Any, str, Any], None] = apply_stateful
 
 
 def restore_into(
@@ -55,8 +56,9 @@ def restore_into(
     ``strict`` also refuses checkpoint entries that have no target (a forgotten scheduler
     would otherwise silently keep its fresh state).
     """
-    plan = _Plan()
-    saved = settle(targets, saved)  # (compressed tensors a plain module takes stay planes)
+    settled = Settled(targets, saved)  # (compressed tensors a module takes stay planes)
+    saved = settled.state
+    plan = _Plan(load_module=settled.load_module)
     for name, target in targets.items():
         if name not in saved:  # (an entry checkpoints before it existed lack may be optional)
             if not getattr(target, "optional_in_checkpoint", False):
@@ -116,38 +118,61 @@ def _plan(
     if isinstance(value, StatefulValue):
         _plan_stateful(target, value, path, plan)
     elif isinstance(target, torch.Tensor):
-        if not isinstance(value, torch.Tensor):
-            plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__})")
-        elif value.shape != target.shape or value.dtype != target.dtype:
-            plan.mismatched.append(
-                f"{path} (checkpoint {value.dtype}{list(value.shape)}, "
-                f"state {target.dtype}{list(target.shape)})"
-            )
-        else:
-            plan.checked.append(lambda: target.copy_(value))
-    elif isinstance(target, Mapping) and not isinstance(value, Mapping):
-        plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__}, not a dict)")
+        _plan_tensor(target, value, path, plan)
     elif isinstance(target, Mapping):
-        plan.missing.extend(f"{path}/{k}" for k in target if k not in value)
-        plan.unexpected.extend(f"{path}/{k}" for k in value if k not in target)
-        for key in target:
-            if key in value:
-                sub = _assigner(target, key) if isinstance(target, MutableMapping) else None
-                _plan(target[key], value[key], f"{path}/{key}", plan, sub)
+        _plan_mapping(target, value, path, plan)
     elif isinstance(target, list | tuple):
-        if not isinstance(value, list | tuple) or len(value) != len(target):
-            plan.mismatched.append(f"{path} (length or type differs from the checkpoint)")
-            return
-        if isinstance(target, tuple) and assign is not None:
-            plan.checked.append(lambda: assign(owned(value)))  # immutable: replaced whole
-            return
-        for i, (item, saved) in enumerate(zip(target, value, strict=True)):
-            sub = _assigner(target, i) if isinstance(target, MutableSequence) else None
-            _plan(item, saved, f"{path}/{i}", plan, sub)
+        _plan_sequence(target, value, path, plan, assign)
     elif assign is not None:
         plan.checked.append(lambda: assign(owned(value)))
     elif target != value:
         plan.mismatched.append(f"{path} (an immutable value that differs from the checkpoint)")
+
+
+def _plan_tensor(target: torch.Tensor, value: Any, path: str, plan: _Plan) -> None:
+    """A tensor is copied into in place: the saved one must have its dtype and shape."""
+    if not isinstance(value, torch.Tensor):
+        plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__})")
+    elif value.shape != target.shape or value.dtype != target.dtype:
+        plan.mismatched.append(
+            f"{path} (checkpoint {value.dtype}{list(value.shape)}, "
+            f"state {target.dtype}{list(target.shape)})"
+        )
+    else:
+        plan.checked.append(lambda: target.copy_(value))
+
+
+def _plan_mapping(target: Mapping[Any, Any], value: Any, path: str, plan: _Plan) -> None:
+    """A dict is restored key by key; keys on one side only are reported."""
+    if not isinstance(value, Mapping):
+        plan.mismatched.append(f"{path} (checkpoint holds {type(value).__name__}, not a dict)")
+        return
+    plan.missing.extend(f"{path}/{k}" for k in target if k not in value)
+    plan.unexpected.extend(f"{path}/{k}" for k in value if k not in target)
+    for key in target:
+        if key in value:
+            sub = _assigner(target, key) if isinstance(target, MutableMapping) else None
+            _plan(target[key], value[key], f"{path}/{key}", plan, sub)
+
+
+def _plan_sequence(
+    target: list[Any] | tuple[Any, ...],
+    value: Any,
+    path: str,
+    plan: _Plan,
+    assign: Callable[[Any], None] | None,
+) -> None:
+    """A list is restored item by item; a tuple, immutable, is replaced whole where its
+    container lets it be."""
+    if not isinstance(value, list | tuple) or len(value) != len(target):
+        plan.mismatched.append(f"{path} (length or type differs from the checkpoint)")
+        return
+    if isinstance(target, tuple) and assign is not None:
+        plan.checked.append(lambda: assign(owned(value)))
+        return
+    for i, (item, saved) in enumerate(zip(target, value, strict=True)):
+        sub = _assigner(target, i) if isinstance(target, MutableSequence) else None
+        _plan(item, saved, f"{path}/{i}", plan, sub)
 
 
 def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) -> None:
@@ -183,7 +208,7 @@ def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) ->
         )
         return
     if isinstance(target, torch.nn.Module):  # (its load_state_dict copies every tensor)
-        plan.checked.append(lambda: load_module(target, kind, saved))
+        plan.checked.append(lambda: plan.load_module(target, kind, saved))
     elif isinstance(target, torch.optim.Optimizer):  # it keeps the tensors it is given
         plan.checked.append(lambda: apply_stateful(target, kind, _into_live(target, saved)))
     else:
@@ -257,14 +282,14 @@ def _check_module(module: torch.nn.Module, saved: Any, path: str, plan: _Plan) -
         if (
             isinstance(tensor, torch.Tensor)
             and key in saved
-            and not isinstance(other, torch.Tensor | PlanarTensor)
+            and not isinstance(other, torch.Tensor)
         ):
             plan.mismatched.append(
                 f"{path}.{key} (checkpoint holds {type(other).__name__}, not a tensor)"
             )
         elif (
             isinstance(tensor, torch.Tensor)
-            and isinstance(other, torch.Tensor | PlanarTensor)
+            and isinstance(other, torch.Tensor)
             and other.shape != tensor.shape
         ):
             plan.mismatched.append(
@@ -278,27 +303,8 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _P
     if not isinstance(groups, list) or not isinstance(state, Mapping):
         plan.mismatched.append(f"{path} (checkpoint entry is not an optimizer state_dict)")
         return
-    if not all(
-        isinstance(g, Mapping)
-        and isinstance(g.get("params"), list)
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
-        for g in groups
-    ):
-        plan.mismatched.append(f"{path} (parameter groups without a list of parameter indices)")
+    if not _check_groups(opt, groups, path, plan):
         return
-    sizes = [len(g["params"]) for g in opt.param_groups]
-    saved_sizes = [len(g["params"]) for g in groups]
-    if sizes != saved_sizes:
-        plan.mismatched.append(
-            f"{path} (parameter groups of sizes {saved_sizes} in the checkpoint, {sizes} here)"
-        )
-        return
-    for number, (group, saved_group) in enumerate(zip(opt.param_groups, groups, strict=True)):
-        for key, value in group.items():
-            if key != "params" and key in saved_group:
-                problem = _hyper_mismatch(value, saved_group[key])
-                if problem:
-                    plan.mismatched.append(f"{path}/param_groups/{number}/{key} ({problem})")
     params = [p for g in opt.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
     if len(set(ids)) != len(ids):
@@ -310,22 +316,49 @@ def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, path: str, plan: _P
             plan.mismatched.append(f"{path}/state/{index} (no such parameter)")
             continue
         for key, tensor in entry.items():
-            shape = shape_of[index]
-            if not _is_number(tensor) and not isinstance(tensor, torch.Tensor):
-                plan.mismatched.append(
-                    f"{path}/state/{index}/{key} (checkpoint holds {type(tensor).__name__}, "
-                    "not a tensor or number)"
-                )
-            elif key == "step" and isinstance(tensor, torch.Tensor) and tensor.numel() != 1:
-                plan.mismatched.append(
-                    f"{path}/state/{index}/step (a tensor of shape {list(tensor.shape)}, "
-                    "not a scalar)"
-                )
-            elif isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != shape:
-                plan.mismatched.append(
-                    f"{path}/state/{index}/{key} (checkpoint {list(tensor.shape)}, "
-                    f"parameter {list(shape)})"
-                )
+            problem = _state_mismatch(key, tensor, shape_of[index])
+            if problem:
+                plan.mismatched.append(f"{path}/state/{index}/{key} ({problem})")
+
+
+def _check_groups(opt: torch.optim.Optimizer, groups: list[Any], path: str, plan: _Plan) -> bool:
+    """The saved parameter groups: lists of parameter indices, as many groups of the same
+    sizes as ``opt`` has, hyper-parameters of the same types. ``False`` when the groups
+    cannot even be matched up (their hyper-parameters are then not compared)."""
+    if not all(
+        isinstance(g, Mapping)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+        for g in groups
+    ):
+        plan.mismatched.append(f"{path} (parameter groups without a list of parameter indices)")
+        return False
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    saved_sizes = [len(g["params"]) for g in groups]
+    if sizes != saved_sizes:
+        plan.mismatched.append(
+            f"{path} (parameter groups of sizes {saved_sizes} in the checkpoint, {sizes} here)"
+        )
+        return False
+    for number, (group, saved_group) in enumerate(zip(opt.param_groups, groups, strict=True)):
+        for key, value in group.items():
+            if key != "params" and key in saved_group:
+                problem = _hyper_mismatch(value, saved_group[key])
+                if problem:
+                    plan.mismatched.append(f"{path}/param_groups/{number}/{key} ({problem})")
+    return True
+
+
+def _state_mismatch(key: Any, value: Any, shape: torch.Size) -> str | None:
+    """Why one saved per-parameter state value cannot be loaded (or None): a tensor or a
+    number, ``step`` a scalar, any other non-scalar tensor the parameter's shape."""
+    if not _is_number(value) and not isinstance(value, torch.Tensor):
+        return f"checkpoint holds {type(value).__name__}, not a tensor or number"
+    if key == "step" and isinstance(value, torch.Tensor) and value.numel() != 1:
+        return f"a tensor of shape {list(value.shape)}, not a scalar"
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
+        return f"checkpoint {list(value.shape)}, parameter {list(shape)}"
+    return None
 
 
 def _is_number(value: Any) -> bool:

@@ -21,6 +21,7 @@ from mlflow_ckpt.errors import (
     StateSerializationError,
 )
 from mlflow_ckpt.snapshot.changes import Changes, ChangeTracker, History, Seen, holding
+from mlflow_ckpt.snapshot.direct import holds
 from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
@@ -135,7 +136,7 @@ def frozen_holding(state: Mapping[str, Any], saved: Mapping[str, torch.Tensor]) 
         # framework's whole checkpoint), so it is not called. Names are take_snapshot's.
         if isinstance(unwrap_module(obj), torch.nn.Module):
             encode(obj, name, sink)
-    return holding(Changes.of(tracker), sink.tensors, saved)
+    return holding(Changes.of(tracker), sink.tensors, saved, holds)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.snapshot.changes import identity_of
 from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
@@ -87,38 +86,20 @@ class TensorSink:
 
 def encode(obj: Any, path: str, sink: TensorSink) -> Json:
     """Encode ``obj`` as JSON, sending tensors to ``sink``; ``path`` names it in errors."""
-    if obj is None or isinstance(obj, bool | str):
+    if obj is None or isinstance(obj, bool | str | int):
         return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
+    if isinstance(obj, float):  # (NumPy's float64 too: a float)
         return obj if math.isfinite(obj) else {"__float__": str(obj)}
-    if isinstance(obj, torch.Tensor):
-        return {"__tensor__": sink.add(path, obj)}
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == object or obj.dtype.byteorder == ">":
-            raise StateSerializationError(
-                f"state[{path!r}] is a NumPy array of dtype {obj.dtype}, which cannot be "
-                "stored without pickle; convert it to a numeric array or a list."
-            )
-        return {"__ndarray__": sink.add(path, torch.from_numpy(np.ascontiguousarray(obj)))}
-    if isinstance(obj, np.generic):
-        return {"__npscalar__": [obj.dtype.str, encode(obj.item(), path, sink)]}
+    if isinstance(obj, torch.Tensor | np.ndarray | np.generic):
+        return _encode_array(obj, path, sink)
     if isinstance(obj, torch.dtype):
         return {"__dtype__": str(obj).removeprefix("torch.")}
     if isinstance(obj, torch.device):
         return {"__device__": str(obj)}
     if isinstance(obj, bytes):
         return {"__bytes__": base64.b64encode(obj).decode()}
-    if isinstance(obj, Mapping):
-        return _encode_mapping(obj, path, sink)
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]
-    if isinstance(obj, set | frozenset):
-        items = sorted(obj, key=repr)
-        return {"__set__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(items)]}
+    if isinstance(obj, Mapping | tuple | list | set | frozenset):
+        return _encode_container(obj, path, sink)
     kind = stateful_kind(obj)
     if kind is not None:
         return {"__stateful__": kind, "value": encode(capture_stateful(obj, kind), path, sink)}
@@ -128,6 +109,34 @@ def encode(obj: Any, path: str, sink: TensorSink) -> Json:
         "it state_dict() returning tensors/numbers/strings/lists/dicts and load_state_dict() "
         "to restore them, or leave it out of the state."
     )
+
+
+def _encode_array(obj: torch.Tensor | np.ndarray | np.generic, path: str, sink: TensorSink) -> Json:
+    """A tensor or NumPy array goes to ``sink`` (JSON keeps its name); a NumPy scalar stays
+    in the JSON with its dtype."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": sink.add(path, obj)}
+    if isinstance(obj, np.generic):
+        return {"__npscalar__": [obj.dtype.str, encode(obj.item(), path, sink)]}
+    if obj.dtype == object or obj.dtype.byteorder == ">":
+        raise StateSerializationError(
+            f"state[{path!r}] is a NumPy array of dtype {obj.dtype}, which cannot be "
+            "stored without pickle; convert it to a numeric array or a list."
+        )
+    return {"__ndarray__": sink.add(path, torch.from_numpy(np.ascontiguousarray(obj)))}
+
+
+def _encode_container(obj: Any, path: str, sink: TensorSink) -> Json:
+    """Mappings, tuples, lists and sets: JSON has only lists and string-keyed objects, so
+    the others are tagged; each item is named by its key or position in errors."""
+    if isinstance(obj, Mapping):
+        return _encode_mapping(obj, path, sink)
+    if isinstance(obj, list):
+        return [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(obj)]}
+    items = sorted(obj, key=repr)
+    return {"__set__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(items)]}
 
 
 def _encode_mapping(obj: Mapping[Any, Any], path: str, sink: TensorSink) -> Json:
@@ -166,7 +175,7 @@ def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> A
             return _decode_tagged(node, tag, tensors, path)
         except CheckpointCorruptedError:
             raise
-        except (ValueError, TypeError, RuntimeError, LookupError) as exc:
+        except (ValueError, TypeError, RuntimeError, LookupError, OverflowError) as exc:
             raise _bad(
                 path, f"invalid {tag or 'tagged'} value ({type(exc).__name__}: {exc})"
             ) from exc
@@ -184,40 +193,9 @@ class _Untagged(Exception):
 def _decode_tagged(
     node: dict[str, Json], tag: str | None, tensors: Mapping[str, torch.Tensor], path: str
 ) -> Any:
-    if tag == "__tensor__" or tag == "__ndarray__":
-        name = node[tag]
-        if not isinstance(name, str) or name not in tensors:
-            raise _bad(path, f"references tensor {name!r}, which is not in the tensor files")
-        tensor = tensors[name]
-        if tag == "__tensor__":
-            return tensor
-        return (tensor.materialize() if isinstance(tensor, PlanarTensor) else tensor).numpy()
-    if tag == "__float__":
-        return float(_checked(path, str, node[tag], lambda v: v in ("nan", "inf", "-inf")))
-    if tag == "__tuple__":
-        return tuple(decode(_list(path, node[tag]), tensors, path))
-    if tag == "__set__":
-        return set(decode(_list(path, node[tag]), tensors, path))
-    if tag == "__bytes__":
-        return base64.b64decode(_checked(path, str, node[tag]), validate=True)
-    if tag == "__dtype__":
-        dtype = getattr(torch, _checked(path, str, node[tag]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise _bad(path, f"unknown dtype {node[tag]!r}")
-        return dtype
-    if tag == "__device__":
-        return torch.device(_checked(path, str, node[tag]))
-    if tag == "__npscalar__":
-        pair = _list(path, node[tag])
-        if len(pair) != 2:
-            raise _bad(path, "__npscalar__ holds a [dtype, value] pair")
-        dtype = np.dtype(_checked(path, str, pair[0]))
-        if dtype.kind not in _NPSCALAR_KINDS:
-            raise _bad(path, f"NumPy scalar of dtype {dtype} is not allowed")
-        value = decode(pair[1], tensors, path)
-        if isinstance(value, str):  # NumPy would parse strings; encode never writes one
-            raise _bad(path, f"NumPy scalar value {value!r} is not a number")
-        return dtype.type(value)
+    decoder = _TAGS.get(tag) if tag is not None else None
+    if decoder is not None:
+        return decoder(node[tag], tag, tensors, path)
     if "__items__" in node:
         return _decode_items(node, tensors, path)
     if "__stateful__" in node:
@@ -226,6 +204,70 @@ def _decode_tagged(
             raise _bad(path, f"unknown stateful kind {kind!r}; known: {', '.join(KINDS)}")
         return StatefulValue(kind, decode(node.get("value"), tensors, path))
     raise _Untagged
+
+
+def _decode_tensor(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    if not isinstance(payload, str) or payload not in tensors:
+        raise _bad(path, f"references tensor {payload!r}, which is not in the tensor files")
+    tensor = tensors[payload]
+    # (a compressed tensor kept as byte planes gives its values to ``numpy()`` too)
+    return tensor if tag == "__tensor__" else tensor.numpy()
+
+
+def _decode_float(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    return float(_checked(path, str, payload, lambda v: v in ("nan", "inf", "-inf")))
+
+
+def _decode_tuple(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    return tuple(decode(_list(path, payload), tensors, path))
+
+
+def _decode_set(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    return set(decode(_list(path, payload), tensors, path))
+
+
+def _decode_bytes(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    return base64.b64decode(_checked(path, str, payload), validate=True)
+
+
+def _decode_dtype(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    dtype = getattr(torch, _checked(path, str, payload), None)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(path, f"unknown dtype {payload!r}")
+    return dtype
+
+
+def _decode_device(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    return torch.device(_checked(path, str, payload))
+
+
+def _decode_npscalar(
+    payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str
+) -> Any:
+    pair = _list(path, payload)
+    if len(pair) != 2:
+        raise _bad(path, "__npscalar__ holds a [dtype, value] pair")
+    dtype = np.dtype(_checked(path, str, pair[0]))
+    if dtype.kind not in _NPSCALAR_KINDS:
+        raise _bad(path, f"NumPy scalar of dtype {dtype} is not allowed")
+    value = decode(pair[1], tensors, path)
+    if isinstance(value, str):  # NumPy would parse strings; encode never writes one
+        raise _bad(path, f"NumPy scalar value {value!r} is not a number")
+    return dtype.type(value)
+
+
+# One-key tagged objects: the tag, and how its payload is decoded.
+_TAGS: dict[str, Callable[[Json, str, Mapping[str, torch.Tensor], str], Any]] = {
+    "__tensor__": _decode_tensor,
+    "__ndarray__": _decode_tensor,
+    "__float__": _decode_float,
+    "__tuple__": _decode_tuple,
+    "__set__": _decode_set,
+    "__bytes__": _decode_bytes,
+    "__dtype__": _decode_dtype,
+    "__device__": _decode_device,
+    "__npscalar__": _decode_npscalar,
+}
 
 
 def _decode_items(node: dict[str, Json], tensors: Mapping[str, torch.Tensor], path: str) -> Any:
