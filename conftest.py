@@ -27,15 +27,20 @@ def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
-@pytest.fixture
-def tracking(tmp_path: Path, _template_db: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh MLflow tracking store in ``tmp_path``; the current experiment stores there too."""
+def fresh_store(template_db: Path, folder: Path) -> str:
+    """A new sqlite tracking store in ``folder`` (a copy of the template): its URI."""
+    db = folder / "mlflow.db"
+    shutil.copy(template_db, db)
+    return f"sqlite:///{db}"
+
+
+def use_store(uri: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point this process and its children at ``uri`` (working in ``cwd``) until the test ends.
+
+    Also for a store that outlives one test: a module's shared job (see tests/distlib.py)."""
     import mlflow
 
-    db = tmp_path / "mlflow.db"
-    shutil.copy(_template_db, db)
-    uri = f"sqlite:///{db}"
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(cwd)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("tests")
@@ -43,3 +48,25 @@ def tracking(tmp_path: Path, _template_db: Path, monkeypatch: pytest.MonkeyPatch
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, _template_db: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh MLflow tracking store in ``tmp_path``; the current experiment stores there too."""
+    yield from use_store(fresh_store(_template_db, tmp_path), tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def module_store(_template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A tracking store (URI, folder) shared by one module's tests: a job that several tests
+    read or resume from runs once and saves there (tests/test_distributed.py, test_elastic.py)."""
+    folder = tmp_path_factory.mktemp("module-store")
+    return fresh_store(_template_db, folder), folder
+
+
+@pytest.fixture
+def module_tracking(
+    module_store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """As ``tracking``, but on the module's shared store, so a test sees its shared jobs."""
+    yield from use_store(module_store[0], tmp_path, monkeypatch)
