@@ -30,7 +30,9 @@ demo: install
 
 # pytest-xdist workers: one per core, at most 4 (a multi-process test runs 2-3 processes of its
 # own). --dist loadgroup keeps each xdist_group on one worker: tests sharing one job or one
-# PostgreSQL server (tests/test_distributed.py, test_elastic.py, test_scale.py...).
+# PostgreSQL server (tests/test_distributed.py, test_elastic.py, test_scale.py...). With
+# pytest 9.2 and xdist 3.8 it does not (pytest-xdist#1386: it schedules as `load`); nothing
+# depends on it for correctness, a shared job then runs once per worker that needs it.
 WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_XDIST := -n $(WORKERS) --dist loadgroup
 
