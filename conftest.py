@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,10 @@ def use_store(uri: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # set_experiment exports MLFLOW_EXPERIMENT_ID for child processes; through monkeypatch it
+    # is taken back at teardown instead of pointing later tests' children (and shared jobs,
+    # on a store without it) at this store's experiment
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("tests")
     yield uri
@@ -56,17 +61,32 @@ def tracking(tmp_path: Path, _template_db: Path, monkeypatch: pytest.MonkeyPatch
     yield from use_store(fresh_store(_template_db, tmp_path), tmp_path, monkeypatch)
 
 
+@dataclass(frozen=True)
+class SharedStore:
+    """A tracking store shared by one module's tests, with its experiment "tests"."""
+
+    uri: str
+    folder: Path
+    env: dict[str, str]  # for a job's processes: this store, this experiment
+
+
 @pytest.fixture(scope="module")
-def module_store(_template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """A tracking store (URI, folder) shared by one module's tests: a job that several tests
-    read or resume from runs once and saves there (tests/test_distributed.py, test_elastic.py)."""
+def module_store(_template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> SharedStore:
+    """A job that several tests of a module read or resume from runs once and saves here
+    (tests/test_distributed.py, test_elastic.py). Its experiment is named explicitly: a
+    module fixture runs outside any test's environment."""
+    from mlflow import MlflowClient
+
     folder = tmp_path_factory.mktemp("module-store")
-    return fresh_store(_template_db, folder), folder
+    uri = fresh_store(_template_db, folder)
+    experiment_id = MlflowClient(uri).create_experiment("tests", str(folder / "mlruns"))
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    return SharedStore(uri, folder, env)
 
 
 @pytest.fixture
 def module_tracking(
-    module_store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    module_store: SharedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """As ``tracking``, but on the module's shared store, so a test sees its shared jobs."""
-    yield from use_store(module_store[0], tmp_path, monkeypatch)
+    yield from use_store(module_store.uri, tmp_path, monkeypatch)

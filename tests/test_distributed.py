@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
@@ -26,6 +27,9 @@ from mlflow_ckpt.storage import local_path_of
 from tests import servers
 from tests.conftest import ROOT, StoreUnderTest
 from tests.distlib import JOB, reports, torchrun
+
+if TYPE_CHECKING:
+    from conftest import SharedStore  # the root conftest's (module_store)
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +52,10 @@ shares_fsdp2_job = pytest.mark.xdist_group("fsdp2-job")
 
 
 @pytest.fixture(scope="module")
-def fsdp2_job(module_store: tuple[str, Path]) -> Path:
-    uri, folder = module_store
-    out = folder / "fsdp2-job"
+def fsdp2_job(module_store: SharedStore) -> Path:
+    out = module_store.folder / "fsdp2-job"
     args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
-    torchrun(2, out, *args, env={"MLFLOW_TRACKING_URI": uri})
+    torchrun(2, out, *args, env=module_store.env)
     return out
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
@@ -28,22 +29,24 @@ from tests.conftest import ROOT
 from tests.distlib import JOB, reports, torchrun
 from tests.test_distributed import assert_same
 
+if TYPE_CHECKING:
+    from conftest import SharedStore  # the root conftest's (module_store)
+
 pytestmark = pytest.mark.slow
 RESTARTS = ("--max-restarts=2",)
 
 
 @pytest.fixture(scope="module")
-def straight(module_store: tuple[str, Path]) -> Callable[[str], Path]:
+def straight(module_store: SharedStore) -> Callable[[str], Path]:
     """The uninterrupted job of a strategy, run once per module (on the module's store):
     every restarted job of that strategy is compared with its files, and only with them."""
-    uri, folder = module_store
     done: dict[str, Path] = {}
 
     def get(strategy: str) -> Path:
         if strategy not in done:
-            out = folder / f"straight-{strategy}"
+            out = module_store.folder / f"straight-{strategy}"
             args = ("--strategy", strategy, "--steps", "8", "--save-every", "3", "--auto")
-            torchrun(2, out, *args, env={"MLFLOW_TRACKING_URI": uri})
+            torchrun(2, out, *args, env=module_store.env)
             done[strategy] = out
         return done[strategy]
 
