@@ -43,15 +43,18 @@ INLINE_CHILDREN = frozenset(
         "test_network.py::test_a_folder_its_owner_cannot_lock_is_named_out_of_the_sweeps_reach",
     }
 )
+# ... and that ask for a server inline (make_store, request.getfixturevalue)
+INLINE_SERVERS = frozenset({"test_transfers.py::test_credentials_never_recorded"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if used & SERVER_FIXTURES or params.get("store", "local") != "local":
-            item.add_marker(pytest.mark.servers)
         name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        remote_store = params.get("store", "local") != "local"
+        if used & SERVER_FIXTURES or remote_store or name in INLINE_SERVERS:
+            item.add_marker(pytest.mark.servers)
         if used & CHILD_FIXTURES or name in INLINE_CHILDREN:
             item.add_marker(pytest.mark.slow)
 
@@ -267,6 +270,11 @@ def store(
 def make_store(
     name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> StoreUnderTest:
+    if name != "local" and request.node.get_closest_marker("servers") is None:
+        raise AssertionError(
+            f"{request.node.nodeid} asks for a {name} server without the `servers` mark, so "
+            "`make test-fast` would start one: add it to INLINE_SERVERS in tests/conftest.py"
+        )
     prefix = f"t-{uuid.uuid4().hex[:10]}"
     env: dict[str, str] = {}
     if name == "local":
