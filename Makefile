@@ -1,10 +1,11 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
+# `make test-fast` gives a signal in minutes while working (see the target).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools demo test lint format bench faults clean
+.PHONY: install tools demo test test-fast lint format bench faults clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
 # multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.6` adds nothing.
@@ -27,8 +28,23 @@ tools: $(AZURITE)
 demo: install
 	$(BIN)/python examples/train_and_resume.py
 
+# pytest-xdist workers: one per core, at most 4 (a multi-process test runs 2-3 processes of its
+# own). --dist loadgroup keeps each xdist_group on one worker: tests sharing one job or one
+# PostgreSQL server (tests/test_distributed.py, test_elastic.py, test_scale.py...). With
+# pytest 9.2 and xdist 3.8 it does not (pytest-xdist#1386: it schedules as `load`); nothing
+# depends on it for correctness, a shared job then runs once per worker that needs it.
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_XDIST := -n $(WORKERS) --dist loadgroup
+
+# The whole suite; CI runs it (.ci/run).
 test: install tools lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_XDIST)
+
+# No multi-process job and no server (the `slow` and `servers` marks; tests/conftest.py adds
+# them from the fixtures a test uses): what most edits break, in minutes. Not a substitute
+# for `make test`.
+test-fast: install
+	$(BIN)/pytest $(PYTEST_XDIST) -m "not slow and not servers"
 
 lint: install
 	$(BIN)/ruff check .

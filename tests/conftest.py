@@ -22,6 +22,48 @@ from tests.faultproxy import FaultProxy, fault_proxy
 ROOT = Path(__file__).resolve().parent.parent
 RESUME_STEPS = 40  # the length of the bit-for-bit resume tests' runs of tests.train_script
 
+# ---------------------------------------------------------------- lanes (markers)
+
+# What a test needs decides its lane, so a module need not say it: `make test-fast` runs
+# `-m "not slow and not servers"`. A test that starts a server through one of these fixtures
+# is `servers`; one that runs a child Python (which imports torch and MLflow: seconds each)
+# through one of these is `slow`. Tests that start them otherwise carry the mark themselves.
+SERVER_FIXTURES = frozenset(
+    {"s3_server", "azurite_server", "gcs_server", "proxy_server", "postgres_server", "s3_via_proxy"}
+)
+CHILD_FIXTURES = frozenset({"run_child", "straight_state"})
+# Tests that start a child Python inline (subprocess), which no fixture tells, in modules
+# whose marks are kept by others: named here (file::function) so the fast lane stays free of
+# them. Found by recording every process the non-slow tests started.
+INLINE_CHILDREN = frozenset(
+    {
+        "test_cli.py::test_installed_script_honours_mlflow_tracking_uri",
+        "test_verify.py::test_a_save_killed_during_validation_is_never_resumed_from",
+        "test_network.py::test_gc_removes_folders_left_by_killed_processes",
+        "test_network.py::test_a_folder_its_owner_cannot_lock_is_named_out_of_the_sweeps_reach",
+    }
+)
+# ... and that ask for a server inline (make_store, request.getfixturevalue)
+INLINE_SERVERS = frozenset({"test_transfers.py::test_credentials_never_recorded"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        remote_store = params.get("store", "local") != "local"
+        if used & SERVER_FIXTURES or remote_store or name in INLINE_SERVERS:
+            item.add_marker(pytest.mark.servers)
+        if used & CHILD_FIXTURES or name in INLINE_CHILDREN:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The servers' logs in this session's own folder (per xdist worker): see servers.LOG_DIR."""
+    servers.LOG_DIR = tmp_path_factory.getbasetemp()
+
 
 @pytest.fixture(scope="session")
 def straight_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -100,6 +142,17 @@ def s3_env(url: str) -> dict[str, str]:
     return dict(servers.AWS_ENV, MLFLOW_S3_ENDPOINT_URL=url, AWS_ENDPOINT_URL_S3=url)
 
 
+def mlflow_server_env(s3_url: str) -> dict[str, str]:
+    """An ``mlflow server``'s environment: artifacts on S3 (moto), and no job runner.
+
+    MLflow 3.17's server otherwise starts a job runner and six huey consumers (GenAI jobs
+    these tests never submit) that poll all the time: measured here, 7 s of CPU per 30 s
+    idle and 21 s more at startup, per server, for the whole session (2 cores)."""
+    return dict(
+        s3_env(s3_url), MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+    )
+
+
 @pytest.fixture(scope="session")
 def azurite_server() -> Iterator[servers.Server]:
     from azure.storage.blob import BlobServiceClient
@@ -131,8 +184,7 @@ def proxy_server(
     s3_server: servers.Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[servers.Server]:
     workdir = tmp_path_factory.mktemp("proxy")
-    env = s3_env(s3_server.url)
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env = mlflow_server_env(s3_server.url)
     with servers.running(
         servers.start_mlflow_proxy(workdir, f"s3://{BUCKET}/proxied", env)
     ) as server:
@@ -150,8 +202,7 @@ def postgres_server(
     pytest.importorskip("psycopg")
     workdir = tmp_path_factory.mktemp("postgres")
     database = servers.start_postgres()
-    env = s3_env(s3_server.url)
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env = mlflow_server_env(s3_server.url)
     try:
         with servers.running(
             servers.start_mlflow_proxy(
@@ -219,6 +270,11 @@ def store(
 def make_store(
     name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> StoreUnderTest:
+    if name != "local" and request.node.get_closest_marker("servers") is None:
+        raise AssertionError(
+            f"{request.node.nodeid} asks for a {name} server without the `servers` mark, so "
+            "`make test-fast` would start one: add it to INLINE_SERVERS in tests/conftest.py"
+        )
     prefix = f"t-{uuid.uuid4().hex[:10]}"
     env: dict[str, str] = {}
     if name == "local":

@@ -83,9 +83,15 @@ class Server:
         wait_until_up(self.url + self.ready_path, self.proc)
 
 
+# Where the servers' logs go. tests/conftest.py points it at the pytest session's own
+# temporary folder (one per xdist worker): a request count read from an access log must see
+# only this session's server, not another worker's or another test run's of the same name.
+LOG_DIR: Path | None = None
+
+
 def log_path(name: str) -> Path:
     """Where server ``name`` writes its output (its access log, for the mlflow server)."""
-    return Path(os.environ.get("TMPDIR", "/tmp")) / f"mlflow-ckpt-{name}.log"
+    return (LOG_DIR or Path(os.environ.get("TMPDIR", "/tmp"))) / f"mlflow-ckpt-{name}.log"
 
 
 _REQUEST = re.compile(r'"(GET|POST|PATCH|DELETE|PUT) (/api/2\.0/mlflow/[^ ?"]*)')

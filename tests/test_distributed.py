@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
@@ -27,6 +28,9 @@ from tests import servers
 from tests.conftest import ROOT, StoreUnderTest
 from tests.distlib import JOB, reports, torchrun
 
+if TYPE_CHECKING:
+    from conftest import SharedStore  # the root conftest's (module_store)
+
 pytestmark = pytest.mark.slow
 
 
@@ -40,15 +44,32 @@ def run_id_of(out: Path) -> str:
     return reports(out)[0]["run_id"]
 
 
-def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tmp_path: Path):
-    torchrun(2, tmp_path / "save", "--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
-    saved = reports(tmp_path / "save")
+# One 2-rank FSDP2 job of 4 steps saving steps 1 and 3, on the module's store, for the tests
+# marked with this group: each ran the same job before. They only read it, resume it (which
+# saves nothing: it ended at step 3) or, the one that damages a file, put the byte back.
+# `make test` runs `--dist loadgroup`: the group stays on one worker, so the job runs once.
+shares_fsdp2_job = pytest.mark.xdist_group("fsdp2-job")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_job(module_store: SharedStore) -> Path:
+    out = module_store.folder / "fsdp2-job"
+    args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
+    torchrun(2, out, *args, env=module_store.env)
+    return out
+
+
+@shares_fsdp2_job
+def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(
+    module_tracking: str, fsdp2_job: Path, tmp_path: Path
+):
+    saved = reports(fsdp2_job)
     assert [r["errors"] for r in saved] == [[], []]
     assert saved[0]["clients"] > 0 and saved[1]["clients"] == 0  # only rank 0 talks to MLflow
     assert [r["groups_left"] for r in saved] == [0, 0]  # close() destroyed the manager's groups
-    run_id = run_id_of(tmp_path / "save")
+    run_id = run_id_of(fsdp2_job)
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 1]
-    expected = load_file(tmp_path / "save" / "saved-3.safetensors")
+    expected = load_file(fsdp2_job / "saved-3.safetensors")
     assert any(k.endswith("/exp_avg_sq") for k in expected) and any(
         k.endswith("/step") for k in expected
     )
@@ -66,15 +87,15 @@ def test_fsdp2_saved_on_two_ranks_resumes_on_one_two_and_three(tracking: str, tm
         assert all(r["lr"] == saved[0]["lr"] and r["scheduler_epoch"] == 4 for r in got)
 
 
+@shares_fsdp2_job
 def test_compressed_fsdp2_checkpoint_resumes_on_three_ranks_and_in_a_plain_process(
-    tracking: str, tmp_path: Path
+    module_tracking: str, fsdp2_job: Path, tmp_path: Path
 ):
     args = ("--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
-    torchrun(2, tmp_path / "plain", *args)
-    torchrun(2, tmp_path / "save", *args, "--compression", "zstd")
+    torchrun(2, tmp_path / "save", *args, "--compression", "zstd")  # as fsdp2_job, compressed
     run_id = run_id_of(tmp_path / "save")
     ckpt = mlflow_ckpt.latest_checkpoint(run_id)
-    plain = mlflow_ckpt.latest_checkpoint(run_id_of(tmp_path / "plain"))
+    plain = mlflow_ckpt.latest_checkpoint(run_id_of(fsdp2_job))
     assert ckpt is not None and plain is not None and ckpt.step == plain.step == 3
     # the logical size, whatever the encoding (metadata.json names each chunk's codec too)
     assert abs(ckpt.size_bytes - plain.size_bytes) < 512 and ckpt.stored_bytes != plain.stored_bytes
@@ -196,12 +217,14 @@ def test_resume_skips_only_a_damaged_checkpoint_and_the_same_way_on_every_rank(
     assert tags["mlflow_ckpt.status"] == "corrupt"
 
 
-def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path):
-    torchrun(2, tmp_path / "save", "--strategy", "fsdp2", "--steps", "4", "--save-every", "2")
-    run_id = run_id_of(tmp_path / "save")
+@shares_fsdp2_job
+def test_two_rank_checkpoint_in_one_plain_process(
+    module_tracking: str, fsdp2_job: Path, tmp_path: Path
+):
+    run_id = run_id_of(fsdp2_job)
     ckpt = mlflow_ckpt.latest_checkpoint(run_id)
     assert ckpt is not None and ckpt.step == 3
-    expected = load_file(tmp_path / "save" / "saved-3.safetensors")
+    expected = load_file(fsdp2_job / "saved-3.safetensors")
     state = mlflow_ckpt.load_training_state(ckpt.uri)
     # the FULL state dict, keyed like the unwrapped module
     assert list(state["model"]) == ["0.weight", "0.bias", "3.weight", "3.bias"]
@@ -246,11 +269,16 @@ def test_two_rank_checkpoint_in_one_plain_process(tracking: str, tmp_path: Path)
     with torch.no_grad():
         assert torch.allclose(torch.as_tensor(served), model.eval()(batch))
     shard = next(Path(ckpt.artifact_location).glob("shards/rank-00001-*.bin"))
-    data = bytearray(shard.read_bytes())
+    original = shard.read_bytes()
+    data = bytearray(original)
     data[0] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = CliRunner().invoke(cli, ["verify", ckpt.uri])
-    assert result.exit_code == 1 and shard.name in result.output
+    try:
+        result = CliRunner().invoke(cli, ["verify", ckpt.uri])
+        assert result.exit_code == 1 and shard.name in result.output
+    finally:
+        shard.write_bytes(original)  # the job is shared: other tests resume from it
+    assert CliRunner().invoke(cli, ["verify", ckpt.uri]).exit_code == 0
 
 
 def test_ddp_kill9_after_commit_resumes_bit_for_bit(tracking: str, tmp_path: Path):

@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
@@ -27,12 +29,28 @@ from tests.conftest import ROOT
 from tests.distlib import JOB, reports, torchrun
 from tests.test_distributed import assert_same
 
+if TYPE_CHECKING:
+    from conftest import SharedStore  # the root conftest's (module_store)
+
 pytestmark = pytest.mark.slow
 RESTARTS = ("--max-restarts=2",)
 
 
-def _straight(strategy: str, out: Path) -> None:
-    torchrun(2, out, "--strategy", strategy, "--steps", "8", "--save-every", "3", "--auto")
+@pytest.fixture(scope="module")
+def straight(module_store: SharedStore) -> Callable[[str], Path]:
+    """The uninterrupted job of a strategy, run once per module (on the module's store):
+    every restarted job of that strategy is compared with its files, and only with them."""
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            out = module_store.folder / f"straight-{strategy}"
+            args = ("--strategy", strategy, "--steps", "8", "--save-every", "3", "--auto")
+            torchrun(2, out, *args, env=module_store.env)
+            done[strategy] = out
+        return done[strategy]
+
+    return get
 
 
 def _assert_bit_for_bit(straight: Path, resumed: Path) -> None:
@@ -51,11 +69,13 @@ def _job_runs(run_id: str) -> list[mlflow.entities.Run]:
     )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# The ddp tests share one straight job: `make test` keeps the group on one xdist worker.
+@pytest.mark.parametrize(
+    "strategy", [pytest.param("ddp", marks=pytest.mark.xdist_group("elastic-ddp")), "fsdp2"]
+)
 def test_a_rank_killed_mid_run_is_restarted_and_the_job_ends_bit_for_bit(
-    tracking: str, tmp_path: Path, strategy: str
+    tracking: str, tmp_path: Path, strategy: str, straight: Callable[[str], Path]
 ) -> None:
-    _straight(strategy, tmp_path / "straight")
     common = ["--strategy", strategy, "--steps", "8", "--save-every", "3", "--auto"]
     job = torchrun(
         2, tmp_path / "job", *common, "--first-attempt-kill", "1:6", torchrun_args=RESTARTS
@@ -64,16 +84,16 @@ def test_a_rank_killed_mid_run_is_restarted_and_the_job_ends_bit_for_bit(
     done = reports(tmp_path / "job")
     assert [r["attempt"] for r in done] == [1, 1]  # what finished is the restarted attempt
     assert [r["start_step"] for r in done] == [6, 6]  # from step 5's commit (every 3: 2, 5)
-    _assert_bit_for_bit(tmp_path / "straight", tmp_path / "job")
+    _assert_bit_for_bit(straight(strategy), tmp_path / "job")
     run_id = done[0]["run_id"]
     assert len(_job_runs(run_id)) == 1  # one MLflow run for the whole job
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [7, 5, 2]
 
 
+@pytest.mark.xdist_group("elastic-ddp")
 def test_one_rank_preempted_makes_every_rank_save_that_step_then_the_restart_continues(
-    tracking: str, tmp_path: Path
+    tracking: str, tmp_path: Path, straight: Callable[[str], Path]
 ) -> None:
-    _straight("ddp", tmp_path / "straight")
     common = ["--strategy", "ddp", "--steps", "8", "--save-every", "3", "--auto"]
     job = torchrun(
         2, tmp_path / "job", *common, "--first-attempt-sigterm", "1:3", torchrun_args=RESTARTS
@@ -89,7 +109,7 @@ def test_one_rank_preempted_makes_every_rank_save_that_step_then_the_restart_con
         (4, (tags.PREEMPTED,)),  # both ranks' shards: one checkpoint, committed
         (2, ("periodic",)),
     ]
-    _assert_bit_for_bit(tmp_path / "straight", tmp_path / "job")
+    _assert_bit_for_bit(straight("ddp"), tmp_path / "job")
     assert len(_job_runs(run_id)) == 1
 
 

@@ -14,10 +14,13 @@ import mlflow_ckpt
 from tests import servers
 from tests.records import tracking_at
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+# postgres: with tests/test_scale.py on one xdist worker, so one cluster serves both modules
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.xdist_group("postgres"))]
+)
 def tracking_server(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[servers.Server]:

@@ -22,7 +22,9 @@ from mlflow_ckpt.cli import main as cli
 from tests import servers
 from tests.records import committed_record, tracking_at
 
-pytestmark = pytest.mark.slow
+# One PostgreSQL cluster and mlflow server per xdist worker that asks for one: the tests that
+# need them share a group, so `make test` (--dist loadgroup) starts them once.
+pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.xdist_group("postgres")]
 N = 1200
 BEST = 777  # the step with the lowest loss
 

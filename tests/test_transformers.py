@@ -78,13 +78,23 @@ def make_trainer(out: Path, epochs: int, *callbacks, **overrides) -> transformer
     )
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> transformers.Trainer:
+    """An uninterrupted 4-epoch run (no MLflow, no callback), trained once for the module:
+    both resume tests compare with it (each trained the same run before)."""
+    trainer = make_trainer(tmp_path_factory.mktemp("straight"), 4)
+    trainer.train()
+    return trainer
+
+
+# slow: two Trainer runs each (large for an in-process test); one worker for the pair under
+# `make test` (--dist loadgroup), so the straight run is trained once.
+@pytest.mark.slow
+@pytest.mark.xdist_group("hf-straight")
 @pytest.mark.parametrize("dst", [False, True], ids=["temporary", "dst"])
 def test_resume_gives_the_same_weights_as_training_straight(
-    tracking: str, tmp_path: Path, own_tempdir: Path, dst: bool
+    tracking: str, tmp_path: Path, own_tempdir: Path, dst: bool, straight: transformers.Trainer
 ) -> None:
-    straight = make_trainer(tmp_path / "a", 4)
-    straight.train()
-
     # the first half: the schedule is for 4 epochs, stopped after 2 (as a killed job would be)
     callback = MlflowCheckpointCallback(async_save=False)
     half = make_trainer(tmp_path / "b", 4, callback)
