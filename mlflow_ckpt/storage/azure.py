@@ -13,7 +13,6 @@ import base64
 import logging
 import mimetypes
 import posixpath
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +41,24 @@ class AzureStore(RepositoryStore):
         self._container_name, self._account, prefix, self._suffix = parsed
         self._prefix = prefix.strip("/")
         self._timeout = MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT.get() or _DEFAULT_TIMEOUT_S
-        self._client_lock = threading.Lock()
-        self._container_client: Any = None
+        self._container = clients.Lazy(self._make_container)
+
+    def _make_container(self) -> Any:
+        service = clients.azure_service_client(self.uri, self._account, self._suffix)
+        return service.get_container_client(self._container_name)
 
     @property
     def container(self) -> Any:
-        """The container's client (made on first use; thread-safe once made)."""
-        with self._client_lock:
-            if self._container_client is None:
-                service = clients.azure_service_client(self.uri, self._account, self._suffix)
-                self._container_client = service.get_container_client(self._container_name)
-            return self._container_client
-
-    def _name(self, rel_path: str) -> str:
-        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+        """The container's client (made on first use)."""
+        return self._container.get()
 
     def _blob(self, rel_path: str) -> Any:
-        return self.container.get_blob_client(self._name(rel_path))
+        return self.container.get_blob_client(self._key(rel_path))
 
     def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
         from azure.storage.blob import BlobPrefix
 
-        folder = self._name(directory).rstrip("/")
+        folder = self._key(directory).rstrip("/")
         start = f"{folder}/" if folder else ""
         files: dict[str, int] = {}
         folders: list[str] = []
@@ -90,7 +85,7 @@ class AzureStore(RepositoryStore):
         self._blob(rel_path).delete_blob(timeout=self._timeout)
 
     def _remove_all(self) -> None:
-        folder = self._name("").rstrip("/")
+        folder = self._key("").rstrip("/")
         start = f"{folder}/" if folder else ""
         names = [b.name for b in self.container.list_blobs(name_starts_with=start)]
         for name in names:

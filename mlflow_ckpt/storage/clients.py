@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from mlflow.environment_variables import (
     MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE,
@@ -36,6 +38,25 @@ from mlflow.environment_variables import (
 
 from mlflow_ckpt.storage.base import StoreError
 from mlflow_ckpt.storage.transfer import redact
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A client made on first use, once, whatever thread asks first. Making one may read
+    credentials or reach a metadata endpoint, which a store that is never used must not
+    do; once made, the SDK clients here are safe to share between threads."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._value: T | None = None
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._make()
+            return self._value
 
 
 def s3_client() -> Any:

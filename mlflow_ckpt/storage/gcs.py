@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import mimetypes
 import posixpath
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +43,18 @@ class GCSStore(RepositoryStore):
         super().__init__(uri, config)
         self._bucket_name, _, prefix = uri.removeprefix("gs://").partition("/")
         self._prefix = prefix.strip("/")
-        self._client_lock = threading.Lock()
-        self._client: Any = None
+        self._client = clients.Lazy(clients.gcs_client)
 
     @property
     def client(self) -> Any:
         """The storage client (made on first use)."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = clients.gcs_client()
-            return self._client
-
-    def _name(self, rel_path: str) -> str:
-        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+        return self._client.get()
 
     def _blob(self, rel_path: str) -> Any:
-        return self.client.bucket(self._bucket_name).blob(self._name(rel_path))
+        return self.client.bucket(self._bucket_name).blob(self._key(rel_path))
 
     def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
-        folder = self._name(directory).rstrip("/")
+        folder = self._key(directory).rstrip("/")
         start = f"{folder}/" if folder else ""
         pages = self.client.list_blobs(
             self._bucket_name, prefix=start, delimiter="/", retry=None, timeout=_TIMEOUT_S
@@ -82,7 +74,7 @@ class GCSStore(RepositoryStore):
         self._blob(rel_path).delete(retry=None, timeout=_TIMEOUT_S)
 
     def _remove_all(self) -> None:
-        folder = self._name("").rstrip("/")
+        folder = self._key("").rstrip("/")
         pages = self.client.list_blobs(
             self._bucket_name, prefix=f"{folder}/" if folder else "", retry=None
         )

@@ -49,6 +49,12 @@ class RepositoryStore(Store):
     def parallelism(self) -> int:
         return self.config.max_workers
 
+    _prefix = ""  # a bucket store's object-name prefix (its URI's path), set by it
+
+    def _key(self, rel_path: str) -> str:
+        """The object name of ``rel_path`` in a bucket store (S3, Azure, GCS)."""
+        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+
     def _run(self, fn: Any, action: str) -> Any:
         try:
             return with_retries(fn, self.config.retry, f"{action} {redact(self.uri)}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import mimetypes
 import posixpath
-import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,19 +52,12 @@ class S3Store(RepositoryStore):
         self._bucket = parts.netloc
         self._prefix = parts.path.strip("/")
         self._owner = clients.s3_bucket_owner()
-        self._client_lock = threading.Lock()
-        self._client: Any = None
+        self._client = clients.Lazy(clients.s3_client)
 
     @property
     def client(self) -> Any:
-        """The boto3 client (made on first use; boto3 clients are thread-safe once made)."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = clients.s3_client()
-            return self._client
-
-    def _key(self, rel_path: str) -> str:
-        return posixpath.join(self._prefix, rel_path) if rel_path else self._prefix
+        """The boto3 client (made on first use)."""
+        return self._client.get()
 
     def _listing(self, directory: str) -> tuple[dict[str, int], list[str]]:
         folder = self._key(directory).rstrip("/")
