@@ -342,9 +342,7 @@ def _write_part(
     store: Store | None = None
     error: BaseException | None = None
     part: dict[str, Any] = {}
-    try:
-        if strategy.ranks.is_leader and target.check_writer is not None:
-            target.check_writer()
+    try:  # (the lease is checked before the manifest and the commit, where it matters)
         store = open_store(created["location"], target.transfer)
         if created["shared_uri"] is not None:  # incremental: lasting bytes, shared area
             store = RoutedStore(store, open_store(created["shared_uri"], target.transfer))
