@@ -256,6 +256,15 @@ class StoreUnderTest:
 STORES = ["local", "s3", "azure", "gcs", "proxy"]
 
 
+@pytest.fixture
+def other_process() -> Iterator[int]:
+    """The PID of a live process that is not this one (a writer that took a run over)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
 @pytest.fixture(params=STORES)
 def store(
     request: pytest.FixtureRequest,

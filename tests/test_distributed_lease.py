@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -22,15 +21,6 @@ from mlflow_ckpt.manager.lease import read_lease
 from tests.distlib import ROOT, reports
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def other_process() -> Iterator[int]:
-    """The PID of a live process that is not the job's (the one that took the run over)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def test_a_lost_lease_raises_writer_conflict_on_every_rank_even_with_on_error_warn(

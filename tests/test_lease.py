@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -109,15 +108,6 @@ def test_second_writer_refused_then_forced_takeover_stops_the_first(
     assert all(m.tags[tags.STATUS] != tags.COMMITTED for m in late_a)
     assert mlflow_ckpt.latest_checkpoint(run_id).step == resumed + 6
     assert tags.RUN_WRITER not in client.get_run(run_id).data.tags  # C released it on close
-
-
-@pytest.fixture
-def other_process() -> Iterator[int]:
-    """The PID of a live process that is not this one."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def _lease_of(run_id: str, pid: int, *, age: float, ttl: float = 60.0) -> None:
