@@ -281,6 +281,7 @@ def write_checkpoint(target: WriteTarget, job: SaveJob, strategy: SaveStrategy) 
             raise Diverged(found)
 
     store, report, error = _write_part(target, job, strategy, created, before_manifest)
+    report["nonfinite"] = None  # (a guard that itself failed is this rank's error instead)
     try:
         report["nonfinite"] = guard.verdict()
     except Exception as exc:
