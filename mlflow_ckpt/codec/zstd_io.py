@@ -1,11 +1,12 @@
 """Compressed tensor files (``.ztensors``): byte-grouped zstd blocks, streamed, bounded memory.
 
 The format (byte layout, index fields, plane split, frame codecs, limits and every check a
-reader makes before allocating) is specified in ``docs/ztensors.md``. In short: each 4 MiB
-block of a floating-point tensor is split into byte planes, because exponents compress and
-mantissas do not; a plane is one zstd frame (with its checksum) or stored as is; a JSON
-index, its length and a magic end the file. Blocks are compressed on several threads and
-written in order as they finish: memory holds a few blocks, never a second copy.
+reader makes before allocating) is specified in ``docs/reference/ztensors.md``. In short:
+each 4 MiB block of a floating-point tensor is split into byte planes, because exponents
+compress and mantissas do not; a plane is one zstd frame (with its checksum) or stored as
+is; a JSON index, its length and a magic end the file. Blocks are compressed on several
+threads and written in order as they finish: memory holds a few blocks, never a second
+copy.
 """
 
 from __future__ import annotations
