@@ -78,7 +78,7 @@ HEADERS = [
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Our errors become a one-line message and exit status 2, not a traceback."""
+    """Our errors become a one-line message and exit status 1, not a traceback."""
     try:
         yield
     except CheckpointError as exc:

@@ -68,7 +68,7 @@ class CheckpointManager(ManagerLifecycle):
     checkpoint as :meth:`resume` does and leaves the run active, so the same command line
     restarted continues it. ``save_on_signals`` (SIGTERM by default with ``resume="auto"``)
     saves the step a signal comes at, then lets the signal end the process;
-    ``preempt_grace_s`` bounds the wait for that step. ``docs/preemptible.md`` is the guide."""
+    ``preempt_grace_s`` bounds the wait for that step. ``docs/guides/resume.md`` is the guide."""
 
     def __init__(
         self,
