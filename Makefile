@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools demo test test-fast lint format bench faults clean
+.PHONY: install tools demo test test-fast lint format bench faults docs clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
 # multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.6` adds nothing.
@@ -55,13 +55,18 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Every speed, memory and MLflow-cost figure in one run (benchmarks/suite.py --quick: minutes).
+# Every speed, memory and MLflow-cost figure in one run (benchmarks/suite.py; add
+# ARGS=--quick for a few minutes: `make bench ARGS=--quick`).
 bench: install
-	$(BIN)/python benchmarks/suite.py
+	$(BIN)/python benchmarks/suite.py $(ARGS)
 
-# N trials of every fault in the README's Guarantees section (needs root for the tmpfs one).
+# N trials of every fault in docs/guarantees.md (needs root for the tmpfs one).
 faults: install
 	$(BIN)/python benchmarks/faults.py
+
+# The docs site at http://127.0.0.1:8000 (mkdocs serve; `mkdocs build --strict` runs in lint).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache mlruns mlflow.db

@@ -32,8 +32,9 @@ each timed call, and reported as the median of the per-pair ratios with their mi
     python benchmarks/suite.py [--params 50] [--repeats 5] [--json] [--quick]
 
 ``--repeats``: pairs per comparison. ``--quick``: 1,000 checkpoints at most and 3 pairs (a
-few minutes). Each comparison's line also goes to stderr as soon as it is measured. The README's
-Benchmark section quotes a full run, with the machine and date it prints.
+few minutes). Each comparison's line also goes to stderr as soon as it is measured.
+docs/performance.md quotes the current figures, with the machine and date the run prints
+(history is in git).
 """
 
 from __future__ import annotations

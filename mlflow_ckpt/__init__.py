@@ -2,7 +2,7 @@
 
 One call in the training loop saves the whole training state as an MLflow LoggedModel
 linked to the run; the same checkpoint resumes the run bit-for-bit, serves through pyfunc,
-and is found again by MLflow queries. See the README for a tour.
+and is found again by MLflow queries. The docs site (``docs/``) has the guides.
 
 The names below are the whole public API (kept under 20 on purpose). Rarer errors
 (``NoActiveRunError``, ``StateSerializationError``, ``WriterConflictError``) live in

@@ -7,9 +7,9 @@ torch only do one byte per step (strided copies, 3.7-3.9 GB/s on one core here),
 package builds a small optional C extension (``_planes.c``, SSE2 unpacks) that runs it at
 memory speed. With NumPy, merging took ~0.16 s of CPU of a 604 MB compressed load, as
 much as zstd itself; with the kernel, a load from the page cache went from 2.16x to 1.70x
-an uncompressed one (README, Compression). Where it could not be built (no C compiler at
-install time) the NumPy code below produces the same bytes, only slower; :data:`NATIVE`
-says which one runs.
+an uncompressed one (docs/performance.md, Compression). Where it could not be built (no C
+compiler at install time) the NumPy code below produces the same bytes, only slower;
+:data:`NATIVE` says which one runs.
 """
 
 from __future__ import annotations

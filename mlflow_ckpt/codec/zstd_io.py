@@ -41,8 +41,8 @@ MAX_EXPANSION = 32 * 1024
 # fast levels (below its default, 3) the bar is one bit per byte: decoding a plane that
 # saves less (AdamW's second byte planes save ~8%, at ~2.3 GB/s a core here) costs a load
 # more time than reading its few saved bytes from a local disk or the page cache. Measured on
-# a 604 MB model + AdamW state: 1.2% more bytes, 10% less time to decode (README,
-# Compression). From level 3 up the caller asks for size: a plane saving 3% stays compressed.
+# a 604 MB model + AdamW state: 1.2% more bytes, 10% less time to decode (docs/guides/
+# compression.md). From level 3 up the caller asks for size: a plane saving 3% stays compressed.
 FAST_LEVELS_BELOW = 3
 FAST_MIN_SAVING = 1 / 8
 MIN_SAVING = 0.03

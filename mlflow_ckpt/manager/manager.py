@@ -59,8 +59,8 @@ class CheckpointManager(ManagerLifecycle):
     after each save), ``force``/``lease_ttl`` (the run's writer lease), ``log_metrics=False``
     (something else logs the metrics), ``incremental`` (write only what changed; default),
     ``compression="zstd"``, ``transfer``, ``max_shard_bytes``, ``code_paths`` (the model's
-    code in each checkpoint), ``timeline`` (a picture logged at ``close()``). The README
-    explains each; every argument is checked first.
+    code in each checkpoint), ``timeline`` (a picture logged at ``close()``). The guides
+    (``docs/guides/``) explain each; every argument is checked first.
 
     Preemptible jobs: ``resume="auto"`` (no ``run_id``, no active run needed) opens this
     job's own run, found by its key (``run_name=``, else ``MLFLOW_CKPT_RUN_KEY``,
