@@ -214,7 +214,7 @@ class ManagerLifecycle:
         if self._closed:
             return
         try:
-            self.wait()
+            self._saver.wait()  # (what CheckpointManager.wait does)
         except Exception:
             logger.exception("Pending checkpoint work for run %s failed at exit", self.run_id)
         finally:
