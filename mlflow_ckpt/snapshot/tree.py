@@ -197,8 +197,7 @@ class _Untagged(Exception):
 
 
 def _decode_tagged(node: dict[str, Json], tag: str | None, tensors: SavedTensors, path: str) -> Any:
-    decoder = _TAGS.get(tag) if tag is not None else None
-    if decoder is not None:
+    if tag is not None and (decoder := _TAGS.get(tag)) is not None:
         return decoder(node[tag], tag, tensors, path)
     if "__items__" in node:
         return _decode_items(node, tensors, path)
