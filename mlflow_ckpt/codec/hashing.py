@@ -63,7 +63,7 @@ class HashingWriter:
         self._raw = raw
         self.algorithm = algorithm
         self._hash = new_hash(algorithm)
-        self.size = 0
+        self.size: int = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")

@@ -71,8 +71,8 @@ class ManagerLifecycle:
         self._session = session
         self._policies = StepPolicies(options, session.ranks)
         self._saver = Saver(state, options, session)
-        self.start_step = 0
-        self.start_epoch = 0
+        self.start_step: int = 0
+        self.start_epoch: int = 0
         self.resumed_from: Checkpoint | None = None
         self._resumes = 0
         self._last_step: int | None = None
