@@ -44,9 +44,9 @@ class StateMismatchError(CheckpointError):
         mismatched: list[str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.missing = missing or []
-        self.unexpected = unexpected or []
-        self.mismatched = mismatched or []
+        self.missing: list[str] = missing or []
+        self.unexpected: list[str] = unexpected or []
+        self.mismatched: list[str] = mismatched or []
 
 
 class StateSerializationError(CheckpointError, TypeError):

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
+from mlflow.artifacts import download_artifacts
 
 from mlflow_ckpt.catalog import Checkpoint
 from mlflow_ckpt.codec import Manifest, check_format
@@ -107,7 +107,7 @@ def load_model(model_uri: str | Path) -> torch.nn.Module:
     """
     local = Path(model_uri)
     if not local.is_dir():
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_uri)))
+        local = Path(download_artifacts(artifact_uri=str(model_uri)))
     return _load_pyfunc(str(local)).model
 
 

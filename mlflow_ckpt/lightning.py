@@ -259,6 +259,7 @@ def callback_class(package: ModuleType) -> type:
     return _CLASSES[name]
 
 
-MlflowCheckpoint = callback_class(_lightning_package())
+# (a class made at import, deriving from whichever Lightning package is installed)
+MlflowCheckpoint: type = callback_class(_lightning_package())
 
 __all__ = ["MlflowCheckpoint", "callback_class"]

@@ -78,9 +78,11 @@ class MlflowCheckpointCallback(HoldsFrameworkRun, TrainerCallback):  # type: ign
     def __init__(
         self, *, trainer: Any = None, log_metrics: bool | None = None, **manager_kwargs: Any
     ) -> None:
-        self.manager_kwargs = callback_kwargs("MlflowCheckpointCallback", manager_kwargs)
+        self.manager_kwargs: dict[str, Any] = callback_kwargs(
+            "MlflowCheckpointCallback", manager_kwargs
+        )
         self.log_metrics = log_metrics
-        self.trainer = trainer
+        self.trainer: Any = trainer
         self._run = FrameworkRun(
             self.manager_kwargs, resume_from="resume_from_checkpoint", call="train"
         )

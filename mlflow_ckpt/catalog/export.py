@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,9 @@ def export_onnx(
         proto = onnx.load(str(local))
         onnx.checker.check_model(proto)
         feed = {proto.graph.input[0].name: example.numpy()}
-        got = ReferenceEvaluator(proto).run(None, feed)[0]
+        # run() gives a list (a dict only with intermediate=True); onnx annotates it as either
+        outputs = cast(list[Any], ReferenceEvaluator(proto).run(None, feed))
+        got = outputs[0]
         if got.shape != expected.shape or not np.allclose(got, expected, rtol=rtol, atol=atol):
             raise CheckpointError(
                 f"ONNX export of {logged.model_id} does not reproduce the torch output "
@@ -80,6 +82,8 @@ def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
             program = torch.onnx.export(
                 model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
             )
+            if program is None:  # (only the TorchScript exporter returns none)
+                raise CheckpointError("the dynamo ONNX exporter returned no program")
             program.save(str(path))
             return
         except Exception as exc:  # fall back to the TorchScript exporter

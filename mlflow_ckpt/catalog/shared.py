@@ -26,6 +26,7 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import tags
 from mlflow_ckpt.catalog.queries import search_models
+from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.storage import TransferConfig, open_store, redact
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,16 @@ SHARED_PATH = "mlflow_ckpt/shared"
 _RELEASED = (tags.DELETING, tags.FAILED, tags.INVALID)
 
 
-def shared_area_uri(run_artifact_uri: str) -> str:
-    """The shared area of the run whose artifact URI is ``run_artifact_uri``."""
+def shared_area_uri(run_artifact_uri: str | None) -> str:
+    """The shared area of the run whose artifact URI is ``run_artifact_uri``.
+
+    MLflow types a run's artifact URI as optional (``RunInfo.artifact_uri``); every tracking
+    store gives one, but a run without it has nowhere to keep checkpoints: a clear error."""
+    if run_artifact_uri is None:
+        raise CheckpointError(
+            "The run has no artifact URI (RunInfo.artifact_uri is None), so it has no shared "
+            "area for incremental checkpoints; check the tracking store's artifact location."
+        )
     return f"{run_artifact_uri.rstrip('/')}/{SHARED_PATH}"
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import Metadata
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
@@ -156,6 +157,16 @@ def _tensor(
     return TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size), chunks)
 
 
+def saved_tensors(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
+    """The tensor entries of ``metadata``: of a save parsed by :func:`metadata_from_json`,
+    all of them (our saves hold no DCP byte entries; this only tells the type checker)."""
+    return {
+        name: md
+        for name, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+
+
 def _list(value: Any, what: str) -> list[Any]:
     if not isinstance(value, list):
         raise TypeError(f"{what} is a {type(value).__name__}, not a list")
@@ -173,7 +184,10 @@ def metadata_from_json(data: bytes, where: str) -> tuple[Metadata, dict[Metadata
         tensors = doc["tensors"]
         if not isinstance(tensors, dict):
             raise TypeError(f"tensors is a {type(tensors).__name__}, not an object")
-        state = {fqn: _tensor(fqn, md, where, locations) for fqn, md in tensors.items()}
+        # (DCP's Metadata is typed for tensor and byte entries alike; ours are all tensors)
+        state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {
+            fqn: _tensor(fqn, md, where, locations) for fqn, md in tensors.items()
+        }
     except CheckpointCorruptedError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:

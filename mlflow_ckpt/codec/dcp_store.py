@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
 from torch.distributed.checkpoint.metadata import (
+    Metadata,
     MetadataIndex,
     StorageMeta,
 )
@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
-from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
 from mlflow_ckpt.codec import zstd_io
@@ -73,7 +73,8 @@ from mlflow_ckpt.storage import Store
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (host memory, contiguous, any dtype, 0-d included)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+    return memoryview(flat.view(torch.uint8).numpy())  # pyright: ignore[reportArgumentType]
 
 
 def _nbytes(item: WriteItem) -> int:

@@ -32,6 +32,14 @@ class Hash(Protocol):
     def hexdigest(self) -> str: ...
 
 
+class ByteSink(Protocol):
+    """Where the tensor-file writers put their bytes: a file from ``Store.open_writer``, or
+    the :class:`HashingWriter` around it. They only ever call ``write``, so a wrapper need
+    not be a whole ``BinaryIO``."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+
 def new_hash(algorithm: str = DEFAULT_ALGORITHM) -> Hash:
     """A fresh hash object; BLAKE3 spreads large updates over every core."""
     if algorithm == "blake3":
@@ -55,7 +63,7 @@ class HashingWriter:
         self._raw = raw
         self.algorithm = algorithm
         self._hash = new_hash(algorithm)
-        self.size = 0
+        self.size: int = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -102,4 +110,5 @@ def hash_tensor(tensor: torch.Tensor, algorithm: str = DEFAULT_ALGORITHM) -> str
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return hash_bytes(b"", algorithm)
-    return hash_bytes(flat.view(torch.uint8).numpy(), algorithm)
+    # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+    return hash_bytes(flat.view(torch.uint8).numpy(), algorithm)  # pyright: ignore[reportArgumentType]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -178,7 +178,9 @@ def read_verified(store: Store, entry: FileEntry, scratch: Path, where: str) -> 
         data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
     else:
         data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-    _check_digest(entry, data.numel(), hash_bytes(data.numpy(), entry.algorithm), where)
+    # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+    digest = hash_bytes(data.numpy(), entry.algorithm)  # pyright: ignore[reportArgumentType]
+    _check_digest(entry, data.numel(), digest, where)
     return data
 
 
@@ -232,12 +234,27 @@ def _bytes_of(source: Path | torch.Tensor) -> bytes:
     return source.numpy().tobytes() if isinstance(source, torch.Tensor) else source.read_bytes()
 
 
+# Without ``planar`` every tensor comes back whole (what a rewrite writes out again).
+@overload
+def read_state(
+    manifest: Manifest,
+    local: Mapping[str, Path | torch.Tensor],
+    where: str,
+    planar: None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+@overload
+def read_state(
+    manifest: Manifest,
+    local: Mapping[str, Path | torch.Tensor],
+    where: str,
+    planar: Callable[[str], bool] | None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor | PlanarTensor]]: ...
 def read_state(
     manifest: Manifest,
     local: Mapping[str, Path | torch.Tensor],
     where: str,
     planar: Callable[[str], bool] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor | PlanarTensor]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:  # (the overloads above say which tensors)
     """Decode verified files into ``(structure document, tensors by name)``.
 
     Compressed tensors whose name ``planar`` accepts (those a restore will copy into live

@@ -27,7 +27,7 @@ class PlanarTensor:
 
     def __init__(self, dtype: torch.dtype, shape: Sequence[int], blocks: list[list[Any]]) -> None:
         self.dtype = dtype
-        self.shape = torch.Size(shape)
+        self.shape: torch.Size = torch.Size(shape)
         self._blocks: list[list[np.ndarray]] = blocks
         self._tensor: torch.Tensor | None = None
 

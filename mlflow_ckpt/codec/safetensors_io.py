@@ -16,10 +16,11 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from mlflow_ckpt.codec.hashing import ByteSink
 from mlflow_ckpt.errors import CheckpointCorruptedError
 
 _DTYPE_CODES: dict[torch.dtype, str] = {
@@ -53,10 +54,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without copying."""
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")  # pyright: ignore[reportArgumentType]
 
 
-def write(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
+def write(f: ByteSink, items: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
     """Write ``items`` (contiguous CPU tensors) as one safetensors file.
 
     Returns the absolute byte offset of each tensor's data in the file, in ``items`` order.

@@ -17,12 +17,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any, overload
 
 import numpy as np
 import torch
 import zstandard
 
+from mlflow_ckpt.codec.hashing import ByteSink
 from mlflow_ckpt.codec.planar import PlanarTensor
 from mlflow_ckpt.codec.planes import merge as merge_planes
 from mlflow_ckpt.codec.planes import split as split_planes
@@ -88,7 +89,7 @@ class _Encoder:
 
 
 def write(
-    f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], level: int = DEFAULT_LEVEL
+    f: ByteSink, items: Sequence[tuple[str, torch.Tensor]], level: int = DEFAULT_LEVEL
 ) -> list[int | None]:
     """Write ``items`` (contiguous CPU tensors) as one ``.ztensors`` file.
 
@@ -138,7 +139,8 @@ _Block = tuple[int, list[tuple[str, "bytes | memoryview"]]]  # raw length, encod
 def _encode(encoder: _Encoder, block: torch.Tensor, planes: int, pays: list[bool] | None) -> _Block:
     out: list[tuple[str, bytes | memoryview]] = []
     grouped = split_planes(block.numpy(), planes)
-    for i, plane in enumerate(memoryview(g).cast("B") for g in grouped):
+    # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+    for i, plane in enumerate(memoryview(g).cast("B") for g in grouped):  # pyright: ignore[reportArgumentType]
         if pays is not None and not pays[i]:
             out.append(("raw", plane))
             continue
@@ -150,16 +152,25 @@ def _encode(encoder: _Encoder, block: torch.Tensor, planes: int, pays: list[bool
     return block.numel(), out
 
 
-def _emit(f: BinaryIO, blocks: list[Any], block: _Block) -> None:
+def _emit(f: ByteSink, blocks: list[Any], block: _Block) -> None:
     raw_len, encoded = block
     for _, data in encoded:
         f.write(data)
     blocks.append([raw_len, [[codec, len(data)] for codec, data in encoded]])
 
 
+# Without ``planar`` every tensor comes back whole.
+@overload
+def read_buffer(
+    data: torch.Tensor, name: str, where: str, planar: None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int | None, int]]]: ...
+@overload
+def read_buffer(
+    data: torch.Tensor, name: str, where: str, planar: Callable[[str], bool] | None
+) -> tuple[dict[str, torch.Tensor | PlanarTensor], dict[str, tuple[int | None, int]]]: ...
 def read_buffer(
     data: torch.Tensor, name: str, where: str, planar: Callable[[str], bool] | None = None
-) -> tuple[dict[str, torch.Tensor | PlanarTensor], dict[str, tuple[int | None, int]]]:
+) -> tuple[dict[str, Any], dict[str, tuple[int | None, int]]]:  # (the overloads say which)
     """Decode a whole ``.ztensors`` file already in memory (``uint8``, verified).
 
     Tensors whose name ``planar`` accepts, if they are split into planes, come back as
@@ -346,7 +357,8 @@ class _Decoder:
 
     def _unzstd(self, frame_bytes: np.ndarray, plane: np.ndarray, key: str) -> None:
         """Decode one zstd frame into ``plane``, which must be exactly filled."""
-        frame = memoryview(frame_bytes).cast("B")
+        # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+        frame = memoryview(frame_bytes).cast("B")  # pyright: ignore[reportArgumentType]
         size = plane.size
         decompressor = getattr(self._local, "decompressor", None)
         if decompressor is None:
@@ -355,7 +367,8 @@ class _Decoder:
             if zstandard.frame_content_size(frame) != size:
                 raise zstandard.ZstdError("its header gives another size")
             with decompressor.stream_reader(frame) as reader:
-                filled = reader.readinto(memoryview(plane).cast("B"))
+                # (numpy's stubs declare ndarray.__buffer__ on Python >= 3.12 only: PEP 688)
+                filled = reader.readinto(memoryview(plane).cast("B"))  # pyright: ignore[reportArgumentType]
                 if filled != size or reader.read(1):
                     raise zstandard.ZstdError(f"it decodes to other than {size} bytes")
         except zstandard.ZstdError as exc:

@@ -248,8 +248,9 @@ def shard_files(manifest: Manifest) -> dict[str, FileEntry]:
 def read_distributed(store: Store, manifest: Manifest, scratch: Path, where: str) -> DecodedState:
     """In one plain process: the full training state (full tensors for sharded entries,
     rank 0's own state for the rest). Every file read is verified first."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+    from mlflow_ckpt.codec.dcp_metadata import saved_tensors
     from mlflow_ckpt.codec.dcp_store import StoreReader
 
     local = verify_files(store, manifest, scratch, where, [STRUCTURE_FILE])
@@ -258,11 +259,11 @@ def read_distributed(store: Store, manifest: Manifest, scratch: Path, where: str
     metadata = reader.read_metadata()
     full: dict[str, torch.Tensor] = {
         name: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        for name, md in metadata.state_dict_metadata.items()
+        for name, md in saved_tensors(metadata).items()
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(full, storage_reader=reader, no_dist=True)
+        dcp_load(full, storage_reader=reader, no_dist=True)
     dicts = decode_sharded(root.state, full)
     own = read_rank(store, manifest, 0, scratch, where)
     state = dict(own.state)

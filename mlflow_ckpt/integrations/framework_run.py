@@ -34,7 +34,7 @@ class FrameworkRun:
     def __init__(
         self, manager_kwargs: Mapping[str, Any], *, resume_from: str = "", call: str = ""
     ) -> None:
-        self.manager_kwargs = dict(manager_kwargs)
+        self.manager_kwargs: dict[str, Any] = dict(manager_kwargs)
         self.resume_from = resume_from
         self.call = call
         self.manager: CheckpointManager | None = None

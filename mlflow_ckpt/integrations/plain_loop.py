@@ -32,7 +32,7 @@ class PlainLoopCheckpointer(HoldsFrameworkRun):
         resume: str | None,
         manager_kwargs: dict[str, Any],
     ) -> None:
-        self.state = dict(state)
+        self.state: dict[str, Any] = dict(state)
         self.monitor: str | None = manager_kwargs.get("monitor")
         self._run = FrameworkRun(dict(manager_kwargs, log_metrics=False))
         self._steps_done = 0  # optimizer steps finished (counted on the first optimizer)
@@ -45,7 +45,7 @@ class PlainLoopCheckpointer(HoldsFrameworkRun):
             self._steps_done = self._run.resume(resume, self.state).start_step
         elif self._run.auto:  # the job's own run, opened now: the loop starts where it stopped
             self._steps_done = self._run.open(self.state, framework_step=None).start_step
-        self.start_step = self._steps_done
+        self.start_step: int = self._steps_done
         first = optimizers[0]
         self._hooks = [
             first.register_step_pre_hook(self._before_step),

@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 
@@ -41,13 +41,14 @@ from mlflow_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
 )
-from mlflow_ckpt.folder.distributed import read_rank, read_root, shard_files
+from mlflow_ckpt.folder.distributed import RootDocument, read_rank, read_root, shard_files
 from mlflow_ckpt.manager.distributed_write import own_failure
 from mlflow_ckpt.manager.pipeline import checkpoint_from_json, checkpoint_to_json
 from mlflow_ckpt.manager.ranks import RankError, RankGroup
 from mlflow_ckpt.manager.resume import ResumePoint
-from mlflow_ckpt.snapshot import restore
+from mlflow_ckpt.snapshot import DecodedState, restore
 from mlflow_ckpt.snapshot.sharded import (
+    ShardedSnapshot,
     apply_sharded,
     check_against,
     decode_sharded,
@@ -56,8 +57,11 @@ from mlflow_ckpt.snapshot.sharded import (
     sharded_entries,
     take_sharded,
 )
-from mlflow_ckpt.storage import open_store
+from mlflow_ckpt.storage import Store, open_store
 from mlflow_ckpt.storage.staging import scratch_dir
+
+if TYPE_CHECKING:
+    from mlflow_ckpt.codec.dcp_store import StoreReader
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +103,7 @@ def restore_distributed(
     The point also carries, for the next incremental save, where each chunk lies in
     the restored checkpoint and which frozen parameters hold them as loaded: that save then
     references them unread, as any save after the first does."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     from mlflow_ckpt.codec.dcp_metadata import ChunkBase, chunk_key
 
@@ -110,23 +114,19 @@ def restore_distributed(
         where = f"{ckpt.uri} (run {run_id}, step {ckpt.step})"
         with scratch_dir("resume") as scratch:
             store = open_store(ckpt.artifact_location)
+            read: _Read | None = None
             error: BaseException | None = None
             try:  # 1. read and check everything this rank needs
-                manifest = read_manifest(store, scratch, where, candidate["sha256"])
-                store = with_shared(store, manifest)  # incremental: chunks in the shared area
-                root, own, reader, live = _prepare(store, manifest, scratch, where, state, ranks)
-                saved = {
-                    name: (md.properties.dtype, tuple(md.size))
-                    for name, md in reader.read_metadata().state_dict_metadata.items()
-                }
-                check_against(live, saved, where)
+                read = _read(store, candidate["sha256"], scratch, where, state, ranks)
             except BaseException as exc:
                 error = exc
             try:
                 ranks.agree(error, group=ranks.control, what=f"reading {where}")
-                fresh = empty_targets(live.tensors)  # 2. every rank loads its shards
+                # (agree raised unless every rank read its part: this one's is here)
+                assert read is not None
+                fresh = empty_targets(read.live.tensors)  # 2. every rank loads its shards
                 try:
-                    dcp.load(fresh, storage_reader=reader, process_group=ranks.control)
+                    dcp_load(fresh, storage_reader=read.reader, process_group=ranks.control)
                 except BaseException as exc:
                     error = own_failure(exc, ranks.rank)
                 ranks.agree(error, group=ranks.control, what=f"loading {where}")
@@ -145,28 +145,61 @@ def restore_distributed(
                 _skip(client, ckpt, run_id, exc, ranks)
                 continue
             # 3. apply, now that every rank has everything
+            root = read.root
             with_rng = ranks.rank < root.world_size
-            restore(own, own_targets, strict=strict, restore_rng_streams=with_rng, where=where)
+            restore(read.own, own_targets, strict=strict, restore_rng_streams=with_rng, where=where)
             apply_sharded(state, entries, decode_sharded(root.state, fresh))
             _warn_world_change(root.world_size, ranks, where)
-            chunks = {chunk_key(index): at for index, at in reader.locations.items()}
+            chunks = {chunk_key(index): at for index, at in read.reader.locations.items()}
             return dataclasses.replace(
                 ResumePoint.of_progress(ckpt, root.progress),
-                manifest=manifest,
+                manifest=read.manifest,
                 frozen=frozen_holding_sharded(state, entries, fresh),
-                chunk_base=ChunkBase(chunks, dict(reader.files)),
+                chunk_base=ChunkBase(chunks, dict(read.reader.files)),
             )
     return ResumePoint()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """What step 1 read and checked of one candidate on this rank."""
+
+    manifest: Manifest
+    root: RootDocument
+    own: DecodedState  # this rank's own state (rank 0's on a rank the save did not have)
+    reader: StoreReader  # the sharded tensors, each file verified as DCP reads it
+    live: ShardedSnapshot  # the live sharded state the saved one must fit
+
+
+def _read(
+    store: Store,
+    sha256: Sequence[str],
+    scratch: Path,
+    where: str,
+    state: Mapping[str, Any],
+    ranks: RankGroup,
+) -> _Read:
+    from mlflow_ckpt.codec.dcp_metadata import saved_tensors
+
+    manifest = read_manifest(store, scratch, where, sha256)
+    store = with_shared(store, manifest)  # incremental: chunks in the shared area
+    read = _prepare(store, manifest, scratch, where, state, ranks)
+    saved = {
+        name: (md.properties.dtype, tuple(md.size))
+        for name, md in saved_tensors(read.reader.read_metadata()).items()
+    }
+    check_against(read.live, saved, where)
+    return read
+
+
 def _prepare(
-    store: Any,
+    store: Store,
     manifest: Manifest,
     scratch: Path,
     where: str,
     state: Mapping[str, Any],
     ranks: RankGroup,
-) -> tuple[Any, Any, Any, Any]:
+) -> _Read:
     from mlflow_ckpt.codec import verify_files
     from mlflow_ckpt.codec.dcp_store import StoreReader
 
@@ -187,7 +220,8 @@ def _prepare(
             f"{sorted(entries)}; pass the same modules and optimizers that were saved."
         )
     live = take_sharded(state, entries, copy=False)
-    return root, own, StoreReader(store, scratch, where, shard_files(manifest)), live
+    reader = StoreReader(store, scratch, where, shard_files(manifest))
+    return _Read(manifest, root, own, reader, live)
 
 
 def _skip(

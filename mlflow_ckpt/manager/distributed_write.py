@@ -163,7 +163,7 @@ def _save_shards(
     shared_dir: str | None,
     base: ChunkBase | None,
 ) -> StoreWriter | None:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     from mlflow_ckpt.codec.dcp_store import StoreWriter
 
@@ -179,7 +179,7 @@ def _save_shards(
         reused=changes.reused if changes is not None else frozenset(),
     )
     try:
-        dcp.save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)
+        dcp_save(job.sharded.tensors, storage_writer=writer, process_group=ranks.commit)
     except BaseException as exc:
         mine = own_failure(exc, ranks.rank)
         if mine is not None:

@@ -71,8 +71,8 @@ class ManagerLifecycle:
         self._session = session
         self._policies = StepPolicies(options, session.ranks)
         self._saver = Saver(state, options, session)
-        self.start_step = 0
-        self.start_epoch = 0
+        self.start_step: int = 0
+        self.start_epoch: int = 0
         self.resumed_from: Checkpoint | None = None
         self._resumes = 0
         self._last_step: int | None = None
@@ -214,7 +214,7 @@ class ManagerLifecycle:
         if self._closed:
             return
         try:
-            self.wait()
+            self._saver.wait()  # (what CheckpointManager.wait does)
         except Exception:
             logger.exception("Pending checkpoint work for run %s failed at exit", self.run_id)
         finally:

@@ -289,13 +289,13 @@ class CheckpointManager(ManagerLifecycle):
         """Best value of ``monitor`` seen so far (across resumes), if monitoring."""
         return self._policies.best_value
 
-    triggers = OptionView[tuple[Trigger, ...]]()
-    retention = OptionView[RetentionPolicy | None]()
-    format = OptionView[str]()
-    monitor = OptionView[str | None]()
-    async_save = OptionView[bool]()
-    save_last = OptionView[bool]()
-    log_metrics = OptionView[bool]()
-    on_error = OptionView[str]()
-    nonfinite = OptionView[str]()
-    verify = OptionView[str | Callable[[Any], Any]]()
+    triggers: OptionView[tuple[Trigger, ...]] = OptionView()
+    retention: OptionView[RetentionPolicy | None] = OptionView()
+    format: OptionView[str] = OptionView()
+    monitor: OptionView[str | None] = OptionView()
+    async_save: OptionView[bool] = OptionView()
+    save_last: OptionView[bool] = OptionView()
+    log_metrics: OptionView[bool] = OptionView()
+    on_error: OptionView[str] = OptionView()
+    nonfinite: OptionView[str] = OptionView()
+    verify: OptionView[str | Callable[[Any], Any]] = OptionView()

@@ -216,11 +216,12 @@ def _spike(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[str
     a spike is a jump up, what a loss does when training diverges.
     """
     factor, metric = args["spike_factor"], args["spike_metric"]
+    watched: str | None = metric or monitor
     _positive("spike_factor", factor, float)
     if factor is not None:
         if factor <= 1:
             raise ValueError(f"spike_factor must be above 1, got {factor}")
-        if (metric or monitor) is None:
+        if watched is None:
             raise ValueError("spike_factor needs a metric: pass monitor= or spike_metric=")
         if metric is None and mode == "max":
             raise ValueError(
@@ -229,7 +230,9 @@ def _spike(args: Mapping[str, Any], monitor: str | None, mode: str) -> tuple[str
             )
     if metric is not None:
         check_metric_name(metric, "spike_metric")
-    return None if factor is None else (metric or monitor, float(factor))
+    if factor is None or watched is None:  # (a factor without a metric was refused above)
+        return None
+    return watched, float(factor)
 
 
 def _check_flags(args: Mapping[str, Any], names: Sequence[str]) -> None:
@@ -328,7 +331,8 @@ def _positive(name: str, value: Any, kind: type) -> None:
     expected = numbers.Integral if kind is int else numbers.Real
     if isinstance(value, bool) or not isinstance(value, expected):
         raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    # (float: typeshed's numbers.Real has no ">"; the value is finite once isfinite passed)
+    if not (math.isfinite(value) and float(value) > 0):
         raise ValueError(f"{name} must be positive and finite, got {value}")
 
 

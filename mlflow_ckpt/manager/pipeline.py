@@ -105,15 +105,18 @@ class SaveStrategy(Protocol):
         self, progress: Mapping[str, Any], *, copy: bool, buffers: Any, whole: bool
     ) -> tuple[Snapshot, ShardedSnapshot | None]:
         """This rank's state now (host copies when ``copy``); ``whole``: reference nothing."""
+        ...
 
     def first_nonfinite(self, job: SaveJob) -> str | None:
         """The first NaN/inf tensor of this rank's part of ``job``."""
+        ...
 
     def write_part(
         self, store: Store | None, job: SaveJob, model_id: str, before_manifest: Callable[[], None]
     ) -> dict[str, Any]:
         """Write this rank's part; a JSON-able report of its files. Takes part in every
         collective even when ``store`` is ``None`` (opening it failed), then raises."""
+        ...
 
     def write_root(
         self,
@@ -124,15 +127,19 @@ class SaveStrategy(Protocol):
         before_manifest: Callable[[], None],
     ) -> Manifest:
         """On rank 0, once every part is stored: the rest of the folder, the manifest last."""
+        ...
 
     def committed(self, job: SaveJob, checkpoint: Checkpoint) -> None:
         """``job`` is committed as ``checkpoint``: remember what the next save may reference."""
+        ...
 
     def resumed(self, point: ResumePoint) -> None:
         """Training goes on from ``point``: the next save may reference its bytes."""
+        ...
 
     def protected(self, last: Checkpoint | None) -> tuple[str, ...]:
         """Shared groups the next save may reference: never deleted meanwhile."""
+        ...
 
 
 class Diverged(Exception):

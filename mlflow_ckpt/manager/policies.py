@@ -53,8 +53,8 @@ class StepPolicies:
         ranks = self.ranks
         decision = Decision((), None, {})
         if ranks is None or ranks.is_leader:
-            metric = self.spikes.metric if self.spikes else None
-            spike = self.spikes.observe(info.metrics.get(metric)) if self.spikes else None
+            spikes = self.spikes
+            spike = spikes.observe(info.metrics.get(spikes.metric)) if spikes else None
             decision = Decision(self.triggers.fired(info), spike, self.triggers.changed_metrics())
         preempted = signalled
         if ranks is not None:

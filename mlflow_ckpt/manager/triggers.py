@@ -13,6 +13,7 @@ and ``load_state_dict`` are optional (see :class:`Trigger`). Pass it as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,7 +54,7 @@ def observe(trigger: Trigger, info: StepInfo) -> None:
 
 def trigger_state(trigger: Trigger) -> dict[str, Any]:
     """What ``trigger`` needs to survive a resume (``{}`` for stateless triggers)."""
-    method = getattr(trigger, "state_dict", None)
+    method: Callable[[], Mapping[str, Any]] | None = getattr(trigger, "state_dict", None)
     return dict(method()) if callable(method) else {}
 
 
@@ -228,7 +229,7 @@ class TriggerSet:
         """The union of what the triggers that have ``method`` return from it."""
         out: dict[str, Any] = {}
         for trigger in self.triggers:
-            found = getattr(trigger, method, None)
+            found: Callable[[], Mapping[str, Any]] | None = getattr(trigger, method, None)
             out.update(found() if callable(found) else {})
         return out
 

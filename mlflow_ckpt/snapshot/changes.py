@@ -98,7 +98,7 @@ class ChangeTracker:
     """Decides, tensor by tensor while a snapshot is taken, what can be reused unread."""
 
     def __init__(self, state: Mapping[str, Any], history: History) -> None:
-        self.frozen_ids = frozen_identities(state)
+        self.frozen_ids: set[Identity] = frozen_identities(state)
         self.history = history
         self.seen: dict[str, Seen] = {}
         self.frozen: set[str] = set()

@@ -152,7 +152,7 @@ class _Interleaving(TorchFunctionMode):
                 write_all([(planes, pending.dest)])
                 return pending.dest
         if func not in _METADATA:
-            args, kwargs = self._swapped(args), self._swapped(kwargs)
+            return func(*self._swapped(args), **self._swapped(kwargs))
         return func(*args, **kwargs)
 
     def _swapped(self, value: Any) -> Any:
@@ -189,7 +189,7 @@ def interleaved(value: Any) -> Any:
 
 
 def _rebuilt(original: Mapping[str, Any], items: list[tuple[str, Any]]) -> Any:
-    out = (type(original) if type(original) in (dict, OrderedDict) else dict)(items)
+    out: dict[str, Any] = OrderedDict(items) if type(original) is OrderedDict else dict(items)
     if hasattr(original, "_metadata"):  # (a module's state_dict: its versions)
         out._metadata = original._metadata  # type: ignore[attr-defined]
     return out

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from mlflow_ckpt.snapshot.stateful import (
     unwrap_module,
 )
 
-Action = Callable[[], None]
+Action = Callable[[], object]  # (what it returns, a tensor copied into say, is dropped)
 
 
 @dataclass
@@ -105,7 +105,7 @@ def restore_into(
             action()
 
 
-def _assigner(container: Any, key: Any) -> Action | Callable[[Any], None]:
+def _assigner(container: Any, key: Any) -> Callable[[Any], None]:
     def assign(value: Any) -> None:
         container[key] = value
 
@@ -176,14 +176,13 @@ def _plan_sequence(
 
 
 def _plan_stateful(target: Any, value: StatefulValue, path: str, plan: _Plan) -> None:
-    kind = stateful_kind(target)
-    if kind != value.kind:
+    if stateful_kind(target) != value.kind:
         plan.mismatched.append(
             f"{path} (checkpoint holds a {value.kind} state, the state has a "
             f"{type(target).__name__})"
         )
         return
-    saved = value.value
+    kind, saved = value.kind, value.value
     if isinstance(target, torch.nn.Module):
         module = unwrap_module(target)
         saved = _without_wrapper_prefix(saved, set(module.state_dict()))
@@ -250,7 +249,9 @@ def _without_wrapper_prefix(saved: Any, expected: set[str]) -> Any:
         return saved
     for prefix in ("_orig_mod.", "module."):
         if all(isinstance(k, str) and k.startswith(prefix) for k in saved):
-            stripped = type(saved)((k.removeprefix(prefix), v) for k, v in saved.items())
+            # (the decoder's dict or OrderedDict, built from pairs: not any Mapping's type)
+            rebuild = cast("Callable[[Iterable[tuple[str, Any]]], Mapping[str, Any]]", type(saved))
+            stripped = rebuild((k.removeprefix(prefix), v) for k, v in saved.items())
             if set(stripped) == expected:
                 return stripped
     return saved

@@ -26,7 +26,7 @@ from mlflow_ckpt.snapshot.host_buffers import HostBuffers
 from mlflow_ckpt.snapshot.restore_plan import restore_into
 from mlflow_ckpt.snapshot.rng import capture_rng, check_rng, restore_rng
 from mlflow_ckpt.snapshot.stateful import unwrap_module
-from mlflow_ckpt.snapshot.tree import TensorSink, decode, encode, plain
+from mlflow_ckpt.snapshot.tree import SavedTensors, TensorSink, decode, encode, plain
 
 DOCUMENT_VERSION = 1
 RNG_PATH = "_rng"
@@ -117,7 +117,7 @@ def take_snapshot(
     return Snapshot(document, sink.tensors, Changes.of(tracker) if tracker is not None else None)
 
 
-def frozen_holding(state: Mapping[str, Any], saved: Mapping[str, torch.Tensor]) -> dict[str, Seen]:
+def frozen_holding(state: Mapping[str, Any], saved: SavedTensors) -> dict[str, Seen]:
     """The frozen parameters in ``state`` that hold exactly the bytes of the checkpoint
     tensor of their name (``saved``), with what a snapshot taken now sees of them (memory
     and version counter, by tensor name).
@@ -151,12 +151,10 @@ class DecodedState:
     sharded: dict[str, str] = field(default_factory=dict)
     # The checkpoint's tensors by the names it stores them under, the names a snapshot
     # gives them (what tells a resume which frozen parameters hold the saved bytes).
-    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    tensors: SavedTensors = field(default_factory=dict)
 
 
-def decode_document(
-    document: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str
-) -> DecodedState:
+def decode_document(document: Mapping[str, Any], tensors: SavedTensors, where: str) -> DecodedState:
     """Decode a snapshot document read back from a checkpoint."""
     version = document.get("version")
     if version != DOCUMENT_VERSION or not isinstance(document.get("state"), dict):

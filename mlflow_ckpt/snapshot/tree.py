@@ -13,7 +13,7 @@ import base64
 import collections
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -22,7 +22,13 @@ from mlflow_ckpt.errors import CheckpointCorruptedError, StateSerializationError
 from mlflow_ckpt.snapshot.changes import identity_of
 from mlflow_ckpt.snapshot.stateful import KINDS, StatefulValue, capture_stateful, stateful_kind
 
+if TYPE_CHECKING:
+    from mlflow_ckpt.codec.planar import PlanarTensor
+
 Json = Any
+# A checkpoint's tensors read back, by name: compressed ones a restore will interleave into
+# live tensors itself may still be byte planes (codec/planar.py, applied by direct.py).
+SavedTensors: TypeAlias = "Mapping[str, torch.Tensor | PlanarTensor]"
 
 
 class TensorSink:
@@ -156,7 +162,7 @@ def _encode_mapping(obj: Mapping[Any, Any], path: str, sink: TensorSink) -> Json
 _NPSCALAR_KINDS = "biufc"  # bool, integers, floats, complex: scalars without pickle
 
 
-def decode(node: Json, tensors: Mapping[str, torch.Tensor], path: str = "") -> Any:
+def decode(node: Json, tensors: SavedTensors, path: str = "") -> Any:
     """Rebuild what :func:`encode` wrote. Stateful objects come back as :class:`StatefulValue`.
 
     Anything :func:`encode` cannot have written (unknown tags, payloads of the wrong type,
@@ -190,11 +196,8 @@ class _Untagged(Exception):
     """A one-key object whose key is not a tag: decoded as a plain dict."""
 
 
-def _decode_tagged(
-    node: dict[str, Json], tag: str | None, tensors: Mapping[str, torch.Tensor], path: str
-) -> Any:
-    decoder = _TAGS.get(tag) if tag is not None else None
-    if decoder is not None:
+def _decode_tagged(node: dict[str, Json], tag: str | None, tensors: SavedTensors, path: str) -> Any:
+    if tag is not None and (decoder := _TAGS.get(tag)) is not None:
         return decoder(node[tag], tag, tensors, path)
     if "__items__" in node:
         return _decode_items(node, tensors, path)
@@ -206,7 +209,7 @@ def _decode_tagged(
     raise _Untagged
 
 
-def _decode_tensor(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_tensor(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     if not isinstance(payload, str) or payload not in tensors:
         raise _bad(path, f"references tensor {payload!r}, which is not in the tensor files")
     tensor = tensors[payload]
@@ -214,36 +217,34 @@ def _decode_tensor(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor],
     return tensor if tag == "__tensor__" else tensor.numpy()
 
 
-def _decode_float(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_float(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     return float(_checked(path, str, payload, lambda v: v in ("nan", "inf", "-inf")))
 
 
-def _decode_tuple(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_tuple(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     return tuple(decode(_list(path, payload), tensors, path))
 
 
-def _decode_set(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_set(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     return set(decode(_list(path, payload), tensors, path))
 
 
-def _decode_bytes(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_bytes(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     return base64.b64decode(_checked(path, str, payload), validate=True)
 
 
-def _decode_dtype(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_dtype(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     dtype = getattr(torch, _checked(path, str, payload), None)
     if not isinstance(dtype, torch.dtype):
         raise _bad(path, f"unknown dtype {payload!r}")
     return dtype
 
 
-def _decode_device(payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_device(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     return torch.device(_checked(path, str, payload))
 
 
-def _decode_npscalar(
-    payload: Json, tag: str, tensors: Mapping[str, torch.Tensor], path: str
-) -> Any:
+def _decode_npscalar(payload: Json, tag: str, tensors: SavedTensors, path: str) -> Any:
     pair = _list(path, payload)
     if len(pair) != 2:
         raise _bad(path, "__npscalar__ holds a [dtype, value] pair")
@@ -257,7 +258,7 @@ def _decode_npscalar(
 
 
 # One-key tagged objects: the tag, and how its payload is decoded.
-_TAGS: dict[str, Callable[[Json, str, Mapping[str, torch.Tensor], str], Any]] = {
+_TAGS: dict[str, Callable[[Json, str, SavedTensors, str], Any]] = {
     "__tensor__": _decode_tensor,
     "__ndarray__": _decode_tensor,
     "__float__": _decode_float,
@@ -270,7 +271,7 @@ _TAGS: dict[str, Callable[[Json, str, Mapping[str, torch.Tensor], str], Any]] = 
 }
 
 
-def _decode_items(node: dict[str, Json], tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+def _decode_items(node: dict[str, Json], tensors: SavedTensors, path: str) -> Any:
     pairs = _list(path, node["__items__"])
     out: dict[Any, Any] = collections.OrderedDict() if node.get("__ordered__") else {}
     for pair in pairs:

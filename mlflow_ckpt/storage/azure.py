@@ -32,8 +32,9 @@ _DEFAULT_TIMEOUT_S = 600  # MLflow's per-request timeout for Azure when none is 
 class AzureStore(RepositoryStore):
     """``wasbs://container@account.blob.core.windows.net/path``."""
 
-    cold_class = "Cool"  # online tiers: read at once ("Archive" would need a rehydration)
-    hot_class = "Hot"
+    # online tiers: read at once ("Archive" would need a rehydration)
+    cold_class: str | None = "Cool"
+    hot_class: str | None = "Hot"
 
     def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
         super().__init__(uri, config)

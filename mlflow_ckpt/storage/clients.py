@@ -67,7 +67,7 @@ def s3_client() -> Any:
     A session per client: ``boto3.client`` shares one default session, which is not safe
     to use from several threads at once.
     """
-    import boto3
+    from boto3.session import Session
     from botocore.config import Config
 
     # MLflow's own (undocumented but honoured) switch for public buckets
@@ -81,7 +81,7 @@ def s3_client() -> Any:
         s3={"addressing_style": MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE.get()},
         retries={"total_max_attempts": 1, "mode": "standard"},
     )
-    return boto3.session.Session().client(
+    return Session().client(
         "s3",
         config=config,
         endpoint_url=MLFLOW_S3_ENDPOINT_URL.get(),

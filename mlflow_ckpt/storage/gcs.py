@@ -36,8 +36,8 @@ _TIMEOUT_S = 300
 class GCSStore(RepositoryStore):
     """``gs://bucket/path`` through google-cloud-storage, with resumable uploads only."""
 
-    cold_class = "COLDLINE"  # read at once, like every GCS class
-    hot_class = "STANDARD"
+    cold_class: str | None = "COLDLINE"  # read at once, like every GCS class
+    hot_class: str | None = "STANDARD"
 
     def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
         super().__init__(uri, config)

@@ -34,7 +34,8 @@ def _call(host_creds: Any, endpoint: str, method: str, **kwargs: Any) -> Any:
     one retry layer, and ``raise_on_status=False`` hands back a 503 as a reply (so its
     status classifies it) rather than as urllib3's "too many retries" error.
     """
-    from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+    from mlflow.utils.request_utils import augmented_raise_for_status
+    from mlflow.utils.rest_utils import http_request
 
     response = http_request(
         host_creds, endpoint, method, max_retries=0, raise_on_status=False, **kwargs

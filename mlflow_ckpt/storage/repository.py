@@ -36,7 +36,7 @@ class RepositoryStore(Store):
 
     def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
         super().__init__(uri)
-        self.config = config or TransferConfig()
+        self.config: TransferConfig = config or TransferConfig()
         self._repo = get_artifact_repository(uri)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.config.max_workers + 1)

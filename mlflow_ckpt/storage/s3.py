@@ -43,8 +43,8 @@ class S3Store(RepositoryStore):
     """``s3://bucket/path`` through a boto3 client that tries each call once."""
 
     # Glacier Instant Retrieval: cheap storage, still read at once (no restore step)
-    cold_class = "GLACIER_IR"
-    hot_class = "STANDARD"
+    cold_class: str | None = "GLACIER_IR"
+    hot_class: str | None = "STANDARD"
 
     def __init__(self, uri: str, config: TransferConfig | None = None) -> None:
         super().__init__(uri, config)

@@ -57,7 +57,7 @@ class OwnedFolder:
         # Unlocked (no locks on this file system, or no descriptor left), a folder must not
         # be named for the sweep: another process could lock it and take it from us.
         visible = pending.name[1:] if self._fd is not None else UNSWEPT_PREFIX + pending.name
-        self.path = pending.with_name(visible)
+        self.path: Path = pending.with_name(visible)
         try:
             pending.rename(self.path)
         except OSError:

@@ -94,7 +94,7 @@ class StreamingWriter:
         self._offset = 0  # where the current buffer starts in the file
         self._parts: list[Future[Any]] = []
         self._begun = False
-        self.size = 0
+        self.size: int = 0
 
     def writable(self) -> bool:
         return True
