@@ -69,5 +69,12 @@ faults: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
+# The sdist and the wheel built, checked (twine), installed into fresh venvs with runtime
+# dependencies only (the sdist with no C compiler) and the quickstart run from outside the
+# repo (.ci/wheel says how). Its own venvs: it needs no `make install`.
+.PHONY: dist-check
+dist-check:
+	bash .ci/wheel
+
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache mlruns mlflow.db
