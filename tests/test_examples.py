@@ -50,7 +50,7 @@ def test_quickstart_runs_outside_the_repo(tmp_path: Path) -> None:
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert re.search(r"^trained steps 0-29 in run \w+$", out, re.M), out
-    assert "resumed from step 29; training on from 30" in out
+    assert "resumed: training goes on from step 30" in out
     listed = re.findall(r"^  step (\d+)  val_loss ([\d.]+)  (\S+)  models:/m-\w+$", out, re.M)
     assert [(int(step), trig) for step, _, trig in listed] == [
         (59, "periodic,best"),
