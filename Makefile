@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install tools demo test test-fast lint format bench faults docs clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
-# multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.6` adds nothing.
+# multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.7,<2.16` adds nothing.
 $(STAMP): pyproject.toml mlflow_ckpt/codec/_planes.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -123,6 +123,14 @@ def test_compressed_fsdp2_checkpoint_resumes_on_three_ranks_and_in_a_plain_proce
     assert result.exit_code == 1 and shard.name in result.output
 
 
+# torch < 2.10's FSDP2 re-pads an unevenly sharded parameter into new memory at the first
+# forward (`FSDPParam.reset_sharded_param`; 2.10 keeps the memory it padded at `fully_shard`),
+# so after a resume a rank whose frozen shard is padded no longer finds it where the resume
+# recorded it and its first save hashes that shard once more (measured on 2.7.0: rank 1
+# hashed 114 elements where 74 were expected). The bytes saved are the same either way.
+REPADS_ON_FIRST_FORWARD = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 10)
+
+
 def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     tracking: str, tmp_path: Path, run_child
 ):
@@ -160,7 +168,11 @@ def test_incremental_fsdp2_saves_reference_unchanged_chunks_and_resume_on_three(
     more = ("--strategy", "fsdp2", "--steps", "12", "--save-every", "2", "--freeze-first")
     torchrun(2, out, *more, "--keep-last", "2", "--resume", run_id)
     for before, after in zip(saved, reports(out), strict=True):
-        assert after["hashed_per_save"] == before["hashed_per_save"][1:3], after  # 9, 11
+        expected = before["hashed_per_save"][1:3]  # 9, 11
+        if REPADS_ON_FIRST_FORWARD and after["hashed_per_save"] != expected:
+            # this rank's frozen shard is padded: torch moved it, the save hashed it once more
+            expected[0] += before["frozen_local_numel"]
+        assert after["hashed_per_save"] == expected, after
     assert [c.step for c in mlflow_ckpt.list_checkpoints(run_id)] == [11, 9]
     assert mlflow_ckpt.list_checkpoints(run_id)[0].shared == kept[0].shared
     assert CliRunner().invoke(cli, ["verify", run_id]).exit_code == 0

@@ -154,7 +154,9 @@ def frozen_holding_sharded(
     distributed resume loaded into ``loaded`` (by flat name), with what a snapshot taken
     now sees of them: the sharded counterpart of ``snapshot.frozen_holding``. Handed to the
     next incremental save, it lets that save reference the frozen chunks unread, as every
-    later save does, instead of hashing the whole frozen state once more after a resume."""
+    later save does, instead of hashing the whole frozen state once more after a resume.
+    (torch < 2.10's FSDP2 moves a padded shard to new memory at the first forward, so there a
+    rank whose frozen shard is padded hashes it once more: slower, the same bytes.)"""
     now = take_sharded(state, entries, copy=False, history=History())
     assert now.changes is not None
     return holding(now.changes, now.tensors, loaded)
