@@ -31,7 +31,6 @@ from typing import Any, Generic, TypeVar
 from mlflow.environment_variables import (
     MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE,
     MLFLOW_S3_ENDPOINT_URL,
-    MLFLOW_S3_EXPECTED_BUCKET_OWNER,
     MLFLOW_S3_IGNORE_TLS,
     MLFLOW_S3_UPLOAD_EXTRA_ARGS,
 )
@@ -91,8 +90,11 @@ def s3_client() -> Any:
 
 def s3_bucket_owner() -> dict[str, str]:
     """``ExpectedBucketOwner`` for every S3 call, when ``MLFLOW_S3_EXPECTED_BUCKET_OWNER``
-    is set (as MLflow's repository passes it)."""
-    owner = MLFLOW_S3_EXPECTED_BUCKET_OWNER.get()
+    is set (as MLflow's repository passes it).
+
+    Read from the environment by name: MLflow's constant for it is newer than MLflow 3.0
+    (importing it failed there), and the variable's name is the documented setting."""
+    owner = os.environ.get("MLFLOW_S3_EXPECTED_BUCKET_OWNER")
     return {"ExpectedBucketOwner": owner} if owner else {}
 
 
