@@ -24,7 +24,7 @@ import mlflow_ckpt
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.errors import WriterConflictError
-from mlflow_ckpt.manager.lease import LeaseInfo, _host, write_lease
+from mlflow_ckpt.manager.lease import LeaseInfo, _host, read_lease, write_lease
 from tests.conftest import ROOT
 
 
@@ -143,6 +143,8 @@ def test_live_lease_refuses_force_takes_over(tracking: str, other_process: int) 
     mgr.save(0)
     mgr.close()
     assert tags.RUN_WRITER not in MlflowClient().get_run(run_id).data.tags
+    # the experiment tag (the one that is read) too: emptied where MLflow < 3.2 cannot delete it
+    assert read_lease(MlflowClient(), run_id, run.info.experiment_id) is None
 
 
 @pytest.mark.parametrize("why", ["expired", "dead-process"])

@@ -167,6 +167,20 @@ def write_lease(client: MlflowClient, run_id: str, experiment_id: str, info: Lea
     client.set_tag(run_id, tags.RUN_WRITER, text)
 
 
+def clear_lease(client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    """Drop the run's lease: the experiment tag that is read and the run tag the UI shows.
+
+    ``MlflowClient.delete_experiment_tag`` came with MLflow 3.2; before it the experiment
+    tag is emptied instead, which :meth:`LeaseInfo.parse` reads as no lease (one empty tag
+    per run stays on the experiment)."""
+    delete = getattr(client, "delete_experiment_tag", None)
+    if delete is not None:
+        delete(experiment_id, _experiment_key(run_id))
+    else:
+        client.set_experiment_tag(experiment_id, _experiment_key(run_id), "")
+    client.delete_tag(run_id, tags.RUN_WRITER)
+
+
 def _wait_for_expiry(
     client: MlflowClient, run_id: str, experiment_id: str, held: LeaseInfo
 ) -> LeaseInfo | None:
@@ -345,8 +359,7 @@ class WriterLease:
         try:
             current = read_lease(self.client, self.run_id, self.experiment_id)
             if current is not None and current.owner == self.owner:
-                self.client.delete_experiment_tag(self.experiment_id, _experiment_key(self.run_id))
-                self.client.delete_tag(self.run_id, tags.RUN_WRITER)
+                clear_lease(self.client, self.run_id, self.experiment_id)
         except Exception:
             logger.warning("Could not release the writer lease of run %s", self.run_id)
 
