@@ -75,3 +75,7 @@ class NonFiniteStateError(CheckpointError):
 
 class CheckpointVerificationError(CheckpointWriteError):
     """A save was written but failed verification after it (``verify=``); tagged invalid."""
+
+
+class MlflowVersionError(CheckpointError, ImportError):
+    """The installed MLflow is older than mlflow_ckpt needs (raised when it is imported)."""

@@ -222,3 +222,16 @@ def test_bad_arguments(tracking: str) -> None:
             mlflow_ckpt.CheckpointManager({"model": net()}, model_kwargs={"x": object()})
         with pytest.raises(TypeError, match="non-empty dict"):
             mlflow_ckpt.CheckpointManager({})
+
+
+def test_an_mlflow_before_3_is_refused_by_name_and_the_bound_is_pyprojects() -> None:
+    from mlflow_ckpt._version import OLDEST_MLFLOW, require_mlflow
+
+    with pytest.raises(mlflow_ckpt.errors.MlflowVersionError, match=r"MLflow 2\.22\.1") as info:
+        require_mlflow("2.22.1")
+    assert isinstance(info.value, ImportError) and OLDEST_MLFLOW in str(info.value)
+    require_mlflow(OLDEST_MLFLOW)
+    require_mlflow(mlflow.__version__)
+    # the message names the lower bound that pyproject.toml declares (and .ci/compat runs)
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert f'"mlflow>={OLDEST_MLFLOW},' in pyproject
