@@ -78,3 +78,10 @@ dist-check:
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache mlruns mlflow.db
+
+# The compatibility lane: tests/compat_subset.txt on the oldest declared and the newest
+# installable torch and MLflow, each pair in a venv of its own under .venv-compat/
+# (.ci/compat says how; `.ci/compat --torch T --mlflow M` runs one pair).
+.PHONY: compat
+compat:
+	PYTHON=$(PYTHON) .ci/compat
