@@ -46,6 +46,7 @@ def _lightning_package() -> ModuleType:
 
 def _mlflow_logs_metrics(trainer: Any) -> bool:
     """Whether MLflow already receives Lightning's metrics (autolog or an MLFlowLogger)."""
+    # (no public way to ask whether an autolog is on; unchanged in MLflow 3.0.0-3.17.2)
     from mlflow.utils.autologging_utils import autologging_is_disabled
 
     if not autologging_is_disabled("pytorch"):

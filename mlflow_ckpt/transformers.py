@@ -47,6 +47,7 @@ def _mlflow_logs_metrics(args: Any, callbacks: list[Any]) -> bool:
     ``args.report_to`` tells even when we were not given the Trainer (so cannot see its
     callbacks); ``DagsHubCallback`` is an MLflowCallback too.
     """
+    # (no public way to ask whether an autolog is on; unchanged in MLflow 3.0.0-3.17.2)
     from mlflow.utils.autologging_utils import autologging_is_disabled
 
     if not autologging_is_disabled("transformers"):

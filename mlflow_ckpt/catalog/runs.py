@@ -5,6 +5,9 @@ from __future__ import annotations
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 from mlflow.exceptions import MlflowException
+
+# The codes MlflowException.error_code carries are named only in MLflow's protos (no public
+# module); unchanged from MLflow 3.0.0 to 3.17.2, which .ci/compat runs.
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mlflow_ckpt.errors import CheckpointNotFoundError

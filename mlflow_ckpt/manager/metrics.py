@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
+
+# MLflow's own name rules: it has no public validator, and copying them would drift. The
+# names are unchanged from MLflow 3.0.0 to 3.17.2 (.ci/compat runs both ends).
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     bad_character_message,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.environment_variables import MLFLOW_ARTIFACT_UPLOAD_DOWNLOAD_TIMEOUT
+
+# (for its wasbs:// URI parser, so the URI means what it means to MLflow; 3.0.0-3.17.2)
 from mlflow.store.artifact.azure_blob_artifact_repo import AzureBlobArtifactRepository
 
 from mlflow_ckpt.storage import clients

@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+# The factory MLflow itself uses for an artifact URI (plugins included); no public API returns
+# a repository. Unchanged from MLflow 3.0.0 to 3.17.2 (.ci/compat).
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mlflow_ckpt.storage.base import Store, StoreError
