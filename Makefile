@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install tools demo test test-fast lint format bench faults docs clean
+.PHONY: install tools demo test test-fast lint format bench faults docs dist-check compat clean
 
 # torch 2.13.0 first: it resolves to the local CPU wheel. An unpinned torch would pull a
 # multi-GB CUDA build; with 2.13.0 installed, the package's `torch>=2.7,<2.16` adds nothing.
@@ -72,7 +72,6 @@ docs: install
 # The sdist and the wheel built, checked (twine), installed into fresh venvs with runtime
 # dependencies only (the sdist with no C compiler) and the quickstart run from outside the
 # repo (.ci/wheel says how). Its own venvs: it needs no `make install`.
-.PHONY: dist-check
 dist-check:
 	bash .ci/wheel
 
@@ -82,6 +81,5 @@ clean:
 # The compatibility lane: tests/compat_subset.txt on the oldest declared and the newest
 # installable torch and MLflow, each pair in a venv of its own under .venv-compat/
 # (.ci/compat says how; `.ci/compat --torch T --mlflow M` runs one pair).
-.PHONY: compat
 compat:
 	PYTHON=$(PYTHON) .ci/compat
