@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "mlflow_ckpt.lightning",
             "mlflow_ckpt.transformers",
             "mlflow_ckpt.cli",
+            "mlflow_ckpt.after_training",
         ),
     ),
 ]
