@@ -61,6 +61,11 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   ``resume="auto"`` (key ``TORCHELASTIC_RUN_ID``), a random rank SIGKILLed at a random step of
   the first attempt. Survived: the restarted workers continue the one run from its newest
   commit and end bit for bit with an uninterrupted job.
+* ``kill9-fork``: ``mlflow-ckpt fork`` of a run with 5,000 metric points SIGKILLed at a
+  seeded random moment (starting, copying the history, or done). Survived: the source's
+  history is unchanged, a half-copied fork is refused by ``CheckpointManager.resume``, a
+  fork tagged ready holds the source's history up to the step exactly, and the same fork
+  run again deletes the half-copied one (only complete forks remain visible).
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -119,7 +124,7 @@ from mlflow_ckpt.catalog.reader import verify_checkpoint
 from mlflow_ckpt.catalog.shared import shared_area_uri
 from mlflow_ckpt.storage import RetryPolicy, TransferConfig, local_path_of
 from mlflow_ckpt.storage.local import TEMP_MARKER
-from tests import crashlib, servers, tinydisk
+from tests import crashlib, forkcrash, servers, tinydisk
 from tests.conftest import BUCKET, ROOT, _aws_kwargs, s3_env
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.test_hostile import evil_torch_file, resign, shard_of
@@ -1029,6 +1034,27 @@ def elastic_restart(bench: Bench, row: Row, trials: int) -> None:
 # ---------------------------------------------------------------- table
 
 
+def kill9_fork(bench: Bench, row: Row, trials: int) -> None:
+    """``mlflow-ckpt fork`` of a checkpoint of a run with 5,000 metric points, SIGKILLed at a
+    seeded random moment (while it starts, copies or after it finished); then the same fork
+    again (tests/forkcrash.py says what must hold)."""
+
+    def trial(i: int) -> None:
+        experiment = bench.tracking(bench.workdir(row.fault))
+        mlflow.set_experiment(experiment_id=experiment)
+        source = forkcrash.make_source(5_000)
+        before = source.history(MlflowClient())
+        delay = random.Random(f"{row.fault}-{bench.seed}-{i}").uniform(2.0, 9.0)
+        forkcrash.kill_after(source, delay)
+        lost, problems = forkcrash.check(source, before)
+        if lost:
+            raise Lost(f"killed after {delay:.2f} s: {'; '.join(lost)}")
+        if problems:
+            raise Failed(f"killed after {delay:.2f} s: {'; '.join(problems)}")
+
+    run_trials(row, trials, trial)
+
+
 FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "kill9-async": (
         "restart resumed from newest commit",
@@ -1074,6 +1100,7 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "corrupt-shared-incremental": ("detected, fallback to milestone", corrupt_shared),
     "sigterm-preempt": ("signalled step saved, restart from it", sigterm_preempt),
     "elastic-restart": ("torchrun restart ends bit for bit", elastic_restart),
+    "kill9-fork": ("source intact, half fork never resumed", kill9_fork),
 }
 
 

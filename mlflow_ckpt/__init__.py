@@ -4,12 +4,13 @@ One call in the training loop saves the whole training state as an MLflow Logged
 linked to the run; the same checkpoint resumes the run bit-for-bit, serves through pyfunc,
 and is found again by MLflow queries. The docs site (``docs/``) has the guides.
 
-The names below are the whole public API (kept under 20 on purpose). Rarer errors
+The names below are the whole public API (at most 25, on purpose). Rarer errors
 (``NoActiveRunError``, ``StateSerializationError``, ``WriterConflictError``) live in
 :mod:`mlflow_ckpt.errors`; all derive from :class:`CheckpointError`.
 """
 
 from mlflow_ckpt._version import __version__
+from mlflow_ckpt.after_training import fork
 from mlflow_ckpt.autolog import autolog
 from mlflow_ckpt.catalog import (
     Checkpoint,
@@ -44,6 +45,7 @@ __all__ = [
     "autolog",
     "best_checkpoint",
     "export_onnx",
+    "fork",
     "latest_checkpoint",
     "list_checkpoints",
     "load",

@@ -5,3 +5,7 @@ untouched), ``average`` writes the (weighted) mean of several checkpoints as a c
 its own, and ``evaluate`` scores kept checkpoints after the fact with metrics linked to each
 one. This layer sits above the manager: a fork hands back a manager on the new run.
 """
+
+from mlflow_ckpt.after_training.fork import fork
+
+__all__ = ["fork"]

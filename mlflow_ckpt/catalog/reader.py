@@ -17,6 +17,7 @@ from mlflow.entities import LoggedModel
 
 from mlflow_ckpt.catalog import models, tags
 from mlflow_ckpt.catalog.checkpoint import Checkpoint
+from mlflow_ckpt.catalog.lineage import fork_point
 from mlflow_ckpt.catalog.queries import committed_checkpoints, newest_committed
 from mlflow_ckpt.catalog.resolve import describe, resolve
 from mlflow_ckpt.catalog.runs import get_run
@@ -68,6 +69,9 @@ def newest_verified(
 ) -> VerifiedCheckpoint | None:
     """The newest committed checkpoint of ``run_id`` whose files verify, or ``None``.
 
+    A forked run with none of its own continues from the checkpoint it was forked from
+    (read only: see :mod:`.lineage`).
+
     Each one that fails is skipped with a warning naming it and the bad file; a corrupt one
     is also tagged ``mlflow_ckpt.status=corrupt``, so later lookups skip it unread.
     ``into``: the objects it will be restored into (see :func:`read_checkpoint`).
@@ -92,14 +96,16 @@ def newest_verified(
 def _newest_lazily(client: MlflowClient, run_id: str, experiment_id: str) -> Iterator[Checkpoint]:
     """The run's committed checkpoints, newest step first, listed only if the newest fails
     (a resume of a run of 10,000 checkpoints then costs three small requests, not ten
-    pages)."""
+    pages); last, for a forked run, the source checkpoint it branched off."""
     newest = newest_committed(client, run_id, experiment_id)
-    if newest is None:
-        return
-    yield newest
-    for ckpt in committed_checkpoints(client, run_id, experiment_id):
-        if ckpt.model_id != newest.model_id:
-            yield ckpt
+    if newest is not None:
+        yield newest
+        for ckpt in committed_checkpoints(client, run_id, experiment_id):
+            if ckpt.model_id != newest.model_id:
+                yield ckpt
+    source = fork_point(client, run_id)
+    if source is not None:
+        yield source
 
 
 def manifest_digest(model: LoggedModel) -> str:

@@ -78,3 +78,19 @@ def manifest_digests(model_tags: dict[str, str]) -> tuple[str, ...]:
     return tuple(
         d for d in (model_tags.get(MANIFEST_SHA256), model_tags.get(MANIFEST_SHA256_NEXT)) if d
     )
+
+
+# On a run forked from a checkpoint (mlflow_ckpt.fork): where it branched off. A fork run
+# without a checkpoint of its own resumes from FORKED_FROM (the source's checkpoint).
+FORKED_FROM = "mlflow_ckpt.forked_from"  # the checkpoint's URI, models:/m-...
+FORKED_FROM_RUN = "mlflow_ckpt.forked_from_run"
+FORKED_FROM_STEP = "mlflow_ckpt.forked_from_step"
+# "copying" while the source's history is copied in, "ready" after; a fork left "copying"
+# (its process died) is never resumed, and the next fork of that checkpoint deletes it.
+FORK_STATUS = "mlflow_ckpt.fork_status"
+FORK_HEARTBEAT = "mlflow_ckpt.fork_heartbeat"  # time.time() at the last batch copied
+COPYING = "copying"
+READY = "ready"
+# MLflow's own: the UI nests a run under the run this names.
+PARENT_RUN = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"

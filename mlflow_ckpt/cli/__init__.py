@@ -1,4 +1,4 @@
-"""``mlflow-ckpt``: list, inspect, verify, clean up, pin, archive, promote, export and plot
+"""``mlflow-ckpt``: list, inspect, verify, clean up, pin, archive, promote, export, plot and fork
 checkpoints.
 
 Every command talks to the tracking store named by ``--tracking-uri`` or
@@ -6,7 +6,13 @@ Every command talks to the tracking store named by ``--tracking-uri`` or
 for scripts; progress bars appear on long transfers when stderr is a terminal.
 """
 
-from mlflow_ckpt.cli import cleanup, inspection, publishing, tiers  # noqa: F401 - register
+from mlflow_ckpt.cli import (  # noqa: F401 - register
+    cleanup,
+    forking,
+    inspection,
+    publishing,
+    tiers,
+)
 from mlflow_ckpt.cli.group import main
 
 __all__ = ["main"]

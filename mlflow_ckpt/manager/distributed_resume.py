@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModel
 
-from mlflow_ckpt.catalog import Checkpoint, models, tags
+from mlflow_ckpt.catalog import Checkpoint, models, resolve, tags
+from mlflow_ckpt.catalog.lineage import fork_point
 from mlflow_ckpt.catalog.queries import committed_models, newest_first_with_models
 from mlflow_ckpt.codec import read_manifest
 from mlflow_ckpt.codec.layout import with_shared
@@ -75,18 +77,38 @@ _SKIPPABLE = {
 
 
 def _candidates(client: MlflowClient | None, run_id: str, ranks: RankGroup) -> list[Any]:
+    """Rank 0's candidates, newest first, told to every rank (with the reason, on every
+    rank, when there are none to tell: an incomplete fork, its source gone)."""
     listed: list[Any] = []
+    refused: CheckpointError | None = None
     if ranks.is_leader:
         assert client is not None
         # (one listing: the manifest digests are in the listed models' tags)
         for ckpt, model in newest_first_with_models(committed_models(client, run_id)):
-            listed.append(
-                {
-                    "checkpoint": checkpoint_to_json(ckpt),
-                    "sha256": list(tags.manifest_digests(model.tags)),
-                }
-            )
-    return ranks.broadcast(listed, group=ranks.control, what=f"listing checkpoints of {run_id}")
+            listed.append(_candidate(ckpt, model))
+        try:
+            source = fork_point(client, run_id)  # a forked run: last, where it branched off
+            if source is not None:
+                listed.append(_candidate(source, resolve(source, client)))
+        except CheckpointError as exc:
+            refused = exc
+    told = ranks.broadcast(
+        {"listed": listed, "refused": None if refused is None else str(refused)},
+        group=ranks.control,
+        what=f"listing checkpoints of {run_id}",
+    )
+    if refused is not None:
+        raise refused
+    if told["refused"] is not None:
+        raise CheckpointError(told["refused"])
+    return told["listed"]
+
+
+def _candidate(ckpt: Checkpoint, model: LoggedModel) -> dict[str, Any]:
+    return {
+        "checkpoint": checkpoint_to_json(ckpt),
+        "sha256": list(tags.manifest_digests(model.tags)),
+    }
 
 
 def restore_distributed(
@@ -150,9 +172,12 @@ def restore_distributed(
             restore(read.own, own_targets, strict=strict, restore_rng_streams=with_rng, where=where)
             apply_sharded(state, entries, decode_sharded(root.state, fresh))
             _warn_world_change(root.world_size, ranks, where)
+            point = ResumePoint.of_progress(ckpt, root.progress)
+            if ckpt.run_id != run_id:  # a fork's source: the first save is whole
+                return point
             chunks = {chunk_key(index): at for index, at in read.reader.locations.items()}
             return dataclasses.replace(
-                ResumePoint.of_progress(ckpt, root.progress),
+                point,
                 manifest=read.manifest,
                 frozen=frozen_holding_sharded(state, entries, fresh),
                 chunk_base=ChunkBase(chunks, dict(read.reader.files)),

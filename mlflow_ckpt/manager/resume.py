@@ -50,12 +50,18 @@ def restore_newest(
     strict: bool,
 ) -> ResumePoint:
     """Restore the newest checkpoint of ``run_id`` that verifies into ``state`` (and the
-    global random streams); an empty point (and nothing changed) when the run has none."""
+    global random streams); an empty point (and nothing changed) when the run has none.
+
+    A forked run without a checkpoint of its own restores the one it was forked from; its
+    point then carries no incremental base, so nothing the fork saves refers to the
+    source's bytes (the source's retention and ``mlflow gc`` cannot break it)."""
     verified = newest_verified(run_id, client, experiment_id, state)
     if verified is None:
         return ResumePoint()
     decoded = verified.loaded.decoded
     restore(decoded, state, strict=strict, restore_rng_streams=True, where=describe(verified.model))
+    if verified.checkpoint.run_id != run_id:  # a fork's source: the first save is whole
+        return ResumePoint.of_progress(verified.checkpoint, decoded.progress)
     return ResumePoint.of(verified, frozen_holding(state, decoded.tensors))
 
 

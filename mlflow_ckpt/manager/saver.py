@@ -195,6 +195,17 @@ class Saver:
             if ckpt is None or ckpt.step >= spike_step:
                 logger.warning("Spike at step %d (%s): no checkpoint before it", spike_step, detail)
                 return
+            if ckpt.run_id != self.run_id:  # a fork's source: only ever read
+                logger.warning(
+                    "Spike at step %d (%s): the checkpoint before it is %s of run %s, which "
+                    "this run was forked from; a fork never changes its source, so it is "
+                    "not pinned (the fork's tag mlflow_ckpt.forked_from names it)",
+                    spike_step,
+                    detail,
+                    ckpt.uri,
+                    ckpt.run_id,
+                )
+                return
             try:
                 models.set_pinned(self.client, ckpt.model_id, tags.PRE_SPIKE)
             except Exception as exc:  # protective bookkeeping: never fail a training step
