@@ -246,8 +246,11 @@ def test_a_dead_writer_on_another_host_is_waited_for_and_a_live_one_refused(
 ) -> None:
     env = _env("hosts")
     ttl = ("--lease-ttl", "12")  # longer than a restart takes to import torch and MLflow
+    # The writer stops calling step() after step 6 and only heartbeats: alive however long
+    # the second start takes to import (on a loaded machine it once outlasted the training).
+    stalled = ("--sleep", "0.3", "--stall-after", "6")
     writer = Child(
-        _other_host(_command(tmp_path / "w.pt", "--sleep", "0.3", *ttl)), env, tmp_path / "w.log"
+        _other_host(_command(tmp_path / "w.pt", *stalled, *ttl)), env, tmp_path / "w.log"
     )
     writer.wait_for("step 6")
     # A second start while the writer on "other-node" heartbeats: refused within the TTL.
