@@ -42,6 +42,12 @@ def _committed_filter(extra: str | None = None) -> str:
     return f"{clause} AND {extra}" if extra else clause
 
 
+# A run's own training checkpoints: what listing, resume and retention consider. Checkpoints
+# made from others after training (averages) carry another name in the same run, so they
+# are never resumed from, deleted by the run's retention or averaged again (tags.py).
+_TRAINING = f"name LIKE '{tags.NAME_PREFIX}%'"
+
+
 def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
     return [ckpt for ckpt, _ in newest_first_with_models(models)]
 
@@ -63,21 +69,26 @@ def committed_models(
     *,
     experiment_id: str | None = None,
 ) -> list[LoggedModel]:
-    """The LoggedModels of a run's committed checkpoints (optionally filtered further).
+    """The LoggedModels of a run's committed training checkpoints (optionally filtered
+    further): averages logged in the run are not among them (see ``_TRAINING``).
 
     Pass ``experiment_id`` when it is known: finding it costs a ``get_run``, which loads
     every LoggedModel output of the run.
     """
     if experiment_id is None:
         experiment_id = get_run(client, run_id).info.experiment_id
-    clause = f"source_run_id = '{run_id}'"
+    clause = f"source_run_id = '{run_id}' AND {_TRAINING}"
     if filter_string:
         clause = f"{clause} AND {filter_string}"
     return search_models(client, [experiment_id], _committed_filter(clause))
 
 
 def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:
-    """The committed checkpoints of a run, newest step first."""
+    """The committed checkpoints of a run, newest step first.
+
+    Training checkpoints only: an average logged in the run (:func:`mlflow_ckpt.average`)
+    is found by its URI or an experiment-wide :func:`best_checkpoint`, never resumed from.
+    """
     return committed_checkpoints(client or MlflowClient(), run_id)
 
 
@@ -123,10 +134,8 @@ def _latest_by_name(client: MlflowClient, run_id: str, experiment_id: str) -> Ch
     that no longer name exists (if one does, steps went down at some point); one orders the
     names of that length (ties: the newer checkpoint)."""
 
-    def first(name_like: str | None, order: list[dict[str, object]]) -> Checkpoint | None:
-        clause = f"source_run_id = '{run_id}'"
-        if name_like is not None:
-            clause += f" AND name LIKE '{tags.NAME_PREFIX}{name_like}'"
+    def first(name_like: str, order: list[dict[str, object]]) -> Checkpoint | None:
+        clause = f"source_run_id = '{run_id}' AND name LIKE '{tags.NAME_PREFIX}{name_like}'"
         page = client.search_logged_models(
             [experiment_id], filter_string=_committed_filter(clause), order_by=order, max_results=1
         )
@@ -137,7 +146,7 @@ def _latest_by_name(client: MlflowClient, run_id: str, experiment_id: str) -> Ch
             raise _ListInstead
         return ckpt
 
-    newest = first(None, [_NEWER_FIRST])
+    newest = first("%", [_NEWER_FIRST])  # (training checkpoints only: not an average)
     if newest is None:
         return None
     digits = len(str(newest.step))

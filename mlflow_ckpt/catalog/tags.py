@@ -51,6 +51,22 @@ def model_name(step: int) -> str:
     return f"{NAME_PREFIX}{step}"
 
 
+# Checkpoints made after training from others (``mlflow_ckpt.average``) live in a source's
+# run under a name of their own: run-scoped queries (listing, resume, retention, gc) select
+# ``NAME_PREFIX`` names only, so such a checkpoint is never resumed from, deleted by the
+# run's retention or averaged again, while a URI, an experiment-wide ``best_checkpoint``
+# and promotion see it like any other.
+AVERAGE_NAME_PREFIX = "average-step-"
+AVERAGE = "average"  # its trigger
+# On an average: JSON list of its sources, [{"model_id", "step", "weight"}, ...].
+AVERAGED_FROM = "mlflow_ckpt.averaged_from"
+
+
+def average_name(step: int) -> str:
+    """The LoggedModel name of an average whose newest source is at ``step``."""
+    return f"{AVERAGE_NAME_PREFIX}{step}"
+
+
 # On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.
 PINNED = "mlflow_ckpt.pinned"
 PRE_SPIKE = "pre_spike"
