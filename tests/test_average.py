@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-import mlflow_ckpt.cli.averaging  # noqa: F401 - registers `mlflow-ckpt average`
+import mlflow_ckpt.cli.averaging  # registers `mlflow-ckpt average`
 import mlflow_ckpt.flavor
 from mlflow_ckpt.after_training.average import average
 from mlflow_ckpt.catalog import resolve
@@ -125,9 +125,7 @@ def test_average_is_the_weighted_mean_with_dtypes_and_integer_buffers(tracking: 
     model = MlflowClient().get_logged_model(weighted.model_id)
     sources = json.loads(model.tags["mlflow_ckpt.averaged_from"])
     in_order = [ckpts[2], ckpts[1], ckpts[0]]
-    assert [(s["model_id"], s["step"]) for s in sources] == [
-        (c.model_id, c.step) for c in in_order
-    ]
+    assert [(s["model_id"], s["step"]) for s in sources] == [(c.model_id, c.step) for c in in_order]
     assert [s["weight"] for s in sources] == pytest.approx([1 / 8, 2 / 8, 5 / 8])
     assert model.name == "average-step-2" and model.params["averaged_steps"] == "0,1,2"
     # a weight of zero leaves a source out; the integer buffer is still the newest's
@@ -266,9 +264,9 @@ def test_average_serves_through_pyfunc_and_mlflow_models_predict(
     (work / "input.json").write_text(json.dumps({"inputs": batch.tolist()}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(ROOT)  # mlflow_ckpt itself, not the network's code
+    predict = ["predict", "-m", avg.uri, "-i", "input.json", "-t", "json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", avg.uri]
-        + ["-i", "input.json", "-t", "json", "--env-manager", "local"],
+        [sys.executable, "-m", "mlflow", "models", *predict, "--env-manager", "local"],
         cwd=work,
         env=env,
         capture_output=True,

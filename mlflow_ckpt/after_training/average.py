@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -287,9 +288,8 @@ def _rebuild_spec(newest: _Source, scratch: Path) -> FolderSpec:
             local = verify_files(store, newest.manifest, scratch, newest.checkpoint.uri, wanted)
         if _MLMODEL in local:
             config = flavor_config(local[_MLMODEL])
-        if code:  # each top-level entry of code/, copied again under code/ by write_folder
-            root = scratch / CODE_DIR
-            code_paths = tuple(str(p) for p in sorted(root.iterdir()))
+        if code:
+            code_paths = _code_paths({p: local[p] for p in code}, scratch / "copy")
     return FolderSpec(
         format=newest.manifest.format,
         compression=newest.manifest.compression,
@@ -297,6 +297,17 @@ def _rebuild_spec(newest: _Source, scratch: Path) -> FolderSpec:
         model_kwargs=dict(config.get("model_kwargs") or {}),
         code_paths=code_paths,
     )
+
+
+def _code_paths(files: Mapping[str, Path], root: Path) -> tuple[str, ...]:
+    """The verified ``code/`` files laid out again under ``root`` (a local store hands back
+    its own paths, a remote one its downloads), as the code paths ``write_folder`` copies:
+    each top-level entry of ``code/``."""
+    for rel, source in files.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return tuple(str(p) for p in sorted((root / CODE_DIR).iterdir()))
 
 
 class _Weights:
