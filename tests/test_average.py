@@ -170,6 +170,43 @@ def test_mismatched_checkpoints_are_refused_before_anything_is_written(tracking:
     assert set(_logged_models(experiment_id)) == {*before, other.model_id}
 
 
+class TiedNet(torch.nn.Module):
+    """Two layers sharing one weight: stored once, a key each in the state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = torch.nn.Linear(3, 3)
+        self.decode = torch.nn.Linear(3, 3)
+        self.decode.weight = self.encode.weight
+
+
+def test_tied_weights_and_damaged_sources(tracking: str) -> None:
+    torch.manual_seed(0)
+    model = TiedNet()
+    with mlflow.start_run() as run:
+        with mlflow_ckpt.CheckpointManager({"model": model}, async_save=False) as mgr:
+            for step in range(3):
+                with torch.no_grad():
+                    model.encode.weight.add_(1.0)
+                mgr.save(step)
+    ckpts = mlflow_ckpt.list_checkpoints(run.info.run_id)
+    avg = average(ckpts[:2])
+    got = _model_state(avg.uri)
+    assert set(got) == {"encode.weight", "encode.bias", "decode.weight", "decode.bias"}
+    _assert_state(got, _by_hand([c.uri for c in ckpts[:2]], [1, 1], ckpts[0].uri))
+    torch.testing.assert_close(got["decode.weight"], got["encode.weight"])
+    # a flipped byte in a source: its hash fails, the file is named, nothing is written
+    experiment_id = run.info.experiment_id
+    before = _logged_models(experiment_id)
+    shard = next(Path(ckpts[2].artifact_location).glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(mlflow_ckpt.CheckpointCorruptedError, match=shard.name):
+        average([ckpts[0], ckpts[2]])
+    assert _logged_models(experiment_id) == before
+
+
 def test_average_is_no_training_checkpoint_but_promotes_and_can_be_best(tracking: str) -> None:
     run_id = _train([0, 1, 2, 3])
     ckpts = mlflow_ckpt.list_checkpoints(run_id)

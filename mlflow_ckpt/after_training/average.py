@@ -44,16 +44,24 @@ from mlflow_ckpt.catalog.deletion import discard_failed
 from mlflow_ckpt.catalog.reader import read_checkpoint
 from mlflow_ckpt.catalog.resolve import resolve
 from mlflow_ckpt.catalog.runs import get_run
-from mlflow_ckpt.codec import Manifest, read_manifest, verify_files
+from mlflow_ckpt.codec import STRUCTURE_FILE, Manifest, read_manifest, verify_files
 from mlflow_ckpt.codec.dcp_metadata import saved_tensors
 from mlflow_ckpt.codec.dcp_store import StoreReader
 from mlflow_ckpt.codec.layout import with_shared
-from mlflow_ckpt.errors import CheckpointError, CheckpointWriteError, StateMismatchError
+from mlflow_ckpt.errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointWriteError,
+    StateMismatchError,
+)
 from mlflow_ckpt.folder import CODE_DIR, MODEL_KEY, FolderSpec, flavor_config, write_folder
-from mlflow_ckpt.folder.distributed import shard_files
+from mlflow_ckpt.folder.distributed import rank_dir, rank_manifest, read_root, shard_files
 from mlflow_ckpt.manager.verification import verify_stored
 from mlflow_ckpt.snapshot import plain_state, take_snapshot
+from mlflow_ckpt.snapshot.sharded import decode_sharded
+from mlflow_ckpt.snapshot.tree import decode, plain
 from mlflow_ckpt.storage import Store, open_store, redact
+from mlflow_ckpt.storage.prefix import PrefixStore
 from mlflow_ckpt.storage.staging import scratch_dir
 
 __all__ = ["average"]
@@ -93,9 +101,11 @@ def average(
     optimizer, scheduler or RNG state, so it is for inference, evaluation, promotion or
     fine-tuning from, not for resuming the run.
 
-    Before any tensor is read, every source's key names, shapes and dtypes are compared
-    from its manifest (a distributed checkpoint's from its shard index): a mismatch raises
-    :class:`~mlflow_ckpt.StateMismatchError` and nothing is written.
+    Before any tensor is read, every source's key names, shapes and dtypes are compared,
+    taken from its ``state.json`` and its manifest's tensor index (a distributed
+    checkpoint's from its shard index), all verified: a mismatch raises
+    :class:`~mlflow_ckpt.StateMismatchError` naming both URIs and the keys, and nothing is
+    written.
 
     Memory: sources are read one at a time, each through the verified read path (every
     file's hash checked). Peak memory is about one float32 accumulator of the model plus
@@ -146,26 +156,19 @@ def _normalised(weights: Sequence[float] | None, count: int) -> list[float]:
 
 
 def _source(model: LoggedModel, scratch: Path) -> _Source:
-    """Read a source's manifest (checked against its commit digest) and the specs of its
-    ``model`` tensors: from the manifest's tensor index, or for a checkpoint written by
-    several ranks from its shard index (``shards/metadata.json``, verified). Both name a
-    tensor ``model/<key>``. Nothing large is read here."""
+    """Read a source's manifest (checked against its commit digest) and the keys, shapes
+    and dtypes of its ``state["model"]``, with no tensor file read (:func:`_model_specs`)."""
     checkpoint = Checkpoint.from_logged_model(model)
     where = checkpoint.uri
     scratch.mkdir(parents=True, exist_ok=True)
     with open_store(model.artifact_location) as opened:
         manifest = read_manifest(opened, scratch, where, tags.manifest_digests(model.tags))
-        store = with_shared(opened, manifest)
-        if manifest.world_size:
-            reader = StoreReader(store, scratch, where, shard_files(manifest))
-            entries = {
-                name: (_dtype_name(md.properties.dtype), tuple(md.size))
-                for name, md in saved_tensors(reader.read_metadata()).items()
-            }
-        else:
-            entries = {t.name: (t.dtype, tuple(t.shape)) for t in manifest.tensors}
-    prefix = f"{MODEL_KEY}/"
-    specs = {name[len(prefix) :]: spec for name, spec in entries.items() if name.startswith(prefix)}
+        state = _model_specs(with_shared(opened, manifest), manifest, scratch, where)
+    specs = {
+        str(k): (_dtype_name(v.dtype), tuple(v.shape))
+        for k, v in (state.items() if isinstance(state, Mapping) else ())
+        if isinstance(v, torch.Tensor)
+    }
     if not specs:
         raise StateMismatchError(
             f"Checkpoint {where} (run {checkpoint.run_id}, step {checkpoint.step}) has no "
@@ -173,6 +176,44 @@ def _source(model: LoggedModel, scratch: Path) -> _Source:
             f"checkpoints saved with the network as state[{MODEL_KEY!r}]."
         )
     return _Source(checkpoint, model, manifest, specs)
+
+
+def _model_specs(store: Store, manifest: Manifest, scratch: Path, where: str) -> Any:
+    """``state["model"]`` with every tensor a stand-in of its dtype and shape (a scalar
+    expanded, no memory): its node of the structure document (``state.json``, verified)
+    decoded over the tensor index. So keys come from the document (tied weights, stored
+    once, keep both their keys) and nothing large is read. A checkpoint written by several
+    ranks takes its sharded entries' index from ``shards/metadata.json`` (verified), the rest
+    from rank 0's own files, as :func:`~mlflow_ckpt.folder.distributed.read_distributed`."""
+    if manifest.world_size:
+        local = verify_files(store, manifest, scratch, where, [STRUCTURE_FILE])
+        root = read_root(local[STRUCTURE_FILE], where)
+        if MODEL_KEY in root.sharded:
+            index = StoreReader(store, scratch, where, shard_files(manifest)).read_metadata()
+            sharded = {
+                name: _stand_in(md.properties.dtype, tuple(md.size))
+                for name, md in saved_tensors(index).items()
+            }
+            return decode_sharded({MODEL_KEY: root.state[MODEL_KEY]}, sharded)[MODEL_KEY]
+        store, manifest = PrefixStore(store, rank_dir(0)), rank_manifest(manifest, 0)
+        scratch = scratch / rank_dir(0)
+    local = verify_files(store, manifest, scratch, where, [manifest.structure_file])
+    try:
+        document = json.loads(local[manifest.structure_file].read_bytes())
+        node = document["state"].get(MODEL_KEY)
+        index = {t.name: _stand_in(getattr(torch, t.dtype), t.shape) for t in manifest.tensors}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise CheckpointCorruptedError(
+            f"{where}: {manifest.structure_file} or the manifest's tensor index cannot be "
+            f"read ({type(exc).__name__}: {exc})",
+            path=manifest.structure_file,
+        ) from exc
+    return plain(decode(node, index, MODEL_KEY))
+
+
+def _stand_in(dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` that takes no memory (one element, expanded)."""
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
