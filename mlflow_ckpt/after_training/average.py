@@ -135,8 +135,8 @@ def average(
             range(len(sources)),
             key=lambda i: (sources[i].checkpoint.step, sources[i].checkpoint.created_at),
         )
+        spec = _rebuild_spec(sources[newest], scratch / "newest")  # (small files: first)
         averaged = _weighted_mean(sources, normalised, newest)
-        spec = _rebuild_spec(sources[newest], scratch / "newest")
         return _log(client, sources, normalised, newest, averaged, spec, run_id)
 
 
@@ -299,7 +299,8 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 def _model_state(source: _Source) -> Mapping[str, Any]:
     """``state["model"]`` of one source, read and verified like ``load_training_state``,
-    checked against the specs its manifest gave (the same keys, shapes and dtypes)."""
+    checked against the specs read before (:func:`_model_specs`): the same keys, shapes and
+    dtypes, or the checkpoint contradicts its own index."""
     state = plain_state(read_checkpoint(source.model).decoded).get(MODEL_KEY)
     if not isinstance(state, Mapping):
         raise StateMismatchError(
@@ -310,7 +311,7 @@ def _model_state(source: _Source) -> Mapping[str, Any]:
         for k, v in state.items()
         if isinstance(v, torch.Tensor)
     }
-    _compare(f"{source.checkpoint.uri} (manifest)", source.specs, source.checkpoint.uri, found)
+    _compare(f"{source.checkpoint.uri} (its index)", source.specs, source.checkpoint.uri, found)
     return state
 
 
