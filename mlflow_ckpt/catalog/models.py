@@ -36,6 +36,9 @@ def create_pending(
     format: str,
     writer: str = "",
     validated: bool = False,
+    name: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    extra_params: Mapping[str, str] | None = None,
 ) -> LoggedModel:
     """Create the (still invisible) LoggedModel a save will write into.
 
@@ -43,20 +46,25 @@ def create_pending(
     ``validated`` marks a save whose commit waits for the user's validation. Step,
     epoch, trigger and format are tags (what queries filter on) and also params: the MLflow
     UI's Models tab shows params as columns, so checkpoints sort and compare by step there.
+    ``name`` defaults to the training checkpoint's name (:func:`tags.model_name`); a
+    checkpoint made after training (an average) passes its own, so run-scoped queries
+    leave it out, and records where it came from in ``extra_tags``/``extra_params``.
     """
     described = {
         "step": str(step),
         "epoch": "" if epoch is None else str(epoch),
         "trigger": ",".join(triggers),
         "format": format,
+        **(extra_params or {}),
     }
     return client.create_logged_model(
         experiment_id=experiment_id,
-        name=tags.model_name(step),
+        name=name or tags.model_name(step),
         source_run_id=run_id,
         model_type=tags.MODEL_TYPE,
         params=described,
         tags={
+            **(extra_tags or {}),
             tags.STEP: described["step"],
             tags.EPOCH: described["epoch"],
             tags.TRIGGER: described["trigger"],

@@ -8,7 +8,8 @@ catalog. Only committed checkpoints are ever returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
@@ -19,6 +20,7 @@ from mlflow_ckpt.catalog.runs import get_run
 
 _PAGE = 1000
 _BEST_PAGE = 100
+_PAST_AVERAGES = 10  # latest_checkpoint looks past this many averages before listing
 
 
 def search_models(
@@ -42,6 +44,18 @@ def _committed_filter(extra: str | None = None) -> str:
     return f"{clause} AND {extra}" if extra else clause
 
 
+def _training(models: Iterable[LoggedModel]) -> list[LoggedModel]:
+    """``models`` without the averages among them (:func:`tags.is_average`).
+
+    An average lives in a source's run but is no training checkpoint: it must never be
+    resumed from, deleted by the run's retention or averaged again. MLflow's filters have no
+    ``NOT LIKE`` (and a ``!=`` on a tag or on ``model_type`` also drops models that lack it,
+    such as checkpoints imported under another name), so they are left out here, from the
+    page the query returned anyway.
+    """
+    return [m for m in models if not tags.is_average(m)]
+
+
 def _newest_first(models: Iterable[LoggedModel]) -> list[Checkpoint]:
     return [ckpt for ckpt, _ in newest_first_with_models(models)]
 
@@ -63,7 +77,8 @@ def committed_models(
     *,
     experiment_id: str | None = None,
 ) -> list[LoggedModel]:
-    """The LoggedModels of a run's committed checkpoints (optionally filtered further).
+    """The LoggedModels of a run's committed checkpoints (optionally filtered further);
+    averages logged in the run are not among them (see :func:`_training`).
 
     Pass ``experiment_id`` when it is known: finding it costs a ``get_run``, which loads
     every LoggedModel output of the run.
@@ -73,11 +88,15 @@ def committed_models(
     clause = f"source_run_id = '{run_id}'"
     if filter_string:
         clause = f"{clause} AND {filter_string}"
-    return search_models(client, [experiment_id], _committed_filter(clause))
+    return _training(search_models(client, [experiment_id], _committed_filter(clause)))
 
 
 def list_checkpoints(run_id: str, *, client: MlflowClient | None = None) -> list[Checkpoint]:
-    """The committed checkpoints of a run, newest step first."""
+    """The committed checkpoints of a run, newest step first.
+
+    Training checkpoints only: an average logged in the run (``mlflow_ckpt.average``) is
+    found by its URI or an experiment-wide :func:`best_checkpoint`, never resumed from.
+    """
     return committed_checkpoints(client or MlflowClient(), run_id)
 
 
@@ -123,27 +142,54 @@ def _latest_by_name(client: MlflowClient, run_id: str, experiment_id: str) -> Ch
     that no longer name exists (if one does, steps went down at some point); one orders the
     names of that length (ties: the newer checkpoint)."""
 
-    def first(name_like: str | None, order: list[dict[str, object]]) -> Checkpoint | None:
-        clause = f"source_run_id = '{run_id}'"
-        if name_like is not None:
-            clause += f" AND name LIKE '{tags.NAME_PREFIX}{name_like}'"
+    def first(clause: str, order: list[dict[str, object]]) -> LoggedModel | None:
         page = client.search_logged_models(
-            [experiment_id], filter_string=_committed_filter(clause), order_by=order, max_results=1
+            [experiment_id],
+            filter_string=_committed_filter(f"source_run_id = '{run_id}' AND {clause}"),
+            order_by=order,
+            max_results=1,
         )
-        if not page:
-            return None
-        ckpt = Checkpoint.from_logged_model(page[0])
-        if page[0].name != tags.model_name(ckpt.step):  # (none should differ)
-            raise _ListInstead
-        return ckpt
+        return page[0] if page else None
 
-    newest = first(None, [_NEWER_FIRST])
+    def named(name_like: str, order: list[dict[str, object]]) -> Checkpoint | None:
+        model = first(f"name LIKE '{tags.NAME_PREFIX}{name_like}'", order)
+        return None if model is None else Checkpoint.from_logged_model(model)
+
+    newest = _newest_not_average(first)
     if newest is None:
         return None
-    digits = len(str(newest.step))
-    if first("_" * (digits + 1) + "%", [_NEWER_FIRST]) is not None:
+    if newest.name != tags.model_name(newest.step):  # (none should differ)
         raise _ListInstead
-    return first("_" * digits, [{"field_name": "name", "ascending": False}, _NEWER_FIRST])
+    digits = len(str(newest.step))
+    if named("_" * (digits + 1) + "%", [_NEWER_FIRST]) is not None:
+        raise _ListInstead
+    return named("_" * digits, [{"field_name": "name", "ascending": False}, _NEWER_FIRST])
+
+
+@dataclass(frozen=True)
+class _Newest:
+    name: str
+    step: int
+
+
+def _newest_not_average(
+    first: Callable[[str, list[dict[str, object]]], LoggedModel | None],
+) -> _Newest | None:
+    """The run's newest committed model that is no average, one request at a time: an
+    average made after training is often the newest model of its run. Past
+    ``_PAST_AVERAGES`` averages in a row the run is listed instead."""
+    clause = "creation_timestamp >= 0"
+    for _ in range(_PAST_AVERAGES + 1):
+        model = first(clause, [_NEWER_FIRST])
+        if model is None:
+            return None
+        if not tags.is_average(model):
+            return _Newest(model.name or "", Checkpoint.from_logged_model(model).step)
+        clause += (
+            f" AND creation_timestamp <= {model.creation_timestamp}"
+            f" AND model_id != '{model.model_id}'"
+        )
+    raise _ListInstead
 
 
 def best_checkpoint(

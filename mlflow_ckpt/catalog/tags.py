@@ -4,6 +4,13 @@ The tags are the catalog: listing, resuming and retention are MLflow queries ove
 they work against whatever tracking server is configured, from any process.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow.entities import LoggedModel
+
 PREFIX = "mlflow_ckpt."
 STEP = "mlflow_ckpt.step"
 EPOCH = "mlflow_ckpt.epoch"
@@ -49,6 +56,27 @@ NAME_PREFIX = "checkpoint-step-"
 def model_name(step: int) -> str:
     """The LoggedModel name of the checkpoint of ``step``."""
     return f"{NAME_PREFIX}{step}"
+
+
+# Checkpoints made after training from others (``mlflow_ckpt.average``) live in a source's
+# run under a name of their own, tagged with their sources: run-scoped queries (listing,
+# resume, retention, gc) leave them out (``is_average``, ``queries._training``), so such a
+# checkpoint is never resumed from, deleted by the run's retention or averaged again, while
+# a URI, an experiment-wide ``best_checkpoint`` and promotion see it like any other.
+AVERAGE_NAME_PREFIX = "average-step-"
+AVERAGE = "average"  # its trigger
+# On an average: JSON list of its sources, [{"model_id", "step", "weight"}, ...].
+AVERAGED_FROM = "mlflow_ckpt.averaged_from"
+
+
+def average_name(step: int) -> str:
+    """The LoggedModel name of an average whose newest source is at ``step``."""
+    return f"{AVERAGE_NAME_PREFIX}{step}"
+
+
+def is_average(model: LoggedModel) -> bool:
+    """Whether ``model`` is an average (made after training), not a training checkpoint."""
+    return (model.name or "").startswith(AVERAGE_NAME_PREFIX) and AVERAGED_FROM in model.tags
 
 
 # On a checkpoint: why retention must never delete it (e.g. "pre_spike"); removed by unpin.
