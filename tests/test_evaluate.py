@@ -244,7 +244,8 @@ def test_progress_bar_only_on_a_terminal_unless_forced(
 
 @pytest.mark.slow
 def test_evaluate_after_example(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default db
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "evaluate_after.py")],
         cwd=tmp_path,
@@ -255,12 +256,15 @@ def test_evaluate_after_example(tmp_path: Path) -> None:
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+models:/m-\w+$", out, re.M)
-    assert len(rows) == 5, out
+    number = r"\s+([\d.]+)"
+    rows = re.findall(rf"^\s*(\d+){number * 3}\s+models:/m-\w+$", out, re.M)
+    assert [int(r[0]) for r in rows] == [19, 39, 59, 79, 99], out
     best = re.search(r"best by heldout/accuracy: step (\d+) \(([\d.]+)\)", out)
     assert best, out
-    top = max(rows, key=lambda r: (float(r[2]), int(r[0])))
+    top = max(rows, key=lambda r: (float(r[3]), int(r[0])))  # ties: the newer step
     assert best.group(1) == top[0], out
+    assert "first call: 5 evaluated, 0 skipped" in out
     assert "second call: 0 evaluated, 5 skipped" in out
+    assert re.search(r"^trained run \w+ \(now FINISHED\)$", out, re.M), out
     assert "workflowType=machine_learning" in out
     assert (tmp_path / "mlflow.db").exists()
