@@ -135,7 +135,7 @@ def test_a_failing_checkpoint_is_reported_and_the_others_go_on(
     assert _by_step(run_id)[3].metrics["x"] == pytest.approx(SCORES[3])
 
     # raise_on_failure=False: the failures are in the result (and a warning), not raised
-    quiet = evaluate(run_id, flaky, name="bench2", raise_on_failure=False)
+    quiet = evaluate(run_id, flaky, metric_prefix="b2_", name="bench2", raise_on_failure=False)
     assert [c.uri for c in quiet.failed] == [failing.uri] and len(quiet.evaluated) == 4
 
 
@@ -167,6 +167,33 @@ def test_evaluated_checkpoints_are_skipped_and_overwrite_wins(tracking: str) -> 
         assert ckpt.metrics["x"] == pytest.approx(1.0 - SCORES[step])
         linked = MlflowClient().get_logged_model(ckpt.model_id)
         assert len([m for m in linked.metrics or [] if m.key == "x"]) == 2  # both kept, newest wins
+
+
+class DiesBeforeTheFinalTag(MlflowClient):
+    """A real client whose process "dies" (raises) when evaluate marks a checkpoint done:
+    after the metrics are logged, before the tag that says so."""
+
+    def set_logged_model_tags(self, model_id: str, tags: dict[str, Any]) -> None:
+        if any(k.startswith(EVALUATED) and v.startswith("[") for k, v in tags.items()):
+            raise RuntimeError("killed")
+        super().set_logged_model_tags(model_id, tags)
+
+
+def test_a_crash_between_the_values_and_the_tag_evaluates_again(tracking: str) -> None:
+    run_id = _run()
+    crashed = evaluate(
+        run_id, inverted, name="bench", client=DiesBeforeTheFinalTag(), raise_on_failure=False
+    )
+    assert len(crashed.failed) == 5
+    tag = MlflowClient().get_logged_model(_by_step(run_id)[0].model_id).tags[EVALUATED + "bench"]
+    assert tag == '{"pending": ["x"]}'  # the values may be there, the evaluation is not done
+
+    again = evaluate(run_id, score, name="bench")  # not skipped, not refused as a clash
+    assert len(again.evaluated) == 5
+    best = mlflow_ckpt.best_checkpoint(run_id=run_id, metric="x", mode="max")
+    assert best is not None and best.step == 1  # the values of the evaluation that finished
+    assert all(c.metrics["x"] == pytest.approx(SCORES[s]) for s, c in _by_step(run_id).items())
+    assert len(evaluate(run_id, score, name="bench").skipped) == 5
 
 
 def test_given_checkpoints_and_uris_with_a_prefix(tracking: str) -> None:
@@ -222,6 +249,11 @@ def test_bad_answers_and_names_are_refused_clearly(tracking: str) -> None:
     assert len(raised.value.failures) == 5
     with pytest.raises(EvaluationError, match=r"'v' .* not a number"):
         evaluate(run_id, lambda m: {"v": torch.ones(3)}, name="tensor")  # type: ignore[dict-item]
+    with pytest.raises(EvaluationError, match="metric_prefix=") as raised:
+        evaluate(run_id, lambda m: {"loss": 0.0, "new": 1.0}, name="clash")  # the training's
+    assert "would log loss at step 0 of checkpoint" in str(raised.value)
+    assert all(c.metrics["loss"] == pytest.approx(1 / (s + 1)) for s, c in _by_step(run_id).items())
+    assert not any("new" in c.metrics for c in mlflow_ckpt.list_checkpoints(run_id))
     nan = evaluate(run_id, lambda m: {"nan": float("nan")}, name="nan")  # to the run only
     assert len(nan.evaluated) == 5
     assert mlflow_ckpt.best_checkpoint(run_id=run_id, metric="nan") is None
@@ -233,12 +265,12 @@ def test_progress_bar_only_on_a_terminal_unless_forced(
 ) -> None:
     run_id = _run()
     capsys.readouterr()
-    evaluate(run_id, score, name="quiet")
+    evaluate(run_id, score, metric_prefix="q_", name="quiet")
     assert capsys.readouterr().err == ""  # stderr is not a terminal under pytest
-    evaluate(run_id, score, name="shown", progress=True)
+    evaluate(run_id, score, metric_prefix="s_", name="shown", progress=True)
     err = capsys.readouterr().err
     assert "evaluate shown" in err and "0/5" in err  # (tqdm redraws at most 10 times a second)
-    evaluate(run_id, score, name="off", progress=False)
+    evaluate(run_id, score, metric_prefix="o_", name="off", progress=False)
     assert capsys.readouterr().err == ""
 
 

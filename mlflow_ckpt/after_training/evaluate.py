@@ -7,9 +7,9 @@ and linked to the checkpoint's LoggedModel, so the Models tab shows it as a colu
 ``log_batch`` per checkpoint (:func:`mlflow_ckpt.catalog.metrics.log_step_metrics`).
 
 Each LoggedModel also records which evaluations ran on it (a tag
-``mlflow_ckpt.evaluated.<name>`` holding the metric keys), set only after the metrics are
-logged: calling :func:`evaluate` again after a crash or a failure scores only what is
-missing, and a run of 500 checkpoints is not re-scored because one failed.
+``mlflow_ckpt.evaluated.<name>`` holding the metric keys), marked done only after the
+metrics are logged: calling :func:`evaluate` again after a crash or a failure scores only
+what is missing, and a run of 500 checkpoints is not re-scored because one failed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +41,10 @@ from mlflow_ckpt.errors import CheckpointError, EvaluationError
 logger = logging.getLogger(__name__)
 
 # On a checkpoint's LoggedModel: EVALUATED + <evaluation name> = JSON list of the metric keys
-# that evaluation logged at the checkpoint's step.
+# that evaluation logged at the checkpoint's step ({"pending": [...]} while it logs them).
 EVALUATED = f"{tags.PREFIX}evaluated."
+
+PENDING_KEY = "pending"  # the tag's value while the values are being logged
 
 EVALUATED_STATUS = "evaluated"
 SKIPPED = "skipped"
@@ -128,6 +130,8 @@ def evaluate(
     checkpoint's run (finished runs included) and linked to its LoggedModel, so
     ``best_checkpoint(run_id=..., metric=metric_prefix + name)`` ranks by it. NaN and inf
     are logged to the run only, as during training: a model's NaN would be stored as 0.0.
+    A name the checkpoint already has a value for (the training's ``val_loss``) is refused
+    for that checkpoint: use ``metric_prefix``.
 
     An evaluation is known by ``name``: by default ``metric_prefix`` + ``fn``'s module and
     qualified name; a lambda, ``functools.partial``, bound method or callable object needs
@@ -199,6 +203,8 @@ def _targets(
     or the references given (resolved one by one, so a bad one fails alone)."""
     if isinstance(refs, str) and _RUN_ID.fullmatch(refs):
         models = committed_models(client, refs)
+        if not models:
+            logger.warning("Run %s has no committed checkpoints to evaluate.", refs)
         ordered = sorted(models, key=lambda m: (_step(m), m.creation_timestamp))
         return [(f"models:/{m.model_id}", m) for m in ordered]
     if isinstance(refs, (str, Checkpoint)):
@@ -233,14 +239,17 @@ def _evaluate_one(
         model = model or resolve(ref, client)
         ckpt = Checkpoint.from_logged_model(model)
         uri = ckpt.uri
-        done = recorded_keys(model, job.name)
-        if model.model_id in seen or (done is not None and not job.overwrite):
-            kept = {k: ckpt.metrics[k] for k in done or () if k in ckpt.metrics}
+        done, own = recorded(model, job.name)
+        if model.model_id in seen or (done and not job.overwrite):
+            kept = {k: ckpt.metrics[k] for k in own if k in ckpt.metrics}
             return CheckpointEvaluation(uri, ckpt, SKIPPED, kept)
         seen.add(model.model_id)
         metrics = _score(client, model, job)
+        _refuse_shadowing(ckpt, metrics, own, job.name)
+        keys = sorted({*own, *metrics})
+        _mark(client, model, job.name, {PENDING_KEY: keys})  # ours, but not done
         _log(client, model, ckpt.step, metrics)
-        _record(client, model, job.name, metrics)
+        _mark(client, model, job.name, keys)  # done: only now, after the values
         return CheckpointEvaluation(uri, ckpt, EVALUATED_STATUS, metrics)
     except Exception as exc:
         where = f"{uri} (run {ckpt.run_id}, step {ckpt.step})" if ckpt else uri
@@ -248,17 +257,21 @@ def _evaluate_one(
         return CheckpointEvaluation(uri, ckpt, FAILED, error=exc)
 
 
-def recorded_keys(model: LoggedModel, name: str) -> list[str] | None:
-    """The metric keys evaluation ``name`` logged on this checkpoint, or ``None`` if it has not
-    run there (a tag that does not parse still means it ran)."""
+def recorded(model: LoggedModel, name: str) -> tuple[bool, list[str]]:
+    """Whether evaluation ``name`` finished on this checkpoint, and the metric keys it logged
+    there (or was logging: a process that died between the values and the final tag left
+    them marked pending, so the next call evaluates the checkpoint again and may replace
+    them). A tag that does not parse still means it finished."""
     value = model.tags.get(EVALUATED + name)
     if value is None:
-        return None
+        return False, []
     try:
-        keys = json.loads(value)
+        parsed = json.loads(value)
     except ValueError:
-        return []
-    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+        return True, []
+    done = isinstance(parsed, list)
+    keys = parsed if done else parsed.get(PENDING_KEY) if isinstance(parsed, dict) else []
+    return done, [k for k in keys or [] if isinstance(k, str)]
 
 
 def _score(client: MlflowClient, model: LoggedModel, job: _Job) -> dict[str, float]:
@@ -287,6 +300,20 @@ def _prefixed(raw: object, prefix: str, where: str) -> dict[str, float]:
                 "one-element tensor: .item())."
             ) from exc
     return metrics
+
+
+def _refuse_shadowing(ckpt: Checkpoint, metrics: Metrics, own: list[str], name: str) -> None:
+    """Refuse to log over a value this evaluation did not log itself (the training's
+    ``val_loss``, another evaluation's): the newer value would replace it for ranking, and
+    ``keep_best_n`` retention and the ``best`` trigger's history rank by the training's."""
+    taken = sorted(k for k in metrics if k in ckpt.metrics and k not in own)
+    if taken:
+        raise CheckpointError(
+            f"Evaluation {name!r} would log {', '.join(taken)} at step {ckpt.step} of "
+            f"checkpoint {ckpt.uri} (run {ckpt.run_id}), which already holds a value of its "
+            "own for it (logged by the training or another evaluation) that the new one "
+            "would replace. Pass a metric_prefix= (e.g. 'eval/') or rename the metric."
+        )
 
 
 def _log(client: MlflowClient, model: LoggedModel, step: int, metrics: Metrics) -> None:
@@ -340,20 +367,25 @@ def _warn_stale(model: LoggedModel, step: int, metrics: Metrics) -> None:
             )
 
 
-def _record(client: MlflowClient, model: LoggedModel, name: str, metrics: Metrics) -> None:
-    """Tag the checkpoint as evaluated by ``name`` (after its metrics: a crash before this
-    leaves it to be evaluated again, never marked done without its values)."""
-    client.set_logged_model_tags(model.model_id, {EVALUATED + name: _keys_json(metrics)})
+def _mark(
+    client: MlflowClient, model: LoggedModel, name: str, keys: list[str] | dict[str, list[str]]
+) -> None:
+    """Tag the checkpoint with evaluation ``name``'s keys: a JSON list once done, or
+    ``{"pending": [...]}`` while its values are being logged."""
+    client.set_logged_model_tags(model.model_id, {EVALUATED + name: _keys_json(keys)})
 
 
-def _keys_json(keys: Iterable[str]) -> str:
-    """The keys as a JSON list within MLflow's tag value limit (the first ones that fit)."""
-    kept: list[str] = []
-    for key in sorted(keys):
-        if len(json.dumps([*kept, key])) > _MAX_TAG_VALUE:
-            break
-        kept.append(key)
-    return json.dumps(kept)
+def _keys_json(keys: list[str] | dict[str, list[str]]) -> str:
+    """The keys as JSON within MLflow's tag value limit (the first ones that fit)."""
+    listed = keys if isinstance(keys, list) else keys[PENDING_KEY]
+    fitting = len(listed)
+    while len(text := _as_json(keys, listed[:fitting])) > _MAX_TAG_VALUE:
+        fitting -= 1
+    return text
+
+
+def _as_json(keys: list[str] | dict[str, list[str]], listed: list[str]) -> str:
+    return json.dumps(listed if isinstance(keys, list) else {PENDING_KEY: listed})
 
 
 def _aggregate_error(result: EvaluationResult) -> EvaluationError:
