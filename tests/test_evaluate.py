@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -300,3 +301,35 @@ def test_evaluate_after_example(tmp_path: Path) -> None:
     assert re.search(r"^trained run \w+ \(now FINISHED\)$", out, re.M), out
     assert "workflowType=machine_learning" in out
     assert (tmp_path / "mlflow.db").exists()
+
+
+def broken(model: torch.nn.Module) -> dict[str, float]:
+    raise RuntimeError("no benchmark data")
+
+
+def test_the_cli_scores_a_run_and_exits_1_naming_failures(tracking: str) -> None:
+    from click.testing import CliRunner
+
+    from mlflow_ckpt.cli import evaluation  # noqa: F401 - registers the command
+    from mlflow_ckpt.cli.group import main
+
+    run_id = _run()
+    runner = CliRunner()
+    fn = "tests.test_evaluate:score"
+    done = runner.invoke(main, ["evaluate", run_id, "--fn", fn, "--prefix", "cli_"])
+    assert done.exit_code == 0, done.output
+    assert (
+        len(re.findall(r"^\d+\s+evaluated\s+cli_x=[\d.]+\s+models:/m-\w+$", done.output, re.M)) == 5
+    )
+    best = mlflow_ckpt.best_checkpoint(run_id=run_id, metric="cli_x", mode="max")
+    assert best is not None and best.step == 1
+    again = runner.invoke(main, ["evaluate", run_id, "--fn", fn, "--prefix", "cli_", "--json"])
+    assert again.exit_code == 0, again.output
+    assert {r["status"] for r in json.loads(again.output)} == {"skipped"}
+
+    uri = _by_step(run_id)[2].uri
+    failed = runner.invoke(main, ["evaluate", uri, "--fn", "tests.test_evaluate:broken"])
+    assert failed.exit_code == 1
+    assert f"FAILED {uri}: no benchmark data" in failed.output
+    bad = runner.invoke(main, ["evaluate", run_id, "--fn", "tests.test_evaluate:nothing"])
+    assert bad.exit_code == 1 and "Cannot import the evaluation function" in bad.output
