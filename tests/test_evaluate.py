@@ -31,6 +31,7 @@ from mlflow_ckpt.after_training.evaluate import (
     evaluation_name,
 )
 from mlflow_ckpt.errors import EvaluationError
+from mlflow_ckpt.storage import local_path_of
 from tests.conftest import ROOT
 from tests.train_script import Net
 
@@ -333,3 +334,24 @@ def test_the_cli_scores_a_run_and_exits_1_naming_failures(tracking: str) -> None
     assert f"FAILED {uri}: no benchmark data" in failed.output
     bad = runner.invoke(main, ["evaluate", run_id, "--fn", "tests.test_evaluate:nothing"])
     assert bad.exit_code == 1 and "Cannot import the evaluation function" in bad.output
+
+
+def test_a_checkpoint_written_under_a_process_group_is_evaluated_in_a_plain_one(
+    tracking: str, tmp_path: Path
+) -> None:
+    """Saved by the distributed write path (a gloo world of one here: the same sharded
+    layout, DCP shards and root manifest as more ranks), scored after the group is gone."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        run_id = _run()
+    finally:
+        dist.destroy_process_group()
+    folder = local_path_of(_by_step(run_id)[0].artifact_location)
+    assert folder is not None
+    assert json.loads((folder / "manifest.json").read_text())["world_size"] == 1
+    assert (folder / "shards" / "metadata.json").is_file()  # DCP shards, JSON metadata
+    result = evaluate(run_id, score, name="after-dist")
+    assert [c.metrics["x"] for c in result.evaluated] == [pytest.approx(v) for v in SCORES]
