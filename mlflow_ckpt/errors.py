@@ -79,3 +79,18 @@ class CheckpointVerificationError(CheckpointWriteError):
 
 class MlflowVersionError(CheckpointError, ImportError):
     """The installed MLflow is older than mlflow_ckpt needs (raised when it is imported)."""
+
+
+class EvaluationError(CheckpointError):
+    """:func:`mlflow_ckpt.evaluate` could not score some checkpoints (raised after the others).
+
+    ``failures`` maps each failed checkpoint's URI to its error; ``result`` is the whole
+    :class:`~mlflow_ckpt.after_training.evaluate.EvaluationResult`, so what was evaluated is
+    not lost with the exception. Calling ``evaluate`` again re-runs only the failed ones: the
+    evaluated checkpoints are recorded and skipped.
+    """
+
+    def __init__(self, message: str, *, failures: dict[str, Exception], result: object) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.result = result
