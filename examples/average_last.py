@@ -21,7 +21,6 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.after_training.average import average
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_model import Classifier, synthetic_batch
@@ -69,7 +68,7 @@ def main() -> None:
     mlflow.set_experiment(EXPERIMENT)
     run_id = train()
     last3 = mlflow_ckpt.list_checkpoints(run_id)[:3]  # newest first
-    avg = average(last3)
+    avg = mlflow_ckpt.average(last3)
     steps = ", ".join(str(c.step) for c in last3)
     print(f"averaged steps {steps} into {avg.uri} (step {avg.step})")
 

@@ -10,7 +10,7 @@ The names below are the whole public API (at most 25, on purpose). Rarer errors
 """
 
 from mlflow_ckpt._version import __version__
-from mlflow_ckpt.after_training import fork
+from mlflow_ckpt.after_training import average, evaluate, fork
 from mlflow_ckpt.autolog import autolog
 from mlflow_ckpt.catalog import (
     Checkpoint,
@@ -43,7 +43,9 @@ __all__ = [
     "StateMismatchError",
     "__version__",
     "autolog",
+    "average",
     "best_checkpoint",
+    "evaluate",
     "export_onnx",
     "fork",
     "latest_checkpoint",

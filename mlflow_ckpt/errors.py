@@ -85,7 +85,7 @@ class EvaluationError(CheckpointError):
     """:func:`mlflow_ckpt.evaluate` could not score some checkpoints (raised after the others).
 
     ``failures`` maps each failed checkpoint's URI to its error; ``result`` is the whole
-    :class:`~mlflow_ckpt.after_training.evaluate.EvaluationResult`, so what was evaluated is
+    :class:`~mlflow_ckpt.after_training.evaluation.EvaluationResult`, so what was evaluated is
     not lost with the exception. Calling ``evaluate`` again re-runs only the failed ones: the
     evaluated checkpoints are recorded and skipped.
     """

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 import mlflow_ckpt
 import mlflow_ckpt.cli.averaging  # registers `mlflow-ckpt average`
 import mlflow_ckpt.flavor
-from mlflow_ckpt.after_training.average import average
+from mlflow_ckpt.after_training.averaging import average
 from mlflow_ckpt.catalog import resolve
 from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.errors import CheckpointNotFoundError, StateMismatchError
@@ -347,7 +347,7 @@ def test_average_of_two_rank_fsdp2_checkpoints_in_one_plain_process(
 KILLED_CHILD = """
 import sys, time
 import mlflow_ckpt.folder.writer as writer
-from mlflow_ckpt.after_training.average import average
+from mlflow_ckpt.after_training.averaging import average
 
 def stall(store, manifest):  # every tensor file is written; the manifest never comes
     print("WRITING", flush=True)

@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_ckpt
-from mlflow_ckpt.after_training.evaluate import (
+from mlflow_ckpt.after_training.evaluation import (
     EVALUATED,
     EvaluationResult,
     evaluate,
@@ -109,7 +109,7 @@ def test_a_failing_checkpoint_is_reported_and_the_others_go_on(
         return score(model)
 
     with (
-        caplog.at_level(logging.WARNING, logger="mlflow_ckpt.after_training.evaluate"),
+        caplog.at_level(logging.WARNING, logger="mlflow_ckpt.after_training.evaluation"),
         pytest.raises(EvaluationError) as raised,
     ):
         evaluate(run_id, flaky, name="bench")

@@ -7,7 +7,7 @@ import json
 import click
 from mlflow import MlflowClient
 
-from mlflow_ckpt.after_training.average import average
+from mlflow_ckpt.after_training.averaging import average
 from mlflow_ckpt.catalog import Checkpoint, list_checkpoints
 from mlflow_ckpt.cli.group import main
 from mlflow_ckpt.cli.output import HEADERS, RUN_ID, checkpoint_rows, errors, record, table

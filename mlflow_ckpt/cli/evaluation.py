@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from mlflow_ckpt.after_training.evaluate import EvaluationResult, evaluate
+from mlflow_ckpt.after_training.evaluation import EvaluationResult, evaluate
 from mlflow_ckpt.cli.group import main
 from mlflow_ckpt.cli.output import RUN_ID, errors, table
 from mlflow_ckpt.errors import CheckpointError
