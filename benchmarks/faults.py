@@ -66,6 +66,11 @@ and real storage; nothing is mocked. The faults, and what *survived* means for e
   history is unchanged, a half-copied fork is refused by ``CheckpointManager.resume``, a
   fork tagged ready holds the source's history up to the step exactly, and the same fork
   run again deletes the half-copied one (only complete forks remain visible).
+* ``kill9-average``: ``mlflow-ckpt average`` of three 16 MB checkpoints SIGKILLed at a
+  seeded random moment, then ``mlflow-ckpt gc`` of the run. Survived: the run's checkpoints
+  are unchanged, an average that is not committed never resolves, a committed one (also one
+  that recovery committed because its manifest was complete) is exactly the mean, and no
+  half-made average is left after ``gc``.
 * ``hostile-pickle``: a ``format="torch"`` checkpoint whose tensor file is replaced by a
   pickle whose ``__reduce__`` creates a marker file (``os.system``, ``exec``, or a legacy
   bare pickle, in turn), with the manifest and its digest tag re-signed so every hash
@@ -1055,6 +1060,89 @@ def kill9_fork(bench: Bench, row: Row, trials: int) -> None:
     run_trials(row, trials, trial)
 
 
+def _three_checkpoints(seed: int) -> tuple[str, list[mlflow_ckpt.Checkpoint]]:
+    """A run with three checkpoints of a 16 MB network, the weights moved between them."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(2048, 2048)
+    with mlflow.start_run() as run:
+        with mlflow_ckpt.CheckpointManager({"model": model}, async_save=False) as manager:
+            for step in range(3):
+                with torch.no_grad():
+                    model.weight.add_(torch.randn_like(model.weight))
+                manager.save(step)
+    return run.info.run_id, mlflow_ckpt.list_checkpoints(run.info.run_id)
+
+
+def _averages(experiment_id: str) -> list[Any]:
+    return MlflowClient().search_logged_models(
+        [experiment_id], filter_string="name LIKE 'average-step-%'"
+    )
+
+
+def _check_averages(experiment_id: str, want: dict[str, torch.Tensor], what: str) -> None:
+    """Every committed average loads and is the mean; every other one is unresolvable."""
+    for model in _averages(experiment_id):
+        if model.tags.get("mlflow_ckpt.status") != "committed":
+            try:
+                resolve(model.model_id, MlflowClient())
+            except mlflow_ckpt.CheckpointNotFoundError:
+                continue
+            raise Lost(f"{what}: a {model.tags.get('mlflow_ckpt.status')} average resolved")
+        got = mlflow_ckpt.load_training_state(f"models:/{model.model_id}")["model"]
+        if set(got) != set(want) or any(not torch.equal(got[k], want[k]) for k in want):
+            raise Lost(f"{what}: committed average {model.model_id} is not the mean")
+
+
+def kill9_average(bench: Bench, row: Row, trials: int) -> None:
+    """``mlflow-ckpt average`` of three 16 MB checkpoints, SIGKILLed at a seeded random
+    moment; then ``mlflow-ckpt gc`` of the run, as after any killed save."""
+
+    def trial(i: int) -> None:
+        experiment = bench.tracking(bench.workdir(row.fault))
+        mlflow.set_experiment(experiment_id=experiment)
+        run_id, ckpts = _three_checkpoints(bench.seed * 1000 + i)
+        states = [mlflow_ckpt.load_training_state(c)["model"] for c in ckpts]
+        want = {
+            k: (sum(s[k].to(torch.float32) for s in states) / 3).to(states[0][k].dtype)
+            for k in states[0]
+        }
+        delay = random.Random(f"{row.fault}-{bench.seed}-{i}").uniform(2.0, 8.0)
+        env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow_ckpt.cli", "average", *(c.uri for c in ckpts)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        what = f"killed after {delay:.2f} s"
+        _check_averages(experiment, want, what)
+        if mlflow_ckpt.list_checkpoints(run_id) != ckpts:
+            raise Lost(f"{what}: the run's checkpoints changed")
+        gc = subprocess.run(
+            [sys.executable, "-m", "mlflow_ckpt.cli", "gc", run_id],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if gc.returncode != 0:
+            raise Failed(f"{what}: gc failed: {gc.stderr[-2000:]}")
+        _check_averages(experiment, want, f"{what}, then gc")
+        left = [
+            m.model_id
+            for m in _averages(experiment)
+            if m.tags.get("mlflow_ckpt.status") != "committed"
+        ]
+        if left:
+            raise Failed(f"{what}: gc left the half-made average(s) {left}")
+
+    run_trials(row, trials, trial)
+
+
 FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "kill9-async": (
         "restart resumed from newest commit",
@@ -1101,6 +1189,7 @@ FAULTS: dict[str, tuple[str, Callable[[Bench, Row, int], None]]] = {
     "sigterm-preempt": ("signalled step saved, restart from it", sigterm_preempt),
     "elastic-restart": ("torchrun restart ends bit for bit", elastic_restart),
     "kill9-fork": ("source intact, half fork never resumed", kill9_fork),
+    "kill9-average": ("nothing half-made visible, gc cleans", kill9_average),
 }
 
 
