@@ -30,6 +30,7 @@ from mlflow_ckpt.cli import main as cli
 from mlflow_ckpt.errors import CheckpointNotFoundError, StateMismatchError
 from tests.conftest import ROOT
 from tests.distlib import reports, torchrun
+from tests.test_examples import run_example
 
 
 class BNNet(torch.nn.Module):
@@ -445,18 +446,7 @@ def test_cli_averages_the_last_n_of_a_run_or_the_uris_given(tracking: str) -> No
 
 @pytest.mark.slow
 def test_example_averages_the_last_three_and_compares(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = str(ROOT)  # this checkout's package, whatever is installed
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "average_last.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
+    out = run_example("average_last.py", tmp_path)
     listed = re.search(r"^averaged steps ([\d, ]+) into (models:/m-\w+) \(step (\d+)\)$", out, re.M)
     assert listed, out
     assert [int(s) for s in listed.group(1).split(",")] == [299, 274, 249]

@@ -11,10 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ from mlflow_ckpt.after_training.evaluation import (
 )
 from mlflow_ckpt.errors import EvaluationError
 from mlflow_ckpt.storage import local_path_of
-from tests.conftest import ROOT
+from tests.test_examples import run_example
 from tests.train_script import Net
 
 SCORES = [0.3, 0.9, 0.1, 0.5, 0.7]  # step -> score: best max at step 1, best min at step 2
@@ -278,18 +275,7 @@ def test_progress_bar_only_on_a_terminal_unless_forced(
 
 @pytest.mark.slow
 def test_evaluate_after_example(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default db
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "evaluate_after.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
+    out = run_example("evaluate_after.py", tmp_path)
     number = r"\s+([\d.]+)"
     rows = re.findall(rf"^\s*(\d+){number * 3}\s+models:/m-\w+$", out, re.M)
     assert [int(r[0]) for r in rows] == [19, 39, 59, 79, 99], out
