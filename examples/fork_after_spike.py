@@ -21,7 +21,7 @@ import mlflow_ckpt
 
 STEPS, RESTART = 80, 40
 OPTIONS: dict[str, Any] = dict(
-    save_every_n_steps=5, keep_last_n=2, spike_factor=3.0, spike_metric="loss"
+    save_every_n_steps=10, keep_last_n=2, spike_factor=3.0, spike_metric="loss"
 )
 X = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
 Y = X.sum(1, keepdim=True)

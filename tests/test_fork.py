@@ -258,7 +258,7 @@ def test_kill9_while_copying_leaves_a_marked_run_never_resumed_and_the_retry_cle
     tracking: str,
 ) -> None:
     """The kill -9 harness (tests/forkcrash.py; `make faults` runs it at random moments)."""
-    source = forkcrash.make_source(10_000)
+    source = forkcrash.make_source(3_000)
     before = source.history(MlflowClient())
     assert forkcrash.kill_when_copying(source), "the fork finished before it could be killed"
     lost, problems = forkcrash.check(source, before)
