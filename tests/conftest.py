@@ -29,7 +29,15 @@ RESUME_STEPS = 40  # the length of the bit-for-bit resume tests' runs of tests.t
 # is `servers`; one that runs a child Python (which imports torch and MLflow: seconds each)
 # through one of these is `slow`. Tests that start them otherwise carry the mark themselves.
 SERVER_FIXTURES = frozenset(
-    {"s3_server", "azurite_server", "gcs_server", "proxy_server", "postgres_server", "s3_via_proxy"}
+    {
+        "s3_server",
+        "azurite_server",
+        "gcs_server",
+        "proxy_server",
+        "postgres_server",
+        "s3_via_proxy",
+        "faulty",  # tests/test_transfers.py: a fault proxy before one of the servers above
+    }
 )
 CHILD_FIXTURES = frozenset({"run_child", "straight_state"})
 # Tests that start a child Python inline (subprocess), which no fixture tells, in modules
