@@ -7,6 +7,7 @@ import json
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -311,3 +312,32 @@ def test_a_fork_made_once_continues_on_two_fsdp2_ranks_bit_for_bit(
     assert [c.step for c in own] == [5]
     assert set(own[0].shared) <= {own[0].model_id}  # nothing of the source referenced
     mlflow_ckpt.load_training_state(own[0])  # a plain process reads the fork's own shards
+
+
+def test_gc_of_the_source_deletes_its_abandoned_forks(tracking: str, tmp_path: Path) -> None:
+    """A fork killed while copying is also cleaned by `mlflow-ckpt gc` of its source run;
+    a copy whose heartbeat is recent (a live one) is left alone."""
+    client = MlflowClient()
+    source_id = _train_source(tmp_path)
+    ckpt = _at(source_id, FORK_AT)
+    experiment = client.get_run(source_id).info.experiment_id
+
+    def half_made(beat: str) -> str:
+        run_tags = {
+            tags.FORKED_FROM: ckpt.uri,
+            tags.FORKED_FROM_RUN: source_id,
+            tags.FORK_STATUS: tags.COPYING,
+            tags.FORK_HEARTBEAT: beat,
+        }
+        return client.create_run(experiment, run_name="x (copying)", tags=run_tags).info.run_id
+
+    dead, live = half_made("0"), half_made(str(time.time()))
+    dry = CliRunner().invoke(main, ["gc", source_id, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f"would delete run {dead} (an incomplete fork of this run)" in dry.output
+    assert client.get_run(dead).info.lifecycle_stage == "active"
+    result = CliRunner().invoke(main, ["gc", source_id])
+    assert result.exit_code == 0, result.output
+    assert f"deleted run {dead}" in result.output and live not in result.output
+    assert client.get_run(dead).info.lifecycle_stage == "deleted"
+    assert client.get_run(live).info.lifecycle_stage == "active"

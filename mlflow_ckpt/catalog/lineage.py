@@ -12,8 +12,8 @@ MLflow has no hidden run that accepts writes (a deleted run refuses ``log_batch`
 copy is made visible-but-marked: the run is created tagged ``fork_status=copying`` and named
 ``... (copying)``; only the last write tags it ``ready`` and gives it its name. A fork whose
 process died meanwhile is never resumed (:func:`fork_point` refuses it), and the next fork of
-the same checkpoint deletes it (:func:`delete_abandoned`); an error in this process deletes
-it at once.
+the same checkpoint (or ``mlflow-ckpt gc`` of the source run) deletes it
+(:func:`delete_abandoned`); an error in this process deletes it at once.
 """
 
 from __future__ import annotations
@@ -145,32 +145,46 @@ def _heartbeat() -> RunTag:
     return RunTag(tags.FORK_HEARTBEAT, str(time.time()))
 
 
-def delete_abandoned(client: MlflowClient, experiment_id: str, source_uri: str) -> list[str]:
-    """Delete the forks of ``source_uri`` a dead process left half-copied; their IDs.
+def delete_abandoned(
+    client: MlflowClient,
+    experiment_id: str,
+    source_uri: str | None = None,
+    *,
+    source_run: str | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the forks of checkpoint ``source_uri`` (or of any checkpoint of run
+    ``source_run``) that a dead process left half-copied; their IDs (only listed with
+    ``dry_run``). The next fork of a checkpoint calls it, and so does ``mlflow-ckpt gc``
+    of the source run.
 
     A copy in progress beats its heartbeat with every batch (a fraction of a second apart),
     so one silent for :data:`ABANDONED_AFTER_S` is no longer being written.
     """
+    source = (
+        f"tags.`{tags.FORKED_FROM}` = '{source_uri}'"
+        if source_uri is not None
+        else f"tags.`{tags.FORKED_FROM_RUN}` = '{source_run}'"
+    )
     found = client.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.`{tags.FORKED_FROM}` = '{source_uri}' "
-            f"AND tags.`{tags.FORK_STATUS}` = '{tags.COPYING}'"
-        ),
+        [experiment_id], filter_string=f"{source} AND tags.`{tags.FORK_STATUS}` = '{tags.COPYING}'"
     )
     deleted = []
     now = time.time()
     for run in found:
         beat = float(run.data.tags.get(tags.FORK_HEARTBEAT) or 0)
-        if now - beat > ABANDONED_AFTER_S:
-            logger.warning(
-                "Deleting run %s: an incomplete fork of %s (its process stopped while "
-                "copying the history)",
-                run.info.run_id,
-                source_uri,
-            )
-            _delete_quietly(client, run.info.run_id)
-            deleted.append(run.info.run_id)
+        if now - beat <= ABANDONED_AFTER_S:
+            continue
+        deleted.append(run.info.run_id)
+        if dry_run:
+            continue
+        logger.warning(
+            "Deleting run %s: an incomplete fork of %s (its process stopped while copying "
+            "the history)",
+            run.info.run_id,
+            run.data.tags.get(tags.FORKED_FROM),
+        )
+        _delete_quietly(client, run.info.run_id)
     return deleted
 
 

@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlflow_ckpt.catalog import describe, models, resolve, tags
+from mlflow_ckpt.catalog.lineage import delete_abandoned
 from mlflow_ckpt.catalog.runs import get_run
 from mlflow_ckpt.catalog.shared import shared_area_uri, sweep_shared
 from mlflow_ckpt.cli.group import main
@@ -51,8 +52,8 @@ def gc(
     removed (leftover files, then their LoggedModel), as the run's writer (a live one is left
     alone unless --force takes the run over), and so are checkpoints that failed verification,
     and the local scratch folders of killed processes (those no live process holds a lock
-    on). The newest checkpoint, pinned ones and those registered model versions use are
-    always kept.
+    on), and forks of the run's checkpoints whose copy a killed process left half-done. The
+    newest checkpoint, pinned ones and those registered model versions use are always kept.
     """
     try:
         policy = build_policy(
@@ -105,6 +106,10 @@ def gc(
         click.echo(f"kept {len(result.kept) + len(result.protected)}, {verb} {len(result.deleted)}")
     if swept:
         click.echo(f"shared area: {verb} {len(swept)} group(s) no kept checkpoint references")
+    with errors():  # forks of this run's checkpoints whose copy a dead process left half-done
+        forks = delete_abandoned(client, run.info.experiment_id, source_run=run_id, dry_run=dry_run)
+    for fork_id in forks:
+        click.echo(f"{verb:>12} run {fork_id} (an incomplete fork of this run)")
 
 
 def _clean_interrupted(
