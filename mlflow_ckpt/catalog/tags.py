@@ -121,4 +121,3 @@ COPYING = "copying"
 READY = "ready"
 # MLflow's own: the UI nests a run under the run this names.
 PARENT_RUN = "mlflow.parentRunId"
-RUN_NAME = "mlflow.runName"
